@@ -1,0 +1,199 @@
+"""The settings of a training run, in one object that is saved with every concept file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from .errors import InvalidInputError
+
+TrainMode = Literal["kv", "crossattn"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+
+#: Custom Diffusion's (and the official ClassDiffusion scripts') initializer: a rare token.
+DEFAULT_INITIALIZER = "ktn"
+#: The official ClassDiffusion prompt: "a photo of a <new1> dog".
+DEFAULT_PROMPT = "a photo of a {}"
+
+
+@dataclass
+class ConceptSpec:
+    """One concept to learn: its new token, its class word and its images.
+
+    ``prompt`` is a template with one ``{}`` that receives "<token> <class>" for training and
+    "<class>" alone for the class phrase of the semantic preservation loss.
+    ``initializer`` is the word whose embedding starts the token: a word, or "class" to start from
+    the class word (Custom Diffusion uses the rare token "ktn", which is the default).
+    """
+
+    token: str
+    class_word: str
+    images: list[str] = field(default_factory=list)
+    initializer: str = DEFAULT_INITIALIZER
+    prompt: str = DEFAULT_PROMPT
+    class_images: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.token, str) or not self.token.strip():
+            raise InvalidInputError("The concept token is empty: give a new word such as '<sks>'.")
+        if any(ch.isspace() for ch in self.token):
+            raise InvalidInputError(
+                f"The token {self.token!r} contains spaces: a token must be one word such as '<sks>'."
+            )
+        if not isinstance(self.class_word, str) or not self.class_word.strip():
+            raise InvalidInputError(
+                "The class word is empty: give the concept's class, e.g. 'dog', 'backpack', 'person'."
+            )
+        self.class_word = self.class_word.strip()
+        if self.prompt.count("{}") != 1:
+            raise InvalidInputError(
+                f"The prompt template {self.prompt!r} must contain exactly one '{{}}', where "
+                "'<token> <class word>' goes, e.g. 'a photo of a {}'."
+            )
+        if not self.initializer or not self.initializer.strip():
+            self.initializer = DEFAULT_INITIALIZER
+
+    @property
+    def initializer_word(self) -> str:
+        return self.class_word if self.initializer == "class" else self.initializer
+
+    def train_phrase(self, prefix: str = "") -> str:
+        """"a photo of a <sks> dog" (with an optional augmentation prefix such as "close up ")."""
+        return prefix + self.prompt.format(f"{self.token} {self.class_word}")
+
+    def class_phrase(self, prefix: str = "") -> str:
+        """"a photo of a dog": the phrase SPL keeps the concept close to."""
+        return prefix + self.prompt.format(self.class_word)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None) -> "ConceptSpec":
+        """Accepts our keys and the official code's concepts_list keys (instance_prompt, ...)."""
+        data = dict(data)
+        if "token" not in data and "modifier_token" in data:
+            data["token"] = data.pop("modifier_token")
+        if "class_word" not in data and "cls_token" in data:
+            data["class_word"] = data.pop("cls_token")
+        if "images" not in data and "instance_data_dir" in data:
+            data["images"] = data.pop("instance_data_dir")
+        if "class_images" not in data and "class_data_dir" in data:
+            data["class_images"] = data.pop("class_data_dir")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known - {"instance_prompt", "class_prompt"}
+        if unknown:
+            raise InvalidInputError(
+                f"Unknown keys in the concept description: {sorted(unknown)}; "
+                f"use {sorted(known)}."
+            )
+        missing = {"token", "class_word"} - set(data)
+        if missing:
+            raise InvalidInputError(f"The concept description lacks {sorted(missing)}.")
+        for key in ("images", "class_images"):
+            value = data.get(key, [])
+            if isinstance(value, (str, Path)):
+                value = [value]
+            if base_dir is not None:
+                value = [str(base_dir / v) if not Path(v).is_absolute() else str(v) for v in value]
+            data[key] = [str(v) for v in value]
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class TrainConfig:
+    """Training settings. Defaults are the paper's / official code's (SD1.5, single concept).
+
+    ``learning_rate`` is the *base* rate; with ``scale_lr`` (the official scripts' ``--scale_lr``)
+    the rate used is ``learning_rate × batch_size`` (× 2 more with prior preservation), i.e.
+    2e-5 at batch 2.
+    """
+
+    steps: int = 500
+    batch_size: int = 2
+    learning_rate: float = 1e-5
+    scale_lr: bool = True
+    spl_weight: float = 1.0
+    prior_weight: float = 1.0
+    resolution: int = 512
+    train_mode: TrainMode = "kv"
+    hflip: bool = True
+    augment: bool = True
+    shrink_scales: int = 6
+    zoom_scales: int = 2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: MixedPrecision = "no"
+    gradient_checkpointing: bool = False
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    seed: int = 0
+    save_every: int = 0
+
+    def __post_init__(self) -> None:
+        if int(self.steps) <= 0:
+            raise InvalidInputError(f"steps must be at least 1 (got {self.steps}); the paper uses 500.")
+        if int(self.batch_size) <= 0:
+            raise InvalidInputError(f"batch_size must be at least 1 (got {self.batch_size}).")
+        if not self.learning_rate > 0:
+            raise InvalidInputError(f"learning_rate must be positive (got {self.learning_rate}).")
+        if self.spl_weight < 0 or self.prior_weight < 0:
+            raise InvalidInputError("spl_weight and prior_weight must not be negative.")
+        if self.resolution < 64 or self.resolution % 64:
+            raise InvalidInputError(
+                f"resolution must be a multiple of 64, at least 64 (got {self.resolution}); SD1.5 uses 512."
+            )
+        if self.train_mode not in ("kv", "crossattn"):
+            raise InvalidInputError("train_mode must be 'kv' (to_k/to_v) or 'crossattn' (all of attn2).")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise InvalidInputError("mixed_precision must be 'no', 'fp16' or 'bf16'.")
+        if self.attention not in ("sdpa", "eager"):
+            raise InvalidInputError("attention must be 'sdpa' or 'eager'.")
+        if self.save_every < 0:
+            raise InvalidInputError("save_every must be 0 (off) or a positive number of steps.")
+        if self.shrink_scales < 1 or self.zoom_scales < 0:
+            raise InvalidInputError("shrink_scales must be ≥ 1 and zoom_scales ≥ 0.")
+
+    def effective_learning_rate(self, with_prior: bool) -> float:
+        lr = self.learning_rate
+        if self.scale_lr:
+            lr *= self.batch_size * (2.0 if with_prior else 1.0)
+        return lr
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def load_concepts_json(path: str | Path) -> list[ConceptSpec]:
+    """Reads a concepts.json: a list of concept objects (paths relative to the file)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidInputError(f"The concepts file {path} does not exist.") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"The concepts file {path} is not valid JSON: {exc}.") from None
+    if isinstance(data, dict):
+        data = data.get("concepts", [data])
+    if not isinstance(data, list) or not data:
+        raise InvalidInputError(f"The concepts file {path} must hold a non-empty list of concepts.")
+    return [ConceptSpec.from_dict(item, base_dir=path.parent) for item in data]
+
+
+def check_concepts(concepts: Sequence[ConceptSpec]) -> None:
+    """Several concepts must have distinct tokens."""
+    if not concepts:
+        raise InvalidInputError("No concept given: pass at least one token, class word and images.")
+    tokens = [c.token for c in concepts]
+    if len(set(tokens)) != len(tokens):
+        raise InvalidInputError(f"Each concept needs its own token; got {tokens}.")

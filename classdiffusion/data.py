@@ -1,0 +1,200 @@
+"""Training images → latents, encoded once, and the per-step augmented batch.
+
+The official code re-encodes every image every step after a random resize (1/3..1 of the
+resolution on a gray canvas with p=0.66, else 1.2..1.4× and a random crop) and a random flip.
+Here every image is VAE-encoded once per (scale bin, flip) variant, keeping the distribution's
+mean and std, so each step can still draw a fresh latent sample. Placement happens in latent
+space: a shrunk image's latent is pasted at a random whole-cell offset into the encoded gray
+canvas, a zoomed one is cropped at a random offset. The loss mask keeps one latent cell of margin
+inside the pasted region (as the official mask does), which is where pasting and encoding the
+composite could differ.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import TrainConfig
+from .errors import InvalidInputError
+
+logger = logging.getLogger("classdiffusion")
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+SMALL_PREFIXES = ("a far away ", "very small ")
+ZOOM_PREFIXES = ("zoomed in ", "close up ")
+SHRINK_PROBABILITY = 0.66
+LATENT_FACTOR = 8
+
+
+def list_image_files(sources: Sequence[str | Path]) -> list[Path]:
+    """Image files named directly or found (non-recursively, sorted) in folders."""
+    files: list[Path] = []
+    for source in sources:
+        source = Path(source)
+        if source.is_dir():
+            files += sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif source.exists():
+            files.append(source)
+        else:
+            raise InvalidInputError(f"The image path {source} does not exist.")
+    return files
+
+
+def load_images(sources: Sequence[str | Path], what: str = "training") -> list[Image.Image]:
+    """RGB images from files/folders; unreadable files are a clear error, not a silent skip."""
+    files = list_image_files(sources)
+    if not files:
+        where = ", ".join(str(s) for s in sources) or "(nothing given)"
+        raise InvalidInputError(
+            f"No {what} images found in {where}. Put 3–20 .png/.jpg images of the concept there."
+        )
+    images = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                img = ImageOps.exif_transpose(img)
+                images.append(img.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise InvalidInputError(
+                f"The {what} image {path} cannot be read ({exc}). Remove it or re-save it as PNG/JPEG."
+            ) from None
+    return images
+
+
+def as_pil_images(images: Sequence[Image.Image | torch.Tensor | np.ndarray], what: str = "training") -> list[Image.Image]:
+    """Accepts PIL images, or [H, W, 3] / [B, H, W, 3] float tensors in 0..1 (ComfyUI's IMAGE)."""
+    out: list[Image.Image] = []
+    for item in images:
+        if isinstance(item, Image.Image):
+            out.append(item.convert("RGB"))
+            continue
+        array = item.detach().cpu().float().numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
+        batch = array if array.ndim == 4 else array[None]
+        for frame in batch:
+            if frame.ndim != 3 or frame.shape[-1] not in (3, 4):
+                raise InvalidInputError(f"A {what} image has shape {frame.shape}; expected H×W×3.")
+            out.append(Image.fromarray((np.clip(frame[..., :3], 0, 1) * 255).round().astype(np.uint8)))
+    if not out:
+        raise InvalidInputError(f"The {what} image batch is empty: give at least one image of the concept.")
+    for img in out:
+        if min(img.size) < 8:
+            raise InvalidInputError(f"A {what} image is only {img.size[0]}×{img.size[1]} pixels; use real photos.")
+    return out
+
+
+def center_square(image: Image.Image) -> Image.Image:
+    """Center crop to a square (the official code squashes non-square images instead)."""
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def to_pixels(image: Image.Image, size: int, flip: bool = False) -> torch.Tensor:
+    """[3, size, size] in [-1, 1], bilinear like the official code."""
+    image = center_square(image).resize((size, size), resample=Image.BILINEAR)
+    if flip:
+        image = ImageOps.mirror(image)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def scale_bins(config: TrainConfig) -> tuple[list[int], list[int]]:
+    """Shrink and zoom sizes in pixels, multiples of the latent factor, spanning the official ranges."""
+    res = config.resolution
+    if not config.augment:
+        return [res], []
+
+    def snap(values: np.ndarray) -> list[int]:
+        snapped = sorted({max(LATENT_FACTOR * 3, int(round(v / LATENT_FACTOR)) * LATENT_FACTOR) for v in values})
+        return snapped
+
+    shrink = snap(np.linspace(res / 3, res, config.shrink_scales)) if config.shrink_scales > 1 else [res]
+    zoom = snap(np.linspace(1.2 * res, 1.4 * res, config.zoom_scales)) if config.zoom_scales else []
+    zoom = [z for z in zoom if z > res]
+    return shrink, zoom
+
+
+class LatentBank:
+    """Latent mean/std for every (image, flip, size) variant, computed once on the host."""
+
+    def __init__(self, host, images: Sequence[Image.Image], concept_of_image: Sequence[int],
+                 config: TrainConfig, encode_batch: int = 8):
+        self.resolution = config.resolution
+        self.latent_size = config.resolution // LATENT_FACTOR
+        self.shrink, self.zoom = scale_bins(config)
+        self.flips = (False, True) if config.hflip else (False,)
+        self.concept_of_image = list(concept_of_image)
+        self.variants: dict[tuple[int, bool, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        sizes = self.shrink + self.zoom
+        for size in sizes:
+            jobs = [(i, flip) for i in range(len(images)) for flip in self.flips]
+            for start in range(0, len(jobs), encode_batch):
+                chunk = jobs[start:start + encode_batch]
+                pixels = torch.stack([to_pixels(images[i], size, flip) for i, flip in chunk])
+                mean, std = host.encode_images(pixels)
+                for (i, flip), m, s in zip(chunk, mean, std):
+                    self.variants[(i, flip, size)] = (m, s)
+        canvas = torch.zeros(1, 3, self.resolution, self.resolution)  # the official gray canvas
+        mean, std = host.encode_images(canvas)
+        self.canvas = (mean[0], std[0])
+        self.num_images = len(images)
+        logger.info("Encoded %d image variants once (%d images × %d sizes × %d flips).",
+                    len(self.variants) + 1, len(images), len(sizes), len(self.flips))
+
+    def compose(self, image: int, flip: bool, size: int, top: int, left: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, std, mask) at training resolution for one placement; offsets in latent cells."""
+        mean, std = self.variants[(image, flip, size)]
+        n = self.latent_size
+        cells = size // LATENT_FACTOR
+        if size > self.resolution:
+            crop = (slice(None), slice(top, top + n), slice(left, left + n))
+            mask = torch.ones(1, n, n, device=mean.device)
+            return mean[crop], std[crop], mask
+        if size == self.resolution:
+            return mean, std, torch.ones(1, n, n, device=mean.device)
+        canvas_mean, canvas_std = self.canvas[0].clone(), self.canvas[1].clone()
+        canvas_mean[:, top:top + cells, left:left + cells] = mean
+        canvas_std[:, top:top + cells, left:left + cells] = std
+        mask = torch.zeros(1, n, n, device=mean.device)
+        mask[:, top + 1:top + cells - 1, left + 1:left + cells - 1] = 1.0
+        return canvas_mean, canvas_std, mask
+
+
+@dataclass
+class Placement:
+    """One sample's augmentation draw."""
+
+    image: int
+    flip: bool
+    size: int
+    top: int
+    left: int
+    prefix: str
+
+
+def draw_placement(bank: LatentBank, image: int, rng: torch.Generator) -> Placement:
+    """The official augmentation distribution, on the bank's bins."""
+    u = torch.rand(4, generator=rng).tolist()
+    flip = len(bank.flips) == 2 and u[0] < 0.5
+    if not bank.zoom or u[1] < SHRINK_PROBABILITY:
+        size = bank.shrink[int(u[2] * len(bank.shrink))]
+    else:
+        size = bank.zoom[int(u[2] * len(bank.zoom))]
+    cells, n = size // LATENT_FACTOR, bank.latent_size
+    span = abs(cells - n)
+    top, left = (torch.randint(0, span + 1, (2,), generator=rng).tolist() if span else (0, 0))
+    prefix = ""
+    if size < 0.6 * bank.resolution:
+        prefix = SMALL_PREFIXES[int(u[3] * 2)]
+    elif size > bank.resolution:
+        prefix = ZOOM_PREFIXES[int(u[3] * 2)]
+    return Placement(image, flip, size, top, left, prefix)

@@ -1,0 +1,107 @@
+"""Cross-attention K/V deltas: creation, the base-model fingerprint, and baking into a UNet.
+
+A concept stores *deltas* (trained weight − base weight) so that it can be applied at any
+strength, stacked with other concepts, and removed again exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from torch import nn
+
+#: Relative tolerance for comparing per-layer weight norms of two bases. Loading the same base in
+#: fp16/bf16 instead of fp32 changes a norm by ~1e-5; a different fine-tune changes it by far more.
+FINGERPRINT_RTOL = 1e-3
+
+
+def zero_deltas(base_weights: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, nn.Parameter]:
+    """One trainable fp32 zero delta per base weight (fp32 master copies even for a half base)."""
+    return {
+        name: nn.Parameter(torch.zeros(weight.shape, dtype=torch.float32, device=device))
+        for name, weight in base_weights.items()
+    }
+
+
+def base_fingerprint(base_weights: Mapping[str, torch.Tensor]) -> dict:
+    """Identifies the base a concept belongs to, robustly across the dtype it was loaded in.
+
+    ``sha256`` hashes the weights rounded to fp16 (equal for an fp32 or fp16 load of one
+    checkpoint); ``norms`` (per layer, float64) also match a bf16 load within FINGERPRINT_RTOL.
+    """
+    digest = hashlib.sha256()
+    norms: dict[str, float] = {}
+    for name in sorted(base_weights):
+        weight = base_weights[name].detach()
+        digest.update(name.encode())
+        digest.update(weight.to("cpu", torch.float16).contiguous().numpy().tobytes())
+        norms[name] = float(weight.to(torch.float64).norm())
+    return {"sha256": digest.hexdigest(), "norms": norms}
+
+
+def compare_fingerprints(expected: Mapping, actual: Mapping) -> str | None:
+    """None when both describe the same base; else a sentence that says how they differ."""
+    if expected.get("sha256") == actual.get("sha256"):
+        return None
+    exp_norms, act_norms = expected.get("norms", {}), actual.get("norms", {})
+    if set(exp_norms) != set(act_norms):
+        return (
+            f"it has {len(exp_norms)} cross-attention weights, this base {len(act_norms)} "
+            "(a different architecture)"
+        )
+    worst_name, worst = None, 0.0
+    for name, value in exp_norms.items():
+        rel = abs(value - act_norms[name]) / max(abs(value), 1e-12)
+        if rel > worst:
+            worst_name, worst = name, rel
+    if worst <= FINGERPRINT_RTOL:
+        return None
+    return (
+        f"its base weights differ from this model's (e.g. {worst_name}: norm differs by "
+        f"{worst:.2%}); it was trained on another checkpoint"
+    )
+
+
+@dataclass
+class BakedPatch:
+    """Weights of a module changed in place, with their originals kept for an exact undo."""
+
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    module: nn.Module | None = None
+
+    def remove(self) -> None:
+        if self.module is None:
+            return
+        params = dict(self.module.named_parameters())
+        with torch.no_grad():
+            for name, original in self.originals.items():
+                params[name].data = original
+        self.originals.clear()
+        self.module = None
+
+
+def bake_deltas(
+    module: nn.Module, deltas: Mapping[str, torch.Tensor], strength: float = 1.0
+) -> BakedPatch:
+    """``weight ← weight + strength·delta`` (added in fp32, stored in the weight's dtype).
+
+    The original tensors are kept (not copied back from arithmetic), so ``remove()`` restores
+    the base bit-exactly.
+    """
+    params = dict(module.named_parameters())
+    missing = [name for name in deltas if name not in params]
+    if missing:
+        raise KeyError(f"the model has no weights {missing[:3]}")
+    patch = BakedPatch(module=module)
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            param = params[name]
+            if tuple(param.shape) != tuple(delta.shape):
+                raise ValueError(f"{name}: shape {tuple(delta.shape)} ≠ model {tuple(param.shape)}")
+            patch.originals[name] = param.data
+            patched = param.data.float() + strength * delta.to(param.device, torch.float32)
+            param.data = patched.to(param.dtype)
+    return patch

@@ -1,0 +1,40 @@
+"""The loss terms of ClassDiffusion: masked ε-MSE, semantic preservation loss, prior preservation."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE over the valid (mask = 1) latent region, then the batch mean.
+
+    Same reduction as the official code: ``((l·m).sum(1,2,3) / m.sum(1,2,3)).mean()``.
+    """
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+    mask = mask.to(loss.dtype).expand_as(loss)
+    return ((loss * mask).sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp_min(1.0)).mean()
+
+
+def eos_cosine(token_eos: torch.Tensor, class_eos: torch.Tensor) -> torch.Tensor:
+    """cos(E(P_tp), E(P_cp)) per row, in float32."""
+    return F.cosine_similarity(token_eos.float(), class_eos.float(), dim=-1)
+
+
+def semantic_preservation_loss(
+    token_eos: Sequence[torch.Tensor], class_eos: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """L_spl = mean over concepts of mean over phrases of (1 − cos(E(P_tp), E(P_cp))).
+
+    ``token_eos[k]`` / ``class_eos[k]`` are [P, D] EOS features of concept k's training phrases
+    ("a photo of a <sks> dog") and class phrases ("a photo of a dog"). The paper writes sums;
+    the official code averages over the batch and then over concepts, which is what this does.
+    Returns the loss and each concept's mean cosine (for logging).
+    """
+    if len(token_eos) != len(class_eos) or not token_eos:
+        raise ValueError("SPL needs one (token, class) feature pair per concept")
+    cosines = [eos_cosine(t, c).mean() for t, c in zip(token_eos, class_eos)]
+    loss = torch.stack([1.0 - cos for cos in cosines]).mean()
+    return loss, cosines

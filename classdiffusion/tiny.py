@@ -1,0 +1,128 @@
+"""Tiny random-weight SD1.5-shaped models and an offline CLIP-style tokenizer.
+
+For tests, the ``demo`` command and benchmarks on machines without real weights: the shapes that
+matter (768-wide text context, 4-channel latents, ×8 VAE, ε-prediction, SD1.5's noise schedule)
+are SD1.5's, everything else is small. The weights are random: nothing generated with them means
+anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+#: Words the tiny tokenizer knows as single tokens (prompt words, class words, initializers).
+TINY_WORDS = """
+a an the of in on at with and or is are to for by from photo picture image painting drawing render
+far away very small zoomed close up wearing headphones hat sunglasses scarf swimming pool beach
+sitting front barn grass snow city street forest mountain table floor sofa bed water river sky
+dog cat puppy toy teddy bear backpack bag cup mug vase shoe sneaker robot car bike person man woman
+face boy girl bird horse flower tree house castle clock lamp chair book can bottle candle glasses
+red blue green yellow black white brown orange purple pink gray
+beautiful happy sad tall short bright dark big young old fast slow warm cold soft hard heavy light
+strong weak good bad rich poor thick thin expensive cheap quiet loud clean dirty smart stupid
+interesting boring new safe dangerous healthy sick easy difficult right wrong high low near early
+late wet dry busy free careful careless friendly unfriendly important unimportant famous unknown
+excited calm serious funny tired energetic style art oil watercolor sketch ktn pll ucd sks
+""".split()
+
+
+def build_tokenizer(out_dir: str | Path, words: Iterable[str] = TINY_WORDS) -> Path:
+    """A CLIP-format BPE tokenizer (vocab.json + merges.txt) whose vocabulary covers every byte
+    and has each of ``words`` as one token. Loadable with ``CLIPTokenizer.from_pretrained``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    words = sorted({w.lower() for w in words})
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(vocab_size=100_000, end_of_word_suffix="</w>", show_progress=False,
+                                  min_frequency=1)
+    bpe.train_from_iterator([" ".join(words)] * 2, trainer)
+    learned = json.loads(bpe.to_str())["model"]["merges"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned]
+
+    byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())  # CLIP's 256 byte symbols
+    vocab_list = byte_chars + [c + "</w>" for c in byte_chars]
+    seen = set(vocab_list)
+    for left, right in merges:
+        merged = left + right
+        if merged not in seen:
+            seen.add(merged)
+            vocab_list.append(merged)
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(vocab_list)}
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out_dir / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8"
+    )
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "do_lower_case": True,
+    }))
+    (out_dir / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+    }))
+    return out_dir
+
+
+def tiny_components(tokenizer_dir: str | Path, seed: int = 0, *, unet_channels: Sequence[int] = (32, 64),
+                    text_layers: int = 2):
+    """(tokenizer, text_encoder, unet, vae, scheduler) with random weights, SD1.5-shaped where it counts."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=256, num_attention_heads=4,
+        num_hidden_layers=text_layers, max_position_embeddings=77, projection_dim=768,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, hidden_act="quick_gelu",
+    )
+    text_encoder = CLIPTextModel(text_config)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=tuple(unet_channels),
+        down_block_types=("CrossAttnDownBlock2D",) + ("DownBlock2D",) * (len(unet_channels) - 1),
+        up_block_types=("UpBlock2D",) * (len(unet_channels) - 1) + ("CrossAttnUpBlock2D",),
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+        block_out_channels=(8, 8, 16, 16), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", clip_sample=False, steps_offset=1,
+    )
+    return tokenizer, text_encoder, unet, vae, scheduler
+
+
+def build_tiny_base(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random SD1.5-like base in diffusers layout (loadable by ``load_host``)."""
+    from diffusers import StableDiffusionPipeline
+
+    out_dir = Path(out_dir)
+    tokenizer_dir = build_tokenizer(out_dir / "tokenizer")
+    tokenizer, text_encoder, unet, vae, scheduler = tiny_components(tokenizer_dir, seed)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / "RANDOM_WEIGHTS.txt").write_text(
+        "This base has random weights (ClassDiffusion demo/tests). Nothing it generates means anything.\n"
+    )
+    return out_dir

@@ -1,0 +1,413 @@
+"""The ClassDiffusion training loop, written against the small TrainingHost interface.
+
+One readable loop: cached latents → noise → UNet with K/V deltas → masked ε-MSE, plus the
+semantic preservation loss on the EOS features of "a photo of a <sks> dog" vs "a photo of a dog"
+(and optionally prior preservation on class images). Only the K/V deltas and the new token rows
+are trained. Randomness is drawn per step from (seed, step), so a resumed run continues exactly
+like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__
+from .concept import Concept, load_concept
+from .config import ConceptSpec, TrainConfig, check_concepts
+from .data import LatentBank, as_pil_images, draw_placement, load_images
+from .errors import InvalidInputError, TrainingCancelled, TrainingDivergedError
+from .host import SD15_CONTEXT_DIM, TrainingHost
+from .kv import base_fingerprint, zero_deltas
+from .losses import eos_cosine, masked_mse, semantic_preservation_loss
+
+logger = logging.getLogger("classdiffusion")
+
+#: Settings that may change when resuming without changing the result.
+RESUME_MAY_CHANGE = {"steps", "save_every"}
+
+
+@dataclass
+class StepRecord:
+    """What one optimisation step measured (also one entry of the saved loss history)."""
+
+    step: int
+    loss: float
+    recon: float
+    spl: float
+    cos: list[float]
+    lr: float
+    prior: float | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"step": self.step, "loss": self.loss, "recon": self.recon, "spl": self.spl,
+               "cos": self.cos, "lr": self.lr}
+        if self.prior is not None:
+            out["prior"] = self.prior
+        return out
+
+
+class TrainCallbacks:
+    """How a host (CLI, ComfyUI) follows and stops training without the loop importing it."""
+
+    def on_step(self, record: StepRecord, total_steps: int) -> None:
+        """Called after every step."""
+
+    def should_stop(self) -> bool:
+        """Return True to cancel; checked before every step. Nothing partial is written."""
+        return False
+
+    def on_checkpoint(self, path: Path) -> None:
+        """Called after an intermediate checkpoint was written."""
+
+
+@dataclass
+class TrainResult:
+    concept: Concept
+    path: Path | None = None
+    checkpoints: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def derive_seed(seed: int, *parts: Any) -> int:
+    """A stable 63-bit seed for (seed, parts...): per-step randomness without carried RNG state."""
+    digest = hashlib.sha256(repr((int(seed),) + parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def checkpoint_path(out: Path, step: int) -> Path:
+    return out.with_name(f"{out.stem}-step{step:05d}{out.suffix or '.safetensors'}")
+
+
+def _autocast(device: torch.device, mixed_precision: str):
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    flat: dict[str, torch.Tensor] = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            flat[f"{index}.{key}"] = tensor.detach().clone()
+    return flat
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, flat: Mapping[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in flat.items():
+        index, _, name = key.partition(".")
+        state.setdefault(int(index), {})[name] = tensor
+    saved = optimizer.state_dict()
+    if len(state) != len(saved["param_groups"][0]["params"]):
+        raise InvalidInputError("The checkpoint's optimizer state does not match this run's parameters.")
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+
+class _Run:
+    """Everything prepared once before the first step."""
+
+    def __init__(self, host: TrainingHost, concepts: Sequence[ConceptSpec], config: TrainConfig,
+                 images, class_images):
+        self.host, self.concepts, self.config = host, list(concepts), config
+        self.device = host.device
+        self.warnings: list[str] = []
+        if host.text_dim != SD15_CONTEXT_DIM:
+            raise InvalidInputError(f"The text encoder is {host.text_dim} wide; SD1.5 needs {SD15_CONTEXT_DIM}.")
+
+        # Images: given (ComfyUI tensors / PIL) or loaded from the concept's paths.
+        per_concept = []
+        for k, spec in enumerate(self.concepts):
+            given = images[k] if images is not None else None
+            pil = as_pil_images(given) if given is not None else load_images(spec.images)
+            per_concept.append(pil)
+        self.image_concept = [k for k, imgs in enumerate(per_concept) for _ in imgs]
+        flat_images = [img for imgs in per_concept for img in imgs]
+
+        self.with_prior = any(spec.class_images for spec in self.concepts) or bool(
+            class_images and any(c is not None and len(c) for c in class_images))
+
+        # Tokens and their starting vectors.
+        host.add_tokens([spec.token for spec in self.concepts])
+        vectors = []
+        for spec in self.concepts:
+            pieces = host.word_token_count(spec.class_word)
+            if pieces != 1:
+                self._warn(f"The class word {spec.class_word!r} is split into {pieces} tokens; it still "
+                           "works (SPL uses the EOS feature), but a single common word is better.")
+            init_word = spec.initializer_word
+            if host.word_token_count(init_word) != 1:
+                self._warn(f"The initializer {init_word!r} is {host.word_token_count(init_word)} tokens; "
+                           "the token starts from their mean embedding.")
+            vectors.append(host.word_embedding(init_word).to(self.device, torch.float32))
+        self.token_vectors = nn.Parameter(torch.stack(vectors))
+        self.tokens = [spec.token for spec in self.concepts]
+
+        base = host.cross_attention_weights(config.train_mode)
+        self.fingerprint = base_fingerprint(base)
+        self.deltas = zero_deltas(base, self.device)
+
+        host.configure_training(config.gradient_checkpointing, config.attention)
+        self.bank = LatentBank(host, flat_images, self.image_concept, config)
+
+        # Constants, computed once: class-phrase EOS features and prior-preservation contexts.
+        with torch.no_grad(), _autocast(self.device, config.mixed_precision):
+            class_text = host.encode_text([spec.class_phrase() for spec in self.concepts], {})
+        self.class_eos = [class_text.eos[k:k + 1].float() for k in range(len(self.concepts))]
+        self.spl_prompts = [spec.train_phrase() for spec in self.concepts]
+        self.class_context = class_text.context.detach()
+        self.class_bank = None
+        if self.with_prior:
+            class_pils, owners = [], []
+            for k, spec in enumerate(self.concepts):
+                given = class_images[k] if class_images is not None and k < len(class_images) else None
+                if given is not None and len(given):
+                    pil = as_pil_images(given, "class")
+                elif spec.class_images:
+                    pil = load_images(spec.class_images, "class")
+                else:
+                    pil = []
+                class_pils += pil
+                owners += [k] * len(pil)
+            prior_config = TrainConfig.from_dict({**config.to_dict(), "augment": False})
+            self.class_bank = LatentBank(host, class_pils, owners, prior_config)
+            self.class_owner = owners
+
+        self.lr = config.effective_learning_rate(self.with_prior)
+        params = list(self.deltas.values()) + [self.token_vectors]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=self.lr, betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.weight_decay, eps=config.adam_epsilon,
+        )
+        self.params = params
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=(
+            config.mixed_precision == "fp16" and self.device.type == "cuda"))
+        self._perms: dict[int, list[int]] = {}
+
+    def _warn(self, message: str) -> None:
+        logger.warning(message)
+        self.warnings.append(message)
+
+    def _image_for(self, sample_index: int) -> int:
+        """Shuffled epochs over all concepts' images, like a shuffling DataLoader, but stateless."""
+        n = self.bank.num_images
+        epoch, position = divmod(sample_index, n)
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(derive_seed(self.config.seed, "epoch", epoch))
+            self._perms = {epoch: torch.randperm(n, generator=gen).tolist()}
+        return self._perms[epoch][position]
+
+    def token_dict(self) -> dict[str, torch.Tensor]:
+        return {token: self.token_vectors[k] for k, token in enumerate(self.tokens)}
+
+    def step(self, step: int) -> StepRecord:
+        config, host, device = self.config, self.host, self.device
+        start = time.perf_counter()
+        batch = config.batch_size
+        cpu_rng = torch.Generator().manual_seed(derive_seed(config.seed, "step", step))
+        noise_rng = torch.Generator(device=device).manual_seed(derive_seed(config.seed, "noise", step))
+
+        means, stds, masks, prompts = [], [], [], []
+        for b in range(batch):
+            image = self._image_for(step * batch + b)
+            place = draw_placement(self.bank, image, cpu_rng)
+            mean, std, mask = self.bank.compose(place.image, place.flip, place.size, place.top, place.left)
+            means.append(mean), stds.append(std), masks.append(mask)
+            prompts.append(self.concepts[self.bank.concept_of_image[image]].train_phrase(place.prefix))
+        contexts_extra = None
+        if self.class_bank is not None:
+            picks = torch.randint(0, self.class_bank.num_images, (batch,), generator=cpu_rng).tolist()
+            for pick in picks:
+                flip = len(self.class_bank.flips) == 2 and bool(torch.rand(1, generator=cpu_rng) < 0.5)
+                mean, std, mask = self.class_bank.compose(pick, flip, config.resolution, 0, 0)
+                means.append(mean), stds.append(std), masks.append(mask)
+            contexts_extra = self.class_context[[self.class_owner[p] for p in picks]]
+
+        mean, std = torch.stack(means), torch.stack(stds)
+        shape = mean.shape
+        x0 = mean + std * torch.randn(shape, generator=noise_rng, device=device)
+        noise = torch.randn(shape, generator=noise_rng, device=device)
+        timesteps = torch.randint(0, host.num_train_timesteps, (shape[0],), generator=noise_rng, device=device)
+        alpha_bar = host.alphas_cumprod()[timesteps].view(-1, 1, 1, 1)
+        noisy = alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * noise
+
+        with _autocast(device, config.mixed_precision):
+            text = host.encode_text(prompts + self.spl_prompts, self.token_dict())
+            context = text.context[:batch]
+            if contexts_extra is not None:
+                context = torch.cat([context, contexts_extra.to(context.dtype)])
+            pred = host.predict_noise(noisy, timesteps, context)
+        mask = torch.stack(masks)
+        recon = masked_mse(pred[:batch], noise[:batch], mask[:batch])
+        token_eos = [text.eos[batch + k:batch + k + 1] for k in range(len(self.concepts))]
+        spl, cosines = semantic_preservation_loss(token_eos, self.class_eos)
+        loss = recon + config.spl_weight * spl
+        prior = None
+        if self.class_bank is not None:
+            prior = F.mse_loss(pred[batch:].float(), noise[batch:].float())
+            loss = loss + config.prior_weight * prior
+
+        scalars = [loss, recon, spl] + cosines + ([prior] if prior is not None else [])
+        values = torch.stack([s.detach().float() for s in scalars]).tolist()  # one sync per step
+        if not all(math.isfinite(v) for v in values):
+            raise TrainingDivergedError(
+                f"The loss became {values[0]} at step {step + 1}; training stopped before that step "
+                "changed any weight. Lower the learning rate or use bf16 instead of fp16."
+            )
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        n = len(self.concepts)
+        return StepRecord(
+            step=step + 1, loss=values[0], recon=values[1], spl=values[2], cos=values[3:3 + n],
+            lr=self.lr, prior=values[3 + n] if prior is not None else None,
+            seconds=time.perf_counter() - start,
+        )
+
+    @torch.no_grad()
+    def eos_cosines(self) -> list[float]:
+        with _autocast(self.device, self.config.mixed_precision):
+            text = self.host.encode_text(self.spl_prompts, self.token_dict())
+        return [float(eos_cosine(text.eos[k:k + 1], self.class_eos[k])) for k in range(len(self.concepts))]
+
+    def concept(self, step: int, history: list[dict], meta_extra: dict, with_optimizer: bool) -> Concept:
+        meta = {
+            "step": step,
+            "history": history,
+            "train_mode": self.config.train_mode,
+            "config": self.config.to_dict(),
+            "concepts": [spec.to_dict() for spec in self.concepts],
+            "initializers": [spec.initializer_word for spec in self.concepts],
+            "prompts": [spec.prompt for spec in self.concepts],
+            "base_fingerprint": self.fingerprint,
+            "text_dim": self.host.text_dim,
+            "layer_naming": "diffusers",
+            "effective_learning_rate": self.lr,
+            "created_by": f"classdiffusion {__version__}",
+            "torch_version": torch.__version__,
+            "warnings": self.warnings,
+            **meta_extra,
+        }
+        return Concept(
+            deltas={name: p.detach().clone().cpu() for name, p in self.deltas.items()},
+            token_vectors=self.token_vectors.detach().clone().cpu(),
+            tokens=list(self.tokens),
+            class_words=[spec.class_word for spec in self.concepts],
+            meta=meta,
+            optimizer_tensors=_flatten_optimizer(self.optimizer) if with_optimizer else None,
+        )
+
+
+def _check_resume(checkpoint: Concept, concepts: Sequence[ConceptSpec], config: TrainConfig) -> None:
+    if not checkpoint.resumable:
+        raise InvalidInputError(
+            "That concept file holds no optimizer state, so training cannot resume from it exactly. "
+            "Resume from a checkpoint written with --save-every (NAME-stepNNNNN.safetensors)."
+        )
+    if checkpoint.tokens != [c.token for c in concepts] or checkpoint.class_words != [c.class_word for c in concepts]:
+        raise InvalidInputError(
+            f"The checkpoint trains {checkpoint.tokens} / {checkpoint.class_words}, not "
+            f"{[c.token for c in concepts]} / {[c.class_word for c in concepts]}."
+        )
+    saved = TrainConfig.from_dict(checkpoint.meta.get("config", {})).to_dict()
+    changed = [k for k, v in config.to_dict().items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
+    if changed:
+        raise InvalidInputError(
+            f"Resuming needs the checkpoint's settings; these differ: {changed}. "
+            "Only steps and save_every may change."
+        )
+    if config.steps <= checkpoint.step:
+        raise InvalidInputError(
+            f"The checkpoint is at step {checkpoint.step}; ask for more steps than that (got {config.steps})."
+        )
+
+
+def train(
+    host: TrainingHost,
+    concepts: Sequence[ConceptSpec],
+    config: TrainConfig,
+    *,
+    images: Sequence[Sequence[Any]] | None = None,
+    class_images: Sequence[Sequence[Any] | None] | None = None,
+    out: str | Path | None = None,
+    resume: str | Path | Concept | None = None,
+    callbacks: TrainCallbacks | None = None,
+    meta_extra: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Train one or more concepts jointly and return (and, with ``out``, save) the concept.
+
+    ``images[k]`` overrides concept k's image paths (PIL images or ComfyUI IMAGE tensors).
+    With ``config.save_every`` > 0 and ``out``, resumable checkpoints ``OUT-stepNNNNN`` are
+    written along the way. ``resume`` continues from such a checkpoint, giving the same result as
+    an uninterrupted run with the same seed.
+    """
+    check_concepts(concepts)
+    callbacks = callbacks or TrainCallbacks()
+    out = Path(out) if out is not None else None
+    checkpoint = None
+    if resume is not None:
+        checkpoint = resume if isinstance(resume, Concept) else load_concept(resume)
+        _check_resume(checkpoint, concepts, config)
+
+    run = _Run(host, concepts, config, images, class_images)
+    history: list[dict] = []
+    start_step = 0
+    initial_cos = run.eos_cosines()
+    if checkpoint is not None:
+        checkpoint.check_base(run.fingerprint, what="the base model given for resuming")
+        with torch.no_grad():
+            for name, delta in run.deltas.items():
+                if name not in checkpoint.deltas:
+                    raise InvalidInputError(f"The checkpoint lacks the layer {name}.")
+                delta.copy_(checkpoint.deltas[name])
+            run.token_vectors.copy_(checkpoint.token_vectors)
+        _restore_optimizer(run.optimizer, checkpoint.optimizer_tensors)
+        history = list(checkpoint.history)
+        start_step = checkpoint.step
+        initial_cos = checkpoint.meta.get("eos_cosine_initial", initial_cos)
+
+    extra = {"eos_cosine_initial": initial_cos, **(meta_extra or {})}
+    written: list[Path] = []
+    detach = host.attach_deltas(run.deltas)
+    try:
+        for step in range(start_step, config.steps):
+            if callbacks.should_stop():
+                raise TrainingCancelled(
+                    f"Training was cancelled at step {step} of {config.steps}; no concept file was written"
+                    + (f" (last checkpoint: {written[-1]})." if written else ".")
+                )
+            try:
+                record = run.step(step)
+            except TrainingDivergedError as exc:
+                last = f" The last good checkpoint is {written[-1]}." if written else ""
+                raise TrainingDivergedError(f"{exc}{last}") from None
+            history.append(record.to_dict())
+            callbacks.on_step(record, config.steps)
+            done = step + 1
+            if out is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
+                path = run.concept(done, history, extra, with_optimizer=True).save(checkpoint_path(out, done))
+                written.append(path)
+                callbacks.on_checkpoint(path)
+    finally:
+        detach()
+
+    extra["eos_cosine_final"] = run.eos_cosines()
+    concept = run.concept(config.steps, history, extra, with_optimizer=False)
+    path = concept.save(out) if out is not None else None
+    return TrainResult(concept=concept, path=path, checkpoints=written, warnings=run.warnings)
