@@ -1,0 +1,234 @@
+"""`classdiffusion train | generate | inspect | demo` — the trainer outside ComfyUI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import ClassDiffusionError
+
+logger = logging.getLogger("classdiffusion")
+
+
+class TqdmCallbacks:
+    """A tqdm bar with loss and SPL; Ctrl-C cancels cleanly between steps."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = None
+        self.stop_requested = False
+
+    def on_step(self, record, total_steps: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=record.step - 1, desc="ClassDiffusion", unit="step")
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record.loss:.4f}", spl=f"{record.spl:.5f}",
+                             cos=",".join(f"{c:.4f}" for c in record.cos))
+        if record.step >= total_steps:
+            self.bar.close()
+
+    def should_stop(self) -> bool:
+        return self.stop_requested
+
+    def on_checkpoint(self, path: Path) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar else print)(f"checkpoint: {path}")
+
+
+def _dtype(mixed_precision: str):
+    import torch
+
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .concept import read_metadata
+    from .config import ConceptSpec, TrainConfig, load_concepts_json
+    from .hosts.diffusers_host import load_host
+    from .train import train
+
+    overrides = {k: v for k, v in {
+        "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr,
+        "spl_weight": args.spl_weight, "prior_weight": args.prior_weight, "resolution": args.resolution,
+        "train_mode": args.train_mode, "mixed_precision": args.mixed_precision, "seed": args.seed,
+        "save_every": args.save_every, "attention": args.attention,
+    }.items() if v is not None}
+    for flag, key, value in ((args.no_scale_lr, "scale_lr", False), (args.no_hflip, "hflip", False),
+                             (args.no_augment, "augment", False),
+                             (args.gradient_checkpointing, "gradient_checkpointing", True)):
+        if flag:
+            overrides[key] = value
+
+    if args.resume:
+        meta = read_metadata(args.resume)
+        settings = {**meta.get("config", {}), **{k: overrides[k] for k in ("steps", "save_every") if k in overrides}}
+        ignored = sorted(set(overrides) - {"steps", "save_every"})
+        if ignored:
+            logger.warning("Resuming uses the checkpoint's settings; ignoring %s.", ignored)
+        config = TrainConfig.from_dict(settings)
+        concepts = [ConceptSpec.from_dict(c) for c in meta["concepts"]]
+    else:
+        config = TrainConfig.from_dict(overrides)
+        if args.concepts:
+            concepts = load_concepts_json(args.concepts)
+        else:
+            missing = [name for name, value in (("--token", args.token), ("--class-word", args.class_word),
+                                                ("--images", args.images)) if not value]
+            if missing:
+                raise SystemExit(f"error: train needs {', '.join(missing)} (or --concepts FILE)")
+            spec = dict(token=args.token, class_word=args.class_word, images=args.images,
+                        class_images=args.class_images or [])
+            if args.initializer:
+                spec["initializer"] = args.initializer
+            if args.prompt:
+                spec["prompt"] = args.prompt
+            concepts = [ConceptSpec.from_dict(spec)]
+        for spec in concepts:  # store absolute paths so a checkpoint can resume from anywhere
+            spec.images = [str(Path(p).resolve()) for p in spec.images]
+            spec.class_images = [str(Path(p).resolve()) for p in spec.class_images]
+
+    host = load_host(args.base, base_config=args.base_config, device=args.device,
+                     dtype=_dtype(config.mixed_precision))
+    callbacks = TqdmCallbacks(enabled=not args.quiet)
+    previous = signal.signal(signal.SIGINT, lambda *_: setattr(callbacks, "stop_requested", True))
+    try:
+        result = train(host, concepts, config, out=args.out, resume=args.resume, callbacks=callbacks,
+                       meta_extra={"base_name": Path(args.base).name})
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if args.plot:
+        from .plot import plot_history
+
+        plot_history(result.concept.history, tokens=result.concept.tokens).save(args.plot)
+    from .plot import summary_line
+
+    print(f"saved {result.path}")
+    print(summary_line(result.concept.history))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import generate
+
+    paths = generate(args.base, args.concept, args.prompt, args.out, steps=args.steps, guidance=args.guidance,
+                     eta=args.eta, seed=args.seed, num_images=args.num_images, size=args.size,
+                     strength=args.strength, strict=not args.force, base_config=args.base_config,
+                     negative_prompt=args.negative_prompt)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .concept import read_metadata
+
+    meta = read_metadata(args.file)
+    if not args.history:
+        history = meta.pop("history", [])
+        meta["history_steps"] = len(history)
+        if history:
+            meta["history_last"] = history[-1]
+    json.dump(meta, sys.stdout, indent=2, sort_keys=True)
+    print()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DISCLAIMER, run_demo
+
+    print(DISCLAIMER)
+    summary = run_demo(args.out, steps=args.steps, spl_weight=args.spl_weight, seed=args.seed,
+                       generate_sample=not args.no_sample, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    print(DISCLAIMER)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="classdiffusion", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a concept (K/V deltas + token) with the SPL loss")
+    train.add_argument("--base", required=True, help="SD1.5 diffusers folder or single-file .safetensors")
+    train.add_argument("--base-config", help="diffusers config folder for a single-file base (offline)")
+    train.add_argument("--images", nargs="+", help="image files or folders of the concept (3–20 images)")
+    train.add_argument("--token", help="the new token, e.g. '<sks>'")
+    train.add_argument("--class-word", help="the concept's class, e.g. 'dog'")
+    train.add_argument("--initializer", help="word the token starts from (default 'ktn'; 'class' = the class word)")
+    train.add_argument("--prompt", help="prompt template with one {} (default 'a photo of a {}')")
+    train.add_argument("--class-images", nargs="+", help="class images for prior preservation (optional)")
+    train.add_argument("--concepts", help="JSON list of concepts for multi-concept training")
+    train.add_argument("--out", required=True, help="output concept file (.safetensors)")
+    train.add_argument("--steps", type=int, help="training steps (default 500; 800 suits multi-concept)")
+    train.add_argument("--batch-size", type=int, help="default 2")
+    train.add_argument("--lr", type=float, help="base learning rate (default 1e-5, scaled by batch size)")
+    train.add_argument("--no-scale-lr", action="store_true", help="use --lr as is")
+    train.add_argument("--spl-weight", type=float, help="λ of the semantic preservation loss (default 1.0)")
+    train.add_argument("--prior-weight", type=float, help="weight of prior preservation (default 1.0)")
+    train.add_argument("--resolution", type=int, help="default 512")
+    train.add_argument("--train-mode", choices=["kv", "crossattn"], help="kv (default) or all of attn2")
+    train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="default no")
+    train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument("--attention", choices=["sdpa", "eager"])
+    train.add_argument("--no-hflip", action="store_true", help="no random horizontal flips")
+    train.add_argument("--no-augment", action="store_true", help="no random rescaling")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--save-every", type=int, help="write a resumable checkpoint every N steps")
+    train.add_argument("--resume", help="continue from a checkpoint written with --save-every")
+    train.add_argument("--plot", help="also write a loss plot (PNG)")
+    train.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser("generate", help="sample images with one or more concepts applied")
+    gen.add_argument("--base", required=True)
+    gen.add_argument("--base-config")
+    gen.add_argument("--concept", nargs="+", required=True, help="concept file(s)")
+    gen.add_argument("--prompt", required=True, help="e.g. 'photo of a <sks> dog wearing headphones'")
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--out", required=True, help="output folder")
+    gen.add_argument("--steps", type=int, default=100, help="sampling steps (paper: 100)")
+    gen.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance (paper: 6.0)")
+    gen.add_argument("--eta", type=float, default=1.0, help="DDIM eta (official README: 1.0)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--size", type=int, help="image size (default: the model's)")
+    gen.add_argument("--strength", type=float, default=1.0, help="K/V delta strength")
+    gen.add_argument("--force", action="store_true", help="apply a concept trained on another base")
+    gen.set_defaults(func=cmd_generate)
+
+    ins = sub.add_parser("inspect", help="print a concept file's metadata as JSON")
+    ins.add_argument("file")
+    ins.add_argument("--history", action="store_true", help="include the per-step loss history")
+    ins.set_defaults(func=cmd_inspect)
+
+    demo = sub.add_parser("demo", help="train on a tiny random base and synthetic images (no weights needed)")
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--steps", type=int, default=60)
+    demo.add_argument("--spl-weight", type=float, default=1.0)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-sample", action="store_true", help="skip the sample image")
+    demo.add_argument("-q", "--quiet", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ClassDiffusionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,69 @@
+"""Sampling with a concept applied (diffusers StableDiffusionPipeline)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .apply import apply_concept
+from .concept import load_concept
+from .hosts.diffusers_host import default_device, load_components
+
+logger = logging.getLogger("classdiffusion")
+
+
+def build_pipeline(base: str | Path, *, base_config=None, device=None, dtype=torch.float32):
+    """A StableDiffusionPipeline over a local base, with a DDIM scheduler (the paper samples with
+    DDIM-style eta=1.0, 100 steps, guidance 6.0)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    tokenizer, text_encoder, unet, vae, scheduler = load_components(base, base_config=base_config, dtype=dtype)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler.from_config(scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device or default_device())
+
+
+def generate(
+    base: str | Path,
+    concept_paths: Sequence[str | Path],
+    prompt: str,
+    out_dir: str | Path,
+    *,
+    steps: int = 100,
+    guidance: float = 6.0,
+    eta: float = 1.0,
+    seed: int = 0,
+    num_images: int = 1,
+    size: int | None = None,
+    strength: float = 1.0,
+    strict: bool = True,
+    base_config=None,
+    negative_prompt: str | None = None,
+) -> list[Path]:
+    """Generate ``num_images`` images for ``prompt`` with the concepts applied; returns the files."""
+    pipe = build_pipeline(base, base_config=base_config)
+    for path in concept_paths:
+        concept = load_concept(path)
+        apply_concept(pipe.unet, concept, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                      strength=strength, strict=strict)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator(device=pipe.device).manual_seed(seed)
+    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    images = pipe(
+        prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+        eta=eta, generator=generator, num_images_per_prompt=num_images, height=size, width=size,
+    ).images
+    paths = []
+    for i, image in enumerate(images):
+        path = out_dir / f"{seed:05d}-{i:02d}.png"
+        image.save(path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,100 @@
+"""Loss-history plots drawn with PIL (no matplotlib needed: it is not a ComfyUI dependency).
+
+Per-step losses mostly show which timestep was drawn, so each curve is drawn raw (faint) and
+smoothed with an exponential moving average (bold).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+COLORS = {"loss": (40, 40, 40), "recon": (31, 119, 180), "spl": (214, 39, 40), "prior": (44, 160, 44)}
+COSINE_COLORS = [(148, 103, 189), (255, 127, 14), (23, 190, 207)]
+
+
+def ema(values: Sequence[float], alpha: float = 0.1) -> list[float]:
+    """Bias-corrected exponential moving average, as TensorBoard's smoothing does."""
+    out, avg, weight = [], 0.0, 0.0
+    for value in values:
+        avg = (1 - alpha) * avg + alpha * value
+        weight = (1 - alpha) * weight + alpha
+        out.append(avg / weight)
+    return out
+
+
+def summary_line(history: Sequence[dict]) -> str:
+    """One line for a UI: final smoothed losses and each concept's EOS cosine."""
+    if not history:
+        return "no training steps recorded"
+    last = history[-1]
+    smooth = {key: ema([h[key] for h in history])[-1] for key in ("loss", "recon", "spl")}
+    cos = ", ".join(f"{c:.4f}" for c in last.get("cos", []))
+    return (f"step {last['step']}: loss {smooth['loss']:.4f} (recon {smooth['recon']:.4f}, "
+            f"SPL {smooth['spl']:.5f}, smoothed) · EOS cos(token phrase, class phrase) {cos}")
+
+
+def _panel(draw: ImageDraw.ImageDraw, box, series: dict[str, tuple[list[float], list[float], tuple]],
+           title: str, font, steps: list[int]) -> None:
+    left, top, right, bottom = box
+    draw.rectangle(box, outline=(180, 180, 180), fill=(255, 255, 255))
+    draw.text((left + 6, top + 4), title, fill=(0, 0, 0), font=font)
+    values = [v for raw, smooth, _ in series.values() for v in raw + smooth if math.isfinite(v)]
+    if not values or not steps:
+        return
+    lo, hi = min(values), max(values)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5 * abs(lo or 1) * 1e-3, hi + 0.5 * abs(hi or 1) * 1e-3
+    pad_top, pad_bottom, pad_left = 22, 16, 52
+    x0, x1, y0, y1 = left + pad_left, right - 8, top + pad_top, bottom - pad_bottom
+    s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
+
+    def xy(step, value):
+        return (x0 + (step - s0) / (s1 - s0) * (x1 - x0), y1 - (value - lo) / (hi - lo) * (y1 - y0))
+
+    for frac in (0.0, 0.5, 1.0):
+        value = lo + frac * (hi - lo)
+        y = y1 - frac * (y1 - y0)
+        draw.line([(x0, y), (x1, y)], fill=(235, 235, 235))
+        draw.text((left + 4, y - 6), f"{value:.4g}", fill=(90, 90, 90), font=font)
+    draw.text((x0, y1 + 2), str(s0), fill=(90, 90, 90), font=font)
+    draw.text((x1 - 30, y1 + 2), str(steps[-1]), fill=(90, 90, 90), font=font)
+    legend_x = x1 - 10
+    for name, (raw, smooth, color) in series.items():
+        faint = tuple(int(c + (255 - c) * 0.7) for c in color)
+        if len(steps) > 1:
+            draw.line([xy(s, v) for s, v in zip(steps, raw)], fill=faint, width=1)
+            draw.line([xy(s, v) for s, v in zip(steps, smooth)], fill=color, width=2)
+        else:
+            x, y = xy(steps[0], raw[0])
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=color)
+        legend_x -= 8 * len(name) + 18
+        draw.line([(legend_x, top + 11), (legend_x + 10, top + 11)], fill=color, width=3)
+        draw.text((legend_x + 13, top + 4), name, fill=color, font=font)
+
+
+def plot_history(history: Sequence[dict], width: int = 768, height: int = 512,
+                 tokens: Sequence[str] = ()) -> Image.Image:
+    """Two panels: losses (total, recon, SPL, prior) and EOS cosine similarity per concept."""
+    font = ImageFont.load_default()
+    image = Image.new("RGB", (width, height), (248, 248, 248))
+    draw = ImageDraw.Draw(image)
+    steps = [h["step"] for h in history]
+    losses = {}
+    for key in ("loss", "recon", "spl", "prior"):
+        if history and key in history[0] and history[0][key] is not None:
+            raw = [h[key] for h in history]
+            losses[key] = (raw, ema(raw), COLORS[key])
+    half = height // 2
+    _panel(draw, (4, 4, width - 4, half - 2), losses, "loss per step (faint: raw, bold: smoothed)", font, steps)
+    cos_series = {}
+    n = len(history[0].get("cos", [])) if history else 0
+    for k in range(n):
+        raw = [h["cos"][k] for h in history]
+        label = tokens[k] if k < len(tokens) else f"concept {k + 1}"
+        cos_series[label] = (raw, raw, COSINE_COLORS[k % len(COSINE_COLORS)])
+    _panel(draw, (4, half + 2, width - 4, height - 4), cos_series,
+           "EOS cosine: token phrase vs class phrase (higher = closer to class)", font, steps)
+    return image
