@@ -1,0 +1,69 @@
+"""The command line end to end on the tiny base."""
+
+from __future__ import annotations
+
+import json
+
+from classdiffusion.cli import main
+from classdiffusion.concept import load_concept
+
+
+def test_demo_writes_base_images_concept_plot_and_sample(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--steps", "4", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM weights" in out
+    summary = json.loads(out[out.index("{"): out.rindex("}") + 1])
+    assert (tmp_path / "base" / "unet").is_dir() and (tmp_path / "base" / "tokenizer" / "vocab.json").exists()
+    assert len(list((tmp_path / "images").glob("*.png"))) == 6
+    assert load_concept(tmp_path / "concept.safetensors").step == 4
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert len(summary["samples"]) == 1
+
+
+def test_train_inspect_resume_generate(tiny_base, image_dir, tmp_path, capsys):
+    out = tmp_path / "dog.safetensors"
+    args = ["train", "--base", str(tiny_base), "--images", str(image_dir), "--token", "<sks>",
+            "--class-word", "dog", "--out", str(out), "--steps", "4", "--resolution", "64",
+            "--save-every", "2", "--plot", str(tmp_path / "loss.png"), "-q"]
+    assert main(args) == 0
+    assert "saved" in capsys.readouterr().out
+    checkpoint = tmp_path / "dog-step00002.safetensors"
+    assert checkpoint.exists() and (tmp_path / "loss.png").exists()
+
+    assert main(["inspect", str(out)]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["tokens"] == ["<sks>"] and meta["class_words"] == ["dog"] and meta["history_steps"] == 4
+
+    resumed = tmp_path / "resumed.safetensors"
+    assert main(["train", "--base", str(tiny_base), "--resume", str(checkpoint), "--out", str(resumed), "-q"]) == 0
+    a, b = load_concept(out), load_concept(resumed)
+    assert a.history == b.history
+
+    assert main(["generate", "--base", str(tiny_base), "--concept", str(out), "--prompt",
+                 "a photo of a <sks> dog wearing headphones", "--out", str(tmp_path / "gen"),
+                 "--steps", "2", "--size", "64", "--num-images", "2"]) == 0
+    assert len(list((tmp_path / "gen").glob("*.png"))) == 2
+
+
+def test_multi_concept_json(tiny_base, image_dir, tmp_path):
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text(json.dumps([
+        {"token": "<a1>", "class_word": "dog", "images": str(image_dir)},
+        {"modifier_token": "<b2>", "cls_token": "cat", "instance_data_dir": str(image_dir)},
+    ]))
+    out = tmp_path / "multi.safetensors"
+    assert main(["train", "--base", str(tiny_base), "--concepts", str(concepts), "--out", str(out),
+                 "--steps", "2", "--resolution", "64", "-q"]) == 0
+    assert load_concept(out).tokens == ["<a1>", "<b2>"]
+
+
+def test_errors_exit_with_a_message(tiny_base, image_dir, tmp_path, capsys):
+    code = main(["train", "--base", str(tiny_base), "--images", str(image_dir), "--token", "dog",
+                 "--class-word", "dog", "--out", str(tmp_path / "x.safetensors"), "--steps", "2", "-q"])
+    assert code == 2
+    assert "already a word" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x01\x02")
+    assert main(["inspect", str(broken)]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
