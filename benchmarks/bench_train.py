@@ -1,0 +1,239 @@
+"""Training speed and peak memory: this trainer vs. the official recipe's loop, same model.
+
+The reference loop is written the way the official ClassDiffusion code (diffusers'
+train_custom_diffusion.py + SPL) does a step: augment in pixel space, VAE-encode the batch,
+text-encode the batch prompts *and* both SPL phrases, Custom Diffusion attention processors
+holding full copies of K/V, and the whole token-embedding matrix in AdamW with the other rows'
+gradients zeroed.
+
+    python benchmarks/bench_train.py --model tiny --resolution 64
+    python benchmarks/bench_train.py --model sd15 --resolution 128 --steps 5     # CPU
+    python benchmarks/bench_train.py --model sd15 --resolution 512 --mixed-precision bf16  # GPU
+
+Each variant runs in its own subprocess so that peak memory (CUDA: max allocated; CPU: max RSS)
+belongs to that variant alone. Random weights: the timing is what counts, not the loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def build_models(kind: str, tokenizer_dir: Path, dtype: torch.dtype):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from classdiffusion.tiny import tiny_components
+
+    if kind == "tiny":
+        return tiny_components(tokenizer_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+        num_hidden_layers=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # SD1.5 shapes
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear")
+    return tokenizer, text_encoder, unet, vae, scheduler
+
+
+def images(count: int = 5, size: int = 256):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def run_ours(args, components, device) -> dict:
+    from classdiffusion.config import ConceptSpec, TrainConfig
+    from classdiffusion.hosts.diffusers_host import DiffusersHost
+    from classdiffusion.train import TrainCallbacks, train
+
+    host = DiffusersHost(*components, device=device)
+    times = []
+
+    class Clock(TrainCallbacks):
+        def on_step(self, record, total):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+
+    config = TrainConfig(steps=args.steps + args.warmup, resolution=args.resolution, batch_size=args.batch_size,
+                         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing)
+    start = time.perf_counter()
+    train(host, [ConceptSpec(token="<sks>", class_word="dog")], config, images=[images()], callbacks=Clock())
+    prep = times[0] - start  # includes the one-off encoding of image variants and the first step
+    steady = times[-1] - times[args.warmup - 1]
+    return {"steps_per_s": args.steps / steady, "setup_and_first_step_s": prep}
+
+
+def run_reference(args, components, device) -> dict:
+    """One step as in the official code (see the module docstring)."""
+    import torch.nn.functional as F
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
+    from PIL import Image
+
+    tokenizer, text_encoder, unet, vae, scheduler = components
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    tokenizer.add_tokens(["<new1>"])
+    token_id = tokenizer.convert_tokens_to_ids("<new1>")
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    text_encoder.requires_grad_(False)
+    text_encoder.get_input_embeddings().requires_grad_(True)
+    unet.requires_grad_(False)
+    vae.requires_grad_(False)
+    unet.to(device, dtype)
+    vae.to(device, dtype)
+    text_encoder.to(device)  # the official code keeps the text encoder in fp32 when training the token
+    procs, state = {}, unet.state_dict()
+    for name in unet.attn_processors:
+        layer = name.split(".processor")[0]
+        if name.endswith("attn2.processor"):
+            hidden = state[layer + ".to_k.weight"].shape[0]
+            proc = CustomDiffusionAttnProcessor2_0(train_kv=True, train_q_out=False, hidden_size=hidden,
+                                                   cross_attention_dim=768).to(device)
+            proc.load_state_dict({"to_k_custom_diffusion.weight": state[layer + ".to_k.weight"],
+                                  "to_v_custom_diffusion.weight": state[layer + ".to_v.weight"]})
+        else:
+            proc = CustomDiffusionAttnProcessor2_0(train_kv=False, train_q_out=False)
+        procs[name] = proc
+    unet.set_attn_processor(procs)
+    trainable = [p for p in unet.attn_processors.values() for p in p.parameters()]
+    for p in trainable:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    embedding = text_encoder.get_input_embeddings().weight
+    optimizer = torch.optim.AdamW(trainable + [embedding], lr=2e-5, weight_decay=1e-2)
+    pil = images()
+    res = args.resolution
+    prompt_tp, prompt_cp = "a photo of a <new1> dog", "a photo of a dog"
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
+
+    def tokenize(texts):
+        return tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids.to(device)
+
+    def eos(ids, hidden):
+        return hidden[torch.arange(len(ids)), (ids == tokenizer.eos_token_id).int().argmax(1)]
+
+    times = []
+    rng = np.random.default_rng(0)
+    for step in range(args.steps + args.warmup):
+        pixels, masks = [], []
+        for b in range(args.batch_size):  # the official per-sample pixel-space augmentation
+            img = pil[rng.integers(len(pil))]
+            scale = int(rng.integers(res // 3, res + 1))
+            canvas = np.zeros((res, res, 3), np.float32)
+            top, left = rng.integers(0, res - scale + 1, 2)
+            canvas[top:top + scale, left:left + scale] = np.asarray(img.resize((scale, scale), Image.BILINEAR)) / 127.5 - 1
+            pixels.append(torch.from_numpy(canvas).permute(2, 0, 1))
+            mask = torch.zeros(res // 8, res // 8)
+            mask[top // 8 + 1:(top + scale) // 8 - 1, left // 8 + 1:(left + scale) // 8 - 1] = 1
+            masks.append(mask)
+        pixels = torch.stack(pixels).to(device, dtype)
+        mask = torch.stack(masks)[:, None].to(device)
+        with autocast:
+            latents = vae.encode(pixels).latent_dist.sample() * 0.18215
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, 1000, (args.batch_size,), device=device)
+            noisy = scheduler.add_noise(latents, noise, t)
+            ids = tokenize([prompt_tp] * args.batch_size)
+            context = text_encoder(ids).last_hidden_state
+            pred = unet(noisy, t, context.to(dtype)).sample
+            loss = F.mse_loss(pred.float(), noise.float(), reduction="none")
+            loss = ((loss * mask).sum([1, 2, 3]) / mask.sum([1, 2, 3])).mean()
+            ids_tp, ids_cp = tokenize([prompt_tp]), tokenize([prompt_cp])
+            e_tp = eos(ids_tp, text_encoder(ids_tp).last_hidden_state)
+            e_cp = eos(ids_cp, text_encoder(ids_cp).last_hidden_state)
+            loss = loss + (1 - F.cosine_similarity(e_tp, e_cp)).mean()
+        loss.backward()
+        keep = torch.arange(embedding.shape[0], device=device) == token_id
+        embedding.grad[~keep] = 0
+        torch.nn.utils.clip_grad_norm_(trainable + [embedding], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter())
+    return {"steps_per_s": args.steps / (times[-1] - times[args.warmup - 1])}
+
+
+def child(args) -> None:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    dtype = torch.float32
+    with tempfile.TemporaryDirectory() as tmp:
+        from classdiffusion.tiny import build_tokenizer
+
+        tokenizer_dir = build_tokenizer(Path(tmp) / "tok")
+        components = build_models(args.model, tokenizer_dir, dtype)
+        if args.mixed_precision != "no" and args.variant == "ours":
+            half = torch.float16 if args.mixed_precision == "fp16" else torch.bfloat16
+            for model in components[1:4]:
+                model.to(half)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        result = (run_ours if args.variant == "ours" else run_reference)(args, components, device)
+    if device.type == "cuda":
+        result["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        result["peak_memory_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["device"] = str(device) if device.type != "cuda" else torch.cuda.get_device_name()
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--device")
+    parser.add_argument("--variant", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        return child(args)
+
+    rows = {}
+    for variant in ("ours", "reference"):
+        cmd = [sys.executable, __file__, "--variant", variant] + [a for a in sys.argv[1:]]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            sys.stderr.write(proc.stdout + proc.stderr)
+            raise SystemExit(f"{variant} run failed")
+        rows[variant] = json.loads(line[7:])
+    ours, ref = rows["ours"], rows["reference"]
+    print(f"model={args.model} resolution={args.resolution} batch={args.batch_size} "
+          f"mixed_precision={args.mixed_precision} grad_ckpt={args.gradient_checkpointing} device={ours['device']}")
+    print(f"{'loop':<12}{'steps/s':>10}{'peak MiB':>12}")
+    for name, row in rows.items():
+        print(f"{name:<12}{row['steps_per_s']:>10.3f}{row['peak_memory_mib']:>12.0f}")
+    print(f"speed-up: {ours['steps_per_s'] / ref['steps_per_s']:.2f}x   "
+          f"memory ratio (ours/reference): {ours['peak_memory_mib'] / ref['peak_memory_mib']:.2f}")
+    print(f"(ours: one-off setup incl. encoding image variants and first step: {ours['setup_and_first_step_s']:.1f}s)")
+
+
+if __name__ == "__main__":
+    main()
