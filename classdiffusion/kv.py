@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 #: Relative tolerance for comparing per-layer weight norms of two bases. Loading the same base in
@@ -105,3 +106,38 @@ def bake_deltas(
             patched = param.data.float() + strength * delta.to(param.device, torch.float32)
             param.data = patched.to(param.dtype)
     return patch
+
+
+def attach_deltas_with_hooks(
+    modules: Mapping[str, nn.Module], deltas: Mapping[str, torch.Tensor]
+) -> Callable[[], None]:
+    """Make each named Linear compute ``x·(W + ΔW)ᵀ (+ b + Δb)`` by adding ``F.linear(x, ΔW, Δb)``
+    to its output in a forward hook. The frozen weight is untouched (no copy per step), the
+    deltas get gradients, and the returned function removes the hooks again.
+
+    ``modules`` maps the canonical layer name (``…attn2.to_k``) to the host's module.
+    """
+    per_module: dict[str, dict[str, torch.Tensor]] = {}
+    for name, delta in deltas.items():
+        module_name, _, kind = name.rpartition(".")
+        if module_name not in modules:
+            raise KeyError(f"the UNet has no layer {module_name!r}")
+        per_module.setdefault(module_name, {})[kind] = delta
+    handles = []
+    for module_name, parts in per_module.items():
+        weight, bias = parts.get("weight"), parts.get("bias")
+
+        def hook(module, inputs, output, weight=weight, bias=bias):
+            x = inputs[0]
+            if weight is None:
+                return output + bias.to(output.dtype)
+            extra = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+            return output + extra.to(output.dtype)
+
+        handles.append(modules[module_name].register_forward_hook(hook))
+
+    def detach() -> None:
+        for handle in handles:
+            handle.remove()
+
+    return detach

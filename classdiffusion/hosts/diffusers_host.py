@@ -7,45 +7,14 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BaseModelError, InvalidInputError
 from ..host import SD15_CONTEXT_DIM, TextFeatures
+from ..kv import attach_deltas_with_hooks
+from ..text import TransformersTextEncoder
 
 logger = logging.getLogger("classdiffusion")
-
-
-class TokenInjectingEmbedding(nn.Module):
-    """Wraps the text encoder's token embedding: rows of added tokens come from trainable
-    vectors supplied per call, every other row from the frozen matrix (which is never resized,
-    so the rest of the vocabulary stays bit-identical)."""
-
-    def __init__(self, base: nn.Embedding):
-        super().__init__()
-        self.base = base
-        self.token_ids: dict[str, int] = {}
-        self.vectors: Mapping[str, torch.Tensor] = {}
-
-    @property
-    def weight(self) -> torch.Tensor:  # transformers reads .weight for dtype/device checks
-        return self.base.weight
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        new_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-        for token_id in self.token_ids.values():
-            new_mask |= input_ids == token_id
-        safe_ids = torch.where(new_mask, torch.zeros_like(input_ids), input_ids)
-        out = self.base(safe_ids)
-        for token, token_id in self.token_ids.items():
-            vector = self.vectors.get(token)
-            if vector is None:
-                if bool((input_ids == token_id).any()):
-                    raise InvalidInputError(f"No vector was given for the token {token!r}.")
-                continue
-            hit = (input_ids == token_id).unsqueeze(-1)
-            out = torch.where(hit, vector.to(out.dtype).expand_as(out), out)
-        return out
 
 
 class DiffusersHost:
@@ -71,87 +40,26 @@ class DiffusersHost:
                 f"The base model predicts {scheduler.config.prediction_type!r}, not noise (ε): "
                 "ClassDiffusion trains SD1.5-style ε-prediction models only."
             )
-        self._injector = TokenInjectingEmbedding(text_encoder.get_input_embeddings())
-        text_encoder.set_input_embeddings(self._injector)
-        self._token_cache: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.text = TransformersTextEncoder(tokenizer, text_encoder, self.device)
         self._scaling_factor = float(getattr(vae.config, "scaling_factor", 0.18215))
 
     # -- text -------------------------------------------------------------------------------
     def alphas_cumprod(self) -> torch.Tensor:
         return self._alphas_cumprod
 
-    def vocabulary_id(self, word: str) -> int | None:
-        """The id of ``word`` if the tokenizer has it as one whole word, else None."""
-        vocab = self.tokenizer.get_vocab()
-        for key in (word, word.lower(), word + "</w>", word.lower() + "</w>"):
-            if key in vocab:
-                return vocab[key]
-        return None
-
     def add_tokens(self, tokens: Sequence[str]) -> None:
-        for token in tokens:
-            if token in self._injector.token_ids:
-                continue
-            if self.vocabulary_id(token) is not None:
-                raise InvalidInputError(
-                    f"The token {token!r} is already a word of the tokenizer's vocabulary; training "
-                    "it would change that word everywhere. Pick a new word such as '<sks>' or '<my-dog>'."
-                )
-            self.tokenizer.add_tokens([token])
-            token_id = self.tokenizer.convert_tokens_to_ids(token)
-            probe = self.tokenizer(f"a {token} b", add_special_tokens=False).input_ids
-            if probe.count(token_id) != 1:
-                raise InvalidInputError(
-                    f"The tokenizer does not keep {token!r} as one token; use letters, digits, '<>' or '-'."
-                )
-            self._injector.token_ids[token] = token_id
-        self._token_cache.clear()
+        self.text.add_tokens(tokens)
 
     def word_token_count(self, word: str) -> int:
-        return len(self.tokenizer(word, add_special_tokens=False).input_ids)
+        return self.text.word_token_count(word)
 
     def word_embedding(self, word: str) -> torch.Tensor:
-        ids = self.tokenizer(word, add_special_tokens=False).input_ids
-        if not ids:
-            raise InvalidInputError(f"The word {word!r} gives no tokens; use a real word.")
-        known = [i for i in ids if i not in self._injector.token_ids.values()]
-        if not known:
-            raise InvalidInputError(f"The initializer {word!r} is itself a new token; use a word.")
-        rows = self._injector.base.weight[torch.tensor(known, device=self._injector.base.weight.device)]
-        return rows.float().mean(0).detach().clone()
-
-    def _tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        key = tuple(prompts)
-        cached = self._token_cache.get(key)
-        if cached is None:
-            ids = self.tokenizer(
-                list(prompts),
-                padding="max_length",
-                truncation=True,
-                max_length=self.tokenizer.model_max_length,
-                return_tensors="pt",
-            ).input_ids
-            eos_id = self.tokenizer.eos_token_id
-            is_eos = ids == eos_id
-            if not bool(is_eos.any(dim=1).all()):
-                raise InvalidInputError("A prompt is too long: its end-of-text token was cut off.")
-            eos_pos = is_eos.int().argmax(dim=1)  # first EOS = the real end of the prompt
-            cached = (ids.to(self.device), eos_pos.to(self.device))
-            if len(self._token_cache) < 4096:
-                self._token_cache[key] = cached
-        return cached
+        return self.text.word_embedding(word)
 
     def encode_text(
         self, prompts: Sequence[str], token_vectors: Mapping[str, torch.Tensor]
     ) -> TextFeatures:
-        ids, eos_pos = self._tokenize(prompts)
-        self._injector.vectors = token_vectors
-        try:
-            hidden = self.text_encoder(ids).last_hidden_state
-        finally:
-            self._injector.vectors = {}
-        eos = hidden[torch.arange(hidden.shape[0], device=hidden.device), eos_pos]
-        return TextFeatures(context=hidden, eos=eos)
+        return self.text.encode(prompts, token_vectors)
 
     # -- images and noise -------------------------------------------------------------------
     @torch.no_grad()
@@ -170,30 +78,7 @@ class DiffusersHost:
         return cross_attention_weights(self.unet, train_mode)
 
     def attach_deltas(self, deltas: Mapping[str, torch.Tensor]) -> Callable[[], None]:
-        modules = dict(self.unet.named_modules())
-        per_module: dict[str, dict[str, torch.Tensor]] = {}
-        for name, delta in deltas.items():
-            module_name, _, kind = name.rpartition(".")
-            if module_name not in modules:
-                raise InvalidInputError(f"The UNet has no layer {module_name!r}.")
-            per_module.setdefault(module_name, {})[kind] = delta
-        handles = []
-        for module_name, parts in per_module.items():
-            weight, bias = parts.get("weight"), parts.get("bias")
-
-            def hook(module, inputs, output, weight=weight, bias=bias):
-                x = inputs[0]
-                if weight is None:
-                    return output + bias.to(output.dtype)
-                return output + F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-
-            handles.append(modules[module_name].register_forward_hook(hook))
-
-        def detach() -> None:
-            for handle in handles:
-                handle.remove()
-
-        return detach
+        return attach_deltas_with_hooks(dict(self.unet.named_modules()), deltas)
 
     def configure_training(self, gradient_checkpointing: bool, attention: str) -> None:
         if gradient_checkpointing:
@@ -213,7 +98,7 @@ class DiffusersHost:
 
     def close(self) -> None:
         """Give the text encoder its plain embedding back."""
-        self.text_encoder.set_input_embeddings(self._injector.base)
+        self.text.close()
 
 
 def cross_attention_weights(unet: nn.Module, train_mode: str) -> dict[str, torch.Tensor]:

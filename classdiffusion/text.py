@@ -1,0 +1,157 @@
+"""A transformers CLIP text encoder with trainable new tokens injected (used by every host).
+
+The embedding matrix is never resized: rows of added tokens come from vectors passed per call,
+so the rest of the vocabulary stays bit-identical and gradients reach only those vectors.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .errors import InvalidInputError
+from .host import TextFeatures
+
+
+class TokenInjectingEmbedding(nn.Module):
+    """Wraps the text encoder's token embedding: rows of added tokens come from trainable
+    vectors supplied per call, every other row from the frozen matrix (which is never resized,
+    so the rest of the vocabulary stays bit-identical)."""
+
+    def __init__(self, base: nn.Embedding):
+        super().__init__()
+        self.base = base
+        self.token_ids: dict[str, int] = {}
+        self.vectors: Mapping[str, torch.Tensor] = {}
+
+    @property
+    def weight(self) -> torch.Tensor:  # transformers reads .weight for dtype/device checks
+        return self.base.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        new_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token_id in self.token_ids.values():
+            new_mask |= input_ids == token_id
+        safe_ids = torch.where(new_mask, torch.zeros_like(input_ids), input_ids)
+        out = self.base(safe_ids)
+        for token, token_id in self.token_ids.items():
+            vector = self.vectors.get(token)
+            if vector is None:
+                if bool((input_ids == token_id).any()):
+                    raise InvalidInputError(f"No vector was given for the token {token!r}.")
+                continue
+            hit = (input_ids == token_id).unsqueeze(-1)
+            out = torch.where(hit, vector.to(out.dtype).expand_as(out), out)
+        return out
+
+
+class TransformersTextEncoder:
+    """Tokenizer + frozen CLIP text model, with new tokens as injectable vectors.
+
+    ``context_layer`` selects the hidden state used as UNet context: None = the last layer (after
+    the final layer norm, SD1.5's choice); a negative index = that hidden layer passed through the
+    final layer norm (ComfyUI's "CLIP skip"). The EOS feature for SPL is always the last layer's.
+    """
+
+    def __init__(self, tokenizer, text_model: nn.Module, device: torch.device, context_layer: int | None = None):
+        self.tokenizer = tokenizer
+        self.model = text_model
+        self.device = torch.device(device)
+        self.context_layer = context_layer
+        self.injector = TokenInjectingEmbedding(text_model.get_input_embeddings())
+        text_model.set_input_embeddings(self.injector)
+        self._token_cache: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _hidden_states(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, last) hidden states."""
+        if self.context_layer is None:
+            last = self.model(ids).last_hidden_state
+            return last, last
+        out = self.model(ids, output_hidden_states=True)
+        context = self._final_layer_norm()(out.hidden_states[self.context_layer])
+        return context, out.last_hidden_state
+
+    def _final_layer_norm(self) -> nn.Module:
+        norm = getattr(self.model, "final_layer_norm", None)
+        if norm is None:
+            norm = self.model.text_model.final_layer_norm
+        return norm
+
+    def vocabulary_id(self, word: str) -> int | None:
+        """The id of ``word`` if the tokenizer has it as one whole word, else None."""
+        vocab = self.tokenizer.get_vocab()
+        for key in (word, word.lower(), word + "</w>", word.lower() + "</w>"):
+            if key in vocab:
+                return vocab[key]
+        return None
+
+    def add_tokens(self, tokens: Sequence[str]) -> None:
+        for token in tokens:
+            if token in self.injector.token_ids:
+                continue
+            if self.vocabulary_id(token) is not None:
+                raise InvalidInputError(
+                    f"The token {token!r} is already a word of the tokenizer's vocabulary; training "
+                    "it would change that word everywhere. Pick a new word such as '<sks>' or '<my-dog>'."
+                )
+            self.tokenizer.add_tokens([token])
+            token_id = self.tokenizer.convert_tokens_to_ids(token)
+            probe = self.tokenizer(f"a {token} b", add_special_tokens=False).input_ids
+            if probe.count(token_id) != 1:
+                raise InvalidInputError(
+                    f"The tokenizer does not keep {token!r} as one token; use letters, digits, '<>' or '-'."
+                )
+            self.injector.token_ids[token] = token_id
+        self._token_cache.clear()
+
+    def word_token_count(self, word: str) -> int:
+        return len(self.tokenizer(word, add_special_tokens=False).input_ids)
+
+    def word_embedding(self, word: str) -> torch.Tensor:
+        ids = self.tokenizer(word, add_special_tokens=False).input_ids
+        if not ids:
+            raise InvalidInputError(f"The word {word!r} gives no tokens; use a real word.")
+        known = [i for i in ids if i not in self.injector.token_ids.values()]
+        if not known:
+            raise InvalidInputError(f"The initializer {word!r} is itself a new token; use a word.")
+        rows = self.injector.base.weight[torch.tensor(known, device=self.injector.base.weight.device)]
+        return rows.float().mean(0).detach().clone()
+
+    def _tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        key = tuple(prompts)
+        cached = self._token_cache.get(key)
+        if cached is None:
+            ids = self.tokenizer(
+                list(prompts),
+                padding="max_length",
+                truncation=True,
+                max_length=self.tokenizer.model_max_length,
+                return_tensors="pt",
+            ).input_ids
+            eos_id = self.tokenizer.eos_token_id
+            is_eos = ids == eos_id
+            if not bool(is_eos.any(dim=1).all()):
+                raise InvalidInputError("A prompt is too long: its end-of-text token was cut off.")
+            eos_pos = is_eos.int().argmax(dim=1)  # first EOS = the real end of the prompt
+            cached = (ids.to(self.device), eos_pos.to(self.device))
+            if len(self._token_cache) < 4096:
+                self._token_cache[key] = cached
+        return cached
+
+    def encode(
+        self, prompts: Sequence[str], token_vectors: Mapping[str, torch.Tensor]
+    ) -> TextFeatures:
+        ids, eos_pos = self._tokenize(prompts)
+        self.injector.vectors = token_vectors
+        try:
+            context, last = self._hidden_states(ids)
+        finally:
+            self.injector.vectors = {}
+        eos = last[torch.arange(last.shape[0], device=last.device), eos_pos]
+        return TextFeatures(context=context, eos=eos)
+
+    def close(self) -> None:
+        """Give the text model its plain embedding back."""
+        self.model.set_input_embeddings(self.injector.base)
