@@ -1,0 +1,1 @@
+"""ComfyUI glue for the ClassDiffusion trainer (imports ComfyUI; the trainer never does)."""

@@ -1,0 +1,122 @@
+"""ComfyUI-side helpers shared by the nodes: folders, the training patcher, CLIP token wrapping,
+progress and cancel."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import types
+from pathlib import Path
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+
+from ..classdiffusion.train import TrainCallbacks
+from .glue import TOKEN_MARKER, rewrite_prompt
+
+logger = logging.getLogger("classdiffusion")
+
+CONCEPT_FOLDER = "classdiffusion"
+
+
+def register_folders() -> None:
+    """models/classdiffusion holds concept files (listed by the Load node)."""
+    path = os.path.join(folder_paths.models_dir, CONCEPT_FOLDER)
+    if CONCEPT_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[CONCEPT_FOLDER] = ([path], {".safetensors"})
+    else:
+        folder_paths.add_model_folder_path(CONCEPT_FOLDER, path)
+
+
+def concept_dir() -> Path:
+    return Path(folder_paths.get_folder_paths(CONCEPT_FOLDER)[0])
+
+
+def embeddings_dir() -> Path:
+    return Path(folder_paths.get_folder_paths("embeddings")[0])
+
+
+def loras_dir() -> Path:
+    return Path(folder_paths.get_folder_paths("loras")[0])
+
+
+def training_patcher(model):
+    """A ModelPatcher whose UNet weights are ordinary tensors (not inference tensors), loaded on
+    ComfyUI's device. ``clone(force_deepcopy=True)`` reloads the weights as the stock LoRA trainer
+    does; where a loader cannot do that, the weights of a plain clone are copied once."""
+    try:
+        patcher = model.clone(force_deepcopy=True)
+    except (RuntimeError, TypeError):
+        patcher = model.clone()
+        for param in patcher.model.diffusion_model.parameters():
+            if param.is_inference():
+                param.data = param.data.clone()
+    patcher.model.requires_grad_(False)
+    comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+    return patcher
+
+
+def model_with_deltas(model, deltas: dict[str, torch.Tensor], to_comfy: dict[str, str], strength: float):
+    """A clone of ``model`` with the deltas as weight patches (other graph branches keep the base)."""
+    out = model.clone()
+    patches = {f"diffusion_model.{to_comfy[name]}": ("diff", (delta.float(),)) for name, delta in deltas.items()}
+    missing = out.add_patches(patches, strength)
+    if len(missing) != len(patches):
+        raise RuntimeError(f"ComfyUI refused {len(patches) - len(missing)} weight patches.")
+    return out
+
+
+def clip_with_tokens(clip, tokens: list[str], vectors: torch.Tensor, strength: float = 1.0):
+    """A clone of ``clip`` whose tokenizer turns each token into its learned vector, so prompts can
+    say "a photo of a <sks> dog". The incoming CLIP is not changed; Load nodes stack."""
+    out = clip.clone()
+    out.tokenizer = copy.copy(clip.tokenizer)
+    inner = copy.copy(clip.tokenizer.clip_l)
+    out.tokenizer.clip_l = inner
+    table = dict(getattr(inner, "_classdiffusion_vectors", {}))
+    offset = len(table)
+    for i, vector in enumerate(vectors):
+        table[f"{TOKEN_MARKER}{offset + i}"] = (vector.detach().float().cpu() * strength)
+    inner._classdiffusion_vectors = table
+    known_tokens = list(getattr(inner, "_classdiffusion_tokens", [])) + list(tokens)
+    inner._classdiffusion_tokens = known_tokens
+    if inner.embedding_directory is None:
+        inner.embedding_directory = []
+    base_tokenize = type(inner).tokenize_with_weights
+    base_lookup = type(inner)._try_get_embedding
+
+    def tokenize_with_weights(self, text, return_word_ids=False, **kwargs):
+        return base_tokenize(self, rewrite_prompt(text, self._classdiffusion_tokens), return_word_ids, **kwargs)
+
+    def _try_get_embedding(self, embedding_name):
+        name = embedding_name.split()[0] if embedding_name.split() else embedding_name
+        if name in self._classdiffusion_vectors:
+            leftover = " ".join(embedding_name.split()[1:])
+            return self._classdiffusion_vectors[name], name, leftover
+        return base_lookup(self, embedding_name)
+
+    inner.tokenize_with_weights = types.MethodType(tokenize_with_weights, inner)
+    inner._try_get_embedding = types.MethodType(_try_get_embedding, inner)
+    return out
+
+
+class ComfyCallbacks(TrainCallbacks):
+    """ComfyUI's progress bar (with the loss) and Cancel, checked before every step."""
+
+    def __init__(self, total_steps: int, node_id: str | None = None):
+        self.bar = comfy.utils.ProgressBar(total_steps, node_id=node_id)
+        self.total = total_steps
+
+    def on_step(self, record, total_steps: int) -> None:
+        self.bar.update_absolute(record.step, total_steps)
+        if record.step % 25 == 0 or record.step == total_steps:
+            logger.info("ClassDiffusion step %d/%d: loss %.4f, SPL %.5f, cos %s", record.step, total_steps,
+                        record.loss, record.spl, ", ".join(f"{c:.4f}" for c in record.cos))
+
+    def should_stop(self) -> bool:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        return False

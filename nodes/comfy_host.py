@@ -1,0 +1,185 @@
+"""The TrainingHost for ComfyUI objects: MODEL (ModelPatcher), CLIP and VAE.
+
+- UNet: the ModelPatcher's diffusion model, called with DDPM inputs (x_t, t) so it returns ε
+  exactly as ComfyUI's EPS sampling wraps it; K/V deltas are attached with forward hooks that
+  map canonical (diffusers) layer names to ComfyUI's through ``comfy.utils.unet_to_diffusers``.
+- Text: ComfyUI's CLIP-L weights copied into a transformers CLIPTextModel (ComfyUI's own text
+  model adds residuals in place and holds inference tensors, so gradients cannot flow through
+  it); its tokenizer is a copy of the CLIP's own, so token ids are identical.
+- VAE: the latent distribution's mean and std from ComfyUI's first-stage encoder.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.utils
+
+from ..classdiffusion.errors import BaseModelError
+from ..classdiffusion.host import SD15_CONTEXT_DIM, TextFeatures
+from ..classdiffusion.kv import attach_deltas_with_hooks
+from ..classdiffusion.text import TransformersTextEncoder
+from .glue import canonical_to_comfy_keys
+
+logger = logging.getLogger("classdiffusion")
+
+
+def diffusers_to_comfy_map(model_patcher) -> dict[str, str]:
+    """Canonical diffusers UNet weight name → ComfyUI diffusion_model weight name."""
+    unet_config = model_patcher.model.model_config.unet_config
+    return comfy.utils.unet_to_diffusers(unet_config)
+
+
+def check_sd15(model_patcher) -> None:
+    config = model_patcher.model.model_config.unet_config
+    context = config.get("context_dim")
+    if context != SD15_CONTEXT_DIM or config.get("in_channels") != 4:
+        raise BaseModelError(
+            f"This MODEL is not SD1.5-shaped (context {context}, {config.get('in_channels')} input "
+            f"channels; SD1.5: {SD15_CONTEXT_DIM} and 4). Load an SD1.x checkpoint; SD2.x, SDXL, "
+            "Flux and inpainting models are not supported."
+        )
+    sampling = model_patcher.model.model_sampling
+    if not isinstance(sampling, comfy.model_sampling.EPS) or isinstance(sampling, comfy.model_sampling.V_PREDICTION):
+        raise BaseModelError("This MODEL is not an ε-prediction model; ClassDiffusion trains SD1.5-style models.")
+
+
+def text_encoder_from_clip(clip, device: torch.device, dtype: torch.dtype):
+    """(tokenizer copy, transformers CLIPTextModel with the CLIP's weights, context layer)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    clip_l = getattr(clip.cond_stage_model, "clip_l", None)
+    tok_l = getattr(clip.tokenizer, "clip_l", None)
+    if clip_l is None or tok_l is None:
+        raise BaseModelError("This CLIP is not SD1.5's CLIP-L text encoder; load an SD1.x checkpoint.")
+    state = {k[len("clip_l.transformer."):]: v for k, v in clip.get_sd().items()
+             if k.startswith("clip_l.transformer.text_model.")}
+    state = {k[len("text_model."):]: v for k, v in state.items()}
+    width = state["embeddings.token_embedding.weight"].shape[1]
+    if width != SD15_CONTEXT_DIM:
+        raise BaseModelError(f"This CLIP is {width} wide, not {SD15_CONTEXT_DIM} (SD1.5's CLIP-L).")
+    layers = len({k.split(".")[2] for k in state if k.startswith("encoder.layers.")})
+    tokenizer = copy.deepcopy(tok_l.tokenizer)
+    config = CLIPTextConfig(
+        vocab_size=state["embeddings.token_embedding.weight"].shape[0], hidden_size=width,
+        intermediate_size=state["encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=layers, num_attention_heads=max(1, width // 64),
+        max_position_embeddings=state["embeddings.position_embedding.weight"].shape[0],
+        hidden_act="quick_gelu", projection_dim=width,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = CLIPTextModel(config)
+    own = model.state_dict()
+    prefix = "text_model." if any(k.startswith("text_model.") for k in own) else ""
+    missing, unexpected = model.load_state_dict({prefix + k: v.clone() for k, v in state.items()}, strict=False)
+    missing = [k for k in missing if "position_ids" not in k]
+    if missing:
+        raise BaseModelError(f"The CLIP weights lack {missing[:3]}; is this SD1.5's CLIP-L?")
+    model.to(device, dtype).requires_grad_(False).eval()
+    layer_idx = getattr(clip, "layer_idx", None)
+    context_layer = None if layer_idx in (None, -1) else int(layer_idx)
+    return tokenizer, model, context_layer
+
+
+class ComfyHost:
+    """TrainingHost over a ComfyUI ModelPatcher (already cloned and loaded), CLIP and VAE."""
+
+    def __init__(self, model_patcher, clip, vae, *, device: torch.device | None = None):
+        check_sd15(model_patcher)
+        self.model_patcher = model_patcher
+        self.vae = vae
+        self.device = device or comfy.model_management.get_torch_device()
+        self.diffusion_model = model_patcher.model.diffusion_model
+        self.unet_dtype = model_patcher.model.get_dtype()
+        sigmas = model_patcher.model.model_sampling.sigmas.to(self.device, torch.float32)
+        self._alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)
+        self.num_train_timesteps = int(self._alphas_cumprod.shape[0])
+        text_dtype = torch.float32 if self.device.type == "cpu" else torch.float16
+        tokenizer, text_model, context_layer = text_encoder_from_clip(clip, self.device, text_dtype)
+        self.text = TransformersTextEncoder(tokenizer, text_model, self.device, context_layer)
+        self.text_dim = int(text_model.config.hidden_size)
+        self._to_comfy = diffusers_to_comfy_map(model_patcher)
+        self._scale = float(model_patcher.model.latent_format.scale_factor)
+        self._shift = float(getattr(model_patcher.model.latent_format, "shift_factor", 0.0) or 0.0)
+        self._unpatch_checkpointing: list = []
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self._alphas_cumprod
+
+    def add_tokens(self, tokens: Sequence[str]) -> None:
+        self.text.add_tokens(tokens)
+
+    def word_token_count(self, word: str) -> int:
+        return self.text.word_token_count(word)
+
+    def word_embedding(self, word: str) -> torch.Tensor:
+        return self.text.word_embedding(word)
+
+    def encode_text(self, prompts: Sequence[str], token_vectors: Mapping[str, torch.Tensor]) -> TextFeatures:
+        return self.text.encode(prompts, token_vectors)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vae = self.vae
+        stage = vae.first_stage_model
+        if hasattr(stage, "encoder"):
+            comfy.model_management.load_models_gpu([vae.patcher])
+            x = pixels.to(vae.device, vae.vae_dtype)
+            moments = stage.encoder(x)
+            if getattr(stage, "quant_conv", None) is not None:
+                moments = stage.quant_conv(moments)
+            mean, logvar = moments.float().chunk(2, dim=1)
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        else:  # a VAE without a plain encoder: its mode, no spread
+            mean = vae.encode(((pixels + 1) / 2).permute(0, 2, 3, 1).clamp(0, 1)).float()
+            std = torch.zeros_like(mean)
+        mean = (mean - self._shift) * self._scale
+        return mean.to(self.device), (std * self._scale).to(self.device)
+
+    def predict_noise(self, noisy_latents, timesteps, context) -> torch.Tensor:
+        dtype = self.unet_dtype
+        out = self.diffusion_model(noisy_latents.to(dtype), timesteps.float(), context=context.to(dtype))
+        return out
+
+    def cross_attention_weights(self, train_mode: str) -> dict[str, torch.Tensor]:
+        suffixes = (".attn2.to_k.weight", ".attn2.to_v.weight")
+        if train_mode == "crossattn":
+            suffixes += (".attn2.to_q.weight", ".attn2.to_out.0.weight", ".attn2.to_out.0.bias")
+        names = sorted(n for n in self._to_comfy if n.endswith(suffixes))
+        if not names:
+            raise BaseModelError("This UNet has no cross-attention layers ComfyUI can map; is it SD1.5?")
+        params = dict(self.diffusion_model.named_parameters())
+        return {name: params[self._to_comfy[name]] for name in names}
+
+    def comfy_keys(self, names) -> dict[str, str]:
+        return canonical_to_comfy_keys(self._to_comfy, names)
+
+    def attach_deltas(self, deltas: Mapping[str, torch.Tensor]) -> Callable[[], None]:
+        modules = dict(self.diffusion_model.named_modules())
+        mapped = {}
+        for name in deltas:
+            module_name = name.rpartition(".")[0]
+            comfy_module = self._to_comfy[name].rpartition(".")[0]
+            mapped[module_name] = modules[comfy_module]
+        return attach_deltas_with_hooks(mapped, deltas)
+
+    def configure_training(self, gradient_checkpointing: bool, attention: str) -> None:
+        if not gradient_checkpointing:
+            return
+        from comfy_extras.nodes_train import find_modules_at_depth, patch, unpatch
+
+        for module in find_modules_at_depth(self.diffusion_model, depth=1):
+            patch(module)
+            self._unpatch_checkpointing.append((module, unpatch))
+
+    def close(self) -> None:
+        for module, unpatch in self._unpatch_checkpointing:
+            unpatch(module)
+        self._unpatch_checkpointing.clear()

@@ -1,0 +1,309 @@
+"""The ClassDiffusion nodes (ComfyUI V3 schema). Thin glue: ComfyUI objects → trainer → ComfyUI."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from typing_extensions import override
+
+import folder_paths
+from comfy_api.latest import ComfyExtension, io, ui
+
+from ..classdiffusion.concept import Concept, atomic_save_file, load_concept
+from ..classdiffusion.config import ConceptSpec, TrainConfig
+from ..classdiffusion.kv import base_fingerprint
+from ..classdiffusion.plot import plot_history, summary_line
+from ..classdiffusion.train import train
+from .comfy_glue import (
+    CONCEPT_FOLDER, ComfyCallbacks, clip_with_tokens, concept_dir, embeddings_dir, loras_dir,
+    model_with_deltas, register_folders, training_patcher,
+)
+from .comfy_host import ComfyHost, check_sd15, diffusers_to_comfy_map
+from .glue import diff_file_tensors, sanitize_name
+
+logger = logging.getLogger("classdiffusion")
+
+ConceptType = io.Custom("CLASSDIFFUSION_CONCEPT")
+ConceptSpecType = io.Custom("CLASSDIFFUSION_CONCEPT_SPEC")
+HistoryType = io.Custom("CLASSDIFFUSION_HISTORY")
+CATEGORY = "ClassDiffusion"
+
+
+def _mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    import comfy.model_management
+
+    device = comfy.model_management.get_torch_device()
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def _image_tensor(image) -> torch.Tensor:
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array)[None]
+
+
+class ConceptSpecNode(io.ComfyNode):
+    """One more concept for multi-concept training: images, token and class word."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ClassDiffusionConcept",
+            display_name="ClassDiffusion Concept",
+            category=CATEGORY,
+            description="Describes an additional concept (its images, token and class word) for joint training.",
+            inputs=[
+                io.Image.Input("images", tooltip="3–20 images of this concept, as one batch."),
+                io.String.Input("token", default="<sks2>", tooltip="A new word for the concept, e.g. <my-cat>. Must not be an existing word."),
+                io.String.Input("class_word", default="cat", tooltip="The concept's class, e.g. cat, backpack, barn."),
+                io.String.Input("initializer", default="ktn", tooltip="Word the token starts from ('class' = the class word)."),
+                io.Image.Input("class_images", optional=True, tooltip="Optional class images for prior preservation."),
+            ],
+            outputs=[ConceptSpecType.Output(display_name="concept")],
+        )
+
+    @classmethod
+    def execute(cls, images, token, class_word, initializer, class_images=None) -> io.NodeOutput:
+        spec = ConceptSpec(token=token.strip(), class_word=class_word, initializer=initializer)
+        return io.NodeOutput({"spec": spec, "images": images, "class_images": class_images})
+
+
+class TrainConceptNode(io.ComfyNode):
+    """Train a ClassDiffusion concept on the loaded SD1.5 model."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ClassDiffusionTrainConcept",
+            display_name="Train ClassDiffusion Concept",
+            category=CATEGORY,
+            description=(
+                "Learns a new token and the UNet's cross-attention K/V from a few images, with the "
+                "semantic preservation loss that keeps the concept composable (ClassDiffusion)."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.5 model to personalize (from Load Checkpoint)."),
+                io.Clip.Input("clip", tooltip="The SD1.5 CLIP from the same checkpoint."),
+                io.Vae.Input("vae", tooltip="The VAE used to encode the training images (once)."),
+                io.Image.Input("images", tooltip="3–20 images of the concept, as one batch."),
+                io.String.Input("token", default="<sks>", tooltip="A new word for the concept, e.g. <sks>. Must not be an existing word."),
+                io.String.Input("class_word", default="dog", tooltip="The concept's class, e.g. dog. A fine-grained single word works best."),
+                io.String.Input("prompt_template", default="a photo of a {}", tooltip="Training prompt; {} becomes '<token> <class word>'."),
+                io.Int.Input("steps", default=500, min=1, max=20000, tooltip="Training steps. Paper: 500 (800 for several concepts)."),
+                io.Float.Input("learning_rate", default=1e-5, min=1e-7, max=1e-2, step=1e-6, tooltip="Base rate, multiplied by the batch size (paper: 1e-5 → 2e-5 at batch 2)."),
+                io.Float.Input("spl_weight", default=1.0, min=0.0, max=100.0, step=0.01, tooltip="λ of the semantic preservation loss. Higher keeps composition, lower keeps identity; 0 = Custom Diffusion."),
+                io.Int.Input("batch_size", default=2, min=1, max=16, tooltip="Images per step (paper: 2)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Seed: same inputs and seed give the same concept.", control_after_generate=False),
+                io.Int.Input("resolution", default=512, min=64, max=1024, step=64, tooltip="Training resolution (SD1.5: 512)."),
+                io.Combo.Input("mixed_precision", options=["auto", "bf16", "fp16", "no"], default="auto", tooltip="auto: bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU."),
+                io.String.Input("initializer", default="ktn", tooltip="Word the token starts from (Custom Diffusion: ktn; 'class' = the class word)."),
+                io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Less GPU memory, slower steps."),
+                io.String.Input("save_name", default="my_concept", tooltip="Saves models/classdiffusion/NAME.safetensors and models/embeddings/NAME.safetensors (use embedding:NAME in any prompt)."),
+                io.Image.Input("class_images", optional=True, tooltip="Optional class images (e.g. generated 'a photo of a dog') for prior preservation."),
+                ConceptSpecType.Input("concept_2", optional=True, tooltip="A second concept to train jointly."),
+                ConceptSpecType.Input("concept_3", optional=True, tooltip="A third concept to train jointly."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL"),
+                io.Clip.Output(display_name="CLIP"),
+                ConceptType.Output(display_name="concept"),
+                HistoryType.Output(display_name="history"),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, images, token, class_word, prompt_template, steps, learning_rate,
+                spl_weight, batch_size, seed, resolution, mixed_precision, initializer,
+                gradient_checkpointing, save_name, class_images=None, concept_2=None, concept_3=None) -> io.NodeOutput:
+        name = sanitize_name(save_name)
+        check_sd15(model)
+        specs = [ConceptSpec(token=token.strip(), class_word=class_word, prompt=prompt_template, initializer=initializer)]
+        image_sets, class_sets = [images], [class_images]
+        for extra in (concept_2, concept_3):
+            if extra is not None:
+                spec = extra["spec"]
+                spec.prompt = prompt_template
+                specs.append(spec)
+                image_sets.append(extra["images"])
+                class_sets.append(extra["class_images"])
+        config = TrainConfig(
+            steps=steps, batch_size=batch_size, learning_rate=learning_rate, spl_weight=spl_weight,
+            resolution=resolution, seed=seed, mixed_precision=_mixed_precision(mixed_precision),
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        with torch.inference_mode(False), torch.enable_grad():
+            patcher = training_patcher(model)
+            host = ComfyHost(patcher, clip, vae)
+            try:
+                result = train(
+                    host, specs, config, images=image_sets,
+                    class_images=class_sets if any(c is not None for c in class_sets) else None,
+                    callbacks=ComfyCallbacks(steps, cls.hidden.unique_id),
+                    meta_extra={"base_name": "ComfyUI MODEL", "host": "comfyui"},
+                )
+            finally:
+                host.close()
+                del patcher
+        concept = result.concept
+        concept.save(concept_dir() / f"{name}.safetensors")
+        save_embeddings(concept, name)
+        to_comfy = diffusers_to_comfy_map(model)
+        out_model = model_with_deltas(model, concept.deltas, to_comfy, 1.0)
+        out_clip = clip_with_tokens(clip, concept.tokens, concept.token_vectors)
+        return io.NodeOutput(out_model, out_clip, concept, concept.history)
+
+
+def save_embeddings(concept: Concept, name: str) -> list[str]:
+    """models/embeddings/NAME.safetensors ({"clip_l": [1, 768]}); several tokens → NAME_1, NAME_2 …"""
+    names = []
+    for k, vector in enumerate(concept.token_vectors):
+        stem = name if len(concept.tokens) == 1 else f"{name}_{k + 1}"
+        path = embeddings_dir() / f"{stem}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_file({"clip_l": vector[None].float().contiguous()}, path,
+                         {"classdiffusion_token": concept.tokens[k]})
+        names.append(stem)
+    return names
+
+
+def model_fingerprint(model, train_mode: str) -> dict:
+    """Fingerprint of the MODEL's *base* cross-attention weights (ComfyUI keeps originals in
+    ``backup`` while patches are applied)."""
+    to_comfy = diffusers_to_comfy_map(model)
+    suffixes = (".attn2.to_k.weight", ".attn2.to_v.weight")
+    if train_mode == "crossattn":
+        suffixes += (".attn2.to_q.weight", ".attn2.to_out.0.weight", ".attn2.to_out.0.bias")
+    params = dict(model.model.diffusion_model.named_parameters())
+    backup = getattr(model, "backup", {}) or {}
+    weights = {}
+    for name in sorted(n for n in to_comfy if n.endswith(suffixes)):
+        key = to_comfy[name]
+        saved = backup.get(f"diffusion_model.{key}")
+        weights[name] = saved.weight if saved is not None else params[key]
+    return base_fingerprint(weights)
+
+
+class LoadConceptNode(io.ComfyNode):
+    """Apply a trained concept file to a MODEL and CLIP."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ClassDiffusionLoadConcept",
+            display_name="Load Concept K/V",
+            category=CATEGORY,
+            description="Applies a ClassDiffusion concept: K/V weight patches on the MODEL, the token(s) on the CLIP. Several stack.",
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.5 model the concept was trained on."),
+                io.Clip.Input("clip", tooltip="Its CLIP; the returned CLIP understands the concept's token(s)."),
+                io.Combo.Input("concept_name", options=folder_paths.get_filename_list(CONCEPT_FOLDER), tooltip="A file in models/classdiffusion."),
+                io.Float.Input("strength_model", default=1.0, min=-2.0, max=2.0, step=0.01, tooltip="Strength of the K/V patches."),
+                io.Float.Input("strength_clip", default=1.0, min=-2.0, max=2.0, step=0.01, tooltip="Scale of the token embedding(s)."),
+                io.Boolean.Input("allow_other_base", default=False, tooltip="Apply even if the concept was trained on another checkpoint (results may be poor)."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP"),
+                     ConceptType.Output(display_name="concept")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, concept_name, strength_model, strength_clip, allow_other_base) -> io.NodeOutput:
+        path = folder_paths.get_full_path(CONCEPT_FOLDER, concept_name)
+        if path is None:
+            from ..classdiffusion.errors import ConceptFileError
+
+            raise ConceptFileError(f"The concept file {concept_name!r} is not in models/{CONCEPT_FOLDER}.")
+        concept = load_concept(path)
+        check_sd15(model)
+        if not allow_other_base:
+            concept.check_base(model_fingerprint(model, concept.meta.get("train_mode", "kv")), what="this MODEL")
+        to_comfy = diffusers_to_comfy_map(model)
+        unknown = [n for n in concept.deltas if n not in to_comfy]
+        if unknown:
+            from ..classdiffusion.errors import BaseMismatchError
+
+            raise BaseMismatchError(f"This MODEL has no layer {unknown[0]}: the concept belongs to another architecture.")
+        out_model = model_with_deltas(model, concept.deltas, to_comfy, strength_model)
+        out_clip = clip_with_tokens(clip, concept.tokens, concept.token_vectors, strength_clip)
+        return io.NodeOutput(out_model, out_clip, concept)
+
+
+class LossMonitorNode(io.ComfyNode):
+    """Plot a training history: losses (smoothed) and the EOS cosine of each token phrase to its class phrase."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ClassDiffusionLossMonitor",
+            display_name="SPL Loss Monitor",
+            category=CATEGORY,
+            is_output_node=True,
+            description="Shows reconstruction loss, SPL and total loss per step (raw and smoothed) and how close each concept stays to its class.",
+            inputs=[
+                HistoryType.Input("history", optional=True, tooltip="The history output of Train ClassDiffusion Concept."),
+                io.Combo.Input("concept_name", options=["(none)"] + folder_paths.get_filename_list(CONCEPT_FOLDER), default="(none)", optional=True, tooltip="Or a saved concept file (it carries its history)."),
+            ],
+            outputs=[io.Image.Output(display_name="plot"), io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def execute(cls, history=None, concept_name="(none)") -> io.NodeOutput:
+        tokens = []
+        if history is None:
+            if not concept_name or concept_name == "(none)":
+                raise ValueError("Connect a training history or choose a concept file.")
+            concept = load_concept(folder_paths.get_full_path_or_raise(CONCEPT_FOLDER, concept_name))
+            history, tokens = concept.history, concept.tokens
+        if not history:
+            raise ValueError("The history is empty: no training step was recorded.")
+        image = _image_tensor(plot_history(history, tokens=tokens))
+        summary = summary_line(history)
+        return io.NodeOutput(image, summary, ui=ui.PreviewImage(image, cls=cls))
+
+
+class ExportDiffNode(io.ComfyNode):
+    """Write a concept's K/V deltas as a LoRA-style .diff file for the stock LoRA loaders."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ClassDiffusionExportDiff",
+            display_name="Export Concept K/V as LoRA",
+            category=CATEGORY,
+            is_output_node=True,
+            description="Saves models/loras/NAME.safetensors with diffusion_model.*.diff tensors (load with LoraLoaderModelOnly; use the embedding file for the token).",
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.5 model (for ComfyUI's layer names)."),
+                ConceptType.Input("concept", tooltip="A trained or loaded concept."),
+                io.String.Input("save_name", default="my_concept_kv", tooltip="File name in models/loras."),
+            ],
+            outputs=[io.String.Output(display_name="path")],
+        )
+
+    @classmethod
+    def execute(cls, model, concept, save_name) -> io.NodeOutput:
+        tensors = diff_file_tensors(concept.deltas, diffusers_to_comfy_map(model))
+        path = loras_dir() / f"{sanitize_name(save_name)}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_file(tensors, path, {"classdiffusion_tokens": ",".join(concept.tokens)})
+        return io.NodeOutput(str(path), ui=ui.PreviewText(str(path)))
+
+
+class ClassDiffusionExtension(ComfyExtension):
+    @override
+    async def on_load(self) -> None:
+        register_folders()
+
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [TrainConceptNode, ConceptSpecNode, LoadConceptNode, LossMonitorNode, ExportDiffNode]
+
+
+async def comfy_entrypoint() -> ClassDiffusionExtension:
+    register_folders()
+    return ClassDiffusionExtension()

@@ -1,0 +1,67 @@
+"""Write a small SD1.5-shaped random checkpoint that ComfyUI's CheckpointLoaderSimple loads as SD15.
+
+Run with ComfyUI's Python from the ComfyUI folder:  python make_checkpoint.py OUT.safetensors
+UNet: 320 channels, 768-wide context, one level (ComfyUI detects SD1.5 from 320/768); CLIP-L and
+the VAE are full size (the stock loader needs them). Random weights: the images mean nothing.
+The components are built with diffusers/transformers (proper random init) and written by
+ComfyUI's own ``save_checkpoint``, so the file has ComfyUI's single-file layout.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+
+def main(out_path: str, seed: int = 0) -> None:
+    sys.path.insert(0, os.getcwd())
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # no GPU needed to write a file
+    import comfy.sd
+    import comfy.utils
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    import comfy.ops
+    import comfy.supported_models
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet = UNetModel(
+        image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
+        channel_mult=[1], num_heads=8, use_spatial_transformer=True, transformer_depth=[1],
+        transformer_depth_middle=1, transformer_depth_output=[1, 1], context_dim=768,
+        use_linear_in_transformer=False, legacy=False, operations=comfy.ops.disable_weight_init,
+    )
+    with torch.no_grad():  # ComfyUI's layers skip initialisation: give every weight a sane random value
+        for name, param in unet.named_parameters():
+            if name.endswith("bias"):
+                param.zero_()
+            elif "norm" in name and param.ndim == 1:
+                param.fill_(1.0)
+            else:
+                fan_in = param[0].numel() if param.ndim > 1 else 1
+                param.normal_(0.0, fan_in ** -0.5)
+    clip_config = json.load(open(os.path.join("comfy", "sd1_clip_config.json")))
+    clip_config.pop("architectures", None)
+    text = CLIPTextModel(CLIPTextConfig(**clip_config))
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    text_sd = {(k if k.startswith("text_model.") else "text_model." + k): v.half()
+               for k, v in text.state_dict().items()}
+    clip = comfy.sd.load_text_encoder_state_dicts([text_sd], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+    vae_model = comfy.sd.VAE(sd={k: v.half() for k, v in vae.state_dict().items()})
+
+    config = comfy.supported_models.SD15({"context_dim": 768, "model_channels": 320})
+    sd = config.process_unet_state_dict_for_saving({k: v.half() for k, v in unet.state_dict().items()})
+    sd.update(config.process_clip_state_dict_for_saving(clip.state_dict_for_saving()))
+    sd.update(config.process_vae_state_dict_for_saving(vae_model.get_sd()))
+    comfy.utils.save_torch_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}, out_path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0)
