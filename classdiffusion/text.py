@@ -63,6 +63,8 @@ class TransformersTextEncoder:
         self.injector = TokenInjectingEmbedding(text_model.get_input_embeddings())
         text_model.set_input_embeddings(self.injector)
         self._token_cache: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        # ComfyUI's copy of the CLIP tokenizer reports 8192; the model has 77 positions.
+        self.max_length = min(int(tokenizer.model_max_length), int(text_model.config.max_position_embeddings))
 
     def _hidden_states(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(context, last) hidden states."""
@@ -127,7 +129,7 @@ class TransformersTextEncoder:
                 list(prompts),
                 padding="max_length",
                 truncation=True,
-                max_length=self.tokenizer.model_max_length,
+                max_length=self.max_length,
                 return_tensors="pt",
             ).input_ids
             eos_id = self.tokenizer.eos_token_id

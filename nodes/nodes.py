@@ -82,6 +82,7 @@ class TrainConceptNode(io.ComfyNode):
             node_id="ClassDiffusionTrainConcept",
             display_name="Train ClassDiffusion Concept",
             category=CATEGORY,
+            is_output_node=True,  # it saves the concept and embedding files, so it runs on its own
             description=(
                 "Learns a new token and the UNet's cross-attention K/V from a few images, with the "
                 "semantic preservation loss that keeps the concept composable (ClassDiffusion)."

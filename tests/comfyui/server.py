@@ -1,0 +1,150 @@
+"""Start a real headless ComfyUI with this pack installed, and talk to it over HTTP.
+
+ComfyUI is found through COMFYUI_PATH (default: a ComfyUI checkout beside this repository,
+../ComfyUI). The server runs with COMFYUI_PYTHON (default: the Python running pytest), which
+must have ComfyUI's requirements installed; see README "Testing against ComfyUI".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+COMFYUI_PATH = Path(os.environ.get("COMFYUI_PATH", REPO.parent / "ComfyUI")).resolve()
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+PACK_NAME = "comfyui-classdiffusion"
+
+
+def unavailable_reason() -> str | None:
+    """None when the real host can run here; else why the integration tests skip."""
+    if not (COMFYUI_PATH / "main.py").exists():
+        return (f"ComfyUI not found at {COMFYUI_PATH}: set COMFYUI_PATH to a ComfyUI checkout "
+                "(see README, 'Testing against ComfyUI')")
+    probe = subprocess.run([COMFYUI_PYTHON, "-c", "import torch, torchvision, torchaudio, aiohttp, comfy_api"],
+                           cwd=COMFYUI_PATH, capture_output=True, text=True)
+    if probe.returncode != 0:
+        return (f"{COMFYUI_PYTHON} cannot import ComfyUI's requirements "
+                f"({probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else 'unknown error'}); "
+                "set COMFYUI_PYTHON to ComfyUI's environment")
+    return None
+
+
+def comfyui_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=COMFYUI_PATH, capture_output=True,
+                              text=True).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def make_checkpoint(path: Path, seed: int = 0) -> Path:
+    subprocess.run([COMFYUI_PYTHON, str(Path(__file__).with_name("make_checkpoint.py")), str(path), str(seed)],
+                   cwd=COMFYUI_PATH, check=True, capture_output=True)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ComfyServer:
+    def __init__(self, base_dir: Path):
+        self.base_dir = base_dir
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = base_dir / "server.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> None:
+        nodes = self.base_dir / "custom_nodes"
+        nodes.mkdir(parents=True, exist_ok=True)
+        link = nodes / PACK_NAME
+        if not link.exists():
+            link.symlink_to(REPO, target_is_directory=True)
+        log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--base-directory", str(self.base_dir), "--disable-auto-launch"],
+            cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited: {self.log()[-3000:]}")
+            try:
+                self.get("/system_stats")
+                return
+            except OSError:
+                time.sleep(1)
+        raise RuntimeError(f"ComfyUI did not start in {timeout}s: {self.log()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, data: dict | None = None):
+        body = json.dumps(data or {}).encode()
+        request = urllib.request.Request(self.url + path, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                raw = response.read()
+                return json.loads(raw) if raw.strip() else {}
+        except urllib.error.HTTPError as error:
+            return json.loads(error.read() or b"{}")
+
+    def queue(self, prompt: dict) -> str:
+        reply = self.post("/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})
+        if "prompt_id" not in reply:
+            raise AssertionError(f"prompt rejected: {json.dumps(reply)[:2000]}")
+        return reply["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                entry = history[prompt_id]
+                if entry["status"]["status_str"] in ("success", "error"):
+                    return entry
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s")
+
+    def run(self, prompt: dict, timeout: float = 600) -> dict:
+        return self.wait(self.queue(prompt), timeout)
+
+    def is_running(self, prompt_id: str) -> bool:
+        running = self.get("/queue").get("queue_running", [])
+        return any(item[1] == prompt_id for item in running)
+
+
+def error_message(entry: dict) -> str | None:
+    for kind, data in entry["status"]["messages"]:
+        if kind == "execution_error":
+            return data.get("exception_message", "")
+    return None
+
+
+def was_interrupted(entry: dict) -> bool:
+    return any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"])
