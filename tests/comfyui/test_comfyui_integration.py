@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from server import ComfyServer, comfyui_commit, error_message, make_checkpoint, unavailable_reason, was_interrupted
+from comfy_server import ComfyServer, comfyui_commit, error_message, make_checkpoint, unavailable_reason, was_interrupted
 
 _reason = unavailable_reason()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
@@ -125,6 +125,24 @@ def test_train_then_sample_with_the_token(server, trained):
     entry = server.run({**loader(), **sampler(("ckpt", 0), ("ckpt", 1), "a photo of embedding:dog_concept dog", "embed")})
     assert_success(entry)
     assert "warning, embedding:dog_concept does not exist" not in server.log()
+
+
+def _pixels(server, entry):
+    image = saved_images(entry)[0]
+    return np.asarray(Image.open(server.base_dir / "output" / image["subfolder"] / image["filename"]))
+
+
+def test_returned_clip_inserts_the_learned_vector_for_the_token(server, trained):
+    """Same model, seed and prompt: the trained CLIP's "<sks>" must condition exactly like
+    embedding:NAME on the base CLIP, and unlike the plain text "<sks>" on the base CLIP."""
+    common = {**loader(), **image_batch(), **train_node("dog_concept")}  # cached: no retraining
+    with_token = server.run({**common, **sampler(("train", 0), ("train", 1), "a photo of a <sks> dog", "tok")})
+    with_embedding = server.run({**common, **sampler(("train", 0), ("ckpt", 1), "a photo of a embedding:dog_concept dog", "emb")})
+    as_text = server.run({**common, **sampler(("train", 0), ("ckpt", 1), "a photo of a <sks> dog", "txt")})
+    for entry in (with_token, with_embedding, as_text):
+        assert_success(entry)
+    assert np.array_equal(_pixels(server, with_token), _pixels(server, with_embedding))
+    assert not np.array_equal(_pixels(server, with_token), _pixels(server, as_text))
 
 
 def test_returned_model_differs_from_the_base_only_in_cross_attention_kv(server, trained):

@@ -39,11 +39,20 @@ def unavailable_reason() -> str | None:
 
 
 def comfyui_commit() -> str:
+    """The checkout's git commit, or its comfyui_version.py version when it has no .git."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=COMFYUI_PATH, capture_output=True,
-                              text=True).stdout.strip() or "unknown"
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=COMFYUI_PATH, capture_output=True,
+                                text=True).stdout.strip()
     except OSError:
-        return "unknown"
+        commit = ""
+    if commit:
+        return commit
+    version_file = COMFYUI_PATH / "comfyui_version.py"
+    if version_file.exists():
+        for line in version_file.read_text().splitlines():
+            if line.startswith("__version__"):
+                return "version " + line.split("=", 1)[1].strip().strip('"')
+    return "unknown"
 
 
 def make_checkpoint(path: Path, seed: int = 0) -> Path:
