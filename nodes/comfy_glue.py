@@ -105,14 +105,24 @@ def clip_with_tokens(clip, tokens: list[str], vectors: torch.Tensor, strength: f
 
 
 class ComfyCallbacks(TrainCallbacks):
-    """ComfyUI's progress bar (with the loss) and Cancel, checked before every step."""
+    """ComfyUI's progress bar, a live loss plot as the node's preview, and Cancel (checked before
+    every step)."""
 
-    def __init__(self, total_steps: int, node_id: str | None = None):
+    def __init__(self, total_steps: int, node_id: str | None = None, tokens: list[str] | None = None):
         self.bar = comfy.utils.ProgressBar(total_steps, node_id=node_id)
         self.total = total_steps
+        self.tokens = tokens or []
+        self.history: list[dict] = []
+        self.preview_every = max(1, total_steps // 20)
 
     def on_step(self, record, total_steps: int) -> None:
-        self.bar.update_absolute(record.step, total_steps)
+        self.history.append(record.to_dict())
+        preview = None
+        if record.step % self.preview_every == 0 or record.step == total_steps:
+            from ..classdiffusion.plot import plot_history
+
+            preview = ("JPEG", plot_history(self.history, width=512, height=384, tokens=self.tokens), 512)
+        self.bar.update_absolute(record.step, total_steps, preview)
         if record.step % 25 == 0 or record.step == total_steps:
             logger.info("ClassDiffusion step %d/%d: loss %.4f, SPL %.5f, cos %s", record.step, total_steps,
                         record.loss, record.spl, ", ".join(f"{c:.4f}" for c in record.cos))

@@ -145,7 +145,7 @@ class TrainConceptNode(io.ComfyNode):
                 result = train(
                     host, specs, config, images=image_sets,
                     class_images=class_sets if any(c is not None for c in class_sets) else None,
-                    callbacks=ComfyCallbacks(steps, cls.hidden.unique_id),
+                    callbacks=ComfyCallbacks(steps, cls.hidden.unique_id, [spec.token for spec in specs]),
                     meta_extra={"base_name": "ComfyUI MODEL", "host": "comfyui"},
                 )
             finally:
