@@ -19,6 +19,19 @@ from torch import nn
 FINGERPRINT_RTOL = 1e-3
 
 
+#: Name endings of the weights each train mode learns (canonical diffusers names).
+TRAINED_SUFFIXES = {
+    "kv": (".attn2.to_k.weight", ".attn2.to_v.weight"),
+    "crossattn": (".attn2.to_k.weight", ".attn2.to_v.weight", ".attn2.to_q.weight",
+                  ".attn2.to_out.0.weight", ".attn2.to_out.0.bias"),
+}
+
+
+def trained_names(names, train_mode: str) -> list[str]:
+    """The canonical weight names a run in ``train_mode`` trains, sorted."""
+    return sorted(n for n in names if n.endswith(TRAINED_SUFFIXES[train_mode]))
+
+
 def zero_deltas(base_weights: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, nn.Parameter]:
     """One trainable fp32 zero delta per base weight (fp32 master copies even for a half base)."""
     return {

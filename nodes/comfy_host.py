@@ -23,7 +23,7 @@ import comfy.utils
 
 from ..classdiffusion.errors import BaseModelError
 from ..classdiffusion.host import SD15_CONTEXT_DIM, TextFeatures
-from ..classdiffusion.kv import attach_deltas_with_hooks
+from ..classdiffusion.kv import attach_deltas_with_hooks, trained_names
 from ..classdiffusion.text import TransformersTextEncoder
 from .glue import canonical_to_comfy_keys
 
@@ -149,10 +149,7 @@ class ComfyHost:
         return out
 
     def cross_attention_weights(self, train_mode: str) -> dict[str, torch.Tensor]:
-        suffixes = (".attn2.to_k.weight", ".attn2.to_v.weight")
-        if train_mode == "crossattn":
-            suffixes += (".attn2.to_q.weight", ".attn2.to_out.0.weight", ".attn2.to_out.0.bias")
-        names = sorted(n for n in self._to_comfy if n.endswith(suffixes))
+        names = trained_names(self._to_comfy, train_mode)
         if not names:
             raise BaseModelError("This UNet has no cross-attention layers ComfyUI can map; is it SD1.5?")
         params = dict(self.diffusion_model.named_parameters())

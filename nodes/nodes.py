@@ -13,7 +13,7 @@ from comfy_api.latest import ComfyExtension, io, ui
 
 from ..classdiffusion.concept import Concept, atomic_save_file, load_concept
 from ..classdiffusion.config import ConceptSpec, TrainConfig
-from ..classdiffusion.kv import base_fingerprint
+from ..classdiffusion.kv import base_fingerprint, trained_names
 from ..classdiffusion.plot import plot_history, summary_line
 from ..classdiffusion.train import train
 from .comfy_glue import (
@@ -177,13 +177,10 @@ def model_fingerprint(model, train_mode: str) -> dict:
     """Fingerprint of the MODEL's *base* cross-attention weights (ComfyUI keeps originals in
     ``backup`` while patches are applied)."""
     to_comfy = diffusers_to_comfy_map(model)
-    suffixes = (".attn2.to_k.weight", ".attn2.to_v.weight")
-    if train_mode == "crossattn":
-        suffixes += (".attn2.to_q.weight", ".attn2.to_out.0.weight", ".attn2.to_out.0.bias")
     params = dict(model.model.diffusion_model.named_parameters())
     backup = getattr(model, "backup", {}) or {}
     weights = {}
-    for name in sorted(n for n in to_comfy if n.endswith(suffixes)):
+    for name in trained_names(to_comfy, train_mode):
         key = to_comfy[name]
         saved = backup.get(f"diffusion_model.{key}")
         weights[name] = saved.weight if saved is not None else params[key]

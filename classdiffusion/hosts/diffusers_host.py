@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import BaseModelError, InvalidInputError
 from ..host import SD15_CONTEXT_DIM, TextFeatures
-from ..kv import attach_deltas_with_hooks
+from ..kv import attach_deltas_with_hooks, trained_names
 from ..text import TransformersTextEncoder
 
 logger = logging.getLogger("classdiffusion")
@@ -102,19 +102,12 @@ class DiffusersHost:
 
 
 def cross_attention_weights(unet: nn.Module, train_mode: str) -> dict[str, torch.Tensor]:
-    """Canonical-name → weight for every UNet cross-attention (attn2) layer that is trained."""
-    suffixes = (".attn2.to_k", ".attn2.to_v")
-    if train_mode == "crossattn":
-        suffixes += (".attn2.to_q", ".attn2.to_out.0")
-    out: dict[str, torch.Tensor] = {}
-    for name, module in unet.named_modules():
-        if name.endswith(suffixes) and isinstance(module, nn.Linear):
-            out[f"{name}.weight"] = module.weight
-            if module.bias is not None and train_mode == "crossattn":
-                out[f"{name}.bias"] = module.bias
-    if not out:
+    """Canonical-name → weight for every UNet cross-attention (attn2) weight that is trained."""
+    params = dict(unet.named_parameters())
+    names = trained_names(params, train_mode)
+    if not names:
         raise BaseModelError("The UNet has no cross-attention (attn2) layers: it is not an SD1.5 UNet.")
-    return dict(sorted(out.items()))
+    return {name: params[name] for name in names}
 
 
 def check_sd15_shaped(unet: nn.Module, text_encoder: nn.Module) -> None:
