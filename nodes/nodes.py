@@ -99,7 +99,7 @@ class TrainConceptNode(io.ComfyNode):
                 io.Float.Input("learning_rate", default=1e-5, min=1e-7, max=1e-2, step=1e-6, tooltip="Base rate, multiplied by the batch size (paper: 1e-5 → 2e-5 at batch 2)."),
                 io.Float.Input("spl_weight", default=1.0, min=0.0, max=100.0, step=0.01, tooltip="λ of the semantic preservation loss. Higher keeps composition, lower keeps identity; 0 = Custom Diffusion."),
                 io.Int.Input("batch_size", default=2, min=1, max=16, tooltip="Images per step (paper: 2)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Seed: same inputs and seed give the same concept.", control_after_generate=False),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Seed: same inputs and seed give the same concept.", control_after_generate=True),
                 io.Int.Input("resolution", default=512, min=64, max=1024, step=64, tooltip="Training resolution (SD1.5: 512)."),
                 io.Combo.Input("mixed_precision", options=["auto", "bf16", "fp16", "no"], default="auto", tooltip="auto: bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU."),
                 io.String.Input("initializer", default="ktn", tooltip="Word the token starts from (Custom Diffusion: ktn; 'class' = the class word)."),

@@ -14,7 +14,18 @@ import sys
 import torch
 
 
-def main(out_path: str, seed: int = 0) -> None:
+def full_sd15_unet_state_dict(comfy_sd, seed: int) -> dict:
+    """A random UNet with SD1.5's full architecture (needed where other packs inject into its
+    blocks, e.g. AnimateDiff), built by diffusers and converted by ComfyUI's own loader."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    patcher = comfy_sd.load_diffusion_model_state_dict({k: v.half() for k, v in unet.state_dict().items()})
+    return patcher.model.diffusion_model.state_dict()
+
+
+def main(out_path: str, seed: int = 0, full: bool = False) -> None:
     sys.path.insert(0, os.getcwd())
     import comfy.cli_args
 
@@ -57,11 +68,12 @@ def main(out_path: str, seed: int = 0) -> None:
     vae_model = comfy.sd.VAE(sd={k: v.half() for k, v in vae.state_dict().items()})
 
     config = comfy.supported_models.SD15({"context_dim": 768, "model_channels": 320})
-    sd = config.process_unet_state_dict_for_saving({k: v.half() for k, v in unet.state_dict().items()})
+    unet_sd = full_sd15_unet_state_dict(comfy.sd, seed) if full else unet.state_dict()
+    sd = config.process_unet_state_dict_for_saving({k: v.half() for k, v in unet_sd.items()})
     sd.update(config.process_clip_state_dict_for_saving(clip.state_dict_for_saving()))
     sd.update(config.process_vae_state_dict_for_saving(vae_model.get_sd()))
     comfy.utils.save_torch_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}, out_path)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0, full="--full" in sys.argv)

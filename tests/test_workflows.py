@@ -1,0 +1,66 @@
+"""The shipped example workflows: this pack's nodes and their widget values match the nodes'
+schemas (no ComfyUI needed). Core, AnimateDiff-Evolved and VideoHelperSuite nodes are checked
+against a real host in tests/comfyui/test_workflows_on_host.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from node_specs import pack_object_info
+from workflow_tools import FRONTEND_ONLY, check_workflow, load_workflows, ui_to_api
+
+WORKFLOWS = load_workflows()
+PACK = pack_object_info()
+
+
+def test_the_four_workflows_ship():
+    assert set(WORKFLOWS) == {"train_concept", "use_concept", "multi_concept", "video_animatediff"}
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_pack_nodes_and_widgets_match_their_schemas(name):
+    workflow = WORKFLOWS[name]
+    ours = {n["type"] for n in workflow["nodes"] if n["type"].startswith("ClassDiffusion")}
+    assert ours, "every workflow uses the pack"
+    assert check_workflow(workflow, PACK, types=set(PACK)) == []
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_every_workflow_explains_itself_and_credits_its_packs(name):
+    workflow = WORKFLOWS[name]
+    notes = [n for n in workflow["nodes"] if n["type"] in FRONTEND_ONLY]
+    assert notes and len(notes[0]["widgets_values"][0]) > 200
+    for node in workflow["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        cnr = node["properties"]["cnr_id"]
+        if node["type"].startswith("ClassDiffusion"):
+            assert cnr == "comfyui-classdiffusion"
+        elif node["type"].startswith("ADE_"):
+            assert cnr == "comfyui-animatediff-evolved"
+        elif node["type"].startswith("VHS_"):
+            assert cnr == "comfyui-videohelpersuite"
+        else:
+            assert cnr == "comfy-core"
+
+
+def test_train_workflow_uses_paper_settings():
+    workflow = WORKFLOWS["train_concept"]
+    train = next(n for n in workflow["nodes"] if n["type"] == "ClassDiffusionTrainConcept")
+    inputs = ui_to_api({"nodes": [train], "links": workflow["links"]}, PACK)[str(train["id"])]["inputs"]
+    assert inputs["steps"] == 500 and inputs["spl_weight"] == 1.0 and inputs["batch_size"] == 2
+    assert inputs["learning_rate"] == 1e-5 and inputs["seed"] == 0
+    multi_wf = WORKFLOWS["multi_concept"]
+    multi = next(n for n in multi_wf["nodes"] if n["type"] == "ClassDiffusionTrainConcept")
+    assert ui_to_api({"nodes": [multi], "links": multi_wf["links"]}, PACK)[str(multi["id"])]["inputs"]["steps"] == 800
+
+
+def test_a_changed_node_input_is_caught():
+    """If a node gains a widget, the shipped workflows stop matching: the check must say so."""
+    import copy
+
+    changed = copy.deepcopy(PACK)
+    changed["ClassDiffusionTrainConcept"]["input"]["required"] = {
+        "extra_widget": ["INT", {"default": 1}], **changed["ClassDiffusionTrainConcept"]["input"]["required"]}
+    problems = check_workflow(WORKFLOWS["train_concept"], changed, types=set(changed))
+    assert any("widget values" in p for p in problems)

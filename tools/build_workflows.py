@@ -1,0 +1,278 @@
+"""Build the UI-format example workflows in example_workflows/ from compact descriptions.
+
+    python tools/build_workflows.py OBJECT_INFO.json
+
+OBJECT_INFO.json is a real ComfyUI's /object_info (with AnimateDiff-Evolved and VideoHelperSuite
+installed), so widget values are written in the host's own order, with defaults for widgets not
+set here. The tests check the result against the host again, so a node change that this file does
+not follow fails there.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "example_workflows"
+WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+PACKS = {"ClassDiffusion": ("comfyui-classdiffusion", "0.1.0"), "ADE_": ("comfyui-animatediff-evolved", "1.5.7"),
+         "VHS_": ("comfyui-videohelpersuite", "1.7.9")}
+FRONTEND_ONLY = {"Note", "MarkdownNote"}
+
+
+def input_type(spec) -> str:
+    return "COMBO" if isinstance(spec[0], list) else spec[0]
+
+
+def widget_inputs(info: dict) -> list[tuple[str, list]]:
+    """(name, spec) of a node's widget inputs in the host's order: required, then optional."""
+    out = []
+    for group in ("required", "optional"):
+        for name, spec in info["input"].get(group, {}).items():
+            if input_type(spec) in WIDGETS:
+                out.append((name, spec))
+    return out
+
+
+def default_value(spec):
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if "default" in options:
+        return options["default"]
+    if isinstance(spec[0], list):
+        return spec[0][0] if spec[0] else ""
+    if options.get("options"):
+        return options["options"][0]
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(input_type(spec), "")
+
+
+class Workflow:
+    def __init__(self, object_info: dict):
+        self.info = object_info
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+
+    def node(self, node_type: str, pos, widgets: dict | None = None, size=(320, 120), title: str | None = None,
+             text: str | None = None) -> dict:
+        node_id = len(self.nodes) + 1
+        node = {"id": node_id, "type": node_type, "pos": list(pos), "size": list(size), "flags": {},
+                "order": node_id - 1, "mode": 0, "inputs": [], "outputs": [], "properties": {}}
+        if title:
+            node["title"] = title
+        if node_type in FRONTEND_ONLY:
+            node["widgets_values"] = [text or ""]
+            node["color"], node["bgcolor"] = "#432", "#653"
+            self.nodes.append(node)
+            return node
+        info = self.info[node_type]
+        widgets = dict(widgets or {})
+        for group in ("required", "optional"):
+            for name, spec in info["input"].get(group, {}).items():
+                if input_type(spec) not in WIDGETS:
+                    node["inputs"].append({"name": name, "type": input_type(spec), "link": None})
+        node["outputs"] = [{"name": name, "type": t, "links": [], "slot_index": i}
+                           for i, (name, t) in enumerate(zip(info.get("output_name", info["output"]), info["output"]))]
+        values = []
+        for name, spec in widget_inputs(info):
+            values.append(widgets.pop(name) if name in widgets else default_value(spec))
+            if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("control_after_generate"):
+                values.append("fixed")
+        if widgets:
+            raise KeyError(f"{node_type} has no widgets {sorted(widgets)}")
+        if node_type == "VHS_VideoCombine":  # VHS saves its widgets by name
+            names = [name for name, _ in widget_inputs(info)]
+            values = dict(zip(names, values))
+            values["videopreview"] = {"hidden": False, "paused": False, "params": {}}
+        node["widgets_values"] = values
+        pack = next((p for prefix, p in PACKS.items() if node_type.startswith(prefix)), ("comfy-core", "0.3.60"))
+        node["properties"] = {"Node name for S&R": node_type, "cnr_id": pack[0], "ver": pack[1]}
+        self.nodes.append(node)
+        return node
+
+    def link(self, source: dict, output: str, target: dict, input_name: str) -> None:
+        out_slot = next(i for i, o in enumerate(source["outputs"]) if o["name"] == output)
+        in_slot = next(i for i, x in enumerate(target["inputs"]) if x["name"] == input_name)
+        link_id = len(self.links) + 1
+        link_type = source["outputs"][out_slot]["type"]
+        self.links.append([link_id, source["id"], out_slot, target["id"], in_slot, link_type])
+        source["outputs"][out_slot]["links"].append(link_id)
+        target["inputs"][in_slot]["link"] = link_id
+
+    def to_json(self) -> dict:
+        return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+                "links": self.links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+                "version": 0.4}
+
+
+def sampler_chain(wf: Workflow, model, model_out, clip, clip_out, vae, positive: str, x: int, y: int,
+                  width=512, height=512, batch=1, steps=100, cfg=6.0, sampler="ddim", scheduler="ddim_uniform",
+                  save_prefix="classdiffusion/sample"):
+    pos = wf.node("CLIPTextEncode", (x, y), {"text": positive}, size=(400, 160), title="Prompt")
+    neg = wf.node("CLIPTextEncode", (x, y + 200), {"text": "blurry, low quality, deformed"}, size=(400, 120),
+                  title="Negative prompt")
+    wf.link(clip, clip_out, pos, "clip")
+    wf.link(clip, clip_out, neg, "clip")
+    latent = wf.node("EmptyLatentImage", (x, y + 360), {"width": width, "height": height, "batch_size": batch})
+    ksampler = wf.node("KSampler", (x + 440, y), {"seed": 0, "steps": steps, "cfg": cfg, "sampler_name": sampler,
+                                                  "scheduler": scheduler, "denoise": 1.0}, size=(320, 260))
+    wf.link(model, model_out, ksampler, "model")
+    wf.link(pos, "CONDITIONING", ksampler, "positive")
+    wf.link(neg, "CONDITIONING", ksampler, "negative")
+    wf.link(latent, "LATENT", ksampler, "latent_image")
+    decode = wf.node("VAEDecode", (x + 800, y), size=(210, 50))
+    wf.link(ksampler, "LATENT", decode, "samples")
+    wf.link(vae, "VAE", decode, "vae")
+    return decode, save_prefix
+
+
+def image_batch(wf: Workflow, names: list[str], x: int, y: int):
+    loads = [wf.node("LoadImage", (x, y + 340 * i), {"image": name}, size=(300, 320)) for i, name in enumerate(names)]
+    batch = loads[0]
+    out = "IMAGE"
+    for i, load in enumerate(loads[1:]):
+        joined = wf.node("ImageBatch", (x + 330, y + 120 * i), size=(200, 50))
+        wf.link(batch, out, joined, "image1")
+        wf.link(load, "IMAGE", joined, "image2")
+        batch, out = joined, "IMAGE"
+    return batch
+
+
+TRAIN_NOTE = """Train a ClassDiffusion concept (Custom Diffusion K/V + semantic preservation loss).
+
+1. Load Checkpoint: an SD1.5 checkpoint (models/checkpoints), e.g. v1-5-pruned-emaonly.safetensors.
+2. Load Image: 3-20 photos of your concept (upload them; add Load Image + Image Batch nodes for more).
+3. Train ClassDiffusion Concept: token = a new word (<sks>), class word = what it is (dog, backpack, ...).
+   Paper settings: 500 steps, batch 2, learning rate 1e-5 (x batch), SPL weight 1.0. About 5-10 minutes on a modern GPU.
+   It saves models/classdiffusion/my_dog.safetensors and models/embeddings/my_dog.safetensors.
+4. The sampler uses the trained MODEL and CLIP: write the token (<sks>) or embedding:my_dog in any prompt.
+   Paper sampling: guidance 6.0, 100 DDIM steps.
+The SPL Loss Monitor plots the losses and how close "a photo of a <sks> dog" stays to "a photo of a dog".
+Changing any input retrains; unchanged inputs reuse the cached result."""
+
+USE_NOTE = """Use a trained concept.
+
+Load Concept K/V: pick a file from models/classdiffusion (trained with the Train node or the classdiffusion CLI).
+It patches the UNet's cross-attention K/V and teaches the CLIP the token; chain several Load nodes to combine concepts.
+Write the token in the prompt: "a photo of a <sks> dog wearing headphones". Strength 0.7-1.0 trades identity for
+flexibility. A concept trained on another checkpoint is refused unless allow_other_base is on."""
+
+MULTI_NOTE = """Two concepts trained jointly (paper: 800 steps).
+
+Each concept has its own images, token and class word: the first in the Train node, the second in the
+"ClassDiffusion Concept" node wired to concept_2 (a third can go to concept_3).
+The concept file holds both; embeddings are saved as duo_1 and duo_2.
+Then compose them in one prompt: "a <my-dog> dog and a <my-cat> cat sitting on a sofa"."""
+
+VIDEO_NOTE = """A trained concept in an AnimateDiff video.
+
+Needs the node packs AnimateDiff-Evolved and VideoHelperSuite (ComfyUI Manager -> Install Missing Custom Nodes)
+and an SD1.5 motion module in models/animatediff_models (e.g. mm_sd_v15_v2.ckpt from the AnimateDiff release).
+Load Concept K/V applies the concept trained with train_concept.json (my_dog.safetensors).
+Frames = the latent batch size (16 here, one context window). Paper video settings: 512x512, guidance 7.5, 25 steps.
+Output: an animated GIF/MP4 via Video Combine and an animated WEBP via the core Save Animated WEBP node."""
+
+
+def train_concept(info) -> dict:
+    wf = Workflow(info)
+    wf.node("Note", (20, 20), size=(460, 330), title="Read me", text=TRAIN_NOTE)
+    ckpt = wf.node("CheckpointLoaderSimple", (20, 380), {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}, size=(320, 100))
+    images = image_batch(wf, ["concept_01.png", "concept_02.png", "concept_03.png"], 500, 20)
+    train = wf.node("ClassDiffusionTrainConcept", (900, 20), {"save_name": "my_dog"}, size=(360, 560))
+    wf.link(ckpt, "MODEL", train, "model")
+    wf.link(ckpt, "CLIP", train, "clip")
+    wf.link(ckpt, "VAE", train, "vae")
+    wf.link(images, "IMAGE", train, "images")
+    monitor = wf.node("ClassDiffusionLossMonitor", (1300, 20), size=(520, 420))
+    wf.link(train, "history", monitor, "history")
+    decode, prefix = sampler_chain(wf, train, "MODEL", train, "CLIP", ckpt,
+                                   "a photo of embedding:my_dog dog wearing headphones", 1300, 480,
+                                   save_prefix="classdiffusion/my_dog")
+    save = wf.node("SaveImage", (2560, 480), {"filename_prefix": prefix}, size=(400, 420))
+    wf.link(decode, "IMAGE", save, "images")
+    return wf.to_json()
+
+
+def use_concept(info) -> dict:
+    wf = Workflow(info)
+    wf.node("Note", (20, 20), size=(420, 240), title="Read me", text=USE_NOTE)
+    ckpt = wf.node("CheckpointLoaderSimple", (20, 300), {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}, size=(320, 100))
+    load = wf.node("ClassDiffusionLoadConcept", (380, 300), {"concept_name": "my_dog.safetensors"}, size=(340, 200))
+    wf.link(ckpt, "MODEL", load, "model")
+    wf.link(ckpt, "CLIP", load, "clip")
+    decode, prefix = sampler_chain(wf, load, "MODEL", load, "CLIP", ckpt,
+                                   "a photo of a <sks> dog wearing headphones", 760, 20,
+                                   save_prefix="classdiffusion/use_concept")
+    save = wf.node("SaveImage", (2020, 20), {"filename_prefix": prefix}, size=(400, 420))
+    wf.link(decode, "IMAGE", save, "images")
+    return wf.to_json()
+
+
+def multi_concept(info) -> dict:
+    wf = Workflow(info)
+    wf.node("Note", (20, 20), size=(460, 240), title="Read me", text=MULTI_NOTE)
+    ckpt = wf.node("CheckpointLoaderSimple", (20, 300), {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}, size=(320, 100))
+    dogs = image_batch(wf, ["dog_01.png", "dog_02.png"], 500, 20)
+    cats = image_batch(wf, ["cat_01.png", "cat_02.png"], 500, 720)
+    second = wf.node("ClassDiffusionConcept", (900, 720), {"token": "<my-cat>", "class_word": "cat"}, size=(340, 180))
+    wf.link(cats, "IMAGE", second, "images")
+    train = wf.node("ClassDiffusionTrainConcept", (900, 20),
+                    {"token": "<my-dog>", "class_word": "dog", "steps": 800, "save_name": "duo"}, size=(360, 560))
+    wf.link(ckpt, "MODEL", train, "model")
+    wf.link(ckpt, "CLIP", train, "clip")
+    wf.link(ckpt, "VAE", train, "vae")
+    wf.link(dogs, "IMAGE", train, "images")
+    wf.link(second, "concept", train, "concept_2")
+    monitor = wf.node("ClassDiffusionLossMonitor", (1300, 20), size=(520, 420))
+    wf.link(train, "history", monitor, "history")
+    decode, prefix = sampler_chain(wf, train, "MODEL", train, "CLIP", ckpt,
+                                   "a <my-dog> dog and a <my-cat> cat sitting on a sofa", 1300, 480,
+                                   save_prefix="classdiffusion/duo")
+    save = wf.node("SaveImage", (2560, 480), {"filename_prefix": prefix}, size=(400, 420))
+    wf.link(decode, "IMAGE", save, "images")
+    return wf.to_json()
+
+
+def video_animatediff(info) -> dict:
+    wf = Workflow(info)
+    wf.node("Note", (20, 20), size=(460, 260), title="Read me", text=VIDEO_NOTE)
+    ckpt = wf.node("CheckpointLoaderSimple", (20, 320), {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}, size=(320, 100))
+    load = wf.node("ClassDiffusionLoadConcept", (380, 320), {"concept_name": "my_dog.safetensors"}, size=(340, 200))
+    wf.link(ckpt, "MODEL", load, "model")
+    wf.link(ckpt, "CLIP", load, "clip")
+    motion = wf.node("ADE_LoadAnimateDiffModel", (20, 560), {"model_name": "mm_sd_v15_v2.ckpt"}, size=(340, 80))
+    apply = wf.node("ADE_ApplyAnimateDiffModelSimple", (380, 560), size=(300, 120))
+    wf.link(motion, "MOTION_MODEL", apply, "motion_model")
+    context = wf.node("ADE_StandardUniformContextOptions", (20, 700),
+                      {"context_length": 16, "context_stride": 1, "context_overlap": 4}, size=(340, 220))
+    evolved = wf.node("ADE_UseEvolvedSampling", (760, 320), {"beta_schedule": "autoselect"}, size=(320, 120))
+    wf.link(load, "MODEL", evolved, "model")
+    wf.link(apply, "M_MODELS", evolved, "m_models")
+    wf.link(context, "CONTEXT_OPTS", evolved, "context_options")
+    decode, prefix = sampler_chain(wf, evolved, "MODEL", load, "CLIP", ckpt,
+                                   "a <sks> dog running on the beach, sunny day", 1120, 20, batch=16,
+                                   steps=25, cfg=7.5, sampler="euler_ancestral", scheduler="normal",
+                                   save_prefix="classdiffusion/my_dog_video")
+    combine = wf.node("VHS_VideoCombine", (2380, 20), {"frame_rate": 8, "filename_prefix": prefix,
+                                                       "format": "image/gif"}, size=(360, 480))
+    wf.link(decode, "IMAGE", combine, "images")
+    webp = wf.node("SaveAnimatedWEBP", (2380, 540), {"filename_prefix": prefix + "_webp", "fps": 8.0,
+                                                     "lossless": False, "quality": 85}, size=(360, 420))
+    wf.link(decode, "IMAGE", webp, "images")
+    return wf.to_json()
+
+
+BUILDERS = {"train_concept": train_concept, "use_concept": use_concept, "multi_concept": multi_concept,
+            "video_animatediff": video_animatediff}
+
+
+def main(object_info_path: str) -> None:
+    info = json.loads(Path(object_info_path).read_text())
+    OUT.mkdir(exist_ok=True)
+    for name, build in BUILDERS.items():
+        (OUT / f"{name}.json").write_text(json.dumps(build(info), indent=2) + "\n")
+        print(OUT / f"{name}.json")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
