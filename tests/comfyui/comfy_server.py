@@ -24,6 +24,20 @@ COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
 PACK_NAME = "comfyui-classdiffusion"
 
 
+def find_pack(env: str, folder: str) -> Path | None:
+    """Another node pack the workflows use: $ENV, else beside this repository, else in
+    ComfyUI's own custom_nodes."""
+    candidates = [os.environ.get(env), REPO.parent / folder, COMFYUI_PATH / "custom_nodes" / folder]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "__init__.py").exists():
+            return Path(candidate).resolve()
+    return None
+
+
+ANIMATEDIFF_EVOLVED = find_pack("ANIMATEDIFF_EVOLVED_PATH", "ComfyUI-AnimateDiff-Evolved")
+VIDEOHELPERSUITE = find_pack("VIDEOHELPERSUITE_PATH", "ComfyUI-VideoHelperSuite")
+
+
 def unavailable_reason() -> str | None:
     """None when the real host can run here; else why the integration tests skip."""
     if not (COMFYUI_PATH / "main.py").exists():
@@ -55,9 +69,16 @@ def comfyui_commit() -> str:
     return "unknown"
 
 
-def make_checkpoint(path: Path, seed: int = 0) -> Path:
-    subprocess.run([COMFYUI_PYTHON, str(Path(__file__).with_name("make_checkpoint.py")), str(path), str(seed)],
-                   cwd=COMFYUI_PATH, check=True, capture_output=True)
+def make_checkpoint(path: Path, seed: int = 0, full: bool = False) -> Path:
+    """``full``: SD1.5's whole UNet architecture (1.7 GB in fp16), for packs that inject into it."""
+    args = [COMFYUI_PYTHON, str(Path(__file__).with_name("make_checkpoint.py")), str(path), str(seed)]
+    subprocess.run(args + (["--full"] if full else []), cwd=COMFYUI_PATH, check=True, capture_output=True)
+    return path
+
+
+def make_motion_module(path: Path) -> Path:
+    subprocess.run([COMFYUI_PYTHON, str(Path(__file__).with_name("make_motion_module.py")), str(path),
+                    str(ANIMATEDIFF_EVOLVED)], cwd=COMFYUI_PATH, check=True, capture_output=True)
     return path
 
 
@@ -68,8 +89,9 @@ def _free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, base_dir: Path):
+    def __init__(self, base_dir: Path, extra_packs: tuple[Path, ...] = ()):
         self.base_dir = base_dir
+        self.extra_packs = [p for p in extra_packs if p is not None]
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base_dir / "server.log"
@@ -78,9 +100,10 @@ class ComfyServer:
     def start(self, timeout: float = 180) -> None:
         nodes = self.base_dir / "custom_nodes"
         nodes.mkdir(parents=True, exist_ok=True)
-        link = nodes / PACK_NAME
-        if not link.exists():
-            link.symlink_to(REPO, target_is_directory=True)
+        for name, target in [(PACK_NAME, REPO)] + [(p.name, p) for p in self.extra_packs]:
+            link = nodes / name
+            if not link.exists():
+                link.symlink_to(target, target_is_directory=True)
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
