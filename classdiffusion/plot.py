@@ -98,3 +98,46 @@ def plot_history(history: Sequence[dict], width: int = 768, height: int = 512,
     _panel(draw, (4, half + 2, width - 4, height - 4), cos_series,
            "EOS cosine: token phrase vs class phrase (higher = closer to class)", font, steps)
     return image
+
+
+def plot_drift_map(drift_map, width: int = 640, height: int = 560, title: str | None = None) -> Image.Image:
+    """Scatter of the adjective phrases, the class phrase (black) and the token phrase before
+    (orange) and after (red) training, as in the paper's Fig. 12; distances to the class point
+    give the 2-D rank."""
+    font = ImageFont.load_default()
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    tokens = dict(drift_map.token_points)
+    everything = [p for p in drift_map.points] + [drift_map.class_point] + list(tokens.values())
+    xs, ys = [float(p[0]) for p in everything], [float(p[1]) for p in everything]
+    lo_x, hi_x, lo_y, hi_y = min(xs), max(xs), min(ys), max(ys)
+    span_x, span_y = max(hi_x - lo_x, 1e-9), max(hi_y - lo_y, 1e-9)
+    margin, header = 40, 44
+
+    def xy(p):
+        return (margin + (float(p[0]) - lo_x) / span_x * (width - 2 * margin),
+                header + (1 - (float(p[1]) - lo_y) / span_y) * (height - header - margin))
+
+    n = len(drift_map.labels) + 1
+    ranks = ", ".join(f"{label}: {rank}/{n}" for label, rank in drift_map.map_ranks.items())
+    draw.text((8, 6), title or f"'{drift_map.class_word}' phrases, {drift_map.method.upper()} map", fill=(0, 0, 0), font=font)
+    draw.text((8, 22), f"rank of the token phrase by 2-D distance to the class (1 = closest): {ranks}",
+              fill=(60, 60, 60), font=font)
+    for label, point in zip(drift_map.labels, drift_map.points):
+        x, y = xy(point)
+        draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(150, 150, 150))
+        draw.text((x + 3, y - 5), label, fill=(170, 170, 170), font=font)
+    cx, cy = xy(drift_map.class_point)
+    draw.rectangle((cx - 4, cy - 4, cx + 4, cy + 4), fill=(0, 0, 0))
+    draw.text((cx + 6, cy - 6), f"a {drift_map.class_word}", fill=(0, 0, 0), font=font)
+    colors = {"before": (255, 127, 14), "after": (214, 39, 40)}
+    previous = None
+    for k, (label, point) in enumerate(tokens.items()):
+        x, y = xy(point)
+        color = colors.get(label, COSINE_COLORS[k % len(COSINE_COLORS)])
+        if previous is not None:
+            draw.line([previous, (x, y)], fill=color, width=1)
+        draw.ellipse((x - 5, y - 5, x + 5, y + 5), fill=color)
+        draw.text((x + 7, y - 6), f"token ({label})", fill=color, font=font)
+        previous = (x, y)
+    return image

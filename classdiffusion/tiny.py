@@ -126,3 +126,38 @@ def build_tiny_base(out_dir: str | Path, seed: int = 0) -> Path:
         "This base has random weights (ClassDiffusion demo/tests). Nothing it generates means anything.\n"
     )
     return out_dir
+
+
+def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random CLIPModel + CLIPProcessor in Hugging Face layout (for the image metrics'
+    tests and demos: same classes and loading path as openai/clip-vit-large-patch14)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    out_dir = Path(out_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(str(build_tokenizer(out_dir / "_tokenizer")))
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(out_dir, safe_serialization=True)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_dino(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random ViTModel + ViTImageProcessor in Hugging Face layout (like facebook/dino-vits16)."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    config = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=32, patch_size=8)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(out_dir, safe_serialization=True)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out_dir)
+    return out_dir
