@@ -50,6 +50,10 @@ def _dtype(mixed_precision: str):
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
+#: Settings a resumed run may take from the command line (they do not change the result).
+RESUMABLE = ("steps", "save_every", "drift_every")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .concept import read_metadata
     from .config import ConceptSpec, TrainConfig, load_concepts_json
@@ -60,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr,
         "spl_weight": args.spl_weight, "prior_weight": args.prior_weight, "resolution": args.resolution,
         "train_mode": args.train_mode, "mixed_precision": args.mixed_precision, "seed": args.seed,
-        "save_every": args.save_every, "attention": args.attention,
+        "save_every": args.save_every, "attention": args.attention, "drift_every": args.drift_every,
     }.items() if v is not None}
     for flag, key, value in ((args.no_scale_lr, "scale_lr", False), (args.no_hflip, "hflip", False),
                              (args.no_augment, "augment", False),
@@ -70,8 +74,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         meta = read_metadata(args.resume)
-        settings = {**meta.get("config", {}), **{k: overrides[k] for k in ("steps", "save_every") if k in overrides}}
-        ignored = sorted(set(overrides) - {"steps", "save_every"})
+        settings = {**meta.get("config", {}), **{k: overrides[k] for k in RESUMABLE if k in overrides}}
+        ignored = sorted(set(overrides) - set(RESUMABLE))
         if ignored:
             logger.warning("Resuming uses the checkpoint's settings; ignoring %s.", ignored)
         config = TrainConfig.from_dict(settings)
@@ -142,6 +146,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation.report import evaluate
+
+    report = evaluate(
+        args.base, args.concept, args.out, base_config=args.base_config, device=args.device, clip=args.clip,
+        dino=args.dino, reference_images=args.reference_images, prompts_file=args.prompts,
+        subject_kind=args.subject_kind, num_images=args.num_images, steps=args.steps, guidance=args.guidance,
+        size=args.size, seed=args.seed, fisher_prompts_file=args.fisher_prompts, fisher_steps=args.fisher_steps,
+        map_method=args.map, images=not args.no_images, strict=not args.force,
+    )
+    for drift in report["drift"]:
+        print(drift["summary"])
+    print(f"Latent Fisher divergence: {report['latent_fisher_divergence']['value']:.6g}")
+    for key, value in report.get("images", {}).items():
+        if isinstance(value, float):
+            print(f"{key}: {value:.4f}")
+    if "wasserstein" in report:
+        print(f"Wasserstein-2 ({report['wasserstein']['features']}): {report['wasserstein']['value']:.5g}")
+    print(f"report: {Path(args.out) / 'report.json'}, summary: {Path(args.out) / 'summary.png'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DISCLAIMER, run_demo
 
@@ -184,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-augment", action="store_true", help="no random rescaling")
     train.add_argument("--seed", type=int)
     train.add_argument("--save-every", type=int, help="write a resumable checkpoint every N steps")
+    train.add_argument("--drift-every", type=int, help="log each token's drift rank every N steps (0 = off)")
     train.add_argument("--resume", help="continue from a checkpoint written with --save-every")
     train.add_argument("--plot", help="also write a loss plot (PNG)")
     train.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
@@ -211,6 +238,30 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("file")
     ins.add_argument("--history", action="store_true", help="include the per-step loss history")
     ins.set_defaults(func=cmd_inspect)
+
+    ev = sub.add_parser("eval", help="measure drift, overfitting and image metrics of concepts; JSON + PNG report")
+    ev.add_argument("--base", required=True)
+    ev.add_argument("--base-config")
+    ev.add_argument("--concept", nargs="+", required=True, help="concept file(s)")
+    ev.add_argument("--out", required=True, help="output folder (report.json, summary.png, images)")
+    ev.add_argument("--clip", help="local CLIP folder (e.g. clip-vit-large-patch14) for CLIP-T / CLIP-I")
+    ev.add_argument("--dino", help="local DINO ViT-S/16 folder (dino-vits16) for DINO-I")
+    ev.add_argument("--reference-images", nargs="+", help="the concept's real images (default: its training images)")
+    ev.add_argument("--prompts", help="prompt file, one per line with the token (default: DreamBooth's 25)")
+    ev.add_argument("--subject-kind", choices=["auto", "live", "object"], default="auto",
+                    help="which DreamBooth prompt set (auto: live for animals and people)")
+    ev.add_argument("--num-images", type=int, default=1, help="images per prompt (papers: 4–20)")
+    ev.add_argument("--steps", type=int, default=50, help="sampling steps")
+    ev.add_argument("--guidance", type=float, default=6.0)
+    ev.add_argument("--size", type=int, help="image size (default: the model's)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--fisher-prompts", help="prompts without the concept for the Fisher divergence (file)")
+    ev.add_argument("--fisher-steps", type=int, default=20, help="DDIM timesteps of the Fisher divergence")
+    ev.add_argument("--map", choices=["pca", "tsne"], default="pca", help="2-D map of the drift view")
+    ev.add_argument("--no-images", action="store_true", help="drift and Fisher divergence only (fast)")
+    ev.add_argument("--force", action="store_true", help="evaluate a concept trained on another base")
+    ev.add_argument("--device")
+    ev.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo", help="train on a tiny random base and synthetic images (no weights needed)")
     demo.add_argument("--out", required=True)

@@ -134,6 +134,8 @@ class TrainConfig:
     attention: Literal["sdpa", "eager"] = "sdpa"
     seed: int = 0
     save_every: int = 0
+    #: Every N steps, log each token's drift rank among the adjective phrases (0 = only before/after).
+    drift_every: int = 0
 
     def __post_init__(self) -> None:
         if int(self.steps) <= 0:
@@ -154,6 +156,8 @@ class TrainConfig:
             raise InvalidInputError("mixed_precision must be 'no', 'fp16' or 'bf16'.")
         if self.attention not in ("sdpa", "eager"):
             raise InvalidInputError("attention must be 'sdpa' or 'eager'.")
+        if self.drift_every < 0:
+            raise InvalidInputError("drift_every must be 0 (off) or a positive number of steps.")
         if self.save_every < 0:
             raise InvalidInputError("save_every must be 0 (off) or a positive number of steps.")
         if self.shrink_scales < 1 or self.zoom_scales < 0:

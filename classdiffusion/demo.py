@@ -47,7 +47,7 @@ def run_demo(out: str | Path, *, steps: int = 60, spl_weight: float = 1.0, seed:
     """Build base + images, train, plot, sample. Returns a summary dict (also printed by the CLI)."""
     from .config import ConceptSpec, TrainConfig
     from .hosts.diffusers_host import load_host
-    from .plot import plot_history, summary_line
+    from .plot import drift_line, plot_history, summary_line
     from .tiny import build_tiny_base
     from .cli import TqdmCallbacks
 
@@ -57,7 +57,8 @@ def run_demo(out: str | Path, *, steps: int = 60, spl_weight: float = 1.0, seed:
     images = synthetic_images(out / "images", seed=seed)
     host = load_host(base, device="cpu")
     spec = ConceptSpec(token="<sks>", class_word="toy", images=[str(out / "images")])
-    config = TrainConfig(steps=steps, resolution=resolution, spl_weight=spl_weight, seed=seed)
+    config = TrainConfig(steps=steps, resolution=resolution, spl_weight=spl_weight, seed=seed,
+                         drift_every=max(1, steps // 10))
     from .train import train
 
     result = train(host, [spec], config, out=out / "concept.safetensors",
@@ -78,5 +79,6 @@ def run_demo(out: str | Path, *, steps: int = 60, spl_weight: float = 1.0, seed:
         "summary": summary_line(result.concept.history),
         "eos_cosine_initial": result.concept.meta["eos_cosine_initial"],
         "eos_cosine_final": result.concept.meta["eos_cosine_final"],
+        "drift": drift_line(result.concept.meta["drift_initial"], result.concept.meta["drift_final"]),
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -32,8 +32,12 @@ def summary_line(history: Sequence[dict]) -> str:
     last = history[-1]
     smooth = {key: ema([h[key] for h in history])[-1] for key in ("loss", "recon", "spl")}
     cos = ", ".join(f"{c:.4f}" for c in last.get("cos", []))
-    return (f"step {last['step']}: loss {smooth['loss']:.4f} (recon {smooth['recon']:.4f}, "
+    line = (f"step {last['step']}: loss {smooth['loss']:.4f} (recon {smooth['recon']:.4f}, "
             f"SPL {smooth['spl']:.5f}, smoothed) · EOS cos(token phrase, class phrase) {cos}")
+    drift = [h for h in history if h.get("drift_rank")]
+    if drift:
+        line += f" · drift rank {drift[0]['drift_rank']} (step {drift[0]['step']}) → {drift[-1]['drift_rank']}"
+    return line
 
 
 def _panel(draw: ImageDraw.ImageDraw, box, series: dict[str, tuple[list[float], list[float], tuple]],
@@ -75,10 +79,14 @@ def _panel(draw: ImageDraw.ImageDraw, box, series: dict[str, tuple[list[float], 
         draw.text((legend_x + 13, top + 4), name, fill=color, font=font)
 
 
-def plot_history(history: Sequence[dict], width: int = 768, height: int = 512,
+def plot_history(history: Sequence[dict], width: int = 768, height: int | None = None,
                  tokens: Sequence[str] = ()) -> Image.Image:
-    """Two panels: losses (total, recon, SPL, prior) and EOS cosine similarity per concept."""
+    """Panels: losses (total, recon, SPL, prior), EOS cosine per concept, and — when the run
+    logged it (``drift_every``) — each token's drift rank among the adjective phrases."""
     font = ImageFont.load_default()
+    drift = [h for h in history if h.get("drift_rank")]
+    panels = 3 if drift else 2
+    height = height or 256 * panels
     image = Image.new("RGB", (width, height), (248, 248, 248))
     draw = ImageDraw.Draw(image)
     steps = [h["step"] for h in history]
@@ -87,17 +95,37 @@ def plot_history(history: Sequence[dict], width: int = 768, height: int = 512,
         if history and key in history[0] and history[0][key] is not None:
             raw = [h[key] for h in history]
             losses[key] = (raw, ema(raw), COLORS[key])
-    half = height // 2
-    _panel(draw, (4, 4, width - 4, half - 2), losses, "loss per step (faint: raw, bold: smoothed)", font, steps)
-    cos_series = {}
+    size = height // panels
+    boxes = [(4, 4 + i * size, width - 4, (i + 1) * size - 2) for i in range(panels)]
+    _panel(draw, boxes[0], losses, "loss per step (faint: raw, bold: smoothed)", font, steps)
     n = len(history[0].get("cos", [])) if history else 0
+    labels = [tokens[k] if k < len(tokens) else f"concept {k + 1}" for k in range(n)]
+    cos_series = {}
     for k in range(n):
         raw = [h["cos"][k] for h in history]
-        label = tokens[k] if k < len(tokens) else f"concept {k + 1}"
-        cos_series[label] = (raw, raw, COSINE_COLORS[k % len(COSINE_COLORS)])
-    _panel(draw, (4, half + 2, width - 4, height - 4), cos_series,
-           "EOS cosine: token phrase vs class phrase (higher = closer to class)", font, steps)
+        cos_series[labels[k]] = (raw, raw, COSINE_COLORS[k % len(COSINE_COLORS)])
+    _panel(draw, boxes[1], cos_series, "EOS cosine: token phrase vs class phrase (higher = closer to class)",
+           font, steps)
+    if drift:
+        rank_series = {}
+        for k in range(n):
+            raw = [float(h["drift_rank"][k]) for h in drift]
+            rank_series[labels[k]] = (raw, raw, COSINE_COLORS[k % len(COSINE_COLORS)])
+        _panel(draw, boxes[2], rank_series,
+               "drift rank of 'a <token> <class>' among 'a <adjective> <class>' (1 = closest to class)",
+               font, [h["step"] for h in drift])
     return image
+
+
+def drift_line(initial: Sequence[dict] | None, final: Sequence[dict] | None) -> str:
+    """"<sks>: cos 0.91 → 0.95, rank 26/72 → 36/72" for each concept, from a concept's metadata."""
+    if not initial or not final:
+        return ""
+    parts = []
+    for before, after in zip(initial, final):
+        parts.append(f"{after['token']}: cos {before['cosine']:.4f} → {after['cosine']:.4f}, "
+                     f"drift rank {before['rank']}/{before['total']} → {after['rank']}/{after['total']}")
+    return "drift (1 = closest to class): " + "; ".join(parts)
 
 
 def plot_drift_map(drift_map, width: int = 640, height: int = 560, title: str | None = None) -> Image.Image:

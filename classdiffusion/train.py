@@ -27,6 +27,7 @@ from .concept import Concept, load_concept
 from .config import ConceptSpec, TrainConfig, check_concepts
 from .data import LatentBank, as_pil_images, draw_placement, load_images
 from .errors import InvalidInputError, TrainingCancelled, TrainingDivergedError
+from .evaluation.drift import DriftProbe
 from .host import SD15_CONTEXT_DIM, TrainingHost
 from .kv import base_fingerprint, zero_deltas
 from .losses import eos_cosine, masked_mse, semantic_preservation_loss
@@ -34,7 +35,7 @@ from .losses import eos_cosine, masked_mse, semantic_preservation_loss
 logger = logging.getLogger("classdiffusion")
 
 #: Settings that may change when resuming without changing the result.
-RESUME_MAY_CHANGE = {"steps", "save_every"}
+RESUME_MAY_CHANGE = {"steps", "save_every", "drift_every"}
 
 
 @dataclass
@@ -49,12 +50,16 @@ class StepRecord:
     lr: float
     prior: float | None = None
     seconds: float = 0.0
+    #: Each concept's drift rank among the adjective phrases (steps where it was measured).
+    drift_rank: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {"step": self.step, "loss": self.loss, "recon": self.recon, "spl": self.spl,
                "cos": self.cos, "lr": self.lr}
         if self.prior is not None:
             out["prior"] = self.prior
+        if self.drift_rank is not None:
+            out["drift_rank"] = self.drift_rank
         return out
 
 
@@ -280,6 +285,19 @@ class _Run:
             seconds=time.perf_counter() - start,
         )
 
+    def _encode_no_grad(self, prompts, vectors):
+        with torch.no_grad(), _autocast(self.device, self.config.mixed_precision):
+            return self.host.encode_text(prompts, vectors)
+
+    def drift(self) -> list[dict]:
+        """Each token's semantic drift now (cosine to its class phrase, rank among the paper's
+        adjective phrases); the phrases without tokens are encoded once."""
+        if not hasattr(self, "_probes"):
+            self._probes = [DriftProbe(self._encode_no_grad, spec.class_word, prompt=spec.prompt)
+                            for spec in self.concepts]
+        return [probe.measure(token, self.token_vectors[k].detach()).to_dict()
+                for k, (probe, token) in enumerate(zip(self._probes, self.tokens))]
+
     @torch.no_grad()
     def eos_cosines(self) -> list[float]:
         with _autocast(self.device, self.config.mixed_precision):
@@ -369,6 +387,7 @@ def train(
     history: list[dict] = []
     start_step = 0
     initial_cos = run.eos_cosines()
+    initial_drift = run.drift()
     if checkpoint is not None:
         checkpoint.check_base(run.fingerprint, what="the base model given for resuming")
         with torch.no_grad():
@@ -381,8 +400,9 @@ def train(
         history = list(checkpoint.history)
         start_step = checkpoint.step
         initial_cos = checkpoint.meta.get("eos_cosine_initial", initial_cos)
+        initial_drift = checkpoint.meta.get("drift_initial", initial_drift)
 
-    extra = {"eos_cosine_initial": initial_cos, **(meta_extra or {})}
+    extra = {"eos_cosine_initial": initial_cos, "drift_initial": initial_drift, **(meta_extra or {})}
     written: list[Path] = []
     detach = host.attach_deltas(run.deltas)
     try:
@@ -397,9 +417,11 @@ def train(
             except TrainingDivergedError as exc:
                 last = f" The last good checkpoint is {written[-1]}." if written else ""
                 raise TrainingDivergedError(f"{exc}{last}") from None
+            done = step + 1
+            if config.drift_every and (done % config.drift_every == 0 or done == config.steps):
+                record.drift_rank = [d["rank"] for d in run.drift()]
             history.append(record.to_dict())
             callbacks.on_step(record, config.steps)
-            done = step + 1
             if out is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
                 path = run.concept(done, history, extra, with_optimizer=True).save(checkpoint_path(out, done))
                 written.append(path)
@@ -408,6 +430,7 @@ def train(
         detach()
 
     extra["eos_cosine_final"] = run.eos_cosines()
+    extra["drift_final"] = run.drift()
     concept = run.concept(config.steps, history, extra, with_optimizer=False)
     path = concept.save(out) if out is not None else None
     return TrainResult(concept=concept, path=path, checkpoints=written, warnings=run.warnings)

@@ -1,0 +1,248 @@
+"""`classdiffusion eval`: one report of what a concept costs, as JSON and a PNG summary.
+
+Data flow: base + concept files → (text encoder) drift before/after → (UNet, no images) Latent
+Fisher divergence on prompts without the concept → (pipeline) images of the DreamBooth prompts
+from the base (class word) and the tuned model (token), same seeds → CLIP-T / CLIP-I / DINO-I when
+those models are given, and the Wasserstein metric on their features (else on the latents).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from ..apply import apply_concept
+from ..concept import Concept, load_concept
+from ..data import load_images
+from ..errors import InvalidInputError
+from ..hosts.diffusers_host import DiffusersHost, default_device, load_components
+from ..kv import base_fingerprint
+from ..plot import plot_drift_map
+from .drift import concept_drift, summary as drift_summary
+from .image_metrics import GENERIC_PROMPTS, ClipScorer, DinoScorer, clip_t, dreambooth_prompts, image_similarity, replace_token
+from .overfitting import latent_fisher_divergence, wasserstein_metric
+
+logger = logging.getLogger("classdiffusion")
+
+
+def _combined_deltas(concepts: Sequence[Concept]) -> dict[str, torch.Tensor]:
+    total: dict[str, torch.Tensor] = {}
+    for concept in concepts:
+        for name, delta in concept.deltas.items():
+            total[name] = total.get(name, 0) + delta.float()
+    return total
+
+
+def _read_prompts(path: str | Path) -> list[str]:
+    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise InvalidInputError(f"{path} has no prompts (one per line).")
+    return prompts
+
+
+def evaluate(
+    base: str | Path,
+    concept_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    base_config: str | Path | None = None,
+    device: str | None = None,
+    clip: str | Path | None = None,
+    dino: str | Path | None = None,
+    reference_images: Sequence[str | Path] | None = None,
+    prompts_file: str | Path | None = None,
+    subject_kind: str = "auto",
+    num_images: int = 1,
+    steps: int = 50,
+    guidance: float = 6.0,
+    size: int | None = None,
+    seed: int = 0,
+    fisher_prompts_file: str | Path | None = None,
+    fisher_steps: int = 20,
+    map_method: str = "pca",
+    images: bool = True,
+    strict: bool = True,
+) -> dict:
+    """Evaluate concepts on their base; writes ``report.json``, ``summary.png``, the drift maps
+    and the generated images to ``out_dir`` and returns the report."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if num_images < 1 or steps < 1:
+        raise InvalidInputError("num_images and steps must be at least 1.")
+    concepts = [load_concept(p) for p in concept_paths]
+    if not concepts:
+        raise InvalidInputError("Give at least one concept file.")
+    device = torch.device(device) if device else default_device()
+    tokenizer, text_encoder, unet, vae, scheduler = load_components(base, base_config=base_config)
+    host = DiffusersHost(tokenizer, text_encoder, unet, vae, scheduler, device)
+    size = size or int(unet.config.sample_size) * 8
+    report: dict = {"base": str(base), "concepts": [str(p) for p in concept_paths], "drift": [],
+                    "settings": {"steps": steps, "guidance": guidance, "size": size, "seed": seed,
+                                 "num_images": num_images, "map_method": map_method}}
+    maps: list[Image.Image] = []
+
+    # 1. Semantic drift (text encoder only).
+    for concept in concepts:
+        if strict:
+            concept.check_base(base_fingerprint(host.cross_attention_weights(concept.meta.get("train_mode", "kv"))))
+        host.add_tokens(concept.tokens)
+        initializers = concept.meta.get("initializers") or ["ktn"] * len(concept.tokens)
+        prompts = concept.meta.get("prompts") or ["a photo of a {}"] * len(concept.tokens)
+        for k, (token, class_word) in enumerate(zip(concept.tokens, concept.class_words)):
+            initial = host.word_embedding(initializers[k]).to(device)
+            drift = concept_drift(host.encode_text, token, class_word, initial, concept.token_vectors[k].to(device),
+                                  prompt=prompts[k], method=map_method)
+            drift_map = drift.pop("map")
+            name = f"drift_{len(report['drift'])}.png"
+            image = plot_drift_map(drift_map)
+            image.save(out_dir / name)
+            maps.append(image)
+            drift.update(map=drift_map.to_dict(), map_image=name, summary=drift_summary(drift))
+            report["drift"].append(drift)
+
+    # 2. Concept-agnostic overfitting: Latent Fisher divergence on prompts without the concept.
+    all_tokens = [t for c in concepts for t in c.tokens]
+    fisher_prompts = _read_prompts(fisher_prompts_file) if fisher_prompts_file else list(GENERIC_PROMPTS)
+    fisher = latent_fisher_divergence(host, _combined_deltas(concepts), fisher_prompts, tokens=all_tokens,
+                                      steps=fisher_steps, seeds=(seed,), latent_size=size // 8)
+    report["latent_fisher_divergence"] = fisher.to_dict()
+    host.close()
+
+    # 3. Images of the DreamBooth prompts: base with the class word, tuned with the token.
+    if images:
+        report.update(_image_metrics(tokenizer, text_encoder, unet, vae, scheduler, device, concepts, out_dir,
+                                     clip=clip, dino=dino, reference_images=reference_images,
+                                     prompts_file=prompts_file, subject_kind=subject_kind, num_images=num_images,
+                                     steps=steps, guidance=guidance, size=size, seed=seed))
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=_jsonable))
+    summary_image(report, maps).save(out_dir / "summary.png")
+    return report
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(type(value).__name__)
+
+
+def _image_metrics(tokenizer, text_encoder, unet, vae, scheduler, device, concepts, out_dir, *, clip, dino,
+                   reference_images, prompts_file, subject_kind, num_images, steps, guidance, size, seed) -> dict:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler.from_config(scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    tokens = [t for c in concepts for t in c.tokens]
+    if prompts_file:
+        tuned_prompts = _read_prompts(prompts_file)
+    else:
+        tuned_prompts = [p for c in concepts for t, w in zip(c.tokens, c.class_words)
+                         for p in dreambooth_prompts(t, w, subject_kind)]
+    base_prompts = [replace_token(p, tokens) for p in tuned_prompts]
+
+    def run(prompts: list[str], folder: str) -> tuple[list[Image.Image], torch.Tensor]:
+        (out_dir / folder).mkdir(exist_ok=True)
+        pictures, latents = [], []
+        for i, prompt in enumerate(prompts):
+            for j in range(num_images):
+                generator = torch.Generator(device=pipe.device).manual_seed(seed + j)
+                latent = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, eta=1.0, height=size,
+                              width=size, generator=generator, output_type="latent").images
+                with torch.no_grad():
+                    decoded = pipe.vae.decode(latent / pipe.vae.config.scaling_factor).sample
+                picture = pipe.image_processor.postprocess(decoded, output_type="pil")[0]
+                picture.save(out_dir / folder / f"{i:03d}-{j:02d}.png")
+                pictures.append(picture)
+                latents.append(latent.float().cpu().flatten())
+        return pictures, torch.stack(latents)
+
+    base_pictures, base_latents = run(base_prompts, "images_base")
+    handles = [apply_concept(pipe.unet, c, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer) for c in concepts]
+    try:
+        tuned_pictures, tuned_latents = run(tuned_prompts, "images_tuned")
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
+    prompts_per_image = [p for p in tuned_prompts for _ in range(num_images)]
+    base_prompts_per_image = [p for p in base_prompts for _ in range(num_images)]
+    result: dict = {"prompts": tuned_prompts, "images": {"count": len(tuned_pictures)}}
+    references = _references(concepts, reference_images)
+    result["images"]["references"] = len(references)
+    features = ("latents", tuned_latents, base_latents)
+    if clip:
+        scorer = ClipScorer(clip, device)
+        result["images"]["clip_t"] = clip_t(scorer, tuned_pictures, prompts_per_image, tokens)
+        result["images"]["clip_t_base"] = clip_t(scorer, base_pictures, base_prompts_per_image, tokens)
+        if references:
+            result["images"]["clip_i"] = image_similarity(scorer, tuned_pictures, references)
+            result["images"]["clip_i_base"] = image_similarity(scorer, base_pictures, references)
+        features = ("clip", scorer.image_features(tuned_pictures), scorer.image_features(base_pictures))
+    if dino:
+        scorer = DinoScorer(dino, device)
+        if references:
+            result["images"]["dino_i"] = image_similarity(scorer, tuned_pictures, references)
+            result["images"]["dino_i_base"] = image_similarity(scorer, base_pictures, references)
+        features = ("dino", scorer.image_features(tuned_pictures), scorer.image_features(base_pictures))
+    if len(tuned_pictures) >= 2:
+        result["wasserstein"] = wasserstein_metric(features[1], features[2], features[0]).to_dict()
+    result["thumbnails"] = [str(Path("images_tuned") / f"{i:03d}-00.png") for i in range(min(6, len(tuned_prompts)))]
+    return result
+
+
+def _references(concepts: Sequence[Concept], given) -> list[Image.Image]:
+    if given:
+        return load_images(given, "reference")
+    paths = [p for c in concepts for spec in c.meta.get("concepts", []) for p in spec.get("images", [])]
+    existing = [p for p in paths if Path(p).exists()]
+    if not existing:
+        if paths:
+            logger.warning("The concept's training images are gone; CLIP-I/DINO-I need --reference-images.")
+        return []
+    return load_images(existing, "reference")
+
+
+def summary_image(report: dict, maps: Sequence[Image.Image], width: int = 1280) -> Image.Image:
+    """Drift map(s) on the left, the numbers on the right."""
+    font = ImageFont.load_default()
+    lines = ["ClassDiffusion evaluation", ""]
+    for drift in report["drift"]:
+        lines.append(drift["summary"])
+    fisher = report.get("latent_fisher_divergence")
+    if fisher:
+        lines += ["", f"Latent Fisher divergence (concept-agnostic overfitting, {fisher['weighting']}-weighted): "
+                  f"{fisher['value']:.6g}", "  lower = the model kept more of what it knew about other things"]
+    metrics = report.get("images", {})
+    for key, label in (("clip_t", "CLIP-T"), ("clip_i", "CLIP-I"), ("dino_i", "DINO-I")):
+        if key in metrics:
+            lines.append(f"{label}: {metrics[key]:.4f}  (base model: {metrics.get(key + '_base', math.nan):.4f})")
+    w = report.get("wasserstein")
+    if w:
+        ratio = w.get("spread_ratio")
+        lines += [f"Wasserstein-2 ({w['features']} features; concept-specific overfitting): {w['value']:.5g}",
+                  f"  spread tuned/base: {ratio:.3f}" if ratio is not None else ""]
+    lines = [piece for line in lines  # PIL's default font has no arrow glyph
+             for piece in (textwrap.wrap(line.replace("→", "->"), 100, subsequent_indent="    ") or [""])]
+    map_w = 640
+    text_h = 16 * len(lines) + 20
+    height = max(sum(m.height for m in maps) if maps else 0, text_h)
+    image = Image.new("RGB", (width, max(height, 200)), (255, 255, 255))
+    y = 0
+    for m in maps:
+        image.paste(m, (0, y))
+        y += m.height
+    draw = ImageDraw.Draw(image)
+    x = map_w + 10 if maps else 10
+    for i, line in enumerate(lines):
+        draw.text((x, 10 + 16 * i), line, fill=(0, 0, 0), font=font)
+    return image
