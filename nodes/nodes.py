@@ -14,13 +14,14 @@ from comfy_api.latest import ComfyExtension, io, ui
 from ..classdiffusion.concept import Concept, atomic_save_file, load_concept
 from ..classdiffusion.config import ConceptSpec, TrainConfig
 from ..classdiffusion.kv import base_fingerprint, trained_names
-from ..classdiffusion.plot import plot_history, summary_line
+from ..classdiffusion.evaluation.drift import concept_drift, summary as drift_summary
+from ..classdiffusion.plot import drift_line, plot_drift_map, plot_history, summary_line
 from ..classdiffusion.train import train
 from .comfy_glue import (
     CONCEPT_FOLDER, ComfyCallbacks, clip_with_tokens, concept_dir, embeddings_dir, loras_dir,
     model_with_deltas, register_folders, training_patcher,
 )
-from .comfy_host import ComfyHost, check_sd15, diffusers_to_comfy_map
+from .comfy_host import ComfyHost, check_sd15, diffusers_to_comfy_map, text_encoder_from_clip
 from .glue import diff_file_tensors, sanitize_name
 
 logger = logging.getLogger("classdiffusion")
@@ -136,7 +137,7 @@ class TrainConceptNode(io.ComfyNode):
         config = TrainConfig(
             steps=steps, batch_size=batch_size, learning_rate=learning_rate, spl_weight=spl_weight,
             resolution=resolution, seed=seed, mixed_precision=_mixed_precision(mixed_precision),
-            gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing=gradient_checkpointing, drift_every=max(1, steps // 25),
         )
         with torch.inference_mode(False), torch.enable_grad():
             patcher = training_patcher(model)
@@ -157,7 +158,13 @@ class TrainConceptNode(io.ComfyNode):
         to_comfy = diffusers_to_comfy_map(model)
         out_model = model_with_deltas(model, concept.deltas, to_comfy, 1.0)
         out_clip = clip_with_tokens(clip, concept.tokens, concept.token_vectors)
-        return io.NodeOutput(out_model, out_clip, concept, concept.history)
+        return io.NodeOutput(out_model, out_clip, concept, history_payload(concept))
+
+
+def history_payload(concept: Concept) -> dict:
+    """What flows on a history wire: the per-step records plus the drift before and after."""
+    return {"history": concept.history, "tokens": list(concept.tokens),
+            "drift_initial": concept.meta.get("drift_initial"), "drift_final": concept.meta.get("drift_final")}
 
 
 def save_embeddings(concept: Concept, name: str) -> list[str]:
@@ -251,17 +258,64 @@ class LossMonitorNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, history=None, concept_name="(none)") -> io.NodeOutput:
-        tokens = []
         if history is None:
             if not concept_name or concept_name == "(none)":
                 raise ValueError("Connect a training history or choose a concept file.")
-            concept = load_concept(folder_paths.get_full_path_or_raise(CONCEPT_FOLDER, concept_name))
-            history, tokens = concept.history, concept.tokens
-        if not history:
+            history = history_payload(load_concept(folder_paths.get_full_path_or_raise(CONCEPT_FOLDER, concept_name)))
+        if isinstance(history, list):  # a bare list of step records
+            history = {"history": history, "tokens": []}
+        records = history["history"]
+        if not records:
             raise ValueError("The history is empty: no training step was recorded.")
-        image = _image_tensor(plot_history(history, tokens=tokens))
-        summary = summary_line(history)
+        image = _image_tensor(plot_history(records, tokens=history.get("tokens", [])))
+        summary = summary_line(records)
+        drift = drift_line(history.get("drift_initial"), history.get("drift_final"))
+        if drift:
+            summary += "\n" + drift
         return io.NodeOutput(image, summary, ui=ui.PreviewImage(image, cls=cls))
+
+
+class DriftReportNode(io.ComfyNode):
+    """The paper's text-space view of a concept: how far its token phrase drifted from the class."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ClassDiffusionDriftReport",
+            display_name="ClassDiffusion Drift Report",
+            category=CATEGORY,
+            is_output_node=True,
+            description=("Ranks 'a <token> <class>' among 71 'a <adjective> <class>' phrases by distance to "
+                         "'a <class>' (CLIP EOS features), before and after training, and draws the 2-D map "
+                         "(ClassDiffusion §3.2, appendix E). 1 = closest to the class."),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The base CLIP the concept was trained with."),
+                ConceptType.Input("concept", tooltip="A trained or loaded concept."),
+                io.Combo.Input("map", options=["pca", "tsne"], default="pca", tooltip="2-D projection: PCA (deterministic) or t-SNE as in the paper (needs scikit-learn)."),
+            ],
+            outputs=[io.Image.Output(display_name="map"), io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def execute(cls, clip, concept, map) -> io.NodeOutput:
+        import comfy.model_management
+        from ..classdiffusion.text import TransformersTextEncoder
+
+        device = comfy.model_management.text_encoder_device()
+        dtype = torch.float32 if device.type == "cpu" else torch.float16
+        tokenizer, model, context_layer = text_encoder_from_clip(clip, device, dtype)
+        text = TransformersTextEncoder(tokenizer, model, device, context_layer)
+        text.add_tokens(concept.tokens)
+        initializers = concept.meta.get("initializers") or ["ktn"] * len(concept.tokens)
+        prompts = concept.meta.get("prompts") or ["a photo of a {}"] * len(concept.tokens)
+        images, lines = [], []
+        for k, (token, class_word) in enumerate(zip(concept.tokens, concept.class_words)):
+            drift = concept_drift(text.encode, token, class_word, text.word_embedding(initializers[k]).to(device),
+                                  concept.token_vectors[k].to(device), prompt=prompts[k], method=map)
+            images.append(_image_tensor(plot_drift_map(drift["map"])))
+            lines.append(drift_summary(drift))
+        image = torch.cat(images)
+        return io.NodeOutput(image, "\n".join(lines), ui=ui.PreviewImage(image, cls=cls))
 
 
 class ExportDiffNode(io.ComfyNode):
@@ -299,7 +353,7 @@ class ClassDiffusionExtension(ComfyExtension):
 
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [TrainConceptNode, ConceptSpecNode, LoadConceptNode, LossMonitorNode, ExportDiffNode]
+        return [TrainConceptNode, ConceptSpecNode, LoadConceptNode, LossMonitorNode, DriftReportNode, ExportDiffNode]
 
 
 async def comfy_entrypoint() -> ClassDiffusionExtension:

@@ -91,7 +91,7 @@ def pack_object_info() -> dict:
     nodes_module = load_pack_with_stubs()
     info = {}
     for cls in (nodes_module.TrainConceptNode, nodes_module.ConceptSpecNode, nodes_module.LoadConceptNode,
-                nodes_module.LossMonitorNode, nodes_module.ExportDiffNode):
+                nodes_module.LossMonitorNode, nodes_module.DriftReportNode, nodes_module.ExportDiffNode):
         schema = cls.define_schema()
         entry = {"required": {}, "optional": {}}
         for item in schema.inputs:

@@ -99,7 +99,7 @@ def trained(server):
 def test_nodes_are_registered_with_their_inputs(server):
     info = server.get("/object_info")
     for node in ("ClassDiffusionTrainConcept", "ClassDiffusionLoadConcept", "ClassDiffusionLossMonitor",
-                 "ClassDiffusionConcept", "ClassDiffusionExportDiff"):
+                 "ClassDiffusionConcept", "ClassDiffusionExportDiff", "ClassDiffusionDriftReport"):
         assert node in info, node
         assert info[node]["category"] == "ClassDiffusion"
     train = info["ClassDiffusionTrainConcept"]["input"]
@@ -155,6 +155,32 @@ def test_returned_model_differs_from_the_base_only_in_cross_attention_kv(server,
     assert changed and all(k.endswith((".attn2.to_k.weight", ".attn2.to_v.weight")) for k in changed), changed
     kv_keys = [k for k in unet_keys if k.endswith((".attn2.to_k.weight", ".attn2.to_v.weight"))]
     assert sorted(changed) == sorted(kv_keys)
+
+
+def test_monitor_and_drift_report_show_the_drift(server, trained):
+    """The monitor's summary carries the drift before/after; the drift report ranks the token
+    phrase among the adjective phrases (the numbers the trainer saved) and draws the map."""
+    from classdiffusion.concept import load_concept
+
+    concept = load_concept(server.base_dir / "models" / "classdiffusion" / "dog_concept.safetensors")
+    initial, final = concept.meta["drift_initial"][0], concept.meta["drift_final"][0]
+    prompt = {
+        **loader(),
+        "monitor": {"class_type": "ClassDiffusionLossMonitor", "inputs": {"concept_name": "dog_concept.safetensors"}},
+        "show_monitor": {"class_type": "PreviewAny", "inputs": {"source": ["monitor", 1]}},
+        "load": {"class_type": "ClassDiffusionLoadConcept", "inputs": {
+            "model": ["ckpt", 0], "clip": ["ckpt", 1], "concept_name": "dog_concept.safetensors",
+            "strength_model": 1.0, "strength_clip": 1.0, "allow_other_base": False}},
+        "drift": {"class_type": "ClassDiffusionDriftReport", "inputs": {"clip": ["ckpt", 1], "concept": ["load", 2], "map": "pca"}},
+        "show_drift": {"class_type": "PreviewAny", "inputs": {"source": ["drift", 1]}},
+    }
+    entry = server.run(prompt)
+    assert_success(entry)
+    monitor_text = "".join(entry["outputs"]["show_monitor"]["text"])
+    drift_text = "".join(entry["outputs"]["show_drift"]["text"])
+    assert f"drift rank {initial['rank']}/72 → {final['rank']}/72" in monitor_text
+    assert f"rank {initial['rank']}/72 → {final['rank']}/72" in drift_text
+    assert entry["outputs"]["drift"]["images"]
 
 
 def test_load_concept_and_stack_two(server, trained):
