@@ -148,6 +148,8 @@ TRAIN_NOTE = """Train a ClassDiffusion concept (Custom Diffusion K/V + semantic 
 4. The sampler uses the trained MODEL and CLIP: write the token (<sks>) or embedding:my_dog in any prompt.
    Paper sampling: guidance 6.0, 100 DDIM steps.
 The SPL Loss Monitor plots the losses and how close "a photo of a <sks> dog" stays to "a photo of a dog".
+The Drift Report ranks "a <sks> dog" among 71 "a <adjective> dog" phrases by closeness to "a dog" (1 = closest),
+before and after training (paper: 26/71 before, 67/71 after Custom Diffusion, 36/71 with SPL).
 Changing any input retrains; unchanged inputs reuse the cached result."""
 
 USE_NOTE = """Use a trained concept.
@@ -185,6 +187,9 @@ def train_concept(info) -> dict:
     wf.link(images, "IMAGE", train, "images")
     monitor = wf.node("ClassDiffusionLossMonitor", (1300, 20), size=(520, 420))
     wf.link(train, "history", monitor, "history")
+    drift = wf.node("ClassDiffusionDriftReport", (1850, 20), {"map": "pca"}, size=(520, 420))
+    wf.link(ckpt, "CLIP", drift, "clip")
+    wf.link(train, "concept", drift, "concept")
     decode, prefix = sampler_chain(wf, train, "MODEL", train, "CLIP", ckpt,
                                    "a photo of embedding:my_dog dog wearing headphones", 1300, 480,
                                    save_prefix="classdiffusion/my_dog")
