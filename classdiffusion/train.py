@@ -404,6 +404,7 @@ def train(
 
     extra = {"eos_cosine_initial": initial_cos, "drift_initial": initial_drift, **(meta_extra or {})}
     written: list[Path] = []
+    last_drift = None  # measured after the final step when drift_every logs it
     detach = host.attach_deltas(run.deltas)
     try:
         for step in range(start_step, config.steps):
@@ -419,7 +420,8 @@ def train(
                 raise TrainingDivergedError(f"{exc}{last}") from None
             done = step + 1
             if config.drift_every and (done % config.drift_every == 0 or done == config.steps):
-                record.drift_rank = [d["rank"] for d in run.drift()]
+                last_drift = run.drift()
+                record.drift_rank = [d["rank"] for d in last_drift]
             history.append(record.to_dict())
             callbacks.on_step(record, config.steps)
             if out is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
@@ -430,7 +432,7 @@ def train(
         detach()
 
     extra["eos_cosine_final"] = run.eos_cosines()
-    extra["drift_final"] = run.drift()
+    extra["drift_final"] = last_drift if last_drift is not None else run.drift()
     concept = run.concept(config.steps, history, extra, with_optimizer=False)
     path = concept.save(out) if out is not None else None
     return TrainResult(concept=concept, path=path, checkpoints=written, warnings=run.warnings)

@@ -14,7 +14,7 @@ from comfy_api.latest import ComfyExtension, io, ui
 from ..classdiffusion.concept import Concept, atomic_save_file, load_concept
 from ..classdiffusion.config import ConceptSpec, TrainConfig
 from ..classdiffusion.kv import base_fingerprint, trained_names
-from ..classdiffusion.evaluation.drift import concept_drift, summary as drift_summary
+from ..classdiffusion.evaluation.drift import concept_drifts, summary as drift_summary
 from ..classdiffusion.plot import drift_line, plot_drift_map, plot_history, summary_line
 from ..classdiffusion.train import train
 from .comfy_glue import (
@@ -306,14 +306,9 @@ class DriftReportNode(io.ComfyNode):
         tokenizer, model, context_layer = text_encoder_from_clip(clip, device, dtype)
         text = TransformersTextEncoder(tokenizer, model, device, context_layer)
         text.add_tokens(concept.tokens)
-        initializers = concept.meta.get("initializers") or ["ktn"] * len(concept.tokens)
-        prompts = concept.meta.get("prompts") or ["a photo of a {}"] * len(concept.tokens)
-        images, lines = [], []
-        for k, (token, class_word) in enumerate(zip(concept.tokens, concept.class_words)):
-            drift = concept_drift(text.encode, token, class_word, text.word_embedding(initializers[k]).to(device),
-                                  concept.token_vectors[k].to(device), prompt=prompts[k], method=map)
-            images.append(_image_tensor(plot_drift_map(drift["map"])))
-            lines.append(drift_summary(drift))
+        drifts = concept_drifts(text.encode, text.word_embedding, concept, method=map, device=device)
+        images = [_image_tensor(plot_drift_map(drift["map"])) for drift in drifts]
+        lines = [drift_summary(drift) for drift in drifts]
         image = torch.cat(images)
         return io.NodeOutput(image, "\n".join(lines), ui=ui.PreviewImage(image, cls=cls))
 

@@ -191,6 +191,20 @@ def concept_drift(encode: Encode, token: str, class_word: str, initial: torch.Te
             "map_ranks": dict(drift_map.map_ranks), "map_method": method, "map": drift_map}
 
 
+def concept_drifts(encode: Encode, word_embedding: Callable[[str], torch.Tensor], concept, *,
+                   method: str = "pca", device: torch.device | str = "cpu") -> list[dict]:
+    """:func:`concept_drift` for each token of a loaded concept (a ``Concept``), starting from the
+    vector its initializer word gives (what training started from). The tokenizer must already
+    know the concept's tokens."""
+    initializers = concept.meta.get("initializers") or ["ktn"] * len(concept.tokens)
+    prompts = concept.meta.get("prompts") or ["a photo of a {}"] * len(concept.tokens)
+    return [
+        concept_drift(encode, token, class_word, word_embedding(initializers[k]).to(device),
+                      concept.token_vectors[k].to(device), prompt=prompts[k], method=method)
+        for k, (token, class_word) in enumerate(zip(concept.tokens, concept.class_words))
+    ]
+
+
 def summary(drift: Mapping) -> str:
     """One line: cosine and rank before → after."""
     b, a = drift["before"], drift["after"]

@@ -25,7 +25,7 @@ from ..errors import InvalidInputError
 from ..hosts.diffusers_host import DiffusersHost, default_device, load_components
 from ..kv import base_fingerprint
 from ..plot import plot_drift_map
-from .drift import concept_drift, summary as drift_summary
+from .drift import concept_drifts, summary as drift_summary
 from .image_metrics import GENERIC_PROMPTS, ClipScorer, DinoScorer, clip_t, dreambooth_prompts, image_similarity, replace_token
 from .overfitting import latent_fisher_divergence, wasserstein_metric
 
@@ -94,12 +94,7 @@ def evaluate(
         if strict:
             concept.check_base(base_fingerprint(host.cross_attention_weights(concept.meta.get("train_mode", "kv"))))
         host.add_tokens(concept.tokens)
-        initializers = concept.meta.get("initializers") or ["ktn"] * len(concept.tokens)
-        prompts = concept.meta.get("prompts") or ["a photo of a {}"] * len(concept.tokens)
-        for k, (token, class_word) in enumerate(zip(concept.tokens, concept.class_words)):
-            initial = host.word_embedding(initializers[k]).to(device)
-            drift = concept_drift(host.encode_text, token, class_word, initial, concept.token_vectors[k].to(device),
-                                  prompt=prompts[k], method=map_method)
+        for drift in concept_drifts(host.encode_text, host.word_embedding, concept, method=map_method, device=device):
             drift_map = drift.pop("map")
             name = f"drift_{len(report['drift'])}.png"
             image = plot_drift_map(drift_map)
