@@ -168,6 +168,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .concept import compress_concept, load_concept
+
+    if (args.rank is None) == (args.energy is None):
+        raise SystemExit("error: compress needs --rank R or --energy E (e.g. --energy 0.9)")
+    concept = load_concept(args.file)
+    compressed, _ = compress_concept(concept, rank=args.rank, energy=args.energy)
+    out = compressed.save(args.out)
+    info = compressed.meta["compression"]
+    ranks = sorted(s["rank"] for s in info["layers"].values())
+    print(f"{args.file}: {Path(args.file).stat().st_size / 2**20:.2f} MiB → {out}: {out.stat().st_size / 2**20:.2f} MiB")
+    print(f"ranks {ranks[0]}–{ranks[-1]} (median {ranks[len(ranks) // 2]}), relative error of the deltas: "
+          f"max {info['max_relative_error']:.4f}, {info['parameters']:,} of {info['dense_parameters']:,} parameters")
+    return 0
+
+
+def _base_cross_attention(args: argparse.Namespace) -> dict:
+    from .hosts.diffusers_host import cross_attention_weights, load_components
+
+    unet = load_components(args.base, base_config=args.base_config)[2]
+    return cross_attention_weights(unet, "crossattn")
+
+
+def cmd_import_diffusers(args: argparse.Namespace) -> int:
+    from .interop import import_custom_diffusion
+
+    concept = import_custom_diffusion(args.weights, _base_cross_attention(args), args.class_word,
+                                      tokens=args.token, prompt=args.prompt)
+    path = concept.save(args.out)
+    print(f"saved {path}: tokens {concept.tokens}, class words {concept.class_words}, "
+          f"{len(concept.deltas)} layers ({concept.meta['train_mode']})")
+    return 0
+
+
+def cmd_export_diffusers(args: argparse.Namespace) -> int:
+    from .concept import load_concept
+    from .interop import export_custom_diffusion
+
+    for path in export_custom_diffusion(load_concept(args.concept), _base_cross_attention(args), args.out,
+                                        strict=not args.force):
+        print(path)
+    print("load with: pipe.unet.load_attn_procs(DIR, weight_name='pytorch_custom_diffusion_weights.safetensors', "
+          "_pipeline=pipe) and pipe.load_textual_inversion(DIR, weight_name='<token>.safetensors'), "
+          "or use this concept file directly with `classdiffusion generate`")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DISCLAIMER, run_demo
 
@@ -262,6 +309,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--force", action="store_true", help="evaluate a concept trained on another base")
     ev.add_argument("--device")
     ev.set_defaults(func=cmd_eval)
+
+    comp = sub.add_parser("compress", help="store a concept's K/V deltas as truncated-SVD factors (smaller file)")
+    comp.add_argument("file")
+    comp.add_argument("out")
+    comp.add_argument("--rank", type=int, help="keep this many singular values per layer")
+    comp.add_argument("--energy", type=float, help="keep the fewest singular values holding this share of the energy (0–1]")
+    comp.set_defaults(func=cmd_compress)
+
+    imp = sub.add_parser("import-diffusers", help="a concept from diffusers' Custom Diffusion output (official ClassDiffusion code)")
+    imp.add_argument("--base", required=True, help="the base the weights were trained on")
+    imp.add_argument("--base-config")
+    imp.add_argument("--weights", required=True, help="the output folder (pytorch_custom_diffusion_weights.* + <new1>.*) or the weights file")
+    imp.add_argument("--class-word", nargs="+", required=True, help="class word of each token, in token order")
+    imp.add_argument("--token", nargs="+", help="tokens to import (default: every embedding file found)")
+    imp.add_argument("--prompt", default="a photo of a {}", help="the training prompt template")
+    imp.add_argument("--out", required=True)
+    imp.set_defaults(func=cmd_import_diffusers)
+
+    exp = sub.add_parser("export-diffusers", help="write a concept in diffusers' Custom Diffusion format")
+    exp.add_argument("--base", required=True)
+    exp.add_argument("--base-config")
+    exp.add_argument("--concept", required=True)
+    exp.add_argument("--out", required=True, help="output folder")
+    exp.add_argument("--force", action="store_true", help="export although the base differs from the concept's")
+    exp.set_defaults(func=cmd_export_diffusers)
 
     demo = sub.add_parser("demo", help="train on a tiny random base and synthetic images (no weights needed)")
     demo.add_argument("--out", required=True)

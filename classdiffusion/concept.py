@@ -9,6 +9,12 @@ Layout (format version 1)::
 
     metadata: format="classdiffusion.concept", format_version="1", classdiffusion=<JSON>
 
+A compressed concept (format version 2, ``classdiffusion compress``) stores a 2-D delta as its
+truncated-SVD factors instead, ``delta = up @ down``::
+
+    kv_up.<layer>.weight          float32 [out, r]
+    kv_down.<layer>.weight        float32 [r, in]
+
 The JSON holds tokens, class words, initializers, prompts, the base fingerprint, the training
 config, the step and the per-step loss history. Files are written atomically (temp + rename) and
 read with safetensors only: nothing is ever unpickled.
@@ -28,11 +34,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import BaseMismatchError, ConceptFileError
-from .kv import compare_fingerprints
+from .kv import compare_fingerprints, compress_deltas
 
 FORMAT = "classdiffusion.concept"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  #: newest version read; files without factors are still written as version 1
 KV_PREFIX = "kv."
+UP_PREFIX = "kv_up."
+DOWN_PREFIX = "kv_down."
 TOKEN_KEY = "token.embedding"
 OPTIM_PREFIX = "optim."
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,6 +56,8 @@ class Concept:
     class_words: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
     optimizer_tensors: dict[str, torch.Tensor] | None = None
+    #: Low-rank factors (up, down) of compressed deltas; ``deltas`` then holds up @ down.
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def step(self) -> int:
@@ -78,7 +88,12 @@ class Concept:
             )
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {KV_PREFIX + name: t.detach().to("cpu").contiguous() for name, t in self.deltas.items()}
+        factors = self.factors or {}
+        tensors = {KV_PREFIX + name: t.detach().to("cpu").contiguous()
+                   for name, t in self.deltas.items() if name not in factors}
+        for name, (up, down) in factors.items():
+            tensors[UP_PREFIX + name] = up.detach().to("cpu").contiguous()
+            tensors[DOWN_PREFIX + name] = down.detach().to("cpu").contiguous()
         tensors[TOKEN_KEY] = self.token_vectors.detach().to("cpu", torch.float32).contiguous()
         for name, t in (self.optimizer_tensors or {}).items():
             tensors[OPTIM_PREFIX + name] = t.detach().to("cpu").contiguous()
@@ -93,7 +108,7 @@ class Concept:
         meta["layers"] = {name: list(t.shape) for name, t in self.deltas.items()}
         metadata = {
             "format": FORMAT,
-            "format_version": str(FORMAT_VERSION),
+            "format_version": "2" if self.factors else "1",
             "classdiffusion": json.dumps(meta, sort_keys=True),
         }
         atomic_save_file(self.to_tensors(), path, metadata)
@@ -161,7 +176,7 @@ def _parse_meta(path: Path, header: Mapping[str, str]) -> dict[str, Any]:
     if version < 1 or version > FORMAT_VERSION:
         raise ConceptFileError(
             f"{path.name} has concept format version {header.get('format_version')!r}; this "
-            f"version of the pack reads version {FORMAT_VERSION}. Update the pack."
+            f"version of the pack reads versions 1–{FORMAT_VERSION}. Update the pack."
         )
     try:
         meta = json.loads(header["classdiffusion"])
@@ -180,6 +195,8 @@ def load_concept(path: str | Path, *, device: str | torch.device = "cpu") -> Con
     meta = _parse_meta(path, header)
     deltas: dict[str, torch.Tensor] = {}
     optim: dict[str, torch.Tensor] = {}
+    ups: dict[str, torch.Tensor] = {}
+    downs: dict[str, torch.Tensor] = {}
     token_vectors = None
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
@@ -187,6 +204,10 @@ def load_concept(path: str | Path, *, device: str | torch.device = "cpu") -> Con
                 tensor = handle.get_tensor(key)
                 if key.startswith(KV_PREFIX):
                     deltas[key[len(KV_PREFIX):]] = tensor
+                elif key.startswith(UP_PREFIX):
+                    ups[key[len(UP_PREFIX):]] = tensor
+                elif key.startswith(DOWN_PREFIX):
+                    downs[key[len(DOWN_PREFIX):]] = tensor
                 elif key == TOKEN_KEY:
                     token_vectors = tensor
                 elif key.startswith(OPTIM_PREFIX):
@@ -200,6 +221,7 @@ def load_concept(path: str | Path, *, device: str | torch.device = "cpu") -> Con
             f"{path.name} could not be read ({exc}); it may be truncated. Copy it again or retrain."
         ) from None
 
+    factors = _expand_factors(path, ups, downs, deltas)
     layers = meta["layers"]
     if set(layers) != set(deltas):
         raise ConceptFileError(
@@ -227,4 +249,44 @@ def load_concept(path: str | Path, *, device: str | torch.device = "cpu") -> Con
         class_words=list(meta["class_words"]),
         meta=meta,
         optimizer_tensors=optim or None,
+        factors=factors or None,
     )
+
+
+def _expand_factors(path: Path, ups, downs, deltas: dict[str, torch.Tensor]) -> dict:
+    """Low-rank factors → dense deltas (in memory only); validates the pairs."""
+    if set(ups) != set(downs):
+        raise ConceptFileError(f"{path.name}: its low-rank factors are incomplete; the file is damaged.")
+    factors = {}
+    for name, up in ups.items():
+        down = downs[name]
+        if name in deltas or up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise ConceptFileError(f"{path.name}: the factors of {name} do not fit together; the file is damaged.")
+        for t in (up, down):
+            if t.dtype not in _FLOAT_DTYPES or not bool(torch.isfinite(t).all()):
+                raise ConceptFileError(f"{path.name}: {name} holds non-float or NaN/inf factors.")
+        factors[name] = (up, down)
+        deltas[name] = up.float() @ down.float()
+    return factors
+
+
+def compress_concept(concept: Concept, *, rank: int | None = None, energy: float | None = None
+                     ) -> tuple[Concept, dict[str, dict]]:
+    """A copy of ``concept`` whose 2-D deltas are truncated-SVD factors (fixed ``rank`` or an
+    ``energy`` share); returns it and per-layer {"rank", "relative_error"}. The optimizer state
+    is dropped: a compressed concept is not a resumable checkpoint."""
+    factors, stats = compress_deltas(concept.deltas, rank=rank, energy=energy)
+    deltas = dict(concept.deltas)
+    for name, (up, down) in factors.items():
+        deltas[name] = up @ down
+    errors = [s["relative_error"] for s in stats.values()]
+    meta = dict(concept.meta)
+    meta["compression"] = {
+        "method": "truncated SVD", "rank": rank, "energy": energy, "layers": stats,
+        "max_relative_error": max(errors, default=0.0),
+        "parameters": sum(u.numel() + d.numel() for u, d in factors.values()),
+        "dense_parameters": sum(concept.deltas[name].numel() for name in factors),
+    }
+    compressed = Concept(deltas=deltas, token_vectors=concept.token_vectors.clone(), tokens=list(concept.tokens),
+                         class_words=list(concept.class_words), meta=meta, factors=factors)
+    return compressed, stats

@@ -154,3 +154,48 @@ def attach_deltas_with_hooks(
             handle.remove()
 
     return detach
+
+
+def low_rank_factors(delta: torch.Tensor, *, rank: int | None = None, energy: float | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD of a weight delta, as Custom Diffusion compresses its updates (its §3,
+    "compression"): ``delta ≈ up @ down`` with ``up = U_r·S_r`` [out, r] and ``down = V_rᵀ`` [r, in].
+
+    ``rank`` keeps a fixed number of singular values; ``energy`` (0–1] keeps the fewest whose
+    squared sum reaches that share of the total (1.0 = exact up to float error).
+    """
+    if (rank is None) == (energy is None):
+        raise ValueError("give exactly one of rank and energy")
+    if delta.ndim != 2:
+        raise ValueError("only 2-D weights are factorised")
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    if rank is not None:
+        if rank < 1:
+            raise ValueError("rank must be at least 1")
+        r = min(int(rank), s.numel())
+    else:
+        if not 0 < energy <= 1:
+            raise ValueError("energy must be in (0, 1]")
+        total = float((s ** 2).sum())
+        if total == 0.0:
+            r = 1
+        else:
+            share = torch.cumsum(s ** 2, 0) / total
+            r = min(int((share < energy - 1e-12).sum()) + 1, s.numel())
+    return (u[:, :r] * s[:r]).float().contiguous(), vh[:r].float().contiguous()
+
+
+def compress_deltas(deltas: Mapping[str, torch.Tensor], *, rank: int | None = None,
+                    energy: float | None = None) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, dict]]:
+    """Factorise every 2-D delta; returns (factors, per-layer {"rank", "relative_error"}) where the
+    relative error is ‖delta − up·down‖_F / ‖delta‖_F. 1-D deltas (biases) stay dense."""
+    factors, stats = {}, {}
+    for name, delta in deltas.items():
+        if delta.ndim != 2:
+            continue
+        up, down = low_rank_factors(delta, rank=rank, energy=energy)
+        norm = float(delta.double().norm())
+        error = float((delta.double() - up.double() @ down.double()).norm())
+        factors[name] = (up, down)
+        stats[name] = {"rank": int(up.shape[1]), "relative_error": error / norm if norm > 0 else 0.0}
+    return factors, stats

@@ -1,0 +1,179 @@
+"""diffusers' Custom Diffusion format ↔ concept files.
+
+diffusers' ``train_custom_diffusion.py`` (and the official ClassDiffusion code built on it) save
+
+* ``pytorch_custom_diffusion_weights.{safetensors,bin}``: the *trained weights* (not deltas) of
+  each cross-attention's CustomDiffusionAttnProcessor, keyed
+  ``<block>.attn2.processor.to_k_custom_diffusion.weight`` (and ``to_v``; with ``--freeze_model
+  crossattn`` also ``to_q`` and ``to_out_custom_diffusion.0.{weight,bias}``); the ``.bin`` also
+  holds an empty dict per self-attention processor;
+* ``<new1>.{safetensors,bin}``: ``{"<new1>": embedding}`` per modifier token, loaded with
+  ``pipe.load_textual_inversion``.
+
+Importing needs the base UNet (delta = trained − base) and the class word (not in those files).
+Deltas are stored so that ``base + delta`` reproduces the trained weight bit-exactly in float32,
+so import → export returns the same tensors. ``.bin`` files are read with
+``torch.load(weights_only=True)`` only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .concept import Concept
+from .errors import ConceptFileError, InvalidInputError
+from .kv import base_fingerprint, trained_names
+
+WEIGHTS_SAFE = "pytorch_custom_diffusion_weights.safetensors"
+WEIGHTS_BIN = "pytorch_custom_diffusion_weights.bin"
+#: Custom Diffusion processor parameter → the attention module's own parameter.
+_PARAMS = {
+    "to_k_custom_diffusion.weight": "to_k.weight",
+    "to_v_custom_diffusion.weight": "to_v.weight",
+    "to_q_custom_diffusion.weight": "to_q.weight",
+    "to_out_custom_diffusion.0.weight": "to_out.0.weight",
+    "to_out_custom_diffusion.0.bias": "to_out.0.bias",
+}
+_CANONICAL = {v: k for k, v in _PARAMS.items()}
+
+
+def _read(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    if path.suffix in (".bin", ".pt", ".pth"):
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ConceptFileError(f"{path.name} is not a plain tensor file ({exc}); only weights are loaded.") from None
+    raise ConceptFileError(f"{path.name}: expected .safetensors or .bin.")
+
+
+def canonical_name(key: str) -> str | None:
+    """'X.attn2.processor.to_k_custom_diffusion.weight' → 'X.attn2.to_k.weight' (None if not a weight)."""
+    prefix, sep, param = key.partition(".processor.")
+    if not sep or param not in _PARAMS:
+        return None
+    return f"{prefix}.{_PARAMS[param]}"
+
+
+def processor_key(name: str) -> str:
+    """'X.attn2.to_k.weight' → 'X.attn2.processor.to_k_custom_diffusion.weight'."""
+    for param, processor_param in _CANONICAL.items():
+        if name.endswith("." + param):
+            return f"{name[: -len(param) - 1]}.processor.{processor_param}"
+    raise InvalidInputError(f"{name} is not a cross-attention weight Custom Diffusion trains.")
+
+
+def read_custom_diffusion(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(canonical name → trained weight, token → embedding) from a Custom Diffusion output folder."""
+    folder = Path(folder)
+    if folder.is_file():
+        folder, weights_files = folder.parent, [folder]
+    else:
+        weights_files = [folder / name for name in (WEIGHTS_SAFE, WEIGHTS_BIN) if (folder / name).exists()][:1]
+    if not weights_files:
+        raise InvalidInputError(f"No {WEIGHTS_SAFE} or {WEIGHTS_BIN} in {folder}.")
+    weights = {}
+    for key, value in _read(weights_files[0]).items():
+        name = canonical_name(key)
+        if name is not None and isinstance(value, torch.Tensor):
+            weights[name] = value
+    if not weights:
+        raise ConceptFileError(f"{weights_files[0].name} holds no Custom Diffusion attention weights.")
+    embeddings = {}
+    for path in sorted(folder.iterdir()):
+        if path in weights_files or path.name in (WEIGHTS_SAFE, WEIGHTS_BIN) or path.suffix not in (".safetensors", ".bin"):
+            continue
+        for token, vector in _read(path).items():
+            if isinstance(vector, torch.Tensor) and (vector.dim() == 1 or (vector.dim() == 2 and vector.shape[0] == 1)):
+                embeddings[token] = vector.reshape(-1).float()
+    return weights, embeddings
+
+
+def exact_delta(trained: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """A float32 delta with ``base + delta == trained`` exactly in float32 (nudged by one ulp where
+    the rounded difference would miss)."""
+    trained, base = trained.float(), base.float()
+    delta = trained - base
+    for _ in range(8):
+        miss = (base + delta) != trained
+        if not bool(miss.any()):
+            return delta
+        toward = torch.where((base + delta) < trained, torch.full_like(delta, float("inf")), torch.full_like(delta, -float("inf")))
+        delta = torch.where(miss, torch.nextafter(delta, toward), delta)
+    raise ValueError("could not represent the weight difference exactly")
+
+
+def import_custom_diffusion(
+    folder: str | Path,
+    base_weights: Mapping[str, torch.Tensor],
+    class_words: Sequence[str],
+    *,
+    tokens: Sequence[str] | None = None,
+    prompt: str = "a photo of a {}",
+) -> Concept:
+    """A concept from diffusers' Custom Diffusion output. ``base_weights`` are the base UNet's
+    cross-attention weights by canonical name (``hosts.diffusers_host.cross_attention_weights``)."""
+    weights, embeddings = read_custom_diffusion(folder)
+    tokens = list(tokens) if tokens else sorted(embeddings)
+    if not tokens:
+        raise InvalidInputError("No token embedding (<new1>.safetensors/.bin) was found; name the file with --embedding.")
+    missing = [t for t in tokens if t not in embeddings]
+    if missing:
+        raise InvalidInputError(f"No embedding for {missing}; found {sorted(embeddings)}.")
+    if len(class_words) != len(tokens):
+        raise InvalidInputError(f"Give one class word per token {tokens} (got {list(class_words)}).")
+    unknown = sorted(set(weights) - set(base_weights))
+    if unknown:
+        raise InvalidInputError(f"The base UNet has no layer {unknown[0]}: these weights belong to another architecture.")
+    train_mode = "crossattn" if any(".to_q." in name for name in weights) else "kv"
+    expected = trained_names(base_weights, train_mode)
+    lacking = sorted(set(expected) - set(weights))
+    if lacking:
+        raise InvalidInputError(
+            f"The weights lack {len(lacking)} cross-attention layers of this base (e.g. {lacking[0]}); "
+            "they were trained on another architecture, or the file is incomplete."
+        )
+    deltas = {}
+    for name, weight in weights.items():
+        base = base_weights[name]
+        if tuple(weight.shape) != tuple(base.shape):
+            raise InvalidInputError(f"{name}: {tuple(weight.shape)} here, {tuple(base.shape)} in the base.")
+        deltas[name] = exact_delta(weight, base.detach().cpu())
+    trained_base = {name: base_weights[name] for name in expected}
+    meta = {
+        "step": 0, "history": [], "train_mode": train_mode, "concepts": [
+            {"token": t, "class_word": w, "prompt": prompt} for t, w in zip(tokens, class_words)],
+        "initializers": ["ktn"] * len(tokens), "prompts": [prompt] * len(tokens),
+        "base_fingerprint": base_fingerprint(trained_base), "layer_naming": "diffusers",
+        "imported_from": "diffusers Custom Diffusion", "source": str(folder),
+    }
+    vectors = torch.stack([embeddings[t] for t in tokens])
+    return Concept(deltas=deltas, token_vectors=vectors, tokens=tokens, class_words=list(class_words), meta=meta)
+
+
+def export_custom_diffusion(concept: Concept, base_weights: Mapping[str, torch.Tensor], out_dir: str | Path,
+                            *, strict: bool = True) -> list[Path]:
+    """Write ``pytorch_custom_diffusion_weights.safetensors`` (base + delta, float32) and one
+    ``<token>.safetensors`` embedding per token, as diffusers' trainer does."""
+    if strict:
+        names = trained_names(base_weights, concept.meta.get("train_mode", "kv"))
+        concept.check_base(base_fingerprint({n: base_weights[n] for n in names}))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, delta in concept.deltas.items():
+        if name not in base_weights:
+            raise InvalidInputError(f"The base UNet has no layer {name}.")
+        tensors[processor_key(name)] = (base_weights[name].detach().cpu().float() + delta.float()).contiguous()
+    written = [out_dir / WEIGHTS_SAFE]
+    save_file(tensors, str(written[0]), metadata={"format": "pt"})
+    for token, vector in zip(concept.tokens, concept.token_vectors):
+        path = out_dir / f"{token}.safetensors"
+        save_file({token: vector.float().contiguous()}, str(path), metadata={"format": "pt"})
+        written.append(path)
+    return written
