@@ -63,6 +63,15 @@ def images(count: int = 5, size: int = 256):
     return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
 
 
+#: The trainer's variants the benchmark can time (the reference loop is "reference").
+VARIANTS = {
+    "ours": {},
+    "ours-ckpt": {"gradient_checkpointing": True},
+    "ours-fast": {"channels_last": True, "compile": True},
+    "reference": {},
+}
+
+
 def run_ours(args, components, device) -> dict:
     from classdiffusion.config import ConceptSpec, TrainConfig
     from classdiffusion.hosts.diffusers_host import DiffusersHost
@@ -77,8 +86,11 @@ def run_ours(args, components, device) -> dict:
                 torch.cuda.synchronize()
             times.append(time.perf_counter())
 
+    options = VARIANTS[args.variant]
     config = TrainConfig(steps=args.steps + args.warmup, resolution=args.resolution, batch_size=args.batch_size,
-                         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing)
+                         mixed_precision=args.mixed_precision,
+                         gradient_checkpointing=args.gradient_checkpointing or options.get("gradient_checkpointing", False),
+                         channels_last=options.get("channels_last", False), compile=options.get("compile", False))
     start = time.perf_counter()
     train(host, [ConceptSpec(token="<sks>", class_word="dog")], config, images=[images()], callbacks=Clock())
     prep = times[0] - start  # includes the one-off encoding of image variants and the first step
@@ -185,13 +197,13 @@ def child(args) -> None:
 
         tokenizer_dir = build_tokenizer(Path(tmp) / "tok")
         components = build_models(args.model, tokenizer_dir, dtype)
-        if args.mixed_precision != "no" and args.variant == "ours":
+        if args.mixed_precision != "no" and args.variant != "reference":
             half = torch.float16 if args.mixed_precision == "fp16" else torch.bfloat16
             for model in components[1:4]:
                 model.to(half)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        result = (run_ours if args.variant == "ours" else run_reference)(args, components, device)
+        result = (run_reference if args.variant == "reference" else run_ours)(args, components, device)
     if device.type == "cuda":
         result["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -210,13 +222,17 @@ def main() -> None:
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--device")
-    parser.add_argument("--variant", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--variants", default="ours,ours-ckpt,reference",
+                        help=f"comma-separated, from {', '.join(VARIANTS)} (ours-fast: channels-last + torch.compile)")
+    parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         return child(args)
 
     rows = {}
-    for variant in ("ours", "reference"):
+    for variant in args.variants.split(","):
+        if variant not in VARIANTS:
+            raise SystemExit(f"unknown variant {variant!r}")
         cmd = [sys.executable, __file__, "--variant", variant] + [a for a in sys.argv[1:]]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -224,15 +240,19 @@ def main() -> None:
             sys.stderr.write(proc.stdout + proc.stderr)
             raise SystemExit(f"{variant} run failed")
         rows[variant] = json.loads(line[7:])
-    ours, ref = rows["ours"], rows["reference"]
+    first = next(iter(rows.values()))
+    ref = rows.get("reference")
     print(f"model={args.model} resolution={args.resolution} batch={args.batch_size} "
-          f"mixed_precision={args.mixed_precision} grad_ckpt={args.gradient_checkpointing} device={ours['device']}")
-    print(f"{'loop':<12}{'steps/s':>10}{'peak MiB':>12}")
+          f"mixed_precision={args.mixed_precision} device={first['device']}")
+    print(f"| loop | steps/s | peak memory MiB | speed vs reference | memory vs reference |")
+    print("|---|---|---|---|---|")
     for name, row in rows.items():
-        print(f"{name:<12}{row['steps_per_s']:>10.3f}{row['peak_memory_mib']:>12.0f}")
-    print(f"speed-up: {ours['steps_per_s'] / ref['steps_per_s']:.2f}x   "
-          f"memory ratio (ours/reference): {ours['peak_memory_mib'] / ref['peak_memory_mib']:.2f}")
-    print(f"(ours: one-off setup incl. encoding image variants and first step: {ours['setup_and_first_step_s']:.1f}s)")
+        speed = f"{row['steps_per_s'] / ref['steps_per_s']:.2f}x" if ref else "-"
+        memory = f"{row['peak_memory_mib'] / ref['peak_memory_mib']:.2f}" if ref else "-"
+        print(f"| {name} | {row['steps_per_s']:.3f} | {row['peak_memory_mib']:.0f} | {speed} | {memory} |")
+    for name, row in rows.items():
+        if "setup_and_first_step_s" in row:
+            print(f"({name}: one-off setup incl. encoding image variants and first step: {row['setup_and_first_step_s']:.1f}s)")
 
 
 if __name__ == "__main__":

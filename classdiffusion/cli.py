@@ -68,7 +68,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     }.items() if v is not None}
     for flag, key, value in ((args.no_scale_lr, "scale_lr", False), (args.no_hflip, "hflip", False),
                              (args.no_augment, "augment", False),
-                             (args.gradient_checkpointing, "gradient_checkpointing", True)):
+                             (args.gradient_checkpointing, "gradient_checkpointing", True),
+                             (args.channels_last, "channels_last", True), (args.compile, "compile", True)):
         if flag:
             overrides[key] = value
 
@@ -252,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train-mode", choices=["kv", "crossattn"], help="kv (default) or all of attn2")
     train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="default no")
     train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument("--channels-last", action="store_true", help="channels-last UNet activations (GPU speed)")
+    train.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first step)")
     train.add_argument("--attention", choices=["sdpa", "eager"])
     train.add_argument("--no-hflip", action="store_true", help="no random horizontal flips")
     train.add_argument("--no-augment", action="store_true", help="no random rescaling")

@@ -132,6 +132,10 @@ class TrainConfig:
     mixed_precision: MixedPrecision = "no"
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "eager"] = "sdpa"
+    #: UNet activations in channels-last layout (faster convolutions on recent GPUs).
+    channels_last: bool = False
+    #: torch.compile the UNet (slow first step; pays off over hundreds of steps on a GPU).
+    compile: bool = False
     seed: int = 0
     save_every: int = 0
     #: Every N steps, log each token's drift rank among the adjective phrases (0 = only before/after).

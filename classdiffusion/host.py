@@ -76,5 +76,8 @@ class TrainingHost(Protocol):
         """Make the UNet compute with ``base + delta`` for each named weight, with gradients
         reaching the deltas. Returns a function that detaches them again."""
 
-    def configure_training(self, gradient_checkpointing: bool, attention: str) -> None:
-        """Switch memory/speed options of the frozen models before the first step."""
+    def configure_training(self, gradient_checkpointing: bool, attention: str, *,
+                           channels_last: bool = False, compile: bool = False) -> None:
+        """Switch memory/speed options of the frozen models before the first step
+        (``compile``: torch.compile the UNet; hooks attached later by ``attach_deltas`` must still
+        take effect, as they do with torch.compile)."""

@@ -109,6 +109,7 @@ class ComfyHost:
         self._scale = float(model_patcher.model.latent_format.scale_factor)
         self._shift = float(getattr(model_patcher.model.latent_format, "shift_factor", 0.0) or 0.0)
         self._unpatch_checkpointing: list = []
+        self._forward = self.diffusion_model  # the compiled model when configure_training(compile=True)
 
     def alphas_cumprod(self) -> torch.Tensor:
         return self._alphas_cumprod
@@ -145,7 +146,7 @@ class ComfyHost:
 
     def predict_noise(self, noisy_latents, timesteps, context) -> torch.Tensor:
         dtype = self.unet_dtype
-        out = self.diffusion_model(noisy_latents.to(dtype), timesteps.float(), context=context.to(dtype))
+        out = self._forward(noisy_latents.to(dtype), timesteps.float(), context=context.to(dtype))
         return out
 
     def cross_attention_weights(self, train_mode: str) -> dict[str, torch.Tensor]:
@@ -167,7 +168,12 @@ class ComfyHost:
             mapped[module_name] = modules[comfy_module]
         return attach_deltas_with_hooks(mapped, deltas)
 
-    def configure_training(self, gradient_checkpointing: bool, attention: str) -> None:
+    def configure_training(self, gradient_checkpointing: bool, attention: str, *,
+                           channels_last: bool = False, compile: bool = False) -> None:
+        if channels_last:
+            self.diffusion_model.to(memory_format=torch.channels_last)
+        if compile:
+            self._forward = torch.compile(self.diffusion_model)
         if not gradient_checkpointing:
             return
         from comfy_extras.nodes_train import find_modules_at_depth, patch, unpatch

@@ -41,6 +41,7 @@ class DiffusersHost:
                 "ClassDiffusion trains SD1.5-style ε-prediction models only."
             )
         self.text = TransformersTextEncoder(tokenizer, text_encoder, self.device)
+        self._forward = self.unet  # the compiled UNet when configure_training(compile=True)
         self._scaling_factor = float(getattr(vae.config, "scaling_factor", 0.18215))
 
     # -- text -------------------------------------------------------------------------------
@@ -71,7 +72,7 @@ class DiffusersHost:
         )
 
     def predict_noise(self, noisy_latents, timesteps, context) -> torch.Tensor:
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states=context).sample
+        return self._forward(noisy_latents, timesteps, encoder_hidden_states=context).sample
 
     # -- trainable weights ------------------------------------------------------------------
     def cross_attention_weights(self, train_mode: str) -> dict[str, torch.Tensor]:
@@ -80,7 +81,12 @@ class DiffusersHost:
     def attach_deltas(self, deltas: Mapping[str, torch.Tensor]) -> Callable[[], None]:
         return attach_deltas_with_hooks(dict(self.unet.named_modules()), deltas)
 
-    def configure_training(self, gradient_checkpointing: bool, attention: str) -> None:
+    def configure_training(self, gradient_checkpointing: bool, attention: str, *,
+                           channels_last: bool = False, compile: bool = False) -> None:
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if compile:
+            self._forward = torch.compile(self.unet)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             self.unet.train()  # diffusers only checkpoints in training mode; no dropout in SD1.5
