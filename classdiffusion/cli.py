@@ -210,7 +210,7 @@ def cmd_export_diffusers(args: argparse.Namespace) -> int:
     for path in export_custom_diffusion(load_concept(args.concept), _base_cross_attention(args), args.out,
                                         strict=not args.force):
         print(path)
-    print("load with: pipe.unet.load_attn_procs(DIR, weight_name='pytorch_custom_diffusion_weights.safetensors', "
+    print("load with: pipe.unet.load_attn_procs(DIR, weight_name='pytorch_custom_diffusion_weights.bin', "
           "_pipeline=pipe) and pipe.load_textual_inversion(DIR, weight_name='<token>.safetensors'), "
           "or use this concept file directly with `classdiffusion generate`")
     return 0

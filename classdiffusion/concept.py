@@ -284,8 +284,9 @@ def compress_concept(concept: Concept, *, rank: int | None = None, energy: float
     meta["compression"] = {
         "method": "truncated SVD", "rank": rank, "energy": energy, "layers": stats,
         "max_relative_error": max(errors, default=0.0),
-        "parameters": sum(u.numel() + d.numel() for u, d in factors.values()),
-        "dense_parameters": sum(concept.deltas[name].numel() for name in factors),
+        "parameters": sum(u.numel() + d.numel() for u, d in factors.values())
+        + sum(concept.deltas[name].numel() for name in stats if name not in factors),
+        "dense_parameters": sum(concept.deltas[name].numel() for name in stats),
     }
     compressed = Concept(deltas=deltas, token_vectors=concept.token_vectors.clone(), tokens=list(concept.tokens),
                          class_words=list(concept.class_words), meta=meta, factors=factors)

@@ -158,8 +158,9 @@ def import_custom_diffusion(
 
 def export_custom_diffusion(concept: Concept, base_weights: Mapping[str, torch.Tensor], out_dir: str | Path,
                             *, strict: bool = True) -> list[Path]:
-    """Write ``pytorch_custom_diffusion_weights.safetensors`` (base + delta, float32) and one
-    ``<token>.safetensors`` embedding per token, as diffusers' trainer does."""
+    """Write ``pytorch_custom_diffusion_weights.safetensors`` and ``.bin`` (base + delta, float32;
+    the ``.bin`` is the one diffusers' ``load_attn_procs`` accepts) and one ``<token>.safetensors``
+    embedding per token, as diffusers' trainer does."""
     if strict:
         names = trained_names(base_weights, concept.meta.get("train_mode", "kv"))
         concept.check_base(base_fingerprint({n: base_weights[n] for n in names}))
@@ -170,8 +171,12 @@ def export_custom_diffusion(concept: Concept, base_weights: Mapping[str, torch.T
         if name not in base_weights:
             raise InvalidInputError(f"The base UNet has no layer {name}.")
         tensors[processor_key(name)] = (base_weights[name].detach().cpu().float() + delta.float()).contiguous()
-    written = [out_dir / WEIGHTS_SAFE]
+    written = [out_dir / WEIGHTS_SAFE, out_dir / WEIGHTS_BIN]
     save_file(tensors, str(written[0]), metadata={"format": "pt"})
+    # diffusers' load_attn_procs needs a processor for every attention layer, self-attention
+    # included (an empty dict each), which safetensors cannot hold: the .bin has them.
+    blocks = {name.split(".attn2.")[0] for name in concept.deltas}
+    torch.save({**tensors, **{f"{block}.attn1.processor": {} for block in sorted(blocks)}}, str(written[1]))
     for token, vector in zip(concept.tokens, concept.token_vectors):
         path = out_dir / f"{token}.safetensors"
         save_file({token: vector.float().contiguous()}, str(path), metadata={"format": "pt"})

@@ -188,12 +188,16 @@ def low_rank_factors(delta: torch.Tensor, *, rank: int | None = None, energy: fl
 def compress_deltas(deltas: Mapping[str, torch.Tensor], *, rank: int | None = None,
                     energy: float | None = None) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, dict]]:
     """Factorise every 2-D delta; returns (factors, per-layer {"rank", "relative_error"}) where the
-    relative error is ‖delta − up·down‖_F / ‖delta‖_F. 1-D deltas (biases) stay dense."""
+    relative error is ‖delta − up·down‖_F / ‖delta‖_F. 1-D deltas (biases) stay dense, and so does
+    a layer whose factors would not be smaller than the delta itself."""
     factors, stats = {}, {}
     for name, delta in deltas.items():
         if delta.ndim != 2:
             continue
         up, down = low_rank_factors(delta, rank=rank, energy=energy)
+        if up.numel() + down.numel() >= delta.numel():
+            stats[name] = {"rank": min(delta.shape), "relative_error": 0.0, "dense": True}
+            continue
         norm = float(delta.double().norm())
         error = float((delta.double() - up.double() @ down.double()).norm())
         factors[name] = (up, down)

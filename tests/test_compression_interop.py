@@ -83,6 +83,11 @@ def test_compress_cli_and_damaged_factors(tiny_base, tmp_path, capsys):
     assert main(["compress", str(path), str(tmp_path / "r2.safetensors"), "--rank", "2"]) == 0
     assert "MiB" in capsys.readouterr().out
     assert all(s["rank"] == 2 for s in load_concept(tmp_path / "r2.safetensors").meta["compression"]["layers"].values())
+    # Rank 64 factors of a [32, 768] delta would be larger than the delta: it stays dense.
+    assert main(["compress", str(path), str(tmp_path / "r64.safetensors"), "--rank", "64"]) == 0
+    assert not any(k.startswith("kv_up.") for k in load_file(str(tmp_path / "r64.safetensors")))
+    assert torch.equal(load_concept(tmp_path / "r64.safetensors").deltas[next(iter(load_concept(path).deltas))],
+                       load_concept(path).deltas[next(iter(load_concept(path).deltas))])
     # A factor pair that does not fit is refused with a clear message.
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -211,6 +216,15 @@ def test_cli_import_export(tiny_base, custom_diffusion_output, tmp_path, capsys)
     assert load_concept(out).tokens == ["<new1>"]
     assert main(["export-diffusers", "--base", str(tiny_base), "--concept", str(out), "--out", str(tmp_path / "x")]) == 0
     assert (tmp_path / "x" / WEIGHTS_SAFE).exists()
+    # diffusers loads the export with its own loader and processors.
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_base), safety_checker=None, requires_safety_checker=False)
+    pipe.unet.load_attn_procs(str(tmp_path / "x"), weight_name=WEIGHTS_BIN, _pipeline=pipe)
+    processors = pipe.unet.attn_processors
+    assert all(type(p).__name__.startswith("CustomDiffusion") for p in processors.values())
+    pipe.load_textual_inversion(str(tmp_path / "x"), weight_name="<new1>.safetensors")
+    assert "<new1>" in pipe.tokenizer.get_vocab()
     # The imported concept generates with our pipeline code too.
     assert main(["generate", "--base", str(tiny_base), "--concept", str(out), "--prompt", "a <new1> dog",
                  "--out", str(tmp_path / "gen"), "--steps", "2", "--size", "64"]) == 0
