@@ -244,7 +244,7 @@ def main() -> None:
     ref = rows.get("reference")
     print(f"model={args.model} resolution={args.resolution} batch={args.batch_size} "
           f"mixed_precision={args.mixed_precision} device={first['device']}")
-    print(f"| loop | steps/s | peak memory MiB | speed vs reference | memory vs reference |")
+    print("| loop | steps/s | peak memory MiB | speed vs reference | memory vs reference |")
     print("|---|---|---|---|---|")
     for name, row in rows.items():
         speed = f"{row['steps_per_s'] / ref['steps_per_s']:.2f}x" if ref else "-"

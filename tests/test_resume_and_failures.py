@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
 from classdiffusion.config import ConceptSpec, TrainConfig
 from classdiffusion.concept import load_concept

@@ -91,8 +91,8 @@ class DriftProbe:
     """Encodes the class phrase and the adjective phrases once (they never contain a trained token,
     and the text encoder is frozen), then measures any token vector with one or two more prompts.
 
-    ``encode`` is a host's ``encode_text``; ``train_phrase``/``class_phrase`` are the concept's
-    SPL prompts (default "a photo of a <tok> <class>" / "a photo of a <class>").
+    ``encode`` is a host's ``encode_text``; ``prompt`` is the concept's training template, whose
+    token and class phrases ("a photo of a <tok> <class>" / "a photo of a <class>") SPL compares.
     """
 
     def __init__(self, encode: Encode, class_word: str, *, prompt: str = "a photo of a {}",
