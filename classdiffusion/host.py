@@ -28,6 +28,14 @@ class TextFeatures:
     eos: torch.Tensor  #: [B, D] the same features at each prompt's EOS token: what SPL compares
 
 
+def speed_up_unet(unet: torch.nn.Module, *, channels_last: bool, compile: bool) -> Callable:
+    """The UNet forward a host should call: channels-last in place, and torch.compile'd if asked
+    (forward hooks attached later still take effect)."""
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    return torch.compile(unet) if compile else unet
+
+
 @runtime_checkable
 class TrainingHost(Protocol):
     """What a base model must offer to be trained by :func:`classdiffusion.train.train`."""

@@ -22,7 +22,7 @@ import comfy.model_sampling
 import comfy.utils
 
 from ..classdiffusion.errors import BaseModelError
-from ..classdiffusion.host import SD15_CONTEXT_DIM, TextFeatures
+from ..classdiffusion.host import SD15_CONTEXT_DIM, TextFeatures, speed_up_unet
 from ..classdiffusion.kv import attach_deltas_with_hooks, trained_names
 from ..classdiffusion.text import TransformersTextEncoder
 from .glue import canonical_to_comfy_keys
@@ -170,10 +170,7 @@ class ComfyHost:
 
     def configure_training(self, gradient_checkpointing: bool, attention: str, *,
                            channels_last: bool = False, compile: bool = False) -> None:
-        if channels_last:
-            self.diffusion_model.to(memory_format=torch.channels_last)
-        if compile:
-            self._forward = torch.compile(self.diffusion_model)
+        self._forward = speed_up_unet(self.diffusion_model, channels_last=channels_last, compile=compile)
         if not gradient_checkpointing:
             return
         from comfy_extras.nodes_train import find_modules_at_depth, patch, unpatch

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import BaseModelError, InvalidInputError
-from ..host import SD15_CONTEXT_DIM, TextFeatures
+from ..host import SD15_CONTEXT_DIM, TextFeatures, speed_up_unet
 from ..kv import attach_deltas_with_hooks, trained_names
 from ..text import TransformersTextEncoder
 
@@ -83,10 +83,7 @@ class DiffusersHost:
 
     def configure_training(self, gradient_checkpointing: bool, attention: str, *,
                            channels_last: bool = False, compile: bool = False) -> None:
-        if channels_last:
-            self.unet.to(memory_format=torch.channels_last)
-        if compile:
-            self._forward = torch.compile(self.unet)
+        self._forward = speed_up_unet(self.unet, channels_last=channels_last, compile=compile)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             self.unet.train()  # diffusers only checkpoints in training mode; no dropout in SD1.5
