@@ -30,7 +30,7 @@ from .errors import InvalidInputError, TrainingCancelled, TrainingDivergedError
 from .evaluation.drift import DriftProbe
 from .host import SD15_CONTEXT_DIM, TrainingHost
 from .kv import base_fingerprint, zero_deltas
-from .losses import eos_cosine, masked_mse, semantic_preservation_loss
+from .losses import masked_mse, semantic_preservation_loss
 
 logger = logging.getLogger("classdiffusion")
 
@@ -300,12 +300,6 @@ class _Run:
         return [probe.measure(token, self.token_vectors[k].detach()).to_dict()
                 for k, (probe, token) in enumerate(zip(self._probes, self.tokens))]
 
-    @torch.no_grad()
-    def eos_cosines(self) -> list[float]:
-        with _autocast(self.device, self.config.mixed_precision):
-            text = self.host.encode_text(self.spl_prompts, self.token_dict())
-        return [float(eos_cosine(text.eos[k:k + 1], self.class_eos[k])) for k in range(len(self.concepts))]
-
     def concept(self, step: int, history: list[dict], meta_extra: dict, with_optimizer: bool) -> Concept:
         meta = {
             "step": step,
@@ -388,8 +382,8 @@ def train(
     run = _Run(host, concepts, config, images, class_images)
     history: list[dict] = []
     start_step = 0
-    initial_cos = run.eos_cosines()
-    initial_drift = run.drift()
+    initial_drift = run.drift()  # its "cosine" is the EOS cosine of training vs class phrase
+    initial_cos = [d["cosine"] for d in initial_drift]
     if checkpoint is not None:
         checkpoint.check_base(run.fingerprint, what="the base model given for resuming")
         with torch.no_grad():
@@ -433,8 +427,8 @@ def train(
     finally:
         detach()
 
-    extra["eos_cosine_final"] = run.eos_cosines()
     extra["drift_final"] = last_drift if last_drift is not None else run.drift()
+    extra["eos_cosine_final"] = [d["cosine"] for d in extra["drift_final"]]
     concept = run.concept(config.steps, history, extra, with_optimizer=False)
     path = concept.save(out) if out is not None else None
     return TrainResult(concept=concept, path=path, checkpoints=written, warnings=run.warnings)
