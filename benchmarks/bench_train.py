@@ -10,8 +10,9 @@ gradients zeroed.
     python benchmarks/bench_train.py --model sd15 --resolution 128 --steps 5     # CPU
     python benchmarks/bench_train.py --model sd15 --resolution 512 --mixed-precision bf16  # GPU
 
-Each variant runs in its own subprocess so that peak memory (CUDA: max allocated; CPU: max RSS)
-belongs to that variant alone. Random weights: the timing is what counts, not the loss.
+Each variant runs in its own subprocess so that peak memory belongs to that variant alone
+(CUDA: max allocated; CPU: peak bytes of live tensors, counted the same way by live_memory.py,
+with the process's max RSS beside it). Random weights: the timing is what counts, not the loss.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from live_memory import PeakMemory  # noqa: E402
 
 
 def build_models(kind: str, tokenizer_dir: Path, dtype: torch.dtype):
@@ -72,7 +76,7 @@ VARIANTS = {
 }
 
 
-def run_ours(args, components, device) -> dict:
+def run_ours(args, components, device, after_warmup) -> dict:
     from classdiffusion.config import ConceptSpec, TrainConfig
     from classdiffusion.hosts.diffusers_host import DiffusersHost
     from classdiffusion.train import TrainCallbacks, train
@@ -85,6 +89,8 @@ def run_ours(args, components, device) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter())
+            if len(times) == args.warmup:
+                after_warmup()
 
     options = VARIANTS[args.variant]
     config = TrainConfig(steps=args.steps + args.warmup, resolution=args.resolution, batch_size=args.batch_size,
@@ -92,13 +98,13 @@ def run_ours(args, components, device) -> dict:
                          gradient_checkpointing=args.gradient_checkpointing or options.get("gradient_checkpointing", False),
                          channels_last=options.get("channels_last", False), compile=options.get("compile", False))
     start = time.perf_counter()
-    train(host, [ConceptSpec(token="<sks>", class_word="dog")], config, images=[images()], callbacks=Clock())
+    train(host, [ConceptSpec(token="<sks>", class_word="dog")], config, images=[images(args.images)], callbacks=Clock())
     prep = times[0] - start  # includes the one-off encoding of image variants and the first step
     steady = times[-1] - times[args.warmup - 1]
     return {"steps_per_s": args.steps / steady, "setup_and_first_step_s": prep}
 
 
-def run_reference(args, components, device) -> dict:
+def run_reference(args, components, device, after_warmup) -> dict:
     """One step as in the official code (see the module docstring)."""
     import torch.nn.functional as F
     from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
@@ -135,7 +141,7 @@ def run_reference(args, components, device) -> dict:
         p.requires_grad_(True)
     embedding = text_encoder.get_input_embeddings().weight
     optimizer = torch.optim.AdamW(trainable + [embedding], lr=2e-5, weight_decay=1e-2)
-    pil = images()
+    pil = images(args.images)
     res = args.resolution
     prompt_tp, prompt_cp = "a photo of a <new1> dog", "a photo of a dog"
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
@@ -185,6 +191,8 @@ def run_reference(args, components, device) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter())
+        if len(times) == args.warmup:
+            after_warmup()
     return {"steps_per_s": args.steps / (times[-1] - times[args.warmup - 1])}
 
 
@@ -197,17 +205,18 @@ def child(args) -> None:
 
         tokenizer_dir = build_tokenizer(Path(tmp) / "tok")
         components = build_models(args.model, tokenizer_dir, dtype)
-        if args.mixed_precision != "no" and args.variant != "reference":
+        if args.mixed_precision != "no":
+            # Frozen models in half precision before memory is counted, as a GPU would receive
+            # them; the reference keeps its text encoder in fp32 (it trains the embedding matrix).
             half = torch.float16 if args.mixed_precision == "fp16" else torch.bfloat16
-            for model in components[1:4]:
+            for model in components[2:4] if args.variant == "reference" else components[1:4]:
                 model.to(half)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        result = (run_reference if args.variant == "reference" else run_ours)(args, components, device)
-    if device.type == "cuda":
-        result["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        result["peak_memory_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        runner = run_reference if args.variant == "reference" else run_ours
+        with PeakMemory(device) as memory:
+            result = runner(args, components, device, after_warmup=memory.split)
+        result.update(memory.result())
+    if device.type != "cuda":
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["device"] = str(device) if device.type != "cuda" else torch.cuda.get_device_name()
     print("RESULT " + json.dumps(result))
 
@@ -219,6 +228,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20, help="timed steps (after warm-up)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--images", type=int, default=5, help="training images (each is encoded in every size bin)")
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--device")
@@ -244,12 +254,16 @@ def main() -> None:
     ref = rows.get("reference")
     print(f"model={args.model} resolution={args.resolution} batch={args.batch_size} "
           f"mixed_precision={args.mixed_precision} device={first['device']}")
-    print("| loop | steps/s | peak memory MiB | speed vs reference | memory vs reference |")
-    print("|---|---|---|---|---|")
+    cpu = "peak_rss_mib" in first
+    print("| loop | steps/s | peak memory MiB | peak in steady steps MiB |"
+          + (" peak RSS MiB |" if cpu else "") + " speed vs reference | memory vs reference |")
+    print("|---|---|---|---|" + ("---|" if cpu else "") + "---|---|")
     for name, row in rows.items():
         speed = f"{row['steps_per_s'] / ref['steps_per_s']:.2f}x" if ref else "-"
         memory = f"{row['peak_memory_mib'] / ref['peak_memory_mib']:.2f}" if ref else "-"
-        print(f"| {name} | {row['steps_per_s']:.3f} | {row['peak_memory_mib']:.0f} | {speed} | {memory} |")
+        rss = f" {row['peak_rss_mib']:.0f} |" if cpu else ""
+        print(f"| {name} | {row['steps_per_s']:.3f} | {row['peak_memory_mib']:.0f} | "
+              f"{row['peak_step_memory_mib']:.0f} |{rss} {speed} | {memory} |")
     for name, row in rows.items():
         if "setup_and_first_step_s" in row:
             print(f"({name}: one-off setup incl. encoding image variants and first step: {row['setup_and_first_step_s']:.1f}s)")

@@ -44,12 +44,6 @@ class TqdmCallbacks:
             (self.bar.write if self.bar else print)(f"checkpoint: {path}")
 
 
-def _dtype(mixed_precision: str):
-    import torch
-
-    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
-
-
 #: Settings a resumed run may take from the command line (they do not change the result).
 RESUMABLE = ("steps", "save_every", "drift_every")
 
@@ -58,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .concept import read_metadata
     from .config import ConceptSpec, TrainConfig, load_concepts_json
     from .hosts.diffusers_host import load_host
-    from .train import train
+    from .train import precision_dtype, train
 
     overrides = {k: v for k, v in {
         "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr,
@@ -102,7 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             spec.class_images = [str(Path(p).resolve()) for p in spec.class_images]
 
     host = load_host(args.base, base_config=args.base_config, device=args.device,
-                     dtype=_dtype(config.mixed_precision))
+                     dtype=precision_dtype(config.mixed_precision))
     callbacks = TqdmCallbacks(enabled=not args.quiet)
     previous = signal.signal(signal.SIGINT, lambda *_: setattr(callbacks, "stop_requested", True))
     try:

@@ -126,7 +126,9 @@ class LatentBank:
     """Latent mean/std for every (image, flip, size) variant, computed once on the host."""
 
     def __init__(self, host, images: Sequence[Image.Image], concept_of_image: Sequence[int],
-                 config: TrainConfig, encode_batch: int = 8):
+                 config: TrainConfig, encode_pixels: int = 2 * 512 * 512):
+        """``encode_pixels`` bounds each VAE batch (images × side²): the encoder's activations take
+        about 320 MiB per 512² image in bf16, so 8 zoomed 716² variants at once would need 5 GiB."""
         self.resolution = config.resolution
         self.latent_size = config.resolution // LATENT_FACTOR
         self.shrink, self.zoom = scale_bins(config)
@@ -136,8 +138,9 @@ class LatentBank:
         sizes = self.shrink + self.zoom
         for size in sizes:
             jobs = [(i, flip) for i in range(len(images)) for flip in self.flips]
-            for start in range(0, len(jobs), encode_batch):
-                chunk = jobs[start:start + encode_batch]
+            per_batch = max(1, encode_pixels // (size * size))
+            for start in range(0, len(jobs), per_batch):
+                chunk = jobs[start:start + per_batch]
                 pixels = torch.stack([to_pixels(images[i], size, flip) for i, flip in chunk])
                 mean, std = host.encode_images(pixels)
                 for (i, flip), m, s in zip(chunk, mean, std):

@@ -95,11 +95,16 @@ def checkpoint_path(out: Path, step: int) -> Path:
     return out.with_name(f"{out.stem}-step{step:05d}{out.suffix or '.safetensors'}")
 
 
+def precision_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype a mixed-precision setting computes in; frozen models are best stored in it, since
+    autocast keeps a converted copy of every other-dtype weight for the backward pass."""
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
 def _autocast(device: torch.device, mixed_precision: str):
     if mixed_precision == "no":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=precision_dtype(mixed_precision))
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

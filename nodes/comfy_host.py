@@ -91,7 +91,10 @@ def text_encoder_from_clip(clip, device: torch.device, dtype: torch.dtype):
 class ComfyHost:
     """TrainingHost over a ComfyUI ModelPatcher (already cloned and loaded), CLIP and VAE."""
 
-    def __init__(self, model_patcher, clip, vae, *, device: torch.device | None = None):
+    def __init__(self, model_patcher, clip, vae, *, device: torch.device | None = None,
+                 text_dtype: torch.dtype | None = None):
+        """``text_dtype``: the trained copy of the text model's dtype; best the autocast dtype
+        (default: fp32 on the CPU, fp16 on a GPU)."""
         check_sd15(model_patcher)
         self.model_patcher = model_patcher
         self.vae = vae
@@ -101,7 +104,8 @@ class ComfyHost:
         sigmas = model_patcher.model.model_sampling.sigmas.to(self.device, torch.float32)
         self._alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)
         self.num_train_timesteps = int(self._alphas_cumprod.shape[0])
-        text_dtype = torch.float32 if self.device.type == "cpu" else torch.float16
+        if text_dtype is None:
+            text_dtype = torch.float32 if self.device.type == "cpu" else torch.float16
         tokenizer, text_model, context_layer = text_encoder_from_clip(clip, self.device, text_dtype)
         self.text = TransformersTextEncoder(tokenizer, text_model, self.device, context_layer)
         self.text_dim = int(text_model.config.hidden_size)

@@ -16,13 +16,13 @@ from ..classdiffusion.config import ConceptSpec, TrainConfig
 from ..classdiffusion.kv import base_fingerprint, trained_names
 from ..classdiffusion.evaluation.drift import concept_drifts, summary as drift_summary
 from ..classdiffusion.plot import drift_line, plot_drift_map, plot_history, summary_line
-from ..classdiffusion.train import train
+from ..classdiffusion.train import precision_dtype, train
 from .comfy_glue import (
     CONCEPT_FOLDER, ComfyCallbacks, clip_with_tokens, concept_dir, embeddings_dir, loras_dir,
     model_with_deltas, register_folders, training_patcher,
 )
 from .comfy_host import ComfyHost, check_sd15, diffusers_to_comfy_map, text_encoder_from_clip
-from .glue import diff_file_tensors, sanitize_name
+from .glue import diff_file_tensors, sanitize_name, training_precision
 
 logger = logging.getLogger("classdiffusion")
 
@@ -32,15 +32,16 @@ HistoryType = io.Custom("CLASSDIFFUSION_HISTORY")
 CATEGORY = "ClassDiffusion"
 
 
-def _mixed_precision(choice: str) -> str:
-    if choice != "auto":
-        return choice
+def _mixed_precision(choice: str, model) -> str:
     import comfy.model_management
 
     device = comfy.model_management.get_torch_device()
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    precision = training_precision(choice, device.type, model.model.get_dtype(), bf16)
+    if precision != "no" and precision_dtype(precision) != model.model.get_dtype():
+        logger.warning("Training a %s UNet with %s autocast keeps a converted copy of its weights for the "
+                       "backward pass; 'auto' avoids that.", model.model.get_dtype(), precision)
+    return precision
 
 
 def _image_tensor(image) -> torch.Tensor:
@@ -136,12 +137,13 @@ class TrainConceptNode(io.ComfyNode):
                 class_sets.append(extra["class_images"])
         config = TrainConfig(
             steps=steps, batch_size=batch_size, learning_rate=learning_rate, spl_weight=spl_weight,
-            resolution=resolution, seed=seed, mixed_precision=_mixed_precision(mixed_precision),
+            resolution=resolution, seed=seed, mixed_precision=_mixed_precision(mixed_precision, model),
             gradient_checkpointing=gradient_checkpointing, drift_every=max(1, steps // 25),
         )
         with torch.inference_mode(False), torch.enable_grad():
             patcher = training_patcher(model)
-            host = ComfyHost(patcher, clip, vae)
+            text_dtype = precision_dtype(config.mixed_precision) if config.mixed_precision != "no" else None
+            host = ComfyHost(patcher, clip, vae, text_dtype=text_dtype)
             try:
                 result = train(
                     host, specs, config, images=image_sets,

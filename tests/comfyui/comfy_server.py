@@ -89,8 +89,10 @@ def _free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, base_dir: Path, extra_packs: tuple[Path, ...] = ()):
+    def __init__(self, base_dir: Path, extra_packs: tuple[Path, ...] = (), extra_args: tuple[str, ...] = ()):
+        """``extra_args``: more of ComfyUI's command-line options (e.g. ``--fp16-unet``)."""
         self.base_dir = base_dir
+        self.extra_args = list(extra_args)
         self.extra_packs = [p for p in extra_packs if p is not None]
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -107,7 +109,7 @@ class ComfyServer:
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--base-directory", str(self.base_dir), "--disable-auto-launch"],
+             "--base-directory", str(self.base_dir), "--disable-auto-launch", *self.extra_args],
             cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT,
         )
         deadline = time.time() + timeout
