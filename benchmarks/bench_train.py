@@ -114,7 +114,9 @@ def run_reference(args, components, device, after_warmup) -> dict:
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     tokenizer.add_tokens(["<new1>"])
     token_id = tokenizer.convert_tokens_to_ids("<new1>")
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    # The offline test tokenizer is small; keep the model's full vocabulary (SD1.5: 49408 + 1
+    # rows), since the official loop trains the whole embedding matrix.
+    text_encoder.resize_token_embeddings(max(len(tokenizer), text_encoder.config.vocab_size + 1))
     text_encoder.requires_grad_(False)
     text_encoder.get_input_embeddings().requires_grad_(True)
     unet.requires_grad_(False)
@@ -255,15 +257,15 @@ def main() -> None:
     print(f"model={args.model} resolution={args.resolution} batch={args.batch_size} "
           f"mixed_precision={args.mixed_precision} device={first['device']}")
     cpu = "peak_rss_mib" in first
-    print("| loop | steps/s | peak memory MiB | peak in steady steps MiB |"
+    print("| loop | steps/s | peak memory MiB | peak in steady steps MiB | allocated between steps MiB |"
           + (" peak RSS MiB |" if cpu else "") + " speed vs reference | memory vs reference |")
-    print("|---|---|---|---|" + ("---|" if cpu else "") + "---|---|")
+    print("|---|---|---|---|---|" + ("---|" if cpu else "") + "---|---|")
     for name, row in rows.items():
         speed = f"{row['steps_per_s'] / ref['steps_per_s']:.2f}x" if ref else "-"
         memory = f"{row['peak_memory_mib'] / ref['peak_memory_mib']:.2f}" if ref else "-"
         rss = f" {row['peak_rss_mib']:.0f} |" if cpu else ""
         print(f"| {name} | {row['steps_per_s']:.3f} | {row['peak_memory_mib']:.0f} | "
-              f"{row['peak_step_memory_mib']:.0f} |{rss} {speed} | {memory} |")
+              f"{row['peak_step_memory_mib']:.0f} | {row['resident_memory_mib']:.0f} |{rss} {speed} | {memory} |")
     for name, row in rows.items():
         if "setup_and_first_step_s" in row:
             print(f"({name}: one-off setup incl. encoding image variants and first step: {row['setup_and_first_step_s']:.1f}s)")

@@ -76,6 +76,7 @@ class PeakMemory:
         self.cuda = device.type == "cuda"
         self.tracker = None if self.cuda else LiveTensorMemory(device.type)
         self.before_split = None
+        self.resident = 0
 
     def _peak(self) -> int:
         return torch.cuda.max_memory_allocated() if self.cuda else self.tracker.peak_bytes
@@ -95,12 +96,15 @@ class PeakMemory:
     def split(self) -> None:
         """Called after warm-up: what follows is the steady per-step peak."""
         self.before_split = self._peak()
+        self.resident = torch.cuda.memory_allocated() if self.cuda else self.tracker.current
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         else:
             self.tracker.reset_peak()
 
     def result(self) -> dict[str, float]:
-        """Peak over everything, and over the steps after ``split()``, in MiB."""
+        """Peak over everything, over the steps after ``split()`` and what stayed allocated
+        between steps (weights, trained tensors, optimizer state, caches), in MiB."""
         overall = max(self.end, self.before_split or 0)
-        return {"peak_memory_mib": overall / 2**20, "peak_step_memory_mib": self.end / 2**20}
+        return {"peak_memory_mib": overall / 2**20, "peak_step_memory_mib": self.end / 2**20,
+                "resident_memory_mib": self.resident / 2**20}
