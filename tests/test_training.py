@@ -111,11 +111,19 @@ def test_prior_preservation_combines_with_spl(host):
     assert result.concept.meta["effective_learning_rate"] == config.learning_rate * 2 * 2
 
 
-def test_bf16_mixed_precision_keeps_fp32_master_weights(host):
-    result = train(host, [dog()], small_config(steps=2, mixed_precision="bf16"), images=[make_images()])
-    assert all(d.dtype == torch.float32 for d in result.concept.deltas.values())
+@pytest.mark.parametrize("precision, frozen_dtype", [
+    ("bf16", torch.float32),  # autocast over fp32 models
+    ("bf16", torch.bfloat16), ("fp16", torch.float16),  # half-precision models, as the CLI loads them
+])
+def test_mixed_precision_keeps_fp32_master_weights(tiny_base, precision, frozen_dtype):
+    host = load_host(tiny_base, device="cpu", dtype=frozen_dtype)
+    before = {name: w.detach().clone() for name, w in host.cross_attention_weights("kv").items()}
+    result = train(host, [dog()], small_config(steps=2, mixed_precision=precision), images=[make_images()])
+    assert all(d.dtype == torch.float32 and d.abs().sum() > 0 for d in result.concept.deltas.values())
     assert result.concept.token_vectors.dtype == torch.float32
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.concept.history)
+    after = host.cross_attention_weights("kv")
+    assert all(after[name].dtype == frozen_dtype and torch.equal(after[name], w) for name, w in before.items())
 
 
 def test_gradient_checkpointing_and_eager_attention_give_the_same_losses(tiny_base):
