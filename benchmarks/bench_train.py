@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from classdiffusion.train import precision_dtype  # noqa: E402
 from live_memory import PeakMemory  # noqa: E402
 
 
@@ -111,7 +112,7 @@ def run_reference(args, components, device, after_warmup) -> dict:
     from PIL import Image
 
     tokenizer, text_encoder, unet, vae, scheduler = components
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    dtype = precision_dtype(args.mixed_precision)
     tokenizer.add_tokens(["<new1>"])
     token_id = tokenizer.convert_tokens_to_ids("<new1>")
     # The offline test tokenizer is small; keep the model's full vocabulary (SD1.5: 49408 + 1
@@ -210,9 +211,8 @@ def child(args) -> None:
         if args.mixed_precision != "no":
             # Frozen models in half precision before memory is counted, as a GPU would receive
             # them; the reference keeps its text encoder in fp32 (it trains the embedding matrix).
-            half = torch.float16 if args.mixed_precision == "fp16" else torch.bfloat16
             for model in components[2:4] if args.variant == "reference" else components[1:4]:
-                model.to(half)
+                model.to(precision_dtype(args.mixed_precision))
         runner = run_reference if args.variant == "reference" else run_ours
         with PeakMemory(device) as memory:
             result = runner(args, components, device, after_warmup=memory.split)

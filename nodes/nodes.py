@@ -103,7 +103,7 @@ class TrainConceptNode(io.ComfyNode):
                 io.Int.Input("batch_size", default=2, min=1, max=16, tooltip="Images per step (paper: 2)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Seed: same inputs and seed give the same concept.", control_after_generate=True),
                 io.Int.Input("resolution", default=512, min=64, max=1024, step=64, tooltip="Training resolution (SD1.5: 512)."),
-                io.Combo.Input("mixed_precision", options=["auto", "bf16", "fp16", "no"], default="auto", tooltip="auto: bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU."),
+                io.Combo.Input("mixed_precision", options=["auto", "bf16", "fp16", "no"], default="auto", tooltip="auto: the dtype ComfyUI loaded the UNet in (fp16 on most GPUs, bf16 where it chose bf16), full precision on CPU."),
                 io.String.Input("initializer", default="ktn", tooltip="Word the token starts from (Custom Diffusion: ktn; 'class' = the class word)."),
                 io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Less GPU memory, slower steps."),
                 io.String.Input("save_name", default="my_concept", tooltip="Saves models/classdiffusion/NAME.safetensors and models/embeddings/NAME.safetensors (use embedding:NAME in any prompt)."),
