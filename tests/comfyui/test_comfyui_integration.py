@@ -23,9 +23,8 @@ BASE = "tiny_sd15.safetensors"
 OTHER = "other_sd15.safetensors"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    base_dir = tmp_path_factory.mktemp("comfy")
+def start_server(base_dir, extra_args: tuple[str, ...] = ()) -> ComfyServer:
+    """A started ComfyUI with two small random checkpoints and three random concept images."""
     (base_dir / "models" / "checkpoints").mkdir(parents=True)
     make_checkpoint(base_dir / "models" / "checkpoints" / BASE, seed=0)
     make_checkpoint(base_dir / "models" / "checkpoints" / OTHER, seed=1)
@@ -33,8 +32,14 @@ def server(tmp_path_factory):
     rng = np.random.default_rng(0)
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (96, 112, 3), dtype=np.uint8)).save(base_dir / "input" / f"concept_{i}.png")
-    srv = ComfyServer(base_dir)
+    srv = ComfyServer(base_dir, extra_args=extra_args)
     srv.start()
+    return srv
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = start_server(tmp_path_factory.mktemp("comfy"))
     print(f"\nComfyUI commit under test: {comfyui_commit()}")
     yield srv
     srv.stop()

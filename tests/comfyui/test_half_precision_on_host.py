@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from comfy_server import ComfyServer, error_message, make_checkpoint, unavailable_reason
-from test_comfyui_integration import BASE, image_batch, loader, sampler, train_node
+from comfy_server import error_message, unavailable_reason
+from test_comfyui_integration import image_batch, loader, sampler, start_server, train_node
 
 _reason = unavailable_reason()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
@@ -23,15 +21,7 @@ pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
 
 @pytest.fixture(scope="module")
 def fp16_server(tmp_path_factory):
-    base_dir = tmp_path_factory.mktemp("comfy_fp16")
-    (base_dir / "models" / "checkpoints").mkdir(parents=True)
-    make_checkpoint(base_dir / "models" / "checkpoints" / BASE, seed=0)
-    (base_dir / "input").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (96, 112, 3), dtype=np.uint8)).save(base_dir / "input" / f"concept_{i}.png")
-    server = ComfyServer(base_dir, extra_args=("--fp16-unet",))
-    server.start()
+    server = start_server(tmp_path_factory.mktemp("comfy_fp16"), extra_args=("--fp16-unet",))
     yield server
     server.stop()
 
