@@ -50,6 +50,12 @@ def check_sd15(model_patcher) -> None:
         raise BaseModelError("This MODEL is not an ε-prediction model; ClassDiffusion trains SD1.5-style models.")
 
 
+def default_text_dtype(device: torch.device) -> torch.dtype:
+    """The text model copy's dtype when no autocast dtype asks for another: fp16 on a GPU, fp32
+    on the CPU."""
+    return torch.float32 if device.type == "cpu" else torch.float16
+
+
 def text_encoder_from_clip(clip, device: torch.device, dtype: torch.dtype):
     """(tokenizer copy, transformers CLIPTextModel with the CLIP's weights, context layer)."""
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -104,9 +110,8 @@ class ComfyHost:
         sigmas = model_patcher.model.model_sampling.sigmas.to(self.device, torch.float32)
         self._alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)
         self.num_train_timesteps = int(self._alphas_cumprod.shape[0])
-        if text_dtype is None:
-            text_dtype = torch.float32 if self.device.type == "cpu" else torch.float16
-        tokenizer, text_model, context_layer = text_encoder_from_clip(clip, self.device, text_dtype)
+        tokenizer, text_model, context_layer = text_encoder_from_clip(
+            clip, self.device, text_dtype or default_text_dtype(self.device))
         self.text = TransformersTextEncoder(tokenizer, text_model, self.device, context_layer)
         self.text_dim = int(text_model.config.hidden_size)
         self._to_comfy = diffusers_to_comfy_map(model_patcher)

@@ -21,7 +21,7 @@ from .comfy_glue import (
     CONCEPT_FOLDER, ComfyCallbacks, clip_with_tokens, concept_dir, embeddings_dir, loras_dir,
     model_with_deltas, register_folders, training_patcher,
 )
-from .comfy_host import ComfyHost, check_sd15, diffusers_to_comfy_map, text_encoder_from_clip
+from .comfy_host import ComfyHost, check_sd15, default_text_dtype, diffusers_to_comfy_map, text_encoder_from_clip
 from .glue import diff_file_tensors, sanitize_name, training_precision
 
 logger = logging.getLogger("classdiffusion")
@@ -36,11 +36,12 @@ def _mixed_precision(choice: str, model) -> str:
     import comfy.model_management
 
     device = comfy.model_management.get_torch_device()
+    unet_dtype = model.model.get_dtype()
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    precision = training_precision(choice, device.type, model.model.get_dtype(), bf16)
-    if precision != "no" and precision_dtype(precision) != model.model.get_dtype():
+    precision = training_precision(choice, device.type, unet_dtype, bf16)
+    if precision != "no" and precision_dtype(precision) != unet_dtype:
         logger.warning("Training a %s UNet with %s autocast keeps a converted copy of its weights for the "
-                       "backward pass; 'auto' avoids that.", model.model.get_dtype(), precision)
+                       "backward pass; 'auto' avoids that.", unet_dtype, precision)
     return precision
 
 
@@ -304,8 +305,7 @@ class DriftReportNode(io.ComfyNode):
         from ..classdiffusion.text import TransformersTextEncoder
 
         device = comfy.model_management.text_encoder_device()
-        dtype = torch.float32 if device.type == "cpu" else torch.float16
-        tokenizer, model, context_layer = text_encoder_from_clip(clip, device, dtype)
+        tokenizer, model, context_layer = text_encoder_from_clip(clip, device, default_text_dtype(device))
         text = TransformersTextEncoder(tokenizer, model, device, context_layer)
         text.add_tokens(concept.tokens)
         drifts = concept_drifts(text.encode, text.word_embedding, concept, method=map, device=device)
