@@ -12,6 +12,11 @@ from .errors import InvalidInputError
 
 TrainMode = Literal["kv", "crossattn"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
+#: Which text feature SPL compares: "eos" = the end-of-text token (the paper's definition);
+#: "official" = transformers' pooler_output as the official code gets it under SD1.5's legacy
+#: config, i.e. the position of the highest token id — the new token itself in "a photo of a <sks> dog".
+SplFeature = Literal["eos", "official"]
+SPL_FEATURES = ("eos", "official")
 
 #: Custom Diffusion's (and the official ClassDiffusion scripts') initializer: a rare token.
 DEFAULT_INITIALIZER = "ktn"
@@ -117,6 +122,8 @@ class TrainConfig:
     learning_rate: float = 1e-5
     scale_lr: bool = True
     spl_weight: float = 1.0
+    #: "eos" (paper) or "official" (the official code's pooler_output; see SplFeature).
+    spl_feature: SplFeature = "eos"
     prior_weight: float = 1.0
     resolution: int = 512
     train_mode: TrainMode = "kv"
@@ -153,6 +160,11 @@ class TrainConfig:
         if self.resolution < 64 or self.resolution % 64:
             raise InvalidInputError(
                 f"resolution must be a multiple of 64, at least 64 (got {self.resolution}); SD1.5 uses 512."
+            )
+        if self.spl_feature not in SPL_FEATURES:
+            raise InvalidInputError(
+                f"spl_feature must be 'eos' (the paper's end-of-text feature) or 'official' (the "
+                f"official code's pooler output); got {self.spl_feature!r}."
             )
         if self.train_mode not in ("kv", "crossattn"):
             raise InvalidInputError("train_mode must be 'kv' (to_k/to_v) or 'crossattn' (all of attn2).")

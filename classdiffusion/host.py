@@ -26,6 +26,11 @@ class TextFeatures:
 
     context: torch.Tensor  #: [B, L, D] last hidden states (after the final layer norm): UNet context
     eos: torch.Tensor  #: [B, D] the same features at each prompt's EOS token: what SPL compares
+    #: [B, D] the same features at each prompt's highest token id: transformers' ``pooler_output``
+    #: under SD1.5's legacy text config (``eos_token_id: 2``), which the official ClassDiffusion
+    #: code uses for SPL. With a new token (id above EOS) in the prompt that is the new token's
+    #: position, not EOS.
+    max_id: torch.Tensor
 
 
 def speed_up_unet(unet: torch.nn.Module, *, channels_last: bool, compile: bool) -> Callable:

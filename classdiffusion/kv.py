@@ -121,14 +121,23 @@ def bake_deltas(
     return patch
 
 
+#: Layers whose start-of-text position gets no gradient (diffusers' Custom Diffusion processors,
+#: which the official code trains through, detach the key and value of the first context token).
+START_TOKEN_DETACHED = (".attn2.to_k", ".attn2.to_v")
+
+
 def attach_deltas_with_hooks(
-    modules: Mapping[str, nn.Module], deltas: Mapping[str, torch.Tensor]
+    modules: Mapping[str, nn.Module], deltas: Mapping[str, torch.Tensor], *,
+    detach_start_token: bool = True,
 ) -> Callable[[], None]:
     """Make each named Linear compute ``x·(W + ΔW)ᵀ (+ b + Δb)`` by adding ``F.linear(x, ΔW, Δb)``
     to its output in a forward hook. The frozen weight is untouched (no copy per step), the
     deltas get gradients, and the returned function removes the hooks again.
 
-    ``modules`` maps the canonical layer name (``…attn2.to_k``) to the host's module.
+    ``detach_start_token``: for the cross-attention key/value projections, the first context
+    position (the start-of-text token) contributes its value but no gradient, exactly as diffusers'
+    ``CustomDiffusionAttnProcessor`` does (``key = m·key + (1−m)·key.detach()`` with m = 0 at
+    position 0). ``modules`` maps the canonical layer name (``…attn2.to_k``) to the host's module.
     """
     per_module: dict[str, dict[str, torch.Tensor]] = {}
     for name, delta in deltas.items():
@@ -139,12 +148,20 @@ def attach_deltas_with_hooks(
     handles = []
     for module_name, parts in per_module.items():
         weight, bias = parts.get("weight"), parts.get("bias")
+        skip_start = detach_start_token and module_name.endswith(START_TOKEN_DETACHED)
 
-        def hook(module, inputs, output, weight=weight, bias=bias):
+        def hook(module, inputs, output, weight=weight, bias=bias, skip_start=skip_start):
             x = inputs[0]
             if weight is None:
                 return output + bias.to(output.dtype)
-            extra = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+            w = weight.to(x.dtype)
+            b = None if bias is None else bias.to(x.dtype)
+            if skip_start and x.ndim == 3 and x.shape[1] > 1:
+                # Same value as F.linear(x, w, b); the start position's part carries no gradient.
+                extra = torch.cat([F.linear(x[:, :1], w.detach(), None if b is None else b.detach()),
+                                   F.linear(x[:, 1:], w, b)], dim=1)
+            else:
+                extra = F.linear(x, w, b)
             return output + extra.to(output.dtype)
 
         handles.append(modules[module_name].register_forward_hook(hook))

@@ -9,13 +9,24 @@ import torch.nn.functional as F
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sample MSE over the valid (mask = 1) latent region, then the batch mean.
+    """The official reconstruction loss: ``((l·m).sum([1,2,3]) / m.sum([1,2,3])).mean()`` with a
+    ONE-channel mask [B, 1, h, w].
 
-    Same reduction as the official code: ``((l·m).sum(1,2,3) / m.sum(1,2,3)).mean()``.
+    So the squared error is summed over the 4 latent channels and divided by the number of mask
+    *cells*: 4× the per-element mean. This is what the official ClassDiffusion code and diffusers'
+    Custom Diffusion example compute, and what the paper's λ = 1 is balanced against.
     """
+    if mask.shape[1] != 1:
+        raise ValueError(f"the loss mask must have one channel, got shape {tuple(mask.shape)}")
     loss = F.mse_loss(pred.float(), target.float(), reduction="none")
-    mask = mask.to(loss.dtype).expand_as(loss)
+    mask = mask.to(loss.dtype)
     return ((loss * mask).sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp_min(1.0)).mean()
+
+
+def prior_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The official prior-preservation loss on class images: a plain per-element mean (no mask,
+    so the image term outweighs it 4:1 at equal weight, as in the official code)."""
+    return F.mse_loss(pred.float(), target.float())
 
 
 def eos_cosine(token_eos: torch.Tensor, class_eos: torch.Tensor) -> torch.Tensor:

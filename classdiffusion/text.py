@@ -121,7 +121,8 @@ class TransformersTextEncoder:
         rows = self.injector.base.weight[torch.tensor(known, device=self.injector.base.weight.device)]
         return rows.float().mean(0).detach().clone()
 
-    def _tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, first EOS position, highest-id position) per prompt, cached per prompt list."""
         key = tuple(prompts)
         cached = self._token_cache.get(key)
         if cached is None:
@@ -137,7 +138,8 @@ class TransformersTextEncoder:
             if not bool(is_eos.any(dim=1).all()):
                 raise InvalidInputError("A prompt is too long: its end-of-text token was cut off.")
             eos_pos = is_eos.int().argmax(dim=1)  # first EOS = the real end of the prompt
-            cached = (ids.to(self.device), eos_pos.to(self.device))
+            max_pos = ids.argmax(dim=1)  # first highest id: transformers' legacy pooling
+            cached = (ids.to(self.device), eos_pos.to(self.device), max_pos.to(self.device))
             if len(self._token_cache) < 4096:
                 self._token_cache[key] = cached
         return cached
@@ -145,14 +147,14 @@ class TransformersTextEncoder:
     def encode(
         self, prompts: Sequence[str], token_vectors: Mapping[str, torch.Tensor]
     ) -> TextFeatures:
-        ids, eos_pos = self._tokenize(prompts)
+        ids, eos_pos, max_pos = self._tokenize(prompts)
         self.injector.vectors = token_vectors
         try:
             context, last = self._hidden_states(ids)
         finally:
             self.injector.vectors = {}
-        eos = last[torch.arange(last.shape[0], device=last.device), eos_pos]
-        return TextFeatures(context=context, eos=eos)
+        rows = torch.arange(last.shape[0], device=last.device)
+        return TextFeatures(context=context, eos=last[rows, eos_pos], max_id=last[rows, max_pos])
 
     def close(self) -> None:
         """Give the text model its plain embedding back."""

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
@@ -30,7 +29,7 @@ from .errors import InvalidInputError, TrainingCancelled, TrainingDivergedError
 from .evaluation.drift import DriftProbe
 from .host import SD15_CONTEXT_DIM, TrainingHost
 from .kv import base_fingerprint, zero_deltas
-from .losses import masked_mse, semantic_preservation_loss
+from .losses import masked_mse, prior_mse, semantic_preservation_loss
 
 logger = logging.getLogger("classdiffusion")
 
@@ -61,6 +60,33 @@ class StepRecord:
         if self.drift_rank is not None:
             out["drift_rank"] = self.drift_rank
         return out
+
+
+@dataclass
+class Batch:
+    """One step's inputs; the first ``len(prompts)`` rows are concept images, any further rows
+    class images (prior preservation), whose contexts are the class phrases of ``prior_owners``."""
+
+    noisy: torch.Tensor  #: x_t [B(+P), 4, h, w]
+    noise: torch.Tensor  #: ε, the target
+    timesteps: torch.Tensor  #: t per row
+    mask: torch.Tensor  #: [B, 1, h, w] valid latent cells of the concept rows
+    prompts: list[str]  #: the concept rows' training phrases
+    prior_owners: list[int] = field(default_factory=list)  #: concept index of each class row
+
+
+@dataclass
+class Losses:
+    total: torch.Tensor
+    recon: torch.Tensor
+    spl: torch.Tensor
+    cosines: list[torch.Tensor]
+    prior: torch.Tensor | None = None
+
+    def values(self) -> list[float]:
+        """[total, recon, spl, cos..., (prior)] as floats, with one device sync."""
+        scalars = [self.total, self.recon, self.spl, *self.cosines] + ([self.prior] if self.prior is not None else [])
+        return torch.stack([s.detach().float() for s in scalars]).tolist()
 
 
 class TrainCallbacks:
@@ -177,7 +203,8 @@ class _Run:
         # Constants, computed once: class-phrase EOS features and prior-preservation contexts.
         with torch.no_grad(), _autocast(self.device, config.mixed_precision):
             class_text = host.encode_text([spec.class_phrase() for spec in self.concepts], {})
-        self.class_eos = [class_text.eos[k:k + 1].float() for k in range(len(self.concepts))]
+        class_features = class_text.eos if config.spl_feature == "eos" else class_text.max_id
+        self.class_features = [class_features[k:k + 1].float() for k in range(len(self.concepts))]
         self.spl_prompts = [spec.train_phrase() for spec in self.concepts]
         self.class_context = class_text.context.detach()
         self.class_bank = None
@@ -225,9 +252,10 @@ class _Run:
     def token_dict(self) -> dict[str, torch.Tensor]:
         return {token: self.token_vectors[k] for k, token in enumerate(self.tokens)}
 
-    def step(self, step: int) -> StepRecord:
+    def sample_batch(self, step: int) -> Batch:
+        """The step's inputs, drawn from (seed, step) alone: placements of cached latents, the
+        latent sample, noise, timesteps and prompts (plus class latents with prior preservation)."""
         config, host, device = self.config, self.host, self.device
-        start = time.perf_counter()
         batch = config.batch_size
         cpu_rng = torch.Generator().manual_seed(derive_seed(config.seed, "step", step))
         noise_rng = torch.Generator(device=device).manual_seed(derive_seed(config.seed, "noise", step))
@@ -239,14 +267,14 @@ class _Run:
             mean, std, mask = self.bank.compose(place.image, place.flip, place.size, place.top, place.left)
             means.append(mean), stds.append(std), masks.append(mask)
             prompts.append(self.concepts[self.bank.concept_of_image[image]].train_phrase(place.prefix))
-        contexts_extra = None
+        prior_owners: list[int] = []
         if self.class_bank is not None:
             picks = torch.randint(0, self.class_bank.num_images, (batch,), generator=cpu_rng).tolist()
             for pick in picks:
                 flip = len(self.class_bank.flips) == 2 and bool(torch.rand(1, generator=cpu_rng) < 0.5)
                 mean, std, mask = self.class_bank.compose(pick, flip, config.resolution, 0, 0)
                 means.append(mean), stds.append(std), masks.append(mask)
-            contexts_extra = self.class_context[[self.class_owner[p] for p in picks]]
+            prior_owners = [self.class_owner[p] for p in picks]
 
         mean, std = torch.stack(means), torch.stack(stds)
         shape = mean.shape
@@ -255,40 +283,53 @@ class _Run:
         timesteps = torch.randint(0, host.num_train_timesteps, (shape[0],), generator=noise_rng, device=device)
         alpha_bar = host.alphas_cumprod()[timesteps].view(-1, 1, 1, 1)
         noisy = alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * noise
+        return Batch(noisy=noisy, noise=noise, timesteps=timesteps, mask=torch.stack(masks)[:batch],
+                     prompts=prompts, prior_owners=prior_owners)
 
-        with _autocast(device, config.mixed_precision):
-            text = host.encode_text(prompts + self.spl_prompts, self.token_dict())
-            context = text.context[:batch]
-            if contexts_extra is not None:
-                context = torch.cat([context, contexts_extra.to(context.dtype)])
-            pred = host.predict_noise(noisy, timesteps, context)
-        mask = torch.stack(masks)
-        recon = masked_mse(pred[:batch], noise[:batch], mask[:batch])
-        token_eos = [text.eos[batch + k:batch + k + 1] for k in range(len(self.concepts))]
-        spl, cosines = semantic_preservation_loss(token_eos, self.class_eos)
-        loss = recon + config.spl_weight * spl
+    def losses(self, batch: Batch) -> Losses:
+        """ClassDiffusion's loss on one batch, as the official code reduces it:
+        L = L_recon + λ·L_spl (+ w·L_prior with class images; the official code drops SPL then)."""
+        config, n = self.config, len(batch.prompts)
+        with _autocast(self.device, config.mixed_precision):
+            text = self.host.encode_text(batch.prompts + self.spl_prompts, self.token_dict())
+            context = text.context[:n]
+            if batch.prior_owners:
+                context = torch.cat([context, self.class_context[batch.prior_owners].to(context.dtype)])
+            pred = self.host.predict_noise(batch.noisy, batch.timesteps, context)
+        recon = masked_mse(pred[:n], batch.noise[:n], batch.mask)
+        features = text.eos if config.spl_feature == "eos" else text.max_id
+        token_features = [features[n + k:n + k + 1] for k in range(len(self.concepts))]
+        spl, cosines = semantic_preservation_loss(token_features, self.class_features)
+        total = recon + config.spl_weight * spl
         prior = None
-        if self.class_bank is not None:
-            prior = F.mse_loss(pred[batch:].float(), noise[batch:].float())
-            loss = loss + config.prior_weight * prior
+        if batch.prior_owners:
+            prior = prior_mse(pred[n:], batch.noise[n:])
+            total = total + config.prior_weight * prior
+        return Losses(total=total, recon=recon, spl=spl, cosines=cosines, prior=prior)
 
-        scalars = [loss, recon, spl] + cosines + ([prior] if prior is not None else [])
-        values = torch.stack([s.detach().float() for s in scalars]).tolist()  # one sync per step
+    def optimize(self, loss: torch.Tensor) -> None:
+        """Backward, gradient clipping at the official max norm, one AdamW step."""
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, step: int) -> StepRecord:
+        start = time.perf_counter()
+        losses = self.losses(self.sample_batch(step))
+        values = losses.values()  # one sync per step
         if not all(math.isfinite(v) for v in values):
             raise TrainingDivergedError(
                 f"The loss became {values[0]} at step {step + 1}; training stopped before that step "
                 "changed any weight. Lower the learning rate or use bf16 instead of fp16."
             )
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimize(losses.total)
         n = len(self.concepts)
         return StepRecord(
             step=step + 1, loss=values[0], recon=values[1], spl=values[2], cos=values[3:3 + n],
-            lr=self.lr, prior=values[3 + n] if prior is not None else None,
+            lr=self.lr, prior=values[3 + n] if losses.prior is not None else None,
             seconds=time.perf_counter() - start,
         )
 

@@ -76,14 +76,16 @@ def test_images_are_encoded_once_not_every_step(host):
     assert after_two == 3 * 2 * len(shrink + zoom) + 1  # images × flips × sizes + the canvas
 
 
-def test_masked_mse_is_the_per_sample_masked_mean():
+def test_masked_mse_is_the_official_reduction_channel_sum_over_mask_cells():
+    """Official: the squared error summed over the 4 channels, divided by the number of mask
+    cells — 4× the per-element mean of the masked region."""
     torch.manual_seed(0)
     pred, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     mask = torch.zeros(2, 1, 8, 8)
     mask[0, :, 2:6, 2:6] = 1
     mask[1] = 1
     expected = torch.stack([
-        ((pred[0] - target[0]) ** 2)[:, 2:6, 2:6].mean(),
-        ((pred[1] - target[1]) ** 2).mean(),
+        ((pred[0] - target[0]) ** 2)[:, 2:6, 2:6].sum() / 16,
+        ((pred[1] - target[1]) ** 2).sum() / 64,
     ]).mean()
     assert torch.allclose(masked_mse(pred, target, mask), expected, atol=1e-6)

@@ -46,7 +46,7 @@ def test_eos_position_is_the_end_of_text_not_the_new_token(host):
     """SD1.5's text config has eos_token_id=2, so transformers' pooler picks argmax(id) — which is a
     newly added token's id. SPL must use the real end-of-text position."""
     host.add_tokens(["<sks>"])
-    ids, eos_pos = host.text._tokenize(["a photo of a <sks> dog"])
+    ids, eos_pos, _ = host.text._tokenize(["a photo of a <sks> dog"])
     assert ids[0, eos_pos[0]] == host.tokenizer.eos_token_id
     assert ids[0].argmax() != eos_pos[0]
 
