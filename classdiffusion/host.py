@@ -65,11 +65,14 @@ class TrainingHost(Protocol):
         """The input embedding of ``word`` (mean over its tokens), float32 [D]: a token's start."""
 
     def encode_text(
-        self, prompts: Sequence[str], token_vectors: Mapping[str, torch.Tensor]
+        self, prompts: Sequence[str], token_vectors: Mapping[str, torch.Tensor], *,
+        tokens_without_position: bool = False,
     ) -> TextFeatures:
         """Encode prompts in which each token of ``token_vectors`` is replaced by its vector.
 
         Gradients must flow from the outputs into ``token_vectors`` and nowhere else.
+        ``tokens_without_position``: the tokens enter without their position embedding, as in the
+        official code's SPL encoder (for ``spl_feature="official"`` only).
         """
 
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,11 +20,14 @@ class TokenInjectingEmbedding(nn.Module):
     vectors supplied per call, every other row from the frozen matrix (which is never resized,
     so the rest of the vocabulary stays bit-identical)."""
 
-    def __init__(self, base: nn.Embedding):
+    def __init__(self, base: nn.Embedding, position_embedding: nn.Embedding | None = None):
         super().__init__()
         self.base = base
+        self.position_embedding = position_embedding
         self.token_ids: dict[str, int] = {}
         self.vectors: Mapping[str, torch.Tensor] = {}
+        #: Set per call: new tokens enter without their position embedding (see encode()).
+        self.without_position = False
 
     @property
     def weight(self) -> torch.Tensor:  # transformers reads .weight for dtype/device checks
@@ -43,7 +46,13 @@ class TokenInjectingEmbedding(nn.Module):
                     raise InvalidInputError(f"No vector was given for the token {token!r}.")
                 continue
             hit = (input_ids == token_id).unsqueeze(-1)
-            out = torch.where(hit, vector.to(out.dtype).expand_as(out), out)
+            value = vector.to(out.dtype).expand_as(out)
+            if self.without_position:
+                # The text model adds position embeddings to what this returns; take them off
+                # first, so the token's input is its bare vector.
+                positions = self.position_embedding.weight[: input_ids.shape[1]].to(out.dtype)
+                value = value - positions.unsqueeze(0)
+            out = torch.where(hit, value, out)
         return out
 
 
@@ -60,7 +69,7 @@ class TransformersTextEncoder:
         self.model = text_model
         self.device = torch.device(device)
         self.context_layer = context_layer
-        self.injector = TokenInjectingEmbedding(text_model.get_input_embeddings())
+        self.injector = TokenInjectingEmbedding(text_model.get_input_embeddings(), self._embeddings().position_embedding)
         text_model.set_input_embeddings(self.injector)
         self._token_cache: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         # ComfyUI's copy of the CLIP tokenizer reports 8192; the model has 77 positions.
@@ -74,6 +83,10 @@ class TransformersTextEncoder:
         out = self.model(ids, output_hidden_states=True)
         context = self._final_layer_norm()(out.hidden_states[self.context_layer])
         return context, out.last_hidden_state
+
+    def _embeddings(self) -> nn.Module:
+        inner = getattr(self.model, "text_model", self.model)
+        return inner.embeddings
 
     def _final_layer_norm(self) -> nn.Module:
         norm = getattr(self.model, "final_layer_norm", None)
@@ -145,14 +158,20 @@ class TransformersTextEncoder:
         return cached
 
     def encode(
-        self, prompts: Sequence[str], token_vectors: Mapping[str, torch.Tensor]
+        self, prompts: Sequence[str], token_vectors: Mapping[str, torch.Tensor], *,
+        tokens_without_position: bool = False,
     ) -> TextFeatures:
+        """``tokens_without_position``: each new token enters as its bare vector, without its
+        position embedding. The official code's SPL encoder does this (it overwrites the embedded
+        sequence at the token's position with the raw embedding row); only for reproducing it."""
         ids, eos_pos, max_pos = self._tokenize(prompts)
         self.injector.vectors = token_vectors
+        self.injector.without_position = tokens_without_position
         try:
             context, last = self._hidden_states(ids)
         finally:
             self.injector.vectors = {}
+            self.injector.without_position = False
         rows = torch.arange(last.shape[0], device=last.device)
         return TextFeatures(context=context, eos=last[rows, eos_pos], max_id=last[rows, max_pos])
 

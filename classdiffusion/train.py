@@ -290,15 +290,22 @@ class _Run:
         """ClassDiffusion's loss on one batch, as the official code reduces it:
         L = L_recon + λ·L_spl (+ w·L_prior with class images; the official code drops SPL then)."""
         config, n = self.config, len(batch.prompts)
+        official_spl = config.spl_feature == "official"
         with _autocast(self.device, config.mixed_precision):
-            text = self.host.encode_text(batch.prompts + self.spl_prompts, self.token_dict())
+            if official_spl:  # the official SPL encoder differs from the UNet's: its own pass
+                text = self.host.encode_text(batch.prompts, self.token_dict())
+                spl_text = self.host.encode_text(self.spl_prompts, self.token_dict(),
+                                                 tokens_without_position=True)
+                token_features = spl_text.max_id
+            else:  # one text pass for the UNet contexts and the SPL phrases
+                text = self.host.encode_text(batch.prompts + self.spl_prompts, self.token_dict())
+                token_features = text.eos[n:]
             context = text.context[:n]
             if batch.prior_owners:
                 context = torch.cat([context, self.class_context[batch.prior_owners].to(context.dtype)])
             pred = self.host.predict_noise(batch.noisy, batch.timesteps, context)
         recon = masked_mse(pred[:n], batch.noise[:n], batch.mask)
-        features = text.eos if config.spl_feature == "eos" else text.max_id
-        token_features = [features[n + k:n + k + 1] for k in range(len(self.concepts))]
+        token_features = [token_features[k:k + 1] for k in range(len(self.concepts))]
         spl, cosines = semantic_preservation_loss(token_features, self.class_features)
         total = recon + config.spl_weight * spl
         prior = None

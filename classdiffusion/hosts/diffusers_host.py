@@ -57,10 +57,9 @@ class DiffusersHost:
     def word_embedding(self, word: str) -> torch.Tensor:
         return self.text.word_embedding(word)
 
-    def encode_text(
-        self, prompts: Sequence[str], token_vectors: Mapping[str, torch.Tensor]
-    ) -> TextFeatures:
-        return self.text.encode(prompts, token_vectors)
+    def encode_text(self, prompts: Sequence[str], token_vectors: Mapping[str, torch.Tensor], *,
+                    tokens_without_position: bool = False) -> TextFeatures:
+        return self.text.encode(prompts, token_vectors, tokens_without_position=tokens_without_position)
 
     # -- images and noise -------------------------------------------------------------------
     @torch.no_grad()
