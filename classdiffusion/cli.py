@@ -59,6 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "spl_weight": args.spl_weight, "prior_weight": args.prior_weight, "resolution": args.resolution,
         "train_mode": args.train_mode, "mixed_precision": args.mixed_precision, "seed": args.seed,
         "save_every": args.save_every, "attention": args.attention, "drift_every": args.drift_every,
+        "spl_feature": args.spl_feature,
     }.items() if v is not None}
     for flag, key, value in ((args.no_scale_lr, "scale_lr", False), (args.no_hflip, "hflip", False),
                              (args.no_augment, "augment", False),
@@ -242,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, help="base learning rate (default 1e-5, scaled by batch size)")
     train.add_argument("--no-scale-lr", action="store_true", help="use --lr as is")
     train.add_argument("--spl-weight", type=float, help="λ of the semantic preservation loss (default 1.0)")
+    train.add_argument("--spl-feature", choices=["eos", "official"],
+                       help="text feature SPL compares: eos (default, the paper's end-of-text feature) or "
+                            "official (the official code's pooler output: the new token's own position)")
     train.add_argument("--prior-weight", type=float, help="weight of prior preservation (default 1.0)")
     train.add_argument("--resolution", type=int, help="default 512")
     train.add_argument("--train-mode", choices=["kv", "crossattn"], help="kv (default) or all of attn2")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import numpy as np
@@ -30,6 +31,18 @@ ConceptType = io.Custom("CLASSDIFFUSION_CONCEPT")
 ConceptSpecType = io.Custom("CLASSDIFFUSION_CONCEPT_SPEC")
 HistoryType = io.Custom("CLASSDIFFUSION_HISTORY")
 CATEGORY = "ClassDiffusion"
+
+
+def _advanced() -> dict:
+    """``advanced=True`` where this ComfyUI's inputs know it (it folds the input away under
+    "advanced"); older hosts get a plain optional input."""
+    try:
+        params = inspect.signature(io.Combo.Input).parameters
+    except (TypeError, ValueError):
+        return {}
+    if "advanced" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return {"advanced": True}
+    return {}
 
 
 def _mixed_precision(choice: str, model) -> str:
@@ -111,6 +124,8 @@ class TrainConceptNode(io.ComfyNode):
                 io.Image.Input("class_images", optional=True, tooltip="Optional class images (e.g. generated 'a photo of a dog') for prior preservation."),
                 ConceptSpecType.Input("concept_2", optional=True, tooltip="A second concept to train jointly."),
                 ConceptSpecType.Input("concept_3", optional=True, tooltip="A third concept to train jointly."),
+                io.Combo.Input("spl_feature", options=["eos", "official"], default="eos", optional=True, **_advanced(),
+                               tooltip="Which text feature SPL compares. eos: the end-of-text token (the paper). official: what the official code computes (pooler_output under SD1.5's legacy config = the new token's own position, entered without its position embedding); only to reproduce its numbers."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL"),
@@ -124,7 +139,8 @@ class TrainConceptNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, token, class_word, prompt_template, steps, learning_rate,
                 spl_weight, batch_size, seed, resolution, mixed_precision, initializer,
-                gradient_checkpointing, save_name, class_images=None, concept_2=None, concept_3=None) -> io.NodeOutput:
+                gradient_checkpointing, save_name, class_images=None, concept_2=None, concept_3=None,
+                spl_feature="eos") -> io.NodeOutput:
         name = sanitize_name(save_name)
         check_sd15(model)
         specs = [ConceptSpec(token=token.strip(), class_word=class_word, prompt=prompt_template, initializer=initializer)]
@@ -140,6 +156,7 @@ class TrainConceptNode(io.ComfyNode):
             steps=steps, batch_size=batch_size, learning_rate=learning_rate, spl_weight=spl_weight,
             resolution=resolution, seed=seed, mixed_precision=_mixed_precision(mixed_precision, model),
             gradient_checkpointing=gradient_checkpointing, drift_every=max(1, steps // 25),
+            spl_feature=spl_feature,
         )
         with torch.inference_mode(False), torch.enable_grad():
             patcher = training_patcher(model)
