@@ -148,7 +148,7 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, flat: Mapping[str, torc
         index, _, name = key.partition(".")
         state.setdefault(int(index), {})[name] = tensor
     saved = optimizer.state_dict()
-    if len(state) != len(saved["param_groups"][0]["params"]):
+    if len(state) != sum(len(group["params"]) for group in saved["param_groups"]):
         raise InvalidInputError("The checkpoint's optimizer state does not match this run's parameters.")
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
@@ -194,6 +194,7 @@ class _Run:
 
         base = host.cross_attention_weights(config.train_mode)
         self.fingerprint = base_fingerprint(base)
+        self.base_weights = base  # read-only views, for the official weight decay (optimize())
         self.deltas = zero_deltas(base, self.device)
 
         host.configure_training(config.gradient_checkpointing, config.attention,
@@ -227,7 +228,9 @@ class _Run:
         self.lr = config.effective_learning_rate(self.with_prior)
         params = list(self.deltas.values()) + [self.token_vectors]
         self.optimizer = torch.optim.AdamW(
-            params, lr=self.lr, betas=(config.adam_beta1, config.adam_beta2),
+            # The deltas' weight decay is applied to the full weight in optimize(), as officially.
+            [{"params": list(self.deltas.values()), "weight_decay": 0.0}, {"params": [self.token_vectors]}],
+            lr=self.lr, betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.weight_decay, eps=config.adam_epsilon,
             fused=self.device.type == "cuda",  # one kernel for all 32 deltas instead of a loop
         )
@@ -319,9 +322,25 @@ class _Run:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self._decay_trained_weights()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def _decay_trained_weights(self) -> None:
+        """AdamW's decoupled weight decay where the official code applies it: on the full trained
+        weight W = base + Δ, towards zero (``W ← W·(1 − lr·wd)``, before the Adam update), i.e.
+        ``Δ ← Δ − lr·wd·(base + Δ)``. Decaying Δ alone would pull towards the base instead."""
+        factor = self.lr * self.config.weight_decay
+        if factor == 0.0:
+            return
+        if self.scaler.is_enabled():  # fp16: the scaler skips steps with inf/NaN gradients; so do we
+            grads = [p.grad for p in self.deltas.values() if p.grad is not None]
+            if grads and not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+                return
+        for name, delta in self.deltas.items():
+            delta.sub_(self.base_weights[name].to(delta.device, delta.dtype) + delta, alpha=factor)
 
     def step(self, step: int) -> StepRecord:
         start = time.perf_counter()

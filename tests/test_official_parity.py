@@ -198,3 +198,48 @@ def test_official_and_paper_spl_features_differ(host):
         with torch.no_grad():
             values[feature] = float(run.losses(run.sample_batch(0)).spl)
     assert abs(values["eos"] - values["official"]) > 1e-4
+
+
+def test_optimizer_step_equals_the_official_adamw_step(host, tiny_base):
+    """Clipping, AdamW and its decoupled weight decay on the *full* weight (towards zero, not
+    towards the base), as the official optimizer applies them. Weight decay and learning rate are
+    raised so that the decay term (~1e-3) is far above float rounding; Adam's epsilon is raised so
+    that elements with near-zero gradients (whose first Adam step is ±lr from float noise alone)
+    do not hide it."""
+    config = small_config(learning_rate=1e-3, weight_decay=5.0, adam_epsilon=1e-3)
+    run = _Run(host, [dog()], config, [make_images()], None)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for delta in run.deltas.values():
+            delta.normal_(0.0, 0.02)
+    base = {name: weight.detach().clone() for name, weight in run.base_weights.items()}
+    batch = run.sample_batch(0)
+    official = OfficialStep(tiny_base, run)
+
+    detach = host.attach_deltas(run.deltas)
+    try:
+        run.optimize(run.losses(batch).total)
+    finally:
+        detach()
+
+    total, *_ = official.loss(batch, run.spl_prompts[0], run.concepts[0].class_phrase(), 1.0, "eos")
+    total.backward()
+    with torch.no_grad():  # official: zero every other row's gradient, clip, step
+        keep = torch.arange(official.embedding.shape[0]) == official.token_id
+        official.embedding.grad[~keep] = 0
+    trained = [p for proc in official.procs.values() for p in proc.parameters()]
+    torch.nn.utils.clip_grad_norm_([official.embedding] + trained, config.max_grad_norm)
+    torch.optim.AdamW([official.embedding] + trained, lr=run.lr, betas=(0.9, 0.999),
+                      weight_decay=config.weight_decay, eps=config.adam_epsilon).step()
+
+    kv_after = {}
+    for name, proc in official.procs.items():
+        if name.endswith("attn2.processor"):
+            layer = name.removesuffix(".processor")
+            kv_after[layer + ".to_k.weight"] = proc.to_k_custom_diffusion.weight
+            kv_after[layer + ".to_v.weight"] = proc.to_v_custom_diffusion.weight
+    for name, delta in run.deltas.items():
+        ours = base[name].double() + delta.double()
+        assert torch.allclose(ours, kv_after[name].double(), atol=1e-7, rtol=0), name
+    assert torch.allclose(run.token_vectors[0].double(), official.embedding[official.token_id].double(),
+                          atol=1e-7, rtol=0)
