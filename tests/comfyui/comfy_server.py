@@ -41,8 +41,8 @@ VIDEOHELPERSUITE = find_pack("VIDEOHELPERSUITE_PATH", "ComfyUI-VideoHelperSuite"
 def unavailable_reason() -> str | None:
     """None when the real host can run here; else why the integration tests skip."""
     if not (COMFYUI_PATH / "main.py").exists():
-        return (f"ComfyUI not found at {COMFYUI_PATH}: set COMFYUI_PATH to a ComfyUI checkout "
-                "(see README, 'Testing against ComfyUI')")
+        return (f"ComfyUI not found at {COMFYUI_PATH}: run eval \"$(bash tools/setup_comfyui_env.sh)\" "
+                "first, or set COMFYUI_PATH to a ComfyUI checkout (see README, 'Testing against ComfyUI')")
     probe = subprocess.run([COMFYUI_PYTHON, "-c", "import torch, torchvision, torchaudio, aiohttp, comfy_api"],
                            cwd=COMFYUI_PATH, capture_output=True, text=True)
     if probe.returncode != 0:
