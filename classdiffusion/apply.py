@@ -58,7 +58,8 @@ def apply_concept(
             )
     if strict:
         concept.check_base(base_fingerprint(base))
-    handle = AppliedConcept(patch=bake_deltas(unet, concept.deltas, strength), tokens=list(concept.tokens))
+    handle = AppliedConcept(patch=bake_deltas(unet, concept.deltas, strength, concept.exact),
+                            tokens=list(concept.tokens))
     if text_encoder is not None and tokenizer is not None:
         try:
             _add_token_rows(text_encoder, tokenizer, concept, handle)

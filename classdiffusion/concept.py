@@ -37,10 +37,12 @@ from .errors import BaseMismatchError, ConceptFileError
 from .kv import compare_fingerprints, compress_deltas
 
 FORMAT = "classdiffusion.concept"
-FORMAT_VERSION = 2  #: newest version read; files without factors are still written as version 1
+FORMAT_VERSION = 3  #: newest version read; each file is written with the oldest version that holds it
 KV_PREFIX = "kv."
 UP_PREFIX = "kv_up."
 DOWN_PREFIX = "kv_down."
+EXACT_INDEX_PREFIX = "kv_exact_index."
+EXACT_VALUE_PREFIX = "kv_exact_value."
 TOKEN_KEY = "token.embedding"
 OPTIM_PREFIX = "optim."
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -58,6 +60,11 @@ class Concept:
     optimizer_tensors: dict[str, torch.Tensor] | None = None
     #: Low-rank factors (up, down) of compressed deltas; ``deltas`` then holds up @ down.
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    #: Trained weights kept exactly where ``base + delta`` cannot reach them in float32 (imported
+    #: weights that AdamW's decay moved towards or across zero): layer → (flat indices int64,
+    #: trained values float32). Applying at strength 1 writes these values, so an imported
+    #: concept reproduces the trained weights bit for bit.
+    exact: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def step(self) -> int:
@@ -94,6 +101,9 @@ class Concept:
         for name, (up, down) in factors.items():
             tensors[UP_PREFIX + name] = up.detach().to("cpu").contiguous()
             tensors[DOWN_PREFIX + name] = down.detach().to("cpu").contiguous()
+        for name, (index, values) in (self.exact or {}).items():
+            tensors[EXACT_INDEX_PREFIX + name] = index.detach().to("cpu", torch.int64).contiguous()
+            tensors[EXACT_VALUE_PREFIX + name] = values.detach().to("cpu", torch.float32).contiguous()
         tensors[TOKEN_KEY] = self.token_vectors.detach().to("cpu", torch.float32).contiguous()
         for name, t in (self.optimizer_tensors or {}).items():
             tensors[OPTIM_PREFIX + name] = t.detach().to("cpu").contiguous()
@@ -108,7 +118,7 @@ class Concept:
         meta["layers"] = {name: list(t.shape) for name, t in self.deltas.items()}
         metadata = {
             "format": FORMAT,
-            "format_version": "2" if self.factors else "1",
+            "format_version": "3" if self.exact else "2" if self.factors else "1",
             "classdiffusion": json.dumps(meta, sort_keys=True),
         }
         atomic_save_file(self.to_tensors(), path, metadata)
@@ -197,6 +207,8 @@ def load_concept(path: str | Path, *, device: str | torch.device = "cpu") -> Con
     optim: dict[str, torch.Tensor] = {}
     ups: dict[str, torch.Tensor] = {}
     downs: dict[str, torch.Tensor] = {}
+    exact_index: dict[str, torch.Tensor] = {}
+    exact_value: dict[str, torch.Tensor] = {}
     token_vectors = None
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
@@ -208,6 +220,10 @@ def load_concept(path: str | Path, *, device: str | torch.device = "cpu") -> Con
                     ups[key[len(UP_PREFIX):]] = tensor
                 elif key.startswith(DOWN_PREFIX):
                     downs[key[len(DOWN_PREFIX):]] = tensor
+                elif key.startswith(EXACT_INDEX_PREFIX):
+                    exact_index[key[len(EXACT_INDEX_PREFIX):]] = tensor
+                elif key.startswith(EXACT_VALUE_PREFIX):
+                    exact_value[key[len(EXACT_VALUE_PREFIX):]] = tensor
                 elif key == TOKEN_KEY:
                     token_vectors = tensor
                 elif key.startswith(OPTIM_PREFIX):
@@ -235,6 +251,7 @@ def load_concept(path: str | Path, *, device: str | torch.device = "cpu") -> Con
             raise ConceptFileError(f"{path.name}: {name} has dtype {tensor.dtype}; expected a float tensor.")
         if not bool(torch.isfinite(tensor).all()):
             raise ConceptFileError(f"{path.name}: {name} holds NaN/inf values; the concept is unusable.")
+    exact = _check_exact(path, exact_index, exact_value, deltas)
     tokens = list(meta["tokens"])
     if token_vectors is None or token_vectors.ndim != 2 or token_vectors.shape[0] != len(tokens):
         raise ConceptFileError(
@@ -250,7 +267,31 @@ def load_concept(path: str | Path, *, device: str | torch.device = "cpu") -> Con
         meta=meta,
         optimizer_tensors=optim or None,
         factors=factors or None,
+        exact=exact or None,
     )
+
+
+def _check_exact(path: Path, indices, values, deltas: dict[str, torch.Tensor]) -> dict:
+    """Validates the exact trained values of an imported concept: pairs of 1-D int64 flat
+    indices (in range, no repeats) and finite float32 values of the same length."""
+    if set(indices) != set(values):
+        raise ConceptFileError(f"{path.name}: its exact-value entries are incomplete; the file is damaged.")
+    exact = {}
+    for name, index in indices.items():
+        value = values[name]
+        if name not in deltas:
+            raise ConceptFileError(f"{path.name}: exact values for {name}, which has no delta; the file is damaged.")
+        size = deltas[name].numel()
+        if (index.dtype != torch.int64 or index.ndim != 1 or value.dtype != torch.float32
+                or value.shape != index.shape):
+            raise ConceptFileError(f"{path.name}: the exact values of {name} are malformed; the file is damaged.")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size
+                              or index.unique().numel() != index.numel()):
+            raise ConceptFileError(f"{path.name}: the exact values of {name} point outside the layer; the file is damaged.")
+        if not bool(torch.isfinite(value).all()):
+            raise ConceptFileError(f"{path.name}: {name} holds NaN/inf exact values; the concept is unusable.")
+        exact[name] = (index, value)
+    return exact
 
 
 def _expand_factors(path: Path, ups, downs, deltas: dict[str, torch.Tensor]) -> dict:

@@ -11,8 +11,9 @@ diffusers' ``train_custom_diffusion.py`` (and the official ClassDiffusion code b
   ``pipe.load_textual_inversion``.
 
 Importing needs the base UNet (delta = trained − base) and the class word (not in those files).
-Deltas are stored so that ``base + delta`` reproduces the trained weight bit-exactly in float32,
-so import → export returns the same tensors. ``.bin`` files are read with
+Deltas are stored so that ``base + delta`` reproduces the trained weight bit-exactly in float32;
+the few trained values no float32 sum can reach are kept as exact values (``Concept.exact``), so
+applying reproduces the trained UNet bit for bit and import → export returns the same tensors. ``.bin`` files are read with
 ``torch.load(weights_only=True)`` only.
 """
 
@@ -41,15 +42,41 @@ _PARAMS = {
 _CANONICAL = {v: k for k, v in _PARAMS.items()}
 
 
+def is_safetensors(path: Path) -> bool:
+    """True when the file *content* is safetensors (an 8-byte little-endian header length, then
+    a JSON object), whatever its name: the official script's default safe serialization writes
+    safetensors content into ``<new1>.bin``."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    length = int.from_bytes(head[:8], "little")
+    return 2 <= length <= size - 8 and head[8:9] == b"{"
+
+
 def _read(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    if path.suffix in (".bin", ".pt", ".pth"):
+    """Tensors of a weights file, by content: safetensors, else a pickle read with
+    ``torch.load(weights_only=True)`` (plain tensors and containers only, never code)."""
+    if not path.is_file():
+        raise ConceptFileError(f"{path} is not a regular file.")
+    if is_safetensors(path):
         try:
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            return load_file(str(path))
         except Exception as exc:
-            raise ConceptFileError(f"{path.name} is not a plain tensor file ({exc}); only weights are loaded.") from None
-    raise ConceptFileError(f"{path.name}: expected .safetensors or .bin.")
+            raise ConceptFileError(f"{path.name} is a damaged safetensors file ({exc}).") from None
+    if path.suffix == ".safetensors":
+        raise ConceptFileError(f"{path.name} is named .safetensors but is not a safetensors file; it is damaged.")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConceptFileError(
+            f"{path.name} is neither a safetensors file nor a plain tensor pickle ({type(exc).__name__}); "
+            "only weights are loaded, never code."
+        ) from None
 
 
 def canonical_name(key: str) -> str | None:
@@ -94,18 +121,30 @@ def read_custom_diffusion(folder: str | Path) -> tuple[dict[str, torch.Tensor], 
     return weights, embeddings
 
 
-def exact_delta(trained: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """A float32 delta with ``base + delta == trained`` exactly in float32 (nudged by one ulp where
-    the rounded difference would miss)."""
+def exact_delta(trained: torch.Tensor, base: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(delta, index, values): a float32 delta with ``float32(base + delta) == trained`` wherever
+    some float32 delta can reach it (the rounded difference, nudged by an ulp where it misses),
+    and, for the elements none can reach, their flat indices and trained values, kept exactly.
+
+    Unreachable elements are real: AdamW's decoupled decay multiplies the full weight, so a
+    weight moving towards or across zero can land on a value (say 1e-10 over a base of 0.02) that
+    no float32 sum with that base produces. Never fails on finite tensors.
+    """
     trained, base = trained.float(), base.float()
+    if not bool(torch.isfinite(trained).all()):
+        raise InvalidInputError("The trained weights hold NaN/inf values; the checkpoint is unusable.")
     delta = trained - base
-    for _ in range(8):
+    for _ in range(4):
         miss = (base + delta) != trained
         if not bool(miss.any()):
-            return delta
-        toward = torch.where((base + delta) < trained, torch.full_like(delta, float("inf")), torch.full_like(delta, -float("inf")))
+            break
+        toward = torch.where((base + delta) < trained, torch.full_like(delta, float("inf")),
+                             torch.full_like(delta, -float("inf")))
         delta = torch.where(miss, torch.nextafter(delta, toward), delta)
-    raise ValueError("could not represent the weight difference exactly")
+    miss = ((base + delta) != trained).reshape(-1)
+    index = miss.nonzero().reshape(-1)
+    return delta, index, trained.reshape(-1)[index].clone()
 
 
 def import_custom_diffusion(
@@ -138,12 +177,14 @@ def import_custom_diffusion(
             f"The weights lack {len(lacking)} cross-attention layers of this base (e.g. {lacking[0]}); "
             "they were trained on another architecture, or the file is incomplete."
         )
-    deltas = {}
+    deltas, exact = {}, {}
     for name, weight in weights.items():
         base = base_weights[name]
         if tuple(weight.shape) != tuple(base.shape):
             raise InvalidInputError(f"{name}: {tuple(weight.shape)} here, {tuple(base.shape)} in the base.")
-        deltas[name] = exact_delta(weight, base.detach().cpu())
+        deltas[name], index, values = exact_delta(weight, base.detach().cpu())
+        if index.numel():
+            exact[name] = (index, values)
     trained_base = {name: base_weights[name] for name in expected}
     meta = {
         "step": 0, "history": [], "train_mode": train_mode, "concepts": [
@@ -151,9 +192,11 @@ def import_custom_diffusion(
         "initializers": ["ktn"] * len(tokens), "prompts": [prompt] * len(tokens),
         "base_fingerprint": base_fingerprint(trained_base), "layer_naming": "diffusers",
         "imported_from": "diffusers Custom Diffusion", "source": str(folder),
+        "exact_values": sum(index.numel() for index, _ in exact.values()),
     }
     vectors = torch.stack([embeddings[t] for t in tokens])
-    return Concept(deltas=deltas, token_vectors=vectors, tokens=tokens, class_words=list(class_words), meta=meta)
+    return Concept(deltas=deltas, token_vectors=vectors, tokens=tokens, class_words=list(class_words), meta=meta,
+                   exact=exact or None)
 
 
 def export_custom_diffusion(concept: Concept, base_weights: Mapping[str, torch.Tensor], out_dir: str | Path,
@@ -170,7 +213,11 @@ def export_custom_diffusion(concept: Concept, base_weights: Mapping[str, torch.T
     for name, delta in concept.deltas.items():
         if name not in base_weights:
             raise InvalidInputError(f"The base UNet has no layer {name}.")
-        tensors[processor_key(name)] = (base_weights[name].detach().cpu().float() + delta.float()).contiguous()
+        weight = base_weights[name].detach().cpu().float() + delta.float()
+        if concept.exact and name in concept.exact:
+            index, values = concept.exact[name]
+            weight.view(-1)[index.cpu()] = values.cpu().float()
+        tensors[processor_key(name)] = weight.contiguous()
     written = [out_dir / WEIGHTS_SAFE, out_dir / WEIGHTS_BIN]
     save_file(tensors, str(written[0]), metadata={"format": "pt"})
     # diffusers' load_attn_procs needs a processor for every attention layer, self-attention

@@ -98,10 +98,14 @@ class BakedPatch:
 
 
 def bake_deltas(
-    module: nn.Module, deltas: Mapping[str, torch.Tensor], strength: float = 1.0
+    module: nn.Module, deltas: Mapping[str, torch.Tensor], strength: float = 1.0,
+    exact: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> BakedPatch:
     """``weight ← weight + strength·delta`` (added in fp32, stored in the weight's dtype).
 
+    ``exact`` (imported concepts): layer → (flat indices, trained values) where base + delta
+    cannot reach the trained weight in float32; those elements become the trained value at
+    strength 1 and ``w + strength·(value − w)`` (in float64) otherwise.
     The original tensors are kept (not copied back from arithmetic), so ``remove()`` restores
     the base bit-exactly.
     """
@@ -117,6 +121,14 @@ def bake_deltas(
                 raise ValueError(f"{name}: shape {tuple(delta.shape)} ≠ model {tuple(param.shape)}")
             patch.originals[name] = param.data
             patched = param.data.float() + strength * delta.to(param.device, torch.float32)
+            if exact and name in exact:
+                index, values = (t.to(param.device) for t in exact[name])
+                if strength == 1.0:
+                    target = values.float()
+                else:
+                    original = param.data.reshape(-1)[index].double()
+                    target = (original + strength * (values.double() - original)).float()
+                patched.view(-1)[index] = target
             param.data = patched.to(param.dtype)
     return patch
 

@@ -43,22 +43,28 @@ else
     say "building $venv (torch 2.9.1 + ComfyUI's requirements; a few minutes)"
     rm -rf "$venv"
     "$python" -m venv "$venv"
-    pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
-    "${pip[@]}" --upgrade pip >&2
+    pip_install() {  # quiet, minus this machine's notes about local package folders
+        local status=0
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 \
+            | { grep -v "is ignored: it is neither a file nor a directory" || true; } >&2 || status=$?
+        return $status
+    }
+    pip_install --upgrade pip
     # torchvision and torchaudio pin their torch; installed in two steps as measured to work.
-    "${pip[@]}" torch==2.9.1 torchvision==0.24.1 >&2
-    "${pip[@]}" torch==2.9.1 'torchaudio==2.9.*' >&2
+    pip_install torch==2.9.1 torchvision==0.24.1
+    pip_install torch==2.9.1 'torchaudio==2.9.*'
     # ComfyUI's requirements without the torch family (already there, never changed).
     grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$comfy/requirements.txt" > "$host_dir/comfy-requirements.txt"
-    "${pip[@]}" -r "$host_dir/comfy-requirements.txt" >&2
-    # VideoHelperSuite's needs (headless OpenCV, ffmpeg for MP4); comfy-cli (+ ruff, which its validate runs) for the registry checks.
-    "${pip[@]}" opencv-python-headless imageio-ffmpeg comfy-cli ruff >&2
+    pip_install -r "$host_dir/comfy-requirements.txt"
+    # VideoHelperSuite's needs (headless OpenCV, ffmpeg for MP4); comfy-cli (+ ruff, which its
+    # validate runs) for the registry checks.
+    pip_install opencv-python-headless imageio-ffmpeg comfy-cli ruff
     # This pack's requirements, line by line and never touching torch, as ComfyUI-Manager does.
     while read -r line; do
         line=${line%%#*}
         [[ -z ${line// /} ]] && continue
         [[ $line =~ ^(torch|torchvision|torchaudio|torchsde)([^a-zA-Z0-9_-]|$) ]] && continue
-        "${pip[@]}" "$line" >&2
+        pip_install "$line"
     done < "$repo/requirements.txt"
     "$venv/bin/python" -c "$check" || fail "the environment does not import ComfyUI's requirements"
     echo "$inputs" > "$venv/.inputs"
