@@ -110,6 +110,24 @@ def tiny_components(tokenizer_dir: str | Path, seed: int = 0, *, unet_channels: 
     return tokenizer, text_encoder, unet, vae, scheduler
 
 
+def portable_text_encoder_keys(folder: str | Path) -> None:
+    """Give a saved CLIP text encoder the ``text_model.`` key prefix of real SD1.5 folders.
+
+    transformers 5 saves ``CLIPTextModel`` without it, and transformers 4 then finds none of its
+    weights (it would load a random encoder); with the prefix, both read the file."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for path in Path(folder).glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        if all(key.startswith("text_model.") for key in tensors):
+            continue
+        renamed = {key if key.startswith("text_model.") else "text_model." + key: t for key, t in tensors.items()}
+        save_file(renamed, str(path), metadata=metadata)
+
+
 def build_tiny_base(out_dir: str | Path, seed: int = 0) -> Path:
     """Write a tiny random SD1.5-like base in diffusers layout (loadable by ``load_host``)."""
     from diffusers import StableDiffusionPipeline
@@ -122,6 +140,7 @@ def build_tiny_base(out_dir: str | Path, seed: int = 0) -> Path:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    portable_text_encoder_keys(out_dir / "text_encoder")
     (out_dir / "RANDOM_WEIGHTS.txt").write_text(
         "This base has random weights (ClassDiffusion demo/tests). Nothing it generates means anything.\n"
     )

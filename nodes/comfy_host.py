@@ -86,8 +86,12 @@ def text_encoder_from_clip(clip, device: torch.device, dtype: torch.dtype):
     prefix = "text_model." if any(k.startswith("text_model.") for k in own) else ""
     missing, unexpected = model.load_state_dict({prefix + k: v.clone() for k, v in state.items()}, strict=False)
     missing = [k for k in missing if "position_ids" not in k]
-    if missing:
-        raise BaseModelError(f"The CLIP weights lack {missing[:3]}; is this SD1.5's CLIP-L?")
+    unexpected = [k for k in unexpected if "position_ids" not in k]
+    if missing or unexpected:
+        raise BaseModelError(
+            f"The CLIP weights do not fit a CLIP-L text model (missing {missing[:3]}, unused {unexpected[:3]}); "
+            "is this SD1.5's CLIP-L?"
+        )
     model.to(device, dtype).requires_grad_(False).eval()
     layer_idx = getattr(clip, "layer_idx", None)
     context_layer = None if layer_idx in (None, -1) else int(layer_idx)

@@ -139,3 +139,25 @@ def test_half_strength_moves_exact_values_halfway(official_weights):
     got = dict(unet.named_parameters())[name].reshape(-1)[index].double()
     expected = (base[name].reshape(-1)[index].double() + values.double()) / 2
     assert torch.allclose(got, expected, rtol=1e-6, atol=0)
+
+
+def test_a_base_whose_keys_do_not_fit_is_refused(tiny_base, tmp_path):
+    """A text encoder saved without the key prefix the installed transformers expects (or with
+    any other foreign layout) would load as a random encoder with only a warning: refuse it."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from classdiffusion.errors import BaseModelError
+    from classdiffusion.hosts.diffusers_host import load_components
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_base, broken)
+    path = broken / "text_encoder" / "model.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    assert all(key.startswith("text_model.") for key in tensors)  # written in the portable layout
+    save_file({"encoder_v2." + key.removeprefix("text_model."): t for key, t in tensors.items()}, str(path))
+    with pytest.raises(BaseModelError, match=r"text_encoder: the weights do not fit the CLIPTextModel.*missing"):
+        load_components(broken)
+    load_components(tiny_base)  # the untouched folder loads

@@ -135,6 +135,36 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+#: Keys a loader may report without a weight being lost (buffers rebuilt from the config).
+_HARMLESS_KEYS = ("position_ids",)
+
+
+def _load_checked(model_class, folder: Path, dtype: torch.dtype):
+    """``from_pretrained`` that refuses a model whose weights were not all loaded.
+
+    transformers and diffusers only *warn* when checkpoint keys do not fit the model and leave
+    those weights randomly initialised (e.g. a text encoder saved by transformers 5 without the
+    ``text_model.`` prefix, read by transformers 4): training would silently run on noise."""
+    model, info = model_class.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
+                                              output_loading_info=True)
+    problems = {}
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = [k if isinstance(k, str) else str(k[0]) for k in (info.get(kind) or [])]
+        keys = sorted(k for k in keys if not k.endswith(_HARMLESS_KEYS))
+        if keys:
+            problems[kind.replace("_keys", "")] = keys
+    if problems:
+        detail = "; ".join(f"{kind}: {', '.join(keys[:3])}{' …' if len(keys) > 3 else ''} ({len(keys)} in all)"
+                           for kind, keys in problems.items())
+        raise BaseModelError(
+            f"{folder}: the weights do not fit the {model_class.__name__} they are loaded into ({detail}). "
+            "Those weights would be random. The folder was probably written by another transformers/"
+            "diffusers version with another key layout, or is incomplete: re-save it with "
+            "StableDiffusionPipeline.save_pretrained, or use the original checkpoint file."
+        )
+    return model
+
+
 def load_components(
     base: str | Path,
     *,
@@ -158,9 +188,9 @@ def load_components(
                 "saved by StableDiffusionPipeline.save_pretrained or an SD1.5 .safetensors file."
             )
         tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", torch_dtype=dtype, local_files_only=True)
-        unet = UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=dtype, local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(base / "vae", torch_dtype=dtype, local_files_only=True)
+        text_encoder = _load_checked(CLIPTextModel, base / "text_encoder", dtype)
+        unet = _load_checked(UNet2DConditionModel, base / "unet", dtype)
+        vae = _load_checked(AutoencoderKL, base / "vae", dtype)
         scheduler = DDPMScheduler.from_pretrained(base / "scheduler", local_files_only=True)
         return tokenizer, text_encoder, unet, vae, scheduler
     if base.suffix.lower() not in (".safetensors", ".sft"):

@@ -82,6 +82,45 @@ def make_motion_module(path: Path) -> Path:
     return path
 
 
+BASE = "tiny_sd15.safetensors"  #: small random SD1.5-shaped checkpoint (seed 0)
+OTHER = "other_sd15.safetensors"  #: the same architecture, other weights ("another checkpoint")
+FULL = "v1-5-pruned-emaonly.safetensors"  #: SD1.5's whole architecture, the workflows' checkpoint
+MOTION_MODULE = "mm_test.safetensors"
+
+
+def _random_images(folder: Path, names, size) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{name}.png")
+
+
+def start_server(base_dir: Path, extra_args: tuple[str, ...] = (), *, workflows: bool = False) -> "ComfyServer":
+    """A started ComfyUI with two small random checkpoints and three random concept images; with
+    ``workflows`` also what the example workflows need: a full-architecture checkpoint, the other
+    two node packs with a random motion module, and their images."""
+    checkpoints = base_dir / "models" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    make_checkpoint(checkpoints / BASE, seed=0)
+    make_checkpoint(checkpoints / OTHER, seed=1)
+    _random_images(base_dir / "input", [f"concept_{i}" for i in range(3)], (112, 96))
+    packs: tuple = ()
+    if workflows:
+        make_checkpoint(checkpoints / FULL, full=True)
+        _random_images(base_dir / "input", ["concept_01", "concept_02", "concept_03", "dog_01", "dog_02",
+                                            "cat_01", "cat_02"], (96, 80))
+        if ANIMATEDIFF_EVOLVED and VIDEOHELPERSUITE:
+            (base_dir / "models" / "animatediff_models").mkdir(parents=True)
+            make_motion_module(base_dir / "models" / "animatediff_models" / MOTION_MODULE)
+            packs = (ANIMATEDIFF_EVOLVED, VIDEOHELPERSUITE)
+    server = ComfyServer(base_dir, extra_packs=packs, extra_args=extra_args)
+    server.start()
+    return server
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

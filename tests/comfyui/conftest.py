@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from comfy_server import unavailable_reason
+from comfy_server import start_server, unavailable_reason
 
 
 def host_required() -> bool:
@@ -23,3 +23,13 @@ def pytest_collection_modifyitems(config, items):
             f"The ComfyUI host tests must run here (CI / CLASSDIFFUSION_REQUIRE_HOST) but cannot: {reason}. "
             'Set it up with: eval "$(bash tools/setup_comfyui_env.sh)"'
         )
+
+
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory):
+    """One ComfyUI for the integration and workflow tests (starting one costs ~30 s and several
+    checkpoints); the half-precision and registry tests need their own (other arguments, the
+    pack installed from its zip)."""
+    server = start_server(tmp_path_factory.mktemp("comfy_shared"), workflows=True)
+    yield server
+    server.stop()

@@ -14,35 +14,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from comfy_server import ComfyServer, comfyui_commit, error_message, make_checkpoint, unavailable_reason, was_interrupted
+from comfy_server import BASE, OTHER, comfyui_commit, error_message, unavailable_reason, was_interrupted
 
 _reason = unavailable_reason()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
 
-BASE = "tiny_sd15.safetensors"
-OTHER = "other_sd15.safetensors"
-
-
-def start_server(base_dir, extra_args: tuple[str, ...] = ()) -> ComfyServer:
-    """A started ComfyUI with two small random checkpoints and three random concept images."""
-    (base_dir / "models" / "checkpoints").mkdir(parents=True)
-    make_checkpoint(base_dir / "models" / "checkpoints" / BASE, seed=0)
-    make_checkpoint(base_dir / "models" / "checkpoints" / OTHER, seed=1)
-    (base_dir / "input").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (96, 112, 3), dtype=np.uint8)).save(base_dir / "input" / f"concept_{i}.png")
-    srv = ComfyServer(base_dir, extra_args=extra_args)
-    srv.start()
-    return srv
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("comfy"))
+def server(shared_server):
+    """The session's ComfyUI (tests/comfyui/conftest.py), shared with the workflow tests."""
     print(f"\nComfyUI commit under test: {comfyui_commit()}")
-    yield srv
-    srv.stop()
+    return shared_server
 
 
 def loader(ckpt=BASE, node="ckpt"):
@@ -111,7 +92,9 @@ def test_nodes_are_registered_with_their_inputs(server):
     assert list(train["required"])[:4] == ["model", "clip", "vae", "images"]
     assert train["required"]["steps"][1]["default"] == 500
     assert train["required"]["spl_weight"][1]["default"] == 1.0
-    assert set(train["optional"]) == {"class_images", "concept_2", "concept_3"}
+    assert list(train["optional"]) == ["class_images", "concept_2", "concept_3", "spl_feature"]  # new ones last
+    spl_feature = train["optional"]["spl_feature"]
+    assert spl_feature[1]["default"] == "eos" and spl_feature[1].get("advanced") is True
     outputs = info["ClassDiffusionTrainConcept"]["output"]
     assert outputs == ["MODEL", "CLIP", "CLASSDIFFUSION_CONCEPT", "CLASSDIFFUSION_HISTORY"]
 

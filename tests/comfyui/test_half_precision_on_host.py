@@ -12,8 +12,8 @@ import math
 
 import pytest
 
-from comfy_server import error_message, unavailable_reason
-from test_comfyui_integration import image_batch, loader, sampler, start_server, train_node
+from comfy_server import error_message, start_server, unavailable_reason
+from test_comfyui_integration import image_batch, loader, sampler, train_node
 
 _reason = unavailable_reason()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")

@@ -4,14 +4,10 @@ on a random SD1.5-architecture checkpoint; the video one with a random motion mo
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_server import (
-    ANIMATEDIFF_EVOLVED, VIDEOHELPERSUITE, ComfyServer, error_message, make_checkpoint, make_motion_module,
-    unavailable_reason,
-)
+from comfy_server import ANIMATEDIFF_EVOLVED, MOTION_MODULE, VIDEOHELPERSUITE, error_message, unavailable_reason
 from node_specs import pack_object_info
 from workflow_tools import check_workflow, load_workflows, ui_to_api
 
@@ -25,27 +21,14 @@ SMALL = {
     "ClassDiffusionTrainConcept": {"steps": 2, "resolution": 64},
     "EmptyLatentImage": {"width": 64, "height": 64},
     "KSampler": {"steps": 2},
-    "ADE_LoadAnimateDiffModel": {"model_name": "mm_test.safetensors"},
+    "ADE_LoadAnimateDiffModel": {"model_name": MOTION_MODULE},
 }
 
 
 @pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    base_dir = tmp_path_factory.mktemp("comfy_workflows")
-    checkpoints = base_dir / "models" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    make_checkpoint(checkpoints / "v1-5-pruned-emaonly.safetensors", full=True)
-    if not VIDEO_PACKS_MISSING:
-        (base_dir / "models" / "animatediff_models").mkdir(parents=True)
-        make_motion_module(base_dir / "models" / "animatediff_models" / "mm_test.safetensors")
-    (base_dir / "input").mkdir()
-    rng = np.random.default_rng(0)
-    for name in ("concept_01", "concept_02", "concept_03", "dog_01", "dog_02", "cat_01", "cat_02"):
-        Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(base_dir / "input" / f"{name}.png")
-    server = ComfyServer(base_dir, extra_packs=(ANIMATEDIFF_EVOLVED, VIDEOHELPERSUITE))
-    server.start()
-    yield server, server.get("/object_info")
-    server.stop()
+def host(shared_server):
+    """The session's ComfyUI (tests/comfyui/conftest.py), shared with the integration tests."""
+    return shared_server, shared_server.get("/object_info")
 
 
 def test_pack_schemas_seen_without_comfyui_match_the_host(host):

@@ -1,0 +1,48 @@
+"""What the registry and installers read: dependencies, their tested floors, icon and license."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _lines(path: Path) -> list[str]:
+    return [line.split("#", 1)[0].strip() for line in path.read_text().splitlines() if line.split("#", 1)[0].strip()]
+
+
+def test_requirements_txt_equals_pyproject_dependencies():
+    """comfy-cli reads [project].dependencies, ComfyUI-Manager requirements.txt: keep them equal."""
+    assert _lines(REPO / "requirements.txt") == PYPROJECT["project"]["dependencies"]
+
+
+def test_declared_floors_are_the_versions_the_floor_leg_tests():
+    floors = dict(line.split("==") for line in _lines(REPO / "tools" / "floor-requirements.txt"))
+    declared = {}
+    for requirement in PYPROJECT["project"]["dependencies"]:
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", requirement)
+        if match:
+            declared[match.group(1).lower()] = match.group(2)
+        else:
+            assert re.fullmatch(r"[A-Za-z0-9_.-]+", requirement), f"{requirement}: only lower bounds, no caps"
+    assert set(declared) == set(floors)
+    for name, version in declared.items():
+        padded = lambda v: tuple(int(p) for p in v.split(".")) + (0,) * (3 - len(v.split(".")))  # noqa: E731
+        assert padded(version) == padded(floors[name]), (name, version, floors[name])
+    assert "torch" not in declared  # ComfyUI brings torch; the pack never installs it
+
+
+def test_registry_icon_and_license_ship_with_the_pack():
+    comfy = PYPROJECT["tool"]["comfy"]
+    assert comfy["Icon"].endswith("/icon.png") and comfy["PublisherId"] and comfy["DisplayName"]
+    with Image.open(REPO / "icon.png") as icon:
+        assert icon.size[0] == icon.size[1] and icon.size[0] <= 800
+    assert PYPROJECT["project"]["license"] == {"file": "LICENSE"}
+    assert "Apache License" in (REPO / "LICENSE").read_text()
+    ignored = _lines(REPO / ".comfyignore")
+    assert not any(entry.rstrip("/") in ("icon.png", "LICENSE") for entry in ignored)
