@@ -3,7 +3,8 @@
 Run with ComfyUI's Python from the ComfyUI folder:  python host_parity_step.py REPO OUT.json
 A random UNet with SD1.5's architecture is built by diffusers and converted by ComfyUI's own loader
 (``load_diffusion_model_state_dict``); the CLIP-L text model is handed to ComfyUI through its own
-``load_text_encoder_state_dicts`` and its tokenizer is ComfyUI's SD1 tokenizer. Both hosts then
+``load_text_encoder_state_dicts`` (which stores it in fp16, so its weights are made
+fp16-representable first) and its tokenizer is ComfyUI's SD1 tokenizer. Both hosts then
 compute recon + SPL with the same trained deltas, token vector, noisy latents, timesteps, noise
 and mask; the script writes their losses' and gradients' relative differences as JSON.
 """
@@ -74,6 +75,8 @@ def main(repo: str, out_path: str) -> None:
             for name, param in module.named_parameters():
                 if param.ndim > 1 and "embedding" not in name:
                     param.normal_(0.0, param[0].numel() ** -0.5)
+        for param in text.parameters():  # ComfyUI keeps text encoders in fp16, even on the CPU:
+            param.copy_(param.half().float())  # give both hosts weights that fp16 holds exactly
     patcher = comfy.sd.load_diffusion_model_state_dict({k: v.clone() for k, v in unet.state_dict().items()})
     text_sd = {(k if k.startswith("text_model.") else "text_model." + k): v.clone() for k, v in text.state_dict().items()}
     clip = comfy.sd.load_text_encoder_state_dicts([text_sd], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
@@ -99,8 +102,19 @@ def main(repo: str, out_path: str) -> None:
     results = {}
     for label, host in (("comfy", ours_comfy), ("diffusers", ours_diffusers)):
         results[label] = step(host, deltas, vector, noisy, timesteps, noise, mask, losses)
+    # The noise floor: the same diffusers host with its other attention implementation — the
+    # same math, only summed in another order. Differences of that size are float32 rounding,
+    # amplified by the deep random network.
+    ours_diffusers.configure_training(False, "eager")
+    ev, eg, et = step(ours_diffusers, deltas, vector, noisy, timesteps, noise, mask, losses)
     (cv, cg, ct), (dv, dg, dt) = results["comfy"], results["diffusers"]
+    floor = {
+        **{name: relative(ev[name], dv[name]) for name in dv},
+        "kv_grad": max(relative(eg[name], dg[name]) for name in dg),
+        "token_grad": relative(et, dt),
+    }
     report = {
+        "noise_floor": floor,
         "same_layers": sorted(base) == sorted(comfy_base),
         "base_weights": max(relative(comfy_base[n].float(), base[n].float()) for n in base),
         "alphas_cumprod": relative(ours_comfy.alphas_cumprod(), ours_diffusers.alphas_cumprod()),

@@ -1,12 +1,18 @@
 """The ComfyUI host computes the same training step as the diffusers host (issue: official parity).
 
 Both hosts get the same random SD1.5-architecture UNet (converted by ComfyUI's own loader) and
-CLIP-L, the same trained deltas, token vector and inputs; see host_parity_step.py. Tolerance: both
-run in float32 on the CPU, but through different implementations of the same network (ComfyUI's
-openaimodel/attention vs diffusers' blocks, its timestep embedding, its text model copy), so sums
-are reassociated over ~10⁸ multiply-adds per output; measured differences are ~1e-6 relative, and
-1e-4 is far below what any real difference (a missing start-token detach: 4 %; a wrong loss
-reduction: 300 %; a wrong layer mapping: 100 %) would give.
+CLIP-L, the same trained deltas, token vector and inputs; see host_parity_step.py.
+
+Tolerance: both run in float32 on the CPU, but through different implementations of the same
+network (ComfyUI's openaimodel and sub-quadratic attention vs diffusers' blocks and SDPA), so sums
+are reassociated. The script measures that noise floor directly — the same diffusers host with its
+eager attention instead of SDPA, identical math in another order — and the ComfyUI host must stay
+within 10× of it (and under 2 %). Measured: losses identical, K/V gradients 3.5e-6 and the token
+gradient 1.2e-6 relative, at the floor (3.5e-6 / 1.1e-6). Any real difference is far above: a
+missing start-token detach changes K/V gradients by ~4–10 %, a wrong loss reduction the loss by
+300 %, a wrong layer mapping by ~100 %. (ComfyUI stores text encoders in fp16 even on the CPU, so
+the script gives both hosts fp16-representable CLIP weights; otherwise the contexts differ by that
+rounding, 6e-4.)
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from comfy_server import COMFYUI_PATH, COMFYUI_PYTHON, REPO, unavailable_reason
 _reason = unavailable_reason()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
 
-TOLERANCE = 1e-4
+FLOOR_FACTOR, CAP = 10.0, 2e-2
 
 
 def test_comfyui_host_step_equals_the_diffusers_host_step(tmp_path):
@@ -35,5 +41,7 @@ def test_comfyui_host_step_equals_the_diffusers_host_step(tmp_path):
     assert report["same_layers"] and report["kv_grad_reached"]
     assert report["base_weights"] == 0.0  # ComfyUI's conversion moves weights, never changes them
     assert report["total_value"] > 0
-    for key in ("alphas_cumprod", "recon", "spl", "total", "kv_grad", "token_grad"):
-        assert report[key] < TOLERANCE, (key, report[key])
+    assert report["alphas_cumprod"] < 1e-5  # ComfyUI's σ schedule → ᾱ matches DDPM's betas
+    for key in ("recon", "spl", "total", "kv_grad", "token_grad"):
+        floor = report["noise_floor"][key]
+        assert report[key] <= max(FLOOR_FACTOR * floor, 1e-5) and report[key] < CAP, (key, report[key], floor)
