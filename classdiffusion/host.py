@@ -66,13 +66,14 @@ class TrainingHost(Protocol):
 
     def encode_text(
         self, prompts: Sequence[str], token_vectors: Mapping[str, torch.Tensor], *,
-        tokens_without_position: bool = False,
+        tokens_without_position: bool = False, eos_only: bool = False,
     ) -> TextFeatures:
         """Encode prompts in which each token of ``token_vectors`` is replaced by its vector.
 
         Gradients must flow from the outputs into ``token_vectors`` and nowhere else.
         ``tokens_without_position``: the tokens enter without their position embedding, as in the
-        official code's SPL encoder (for ``spl_feature="official"`` only).
+        official code's SPL encoder (for ``spl_feature="official"`` only). ``eos_only``: only
+        ``eos`` is used (the host may skip the positions after the last EOS).
         """
 
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

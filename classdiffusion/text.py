@@ -134,8 +134,9 @@ class TransformersTextEncoder:
         rows = self.injector.base.weight[torch.tensor(known, device=self.injector.base.weight.device)]
         return rows.float().mean(0).detach().clone()
 
-    def _tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ids, first EOS position, highest-id position) per prompt, cached per prompt list."""
+    def _tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(ids, first EOS position, highest-id position, length up to the last prompt's EOS),
+        cached per prompt list."""
         key = tuple(prompts)
         cached = self._token_cache.get(key)
         if cached is None:
@@ -152,19 +153,30 @@ class TransformersTextEncoder:
                 raise InvalidInputError("A prompt is too long: its end-of-text token was cut off.")
             eos_pos = is_eos.int().argmax(dim=1)  # first EOS = the real end of the prompt
             max_pos = ids.argmax(dim=1)  # first highest id: transformers' legacy pooling
-            cached = (ids.to(self.device), eos_pos.to(self.device), max_pos.to(self.device))
+            # Cut length for eos_only: past the last EOS, rounded up to a multiple of 16 so that
+            # phrases encoded in different batches run at the same length (bitwise-equal features).
+            length = min(ids.shape[1], -(-(int(eos_pos.max()) + 1) // 16) * 16)
+            cached = (ids.to(self.device), eos_pos.to(self.device), max_pos.to(self.device), length)
             if len(self._token_cache) < 4096:
                 self._token_cache[key] = cached
         return cached
 
     def encode(
         self, prompts: Sequence[str], token_vectors: Mapping[str, torch.Tensor], *,
-        tokens_without_position: bool = False,
+        tokens_without_position: bool = False, eos_only: bool = False,
     ) -> TextFeatures:
         """``tokens_without_position``: each new token enters as its bare vector, without its
         position embedding. The official code's SPL encoder does this (it overwrites the embedded
-        sequence at the token's position with the raw embedding row); only for reproducing it."""
-        ids, eos_pos, max_pos = self._tokenize(prompts)
+        sequence at the token's position with the raw embedding row); only for reproducing it.
+
+        ``eos_only``: only the EOS features are wanted (drift measurements), so the sequences are
+        cut after the last EOS instead of running all 77 positions: CLIP's attention is causal,
+        so later positions cannot change them (≈5× less work for short phrases); ``context`` and
+        ``max_id`` then cover the cut sequence only."""
+        ids, eos_pos, max_pos, length = self._tokenize(prompts)
+        if eos_only:
+            ids = ids[:, :length]
+            max_pos = max_pos.clamp(max=length - 1)
         self.injector.vectors = token_vectors
         self.injector.without_position = tokens_without_position
         try:

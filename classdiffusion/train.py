@@ -359,9 +359,9 @@ class _Run:
             seconds=time.perf_counter() - start,
         )
 
-    def _encode_no_grad(self, prompts, vectors):
+    def _encode_no_grad(self, prompts, vectors, **options):
         with torch.no_grad(), _autocast(self.device, self.config.mixed_precision):
-            return self.host.encode_text(prompts, vectors)
+            return self.host.encode_text(prompts, vectors, **options)
 
     def drift(self) -> list[dict]:
         """Each token's semantic drift now (cosine to its class phrase, rank among the paper's

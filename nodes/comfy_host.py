@@ -137,8 +137,9 @@ class ComfyHost:
         return self.text.word_embedding(word)
 
     def encode_text(self, prompts: Sequence[str], token_vectors: Mapping[str, torch.Tensor], *,
-                    tokens_without_position: bool = False) -> TextFeatures:
-        return self.text.encode(prompts, token_vectors, tokens_without_position=tokens_without_position)
+                    tokens_without_position: bool = False, eos_only: bool = False) -> TextFeatures:
+        return self.text.encode(prompts, token_vectors, tokens_without_position=tokens_without_position,
+                                eos_only=eos_only)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,8 +11,11 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for path in (REPO, Path(__file__).resolve().parent / "comfyui"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+pytest_plugins = ["comfy_fixtures"]  # the ComfyUI host's fixtures and its CI rule (tests/comfyui)
 
 from classdiffusion.config import ConceptSpec, TrainConfig  # noqa: E402
 from classdiffusion.hosts.diffusers_host import load_host  # noqa: E402

@@ -46,7 +46,7 @@ def test_eos_position_is_the_end_of_text_not_the_new_token(host):
     """SD1.5's text config has eos_token_id=2, so transformers' pooler picks argmax(id) — which is a
     newly added token's id. SPL must use the real end-of-text position."""
     host.add_tokens(["<sks>"])
-    ids, eos_pos, _ = host.text._tokenize(["a photo of a <sks> dog"])
+    ids, eos_pos, _, _ = host.text._tokenize(["a photo of a <sks> dog"])
     assert ids[0, eos_pos[0]] == host.tokenizer.eos_token_id
     assert ids[0].argmax() != eos_pos[0]
 
@@ -69,3 +69,18 @@ def test_class_phrase_features_do_not_depend_on_the_token(host):
         a = host.encode_text(["a photo of a dog"], {"<sks>": torch.zeros(768)}).eos
         b = host.encode_text(["a photo of a dog"], {"<sks>": torch.ones(768)}).eos
     assert torch.equal(a, b)
+
+
+def test_eos_only_encoding_cuts_after_the_last_eos_and_gives_the_same_features(host):
+    """Drift probes only need EOS features; CLIP's causal attention makes the positions after the
+    last EOS irrelevant, so they are not computed."""
+    host.add_tokens(["<sks>"])
+    vector = host.word_embedding("ktn") + 0.1
+    prompts = ["a dog", "a photo of a <sks> dog", "a shiny dog"]
+    with torch.no_grad():
+        full = host.encode_text(prompts, {"<sks>": vector})
+        cut = host.encode_text(prompts, {"<sks>": vector}, eos_only=True)
+    ids, eos_pos, _, length = host.text._tokenize(prompts)
+    assert int(eos_pos.max()) < length < ids.shape[1] and length % 16 == 0
+    assert cut.context.shape[1] == length
+    assert torch.allclose(cut.eos, full.eos, atol=1e-5, rtol=1e-5)

@@ -42,7 +42,8 @@ ADJECTIVES: tuple[str, ...] = (
 PHRASE = "a {} {}"
 CLASS_PHRASE = "a {}"
 
-Encode = Callable[[Sequence[str], Mapping[str, torch.Tensor]], TextFeatures]
+#: A host's ``encode_text`` (it must accept ``eos_only=True``).
+Encode = Callable[..., TextFeatures]
 
 
 @dataclass
@@ -113,7 +114,7 @@ class DriftProbe:
     def _eos(self, prompts: Sequence[str], vectors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         out = []
         for start in range(0, len(prompts), 32):  # bounded batches: SD1.5's CLIP-L on small GPUs
-            out.append(self.encode(prompts[start:start + 32], vectors).eos.float())
+            out.append(self.encode(prompts[start:start + 32], vectors, eos_only=True).eos.float())
         return torch.cat(out)
 
     @torch.no_grad()

@@ -58,8 +58,9 @@ class DiffusersHost:
         return self.text.word_embedding(word)
 
     def encode_text(self, prompts: Sequence[str], token_vectors: Mapping[str, torch.Tensor], *,
-                    tokens_without_position: bool = False) -> TextFeatures:
-        return self.text.encode(prompts, token_vectors, tokens_without_position=tokens_without_position)
+                    tokens_without_position: bool = False, eos_only: bool = False) -> TextFeatures:
+        return self.text.encode(prompts, token_vectors, tokens_without_position=tokens_without_position,
+                                eos_only=eos_only)
 
     # -- images and noise -------------------------------------------------------------------
     @torch.no_grad()
