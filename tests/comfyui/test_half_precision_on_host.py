@@ -31,14 +31,14 @@ def test_training_a_half_precision_unet(fp16_server, precision):
     from classdiffusion.concept import load_concept
 
     name = f"half_{precision}"
-    prompt = {**loader(), **image_batch(), **train_node(name, mixed_precision=precision),
+    prompt = {**loader(), **image_batch(), **train_node(name, steps=2, mixed_precision=precision),
               **sampler(("train", 0), ("train", 1), "a photo of a <sks> dog", name)}
     entry = fp16_server.run(prompt)
     assert entry["status"]["status_str"] == "success", error_message(entry)
     assert "model weight dtype torch.float16" in fp16_server.log()
     concept = load_concept(fp16_server.base_dir / "models" / "classdiffusion" / f"{name}.safetensors")
     assert concept.meta["config"]["mixed_precision"] == ("no" if precision == "auto" else precision)
-    assert len(concept.history) == 3
+    assert len(concept.history) == 2  # a step after an update, too (fp16/bf16 on the CPU are slow)
     assert all(math.isfinite(record["loss"]) and math.isfinite(record["spl"]) for record in concept.history)
     assert concept.deltas and all(delta.isfinite().all() and delta.abs().sum() > 0 for delta in concept.deltas.values())
     assert concept.token_vectors.isfinite().all()
