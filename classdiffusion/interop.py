@@ -13,8 +13,8 @@ diffusers' ``train_custom_diffusion.py`` (and the official ClassDiffusion code b
 Importing needs the base UNet (delta = trained − base) and the class word (not in those files).
 Deltas are stored so that ``base + delta`` reproduces the trained weight bit-exactly in float32;
 the few trained values no float32 sum can reach are kept as exact values (``Concept.exact``), so
-applying reproduces the trained UNet bit for bit and import → export returns the same tensors. ``.bin`` files are read with
-``torch.load(weights_only=True)`` only.
+applying reproduces the trained UNet bit for bit and import → export returns the same tensors.
+Files are recognised by content; pickles are read with ``torch.load(weights_only=True)`` only.
 """
 
 from __future__ import annotations
