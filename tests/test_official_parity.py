@@ -113,14 +113,18 @@ class OfficialStep:
             total = total + prior_weight * prior
         return total, recon, spl, prior
 
-    def grads(self):
+    def kv_weights(self) -> dict[str, torch.nn.Parameter]:
+        """The processors' trained K/V weights by canonical layer name."""
         kv = {}
         for name, proc in self.procs.items():
             if name.endswith("attn2.processor"):
                 layer = name.removesuffix(".processor")
-                kv[layer + ".to_k.weight"] = proc.to_k_custom_diffusion.weight.grad
-                kv[layer + ".to_v.weight"] = proc.to_v_custom_diffusion.weight.grad
-        return kv, self.embedding.grad[self.token_id]
+                kv[layer + ".to_k.weight"] = proc.to_k_custom_diffusion.weight
+                kv[layer + ".to_v.weight"] = proc.to_v_custom_diffusion.weight
+        return kv
+
+    def grads(self):
+        return {name: w.grad for name, w in self.kv_weights().items()}, self.embedding.grad[self.token_id]
 
 
 def _close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
@@ -232,12 +236,7 @@ def test_optimizer_step_equals_the_official_adamw_step(host, tiny_base):
     torch.optim.AdamW([official.embedding] + trained, lr=run.lr, betas=(0.9, 0.999),
                       weight_decay=config.weight_decay, eps=config.adam_epsilon).step()
 
-    kv_after = {}
-    for name, proc in official.procs.items():
-        if name.endswith("attn2.processor"):
-            layer = name.removesuffix(".processor")
-            kv_after[layer + ".to_k.weight"] = proc.to_k_custom_diffusion.weight
-            kv_after[layer + ".to_v.weight"] = proc.to_v_custom_diffusion.weight
+    kv_after = official.kv_weights()
     for name, delta in run.deltas.items():
         ours = base[name].double() + delta.double()
         assert torch.allclose(ours, kv_after[name].double(), atol=1e-7, rtol=0), name

@@ -35,7 +35,7 @@ rm -rf "$host_dir/src"
 mv "$host_dir/src.new" "$host_dir/src"
 comfy=$host_dir/src/ComfyUI
 
-inputs=$(cat "$repo/tools/setup_comfyui_env.sh" "$comfy/requirements.txt" "$repo/requirements.txt" | sha256sum | cut -d' ' -f1)
+inputs=$(cat "$repo/tools/setup_comfyui_env.sh" "$repo/tools/pip_install.sh" "$comfy/requirements.txt" "$repo/requirements.txt" | sha256sum | cut -d' ' -f1)
 check='import torch, torchvision, torchaudio, aiohttp, cv2, diffusers, transformers, safetensors'
 if [[ -f $venv/.inputs && $(cat "$venv/.inputs") == "$inputs" ]] && "$venv/bin/python" -c "$check" 2>/dev/null; then
     say "reusing $venv"
@@ -43,12 +43,7 @@ else
     say "building $venv (torch 2.9.1 + ComfyUI's requirements; a few minutes)"
     rm -rf "$venv"
     "$python" -m venv "$venv"
-    pip_install() {  # quiet, minus this machine's notes about local package folders
-        local status=0
-        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 \
-            | { grep -v "is ignored: it is neither a file nor a directory" || true; } >&2 || status=$?
-        return $status
-    }
+    source "$repo/tools/pip_install.sh"
     pip_install --upgrade pip
     # torchvision and torchaudio pin their torch; installed in two steps as measured to work.
     pip_install torch==2.9.1 torchvision==0.24.1

@@ -10,13 +10,8 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 host_dir=${CLASSDIFFUSION_HOST_DIR:-$HOME/.cache/comfyui-classdiffusion}
 venv=$host_dir/floor-venv
-inputs=$(cat "$repo/tools/setup_floor_env.sh" "$repo/tools/floor-requirements.txt" | sha256sum | cut -d' ' -f1)
-pip_install() {
-    local status=0
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 \
-        | { grep -v "is ignored: it is neither a file nor a directory" || true; } >&2 || status=$?
-    return $status
-}
+inputs=$(cat "$repo/tools/setup_floor_env.sh" "$repo/tools/pip_install.sh" "$repo/tools/floor-requirements.txt" | sha256sum | cut -d' ' -f1)
+source "$repo/tools/pip_install.sh"
 if [[ -f $venv/.inputs && $(cat "$venv/.inputs") == "$inputs" ]]; then
     echo "setup_floor_env: reusing $venv" >&2
 else
