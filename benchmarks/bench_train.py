@@ -18,6 +18,7 @@ with the process's max RSS beside it). Random weights: the timing is what counts
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -73,6 +74,7 @@ VARIANTS = {
     "ours": {},
     "ours-ckpt": {"gradient_checkpointing": True},
     "ours-fast": {"channels_last": True, "compile": True},
+    "floor": {},
     "reference": {},
 }
 
@@ -102,7 +104,8 @@ def run_ours(args, components, device, after_warmup) -> dict:
     train(host, [ConceptSpec(token="<sks>", class_word="dog")], config, images=[images(args.images)], callbacks=Clock())
     prep = times[0] - start  # includes the one-off encoding of image variants and the first step
     steady = times[-1] - times[args.warmup - 1]
-    return {"steps_per_s": args.steps / steady, "setup_and_first_step_s": prep}
+    return {"steps_per_s": args.steps / steady, "setup_and_first_step_s": prep,
+            "run_500_steps_s": prep + 499 * steady / args.steps}
 
 
 def run_reference(args, components, device, after_warmup) -> dict:
@@ -199,6 +202,71 @@ def run_reference(args, components, device, after_warmup) -> dict:
     return {"steps_per_s": args.steps / (times[-1] - times[args.warmup - 1])}
 
 
+def run_floor(args, components, device, after_warmup) -> dict:
+    """The irreducible work of one ClassDiffusion step at this model, resolution, batch and
+    precision: one text-encoder pass over the batch prompts plus the SPL phrase (the token's
+    gradient needs it), the UNet forward and backward on precomputed latents with gradients only
+    for the attn2 K/V weights (trained in place, one matmul each, fp32 masters), cosine SPL
+    against a precomputed class feature, and fused AdamW on the trained tensors. No data work,
+    no hooks, no clipping, no per-step host syncs except the clock's."""
+    import torch.nn.functional as F
+
+    tokenizer, text_encoder, unet, vae, scheduler = components
+    dtype = precision_dtype(args.mixed_precision)
+    tokenizer.add_tokens(["<sks>"])
+    token_id = tokenizer.convert_tokens_to_ids("<sks>")
+    unet.requires_grad_(False).to(device)
+    text_encoder.requires_grad_(False).to(device)
+    trained = []
+    for name, module in unet.named_modules():
+        if name.endswith(("attn2.to_k", "attn2.to_v")):
+            module.weight.data = module.weight.data.float()
+            module.weight.requires_grad_(True)
+            trained.append(module.weight)
+    embedding = text_encoder.get_input_embeddings()
+    vector = torch.nn.Parameter(embedding.weight[tokenizer.convert_tokens_to_ids("dog")].detach().float().clone())
+
+    optimizer = torch.optim.AdamW(trained + [vector], lr=2e-5, weight_decay=1e-2, fused=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def tokenize(texts):
+        return tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids.to(device)
+
+    batch, side = args.batch_size, args.resolution // 8
+    ids = tokenize(["a photo of a <sks> dog"] * (batch + 1))
+    eos_at = (ids == tokenizer.eos_token_id).int().argmax(1)
+    at_token = (ids == token_id)[..., None]
+    ids = ids.masked_fill(ids == token_id, 0)  # any row; the hook puts the trained vector there
+    embedding.register_forward_hook(lambda module, inputs, output: torch.where(at_token, vector.to(output.dtype), output))
+    with torch.no_grad(), autocast:
+        class_ids = tokenize(["a photo of a dog"])
+        class_hidden = text_encoder(class_ids).last_hidden_state
+        class_eos = class_hidden[0, (class_ids[0] == tokenizer.eos_token_id).int().argmax()].float()
+    latents = torch.randn(args.images, 4, side, side, device=device)
+    alphas = scheduler.alphas_cumprod.to(device)
+    times = []
+    for step in range(args.steps + args.warmup):
+        x0 = latents[torch.randint(0, args.images, (batch,), device=device)]
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (batch,), device=device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        with autocast:
+            hidden = text_encoder(ids).last_hidden_state
+            pred = unet(noisy, t, hidden[:batch]).sample
+        recon = F.mse_loss(pred.float(), noise)
+        spl = 1 - F.cosine_similarity(hidden[batch, eos_at[batch]].float(), class_eos, dim=0)
+        (recon + spl).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter())
+        if len(times) == args.warmup:
+            after_warmup()
+    return {"steps_per_s": args.steps / (times[-1] - times[args.warmup - 1])}
+
+
 def child(args) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
@@ -207,13 +275,14 @@ def child(args) -> None:
         from classdiffusion.tiny import build_tokenizer
 
         tokenizer_dir = build_tokenizer(Path(tmp) / "tok")
-        components = build_models(args.model, tokenizer_dir, dtype)
+        with torch.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            components = build_models(args.model, tokenizer_dir, dtype)  # random init on the GPU: fast
         if args.mixed_precision != "no":
             # Frozen models in half precision before memory is counted, as a GPU would receive
             # them; the reference keeps its text encoder in fp32 (it trains the embedding matrix).
             for model in components[2:4] if args.variant == "reference" else components[1:4]:
                 model.to(precision_dtype(args.mixed_precision))
-        runner = run_reference if args.variant == "reference" else run_ours
+        runner = {"reference": run_reference, "floor": run_floor}.get(args.variant, run_ours)
         with PeakMemory(device) as memory:
             result = runner(args, components, device, after_warmup=memory.split)
         result.update(memory.result())
@@ -234,42 +303,71 @@ def main() -> None:
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--device")
-    parser.add_argument("--variants", default="ours,ours-ckpt,reference",
-                        help=f"comma-separated, from {', '.join(VARIANTS)} (ours-fast: channels-last + torch.compile)")
+    parser.add_argument("--variants", default="ours,ours-ckpt,floor,reference",
+                        help=f"comma-separated, from {', '.join(VARIANTS)} (ours-fast: channels-last + "
+                             "torch.compile; floor: the irreducible work of a step, see run_floor)")
+    parser.add_argument("--json", help="also write the settings and rows to this JSON file")
+    parser.add_argument("--variant-timeout", type=float, help="seconds one variant may run (default: no limit)")
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         return child(args)
 
-    rows = {}
+    rows, failed = {}, []
     for variant in args.variants.split(","):
         if variant not in VARIANTS:
             raise SystemExit(f"unknown variant {variant!r}")
         cmd = [sys.executable, __file__, "--variant", variant] + [a for a in sys.argv[1:]]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            sys.stderr.write(proc.stdout + proc.stderr)
-            raise SystemExit(f"{variant} run failed")
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout)
+            output = proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as timeout:
+            partial = timeout.stdout.decode(errors="replace") if isinstance(timeout.stdout, bytes) else timeout.stdout
+            output = f"timed out after {args.variant_timeout} s\n" + (partial or "")[-2000:]
+        line = next((l for l in output.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:  # keep the other variants' rows; say what failed
+            sys.stderr.write(output[-4000:])
+            failed.append(variant)
+            continue
         rows[variant] = json.loads(line[7:])
+    settings = {key: getattr(args, key) for key in ("model", "resolution", "batch_size", "steps", "warmup",
+                                                    "mixed_precision", "gradient_checkpointing")}
+    if rows:
+        print(markdown_table(settings, rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": settings, "rows": rows, "failed": failed}, indent=1))
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
+
+
+def markdown_table(settings: dict, rows: dict[str, dict]) -> str:
+    """One row per variant; ratios against the reference loop and the floor when they ran."""
     first = next(iter(rows.values()))
-    ref = rows.get("reference")
-    print(f"model={args.model} resolution={args.resolution} batch={args.batch_size} "
-          f"mixed_precision={args.mixed_precision} device={first['device']}")
+    ref, floor = rows.get("reference"), rows.get("floor")
+    cuda = "peak_reserved_mib" in first
     cpu = "peak_rss_mib" in first
-    print("| loop | steps/s | peak memory MiB | peak in steady steps MiB | allocated between steps MiB |"
-          + (" peak RSS MiB |" if cpu else "") + " speed vs reference | memory vs reference |")
-    print("|---|---|---|---|---|" + ("---|" if cpu else "") + "---|---|")
+    lines = [f"model={settings['model']} resolution={settings['resolution']} batch={settings['batch_size']} "
+             f"mixed_precision={settings['mixed_precision']} device={first['device']}", ""]
+    head = ["loop", "steps/s", "peak memory MiB", "peak in steady steps MiB", "allocated between steps MiB"]
+    head += ["peak reserved MiB"] if cuda else []
+    head += ["peak RSS MiB"] if cpu else []
+    head += ["500 steps s", "speed vs reference", "memory vs reference", "speed vs floor"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in rows.items():
-        speed = f"{row['steps_per_s'] / ref['steps_per_s']:.2f}x" if ref else "-"
-        memory = f"{row['peak_memory_mib'] / ref['peak_memory_mib']:.2f}" if ref else "-"
-        rss = f" {row['peak_rss_mib']:.0f} |" if cpu else ""
-        print(f"| {name} | {row['steps_per_s']:.3f} | {row['peak_memory_mib']:.0f} | "
-              f"{row['peak_step_memory_mib']:.0f} | {row['resident_memory_mib']:.0f} |{rss} {speed} | {memory} |")
+        cells = [name, f"{row['steps_per_s']:.3f}", f"{row['peak_memory_mib']:.0f}",
+                 f"{row['peak_step_memory_mib']:.0f}", f"{row['resident_memory_mib']:.0f}"]
+        cells += [f"{row['peak_reserved_mib']:.0f}"] if cuda else []
+        cells += [f"{row['peak_rss_mib']:.0f}"] if cpu else []
+        cells.append(f"{row['run_500_steps_s']:.1f}" if "run_500_steps_s" in row else "-")
+        cells.append(f"{row['steps_per_s'] / ref['steps_per_s']:.2f}x" if ref else "-")
+        cells.append(f"{row['peak_memory_mib'] / ref['peak_memory_mib']:.2f}" if ref else "-")
+        cells.append(f"{row['steps_per_s'] / floor['steps_per_s']:.2f}" if floor else "-")
+        lines.append("| " + " | ".join(cells) + " |")
     for name, row in rows.items():
         if "setup_and_first_step_s" in row:
-            print(f"({name}: one-off setup incl. encoding image variants and first step: {row['setup_and_first_step_s']:.1f}s)")
-
+            lines.append(f"({name}: one-off setup incl. encoding image variants and first step: "
+                         f"{row['setup_and_first_step_s']:.1f}s)")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

@@ -96,6 +96,7 @@ class PeakMemory:
     def split(self) -> None:
         """Called after warm-up: what follows is the steady per-step peak."""
         self.before_split = self._peak()
+        self.reserved_before_split = torch.cuda.max_memory_reserved() if self.cuda else 0
         self.resident = torch.cuda.memory_allocated() if self.cuda else self.tracker.current
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -106,5 +107,9 @@ class PeakMemory:
         """Peak over everything, over the steps after ``split()`` and what stayed allocated
         between steps (weights, trained tensors, optimizer state, caches), in MiB."""
         overall = max(self.end, self.before_split or 0)
-        return {"peak_memory_mib": overall / 2**20, "peak_step_memory_mib": self.end / 2**20,
-                "resident_memory_mib": self.resident / 2**20}
+        result = {"peak_memory_mib": overall / 2**20, "peak_step_memory_mib": self.end / 2**20,
+                  "resident_memory_mib": self.resident / 2**20}
+        if self.cuda:  # the most the caching allocator held from the driver
+            reserved = max(torch.cuda.max_memory_reserved(), getattr(self, "reserved_before_split", 0))
+            result["peak_reserved_mib"] = reserved / 2**20
+        return result

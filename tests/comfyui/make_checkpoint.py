@@ -25,11 +25,8 @@ def full_sd15_unet_state_dict(comfy_sd, seed: int) -> dict:
     return patcher.model.diffusion_model.state_dict()
 
 
-def main(out_path: str, seed: int = 0, full: bool = False) -> None:
-    sys.path.insert(0, os.getcwd())
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True  # no GPU needed to write a file
+def checkpoint_state_dict(seed: int = 0, full: bool = False) -> dict:
+    """The checkpoint's tensors in ComfyUI's single-file layout, fp16 (ComfyUI must be imported)."""
     import comfy.sd
     import comfy.utils
     from diffusers import AutoencoderKL
@@ -72,7 +69,17 @@ def main(out_path: str, seed: int = 0, full: bool = False) -> None:
     sd = config.process_unet_state_dict_for_saving({k: v.half() for k, v in unet_sd.items()})
     sd.update(config.process_clip_state_dict_for_saving(clip.state_dict_for_saving()))
     sd.update(config.process_vae_state_dict_for_saving(vae_model.get_sd()))
-    comfy.utils.save_torch_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}, out_path)
+    return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+
+
+def main(out_path: str, seed: int = 0, full: bool = False) -> None:
+    sys.path.insert(0, os.getcwd())
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # no GPU needed to write a file
+    import comfy.utils
+
+    comfy.utils.save_torch_file(checkpoint_state_dict(seed, full), out_path)
 
 
 if __name__ == "__main__":
