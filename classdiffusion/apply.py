@@ -11,7 +11,7 @@ from torch import nn
 from .concept import Concept
 from .errors import BaseMismatchError, InvalidInputError
 from .hosts.diffusers_host import cross_attention_weights
-from .kv import BakedPatch, bake_deltas, base_fingerprint
+from .kv import BakedPatch, bake_deltas
 
 
 @dataclass
@@ -42,22 +42,7 @@ def apply_concept(
 ) -> AppliedConcept:
     """Bake ``strength × delta`` into the UNet's cross-attention and teach the text encoder the
     concept's tokens. With ``strict`` a concept from another base is refused."""
-    train_mode = concept.meta.get("train_mode", "kv")
-    base = cross_attention_weights(unet, train_mode)
-    unknown = sorted(set(concept.deltas) - set(base))
-    if unknown:
-        raise BaseMismatchError(
-            f"The concept has {len(unknown)} layers this UNet lacks (e.g. {unknown[0]}): it was trained "
-            "on a UNet of another architecture."
-        )
-    for name, delta in concept.deltas.items():
-        if tuple(delta.shape) != tuple(base[name].shape):
-            raise BaseMismatchError(
-                f"{name}: the concept's delta is {tuple(delta.shape)}, this UNet's weight "
-                f"{tuple(base[name].shape)}; the concept belongs to another architecture."
-            )
-    if strict:
-        concept.check_base(base_fingerprint(base))
+    concept.check_against(cross_attention_weights(unet, concept.train_mode), what="this UNet", strict=strict)
     handle = AppliedConcept(patch=bake_deltas(unet, concept.deltas, strength, concept.exact),
                             tokens=list(concept.tokens))
     if text_encoder is not None and tokenizer is not None:

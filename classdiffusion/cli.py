@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from .errors import ClassDiffusionError
+from .errors import ClassDiffusionError, InvalidInputError, TrainingCancelled
 
 logger = logging.getLogger("classdiffusion")
 
@@ -44,15 +47,125 @@ class TqdmCallbacks:
             (self.bar.write if self.bar else print)(f"checkpoint: {path}")
 
 
-#: Settings a resumed run may take from the command line (they do not change the result).
-RESUMABLE = ("steps", "save_every", "drift_every")
+CONCEPT_SUFFIXES = (".safetensors", ".sft")  #: what the loader reads back
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def check_output_file(value: str, flag: str, suffixes: Sequence[str]) -> Path:
+    """Refuse, before any model loads, an output the run could not write or the project could not
+    read back: a wrong extension, an existing folder or special file, an unwritable place."""
+    path = Path(value)
+    if path.suffix.lower() not in suffixes:
+        raise InvalidInputError(f"{flag} {value}: the file name must end in {' or '.join(suffixes)} "
+                                "(other names are not read back).")
+    if path.is_dir():
+        raise InvalidInputError(f"{flag} {value} is a folder; give a file name such as {path / ('out' + suffixes[0])}.")
+    if path.exists() and not path.is_file():
+        raise InvalidInputError(f"{flag} {value} exists and is not a regular file.")
+    _check_writable(path.parent, flag)
+    return path
+
+
+def check_output_folder(value: str, flag: str) -> Path:
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise InvalidInputError(f"{flag} {value} is an existing file; give a folder.")
+    _check_writable(path, flag)
+    return path
+
+
+def _check_writable(folder: Path, flag: str) -> None:
+    """The nearest existing folder on the way to ``folder`` accepts a new file (tried for real: root
+    passes permission checks on read-only file systems)."""
+    probe = folder.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InvalidInputError(f"{flag}: {probe} is a file, so {folder} cannot be created.")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".classdiffusion-write-test.", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise InvalidInputError(f"{flag}: cannot write in {probe} ({exc.strerror}).") from None
+
+
+def check_device(name: str | None) -> str | None:
+    """A device PyTorch knows and this machine has."""
+    if name is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InvalidInputError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidInputError("--device cuda: CUDA is not available here (no GPU, or a CPU-only "
+                                    "PyTorch); use --device cpu.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InvalidInputError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s).")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InvalidInputError("--device mps: Apple's MPS is not available here; use --device cpu.")
+    elif device.type != "cpu":
+        raise InvalidInputError(f"--device {name}: only cpu, cuda and mps are supported.")
+    return name
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def _image_size(text: str) -> int:
+    value = _positive_int(text)
+    if value < 64 or value % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8, at least 64 (got {value}); SD1.5: 512")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
+    return value
+
+
+def _share(text: str) -> float:
+    value = _finite(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (got {value})")
+    return value
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C so that every cleanup (temporary files) runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .concept import read_metadata
     from .config import ConceptSpec, TrainConfig, load_concepts_json
     from .hosts.diffusers_host import load_host
-    from .train import precision_dtype, train
+    from .train import RESUME_MAY_CHANGE, precision_dtype, train
+
+    check_output_file(args.out, "--out", CONCEPT_SUFFIXES)  # checkpoints go beside it
+    if args.plot:
+        check_output_file(args.plot, "--plot", IMAGE_SUFFIXES)
+    check_device(args.device)
 
     overrides = {k: v for k, v in {
         "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr,
@@ -70,12 +183,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         meta = read_metadata(args.resume)
-        settings = {**meta.get("config", {}), **{k: overrides[k] for k in RESUMABLE if k in overrides}}
-        ignored = sorted(set(overrides) - set(RESUMABLE))
+        if not meta.concepts:
+            raise InvalidInputError(f"{args.resume} does not record how it was trained (an imported or older "
+                                    "concept), so it cannot be resumed; start a new run instead.")
+        settings = {**meta.config, **{k: overrides[k] for k in RESUME_MAY_CHANGE if k in overrides}}
+        ignored = sorted(set(overrides) - set(RESUME_MAY_CHANGE))
         if ignored:
             logger.warning("Resuming uses the checkpoint's settings; ignoring %s.", ignored)
         config = TrainConfig.from_dict(settings)
-        concepts = [ConceptSpec.from_dict(c) for c in meta["concepts"]]
+        concepts = [ConceptSpec.from_dict(c) for c in meta.concepts]
     else:
         config = TrainConfig.from_dict(overrides)
         if args.concepts:
@@ -84,7 +200,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             missing = [name for name, value in (("--token", args.token), ("--class-word", args.class_word),
                                                 ("--images", args.images)) if not value]
             if missing:
-                raise SystemExit(f"error: train needs {', '.join(missing)} (or --concepts FILE)")
+                raise InvalidInputError(f"train needs {', '.join(missing)} (or --concepts FILE)")
             spec = dict(token=args.token, class_word=args.class_word, images=args.images,
                         class_images=args.class_images or [])
             if args.initializer:
@@ -99,15 +215,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     host = load_host(args.base, base_config=args.base_config, device=args.device,
                      dtype=precision_dtype(config.mixed_precision))
     callbacks = TqdmCallbacks(enabled=not args.quiet)
-    previous = signal.signal(signal.SIGINT, lambda *_: setattr(callbacks, "stop_requested", True))
+    stop = lambda *_: setattr(callbacks, "stop_requested", True)  # noqa: E731  (Ctrl-C and SIGTERM alike)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         result = train(host, concepts, config, out=args.out, resume=args.resume, callbacks=callbacks,
                        meta_extra={"base_name": Path(args.base).name})
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if args.plot:
         from .plot import plot_history
 
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         plot_history(result.concept.history, tokens=result.concept.tokens).save(args.plot)
     from .plot import summary_line
 
@@ -118,6 +237,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import generate
+
+    check_output_folder(args.out, "--out")
 
     paths = generate(args.base, args.concept, args.prompt, args.out, steps=args.steps, guidance=args.guidance,
                      eta=args.eta, seed=args.seed, num_images=args.num_images, size=args.size,
@@ -131,7 +252,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .concept import read_metadata
 
-    meta = read_metadata(args.file)
+    meta = read_metadata(args.file).to_dict()
     if not args.history:
         history = meta.pop("history", [])
         meta["history_steps"] = len(history)
@@ -144,6 +265,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.report import evaluate
+
+    check_output_folder(args.out, "--out")
+    check_device(args.device)
 
     report = evaluate(
         args.base, args.concept, args.out, base_config=args.base_config, device=args.device, clip=args.clip,
@@ -168,11 +292,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .concept import compress_concept, load_concept
 
     if (args.rank is None) == (args.energy is None):
-        raise SystemExit("error: compress needs --rank R or --energy E (e.g. --energy 0.9)")
+        raise InvalidInputError("compress needs --rank R or --energy E (e.g. --energy 0.9), not both")
+    check_output_file(args.out, "OUT", CONCEPT_SUFFIXES)
     concept = load_concept(args.file)
     compressed, _ = compress_concept(concept, rank=args.rank, energy=args.energy)
     out = compressed.save(args.out)
-    info = compressed.meta["compression"]
+    info = compressed.meta.compression
     ranks = sorted(s["rank"] for s in info["layers"].values())
     print(f"{args.file}: {Path(args.file).stat().st_size / 2**20:.2f} MiB → {out}: {out.stat().st_size / 2**20:.2f} MiB")
     print(f"ranks {ranks[0]}–{ranks[-1]} (median {ranks[len(ranks) // 2]}), relative error of the deltas: "
@@ -190,11 +315,12 @@ def _base_cross_attention(args: argparse.Namespace) -> dict:
 def cmd_import_diffusers(args: argparse.Namespace) -> int:
     from .interop import import_custom_diffusion
 
+    check_output_file(args.out, "--out", CONCEPT_SUFFIXES)
     concept = import_custom_diffusion(args.weights, _base_cross_attention(args), args.class_word,
                                       tokens=args.token, prompt=args.prompt)
     path = concept.save(args.out)
     print(f"saved {path}: tokens {concept.tokens}, class words {concept.class_words}, "
-          f"{len(concept.deltas)} layers ({concept.meta['train_mode']})")
+          f"{len(concept.deltas)} layers ({concept.train_mode})")
     return 0
 
 
@@ -202,6 +328,7 @@ def cmd_export_diffusers(args: argparse.Namespace) -> int:
     from .concept import load_concept
     from .interop import export_custom_diffusion
 
+    check_output_folder(args.out, "--out")
     for path in export_custom_diffusion(load_concept(args.concept), _base_cross_attention(args), args.out,
                                         strict=not args.force):
         print(path)
@@ -214,6 +341,7 @@ def cmd_export_diffusers(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DISCLAIMER, run_demo
 
+    check_output_folder(args.out, "--out")
     print(DISCLAIMER)
     summary = run_demo(args.out, steps=args.steps, spl_weight=args.spl_weight, seed=args.seed,
                        generate_sample=not args.no_sample, progress=not args.quiet)
@@ -238,15 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--class-images", nargs="+", help="class images for prior preservation (optional)")
     train.add_argument("--concepts", help="JSON list of concepts for multi-concept training")
     train.add_argument("--out", required=True, help="output concept file (.safetensors)")
-    train.add_argument("--steps", type=int, help="training steps (default 500; 800 suits multi-concept)")
-    train.add_argument("--batch-size", type=int, help="default 2")
-    train.add_argument("--lr", type=float, help="base learning rate (default 1e-5, scaled by batch size)")
+    train.add_argument("--steps", type=_positive_int, help="training steps (default 500; 800 suits multi-concept)")
+    train.add_argument("--batch-size", type=_positive_int, help="default 2")
+    train.add_argument("--lr", type=_finite, help="base learning rate (default 1e-5, scaled by batch size)")
     train.add_argument("--no-scale-lr", action="store_true", help="use --lr as is")
-    train.add_argument("--spl-weight", type=float, help="λ of the semantic preservation loss (default 1.0)")
+    train.add_argument("--spl-weight", type=_finite, help="λ of the semantic preservation loss (default 1.0)")
     train.add_argument("--spl-feature", choices=["eos", "official"],
                        help="text feature SPL compares: eos (default, the paper's end-of-text feature) or "
                             "official (the official code's pooler output: the new token's own position)")
-    train.add_argument("--prior-weight", type=float, help="weight of prior preservation (default 1.0)")
+    train.add_argument("--prior-weight", type=_finite, help="weight of prior preservation (default 1.0)")
     train.add_argument("--resolution", type=int, help="default 512")
     train.add_argument("--train-mode", choices=["kv", "crossattn"], help="kv (default) or all of attn2")
     train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="default no")
@@ -272,13 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="e.g. 'photo of a <sks> dog wearing headphones'")
     gen.add_argument("--negative-prompt")
     gen.add_argument("--out", required=True, help="output folder")
-    gen.add_argument("--steps", type=int, default=100, help="sampling steps (paper: 100)")
-    gen.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance (paper: 6.0)")
-    gen.add_argument("--eta", type=float, default=1.0, help="DDIM eta (official README: 1.0)")
+    gen.add_argument("--steps", type=_positive_int, default=100, help="sampling steps (paper: 100)")
+    gen.add_argument("--guidance", type=_finite, default=6.0, help="classifier-free guidance (paper: 6.0)")
+    gen.add_argument("--eta", type=_finite, default=1.0, help="DDIM eta (official README: 1.0)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--size", type=int, help="image size (default: the model's)")
-    gen.add_argument("--strength", type=float, default=1.0, help="K/V delta strength")
+    gen.add_argument("--num-images", type=_positive_int, default=1)
+    gen.add_argument("--size", type=_image_size, help="image size, a multiple of 8 (default: the model's)")
+    gen.add_argument("--strength", type=_finite, default=1.0, help="K/V delta strength")
     gen.add_argument("--force", action="store_true", help="apply a concept trained on another base")
     gen.set_defaults(func=cmd_generate)
 
@@ -298,13 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompts", help="prompt file, one per line with the token (default: DreamBooth's 25)")
     ev.add_argument("--subject-kind", choices=["auto", "live", "object"], default="auto",
                     help="which DreamBooth prompt set (auto: live for animals and people)")
-    ev.add_argument("--num-images", type=int, default=1, help="images per prompt (papers: 4–20)")
-    ev.add_argument("--steps", type=int, default=50, help="sampling steps")
-    ev.add_argument("--guidance", type=float, default=6.0)
-    ev.add_argument("--size", type=int, help="image size (default: the model's)")
+    ev.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt (papers: 4–20)")
+    ev.add_argument("--steps", type=_positive_int, default=50, help="sampling steps")
+    ev.add_argument("--guidance", type=_finite, default=6.0)
+    ev.add_argument("--size", type=_image_size, help="image size, a multiple of 8 (default: the model's)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--fisher-prompts", help="prompts without the concept for the Fisher divergence (file)")
-    ev.add_argument("--fisher-steps", type=int, default=20, help="DDIM timesteps of the Fisher divergence")
+    ev.add_argument("--fisher-steps", type=_positive_int, default=20, help="DDIM timesteps of the Fisher divergence")
     ev.add_argument("--map", choices=["pca", "tsne"], default="pca", help="2-D map of the drift view")
     ev.add_argument("--no-images", action="store_true", help="drift and Fisher divergence only (fast)")
     ev.add_argument("--force", action="store_true", help="evaluate a concept trained on another base")
@@ -314,8 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compress", help="store a concept's K/V deltas as truncated-SVD factors (smaller file)")
     comp.add_argument("file")
     comp.add_argument("out")
-    comp.add_argument("--rank", type=int, help="keep this many singular values per layer")
-    comp.add_argument("--energy", type=float, help="keep the fewest singular values holding this share of the energy (0–1]")
+    comp.add_argument("--rank", type=_positive_int, help="keep this many singular values per layer")
+    comp.add_argument("--energy", type=_share, help="keep the fewest singular values holding this share of the energy (0–1]")
     comp.set_defaults(func=cmd_compress)
 
     imp = sub.add_parser("import-diffusers", help="a concept from diffusers' Custom Diffusion output (official ClassDiffusion code)")
@@ -338,8 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train on a tiny random base and synthetic images (no weights needed)")
     demo.add_argument("--out", required=True)
-    demo.add_argument("--steps", type=int, default=60)
-    demo.add_argument("--spl-weight", type=float, default=1.0)
+    demo.add_argument("--steps", type=_positive_int, default=60)
+    demo.add_argument("--spl-weight", type=_finite, default=1.0)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-sample", action="store_true", help="skip the sample image")
     demo.add_argument("-q", "--quiet", action="store_true")
@@ -351,8 +479,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.func(args)
+    except TrainingCancelled as exc:
+        print(f"cancelled: {exc}", file=sys.stderr)
+        return 130
     except ClassDiffusionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, _Terminated):  # while models load or files are written
+        print("cancelled; nothing partial was written (files are written whole or not at all).", file=sys.stderr)
+        return 130
+    except OSError as exc:  # a disk filled up, a folder vanished, a permission changed mid-run
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -22,8 +22,10 @@ read with safetensors only: nothing is ever unpickled.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
+import re
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +36,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import BaseMismatchError, ConceptFileError
-from .kv import compare_fingerprints, compress_deltas
+from .kv import base_fingerprint, compare_fingerprints, compress_deltas, trained_names
+from .meta import ConceptMeta
 
 FORMAT = "classdiffusion.concept"
 FORMAT_VERSION = 3  #: newest version read; each file is written with the oldest version that holds it
@@ -46,6 +49,12 @@ EXACT_VALUE_PREFIX = "kv_exact_value."
 TOKEN_KEY = "token.embedding"
 OPTIM_PREFIX = "optim."
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Largest magnitude a stored delta, factor product, exact value or token vector may have. Trained
+#: K/V deltas and CLIP embeddings are orders of magnitude smaller; far larger values are damage, and
+#: would overflow fp16 weights (max 65504) when applied at the nodes' strengths (up to ±2, stacked).
+MAX_ABS_VALUE = 1e3
+#: AdamW's state per parameter, as torch.optim.AdamW writes it.
+_OPTIM_STATES = {"step", "exp_avg", "exp_avg_sq"}
 
 
 @dataclass
@@ -56,7 +65,7 @@ class Concept:
     token_vectors: torch.Tensor
     tokens: list[str]
     class_words: list[str]
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: ConceptMeta = field(default_factory=ConceptMeta)
     optimizer_tensors: dict[str, torch.Tensor] | None = None
     #: Low-rank factors (up, down) of compressed deltas; ``deltas`` then holds up @ down.
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -66,13 +75,24 @@ class Concept:
     #: concept reproduces the trained weights bit for bit.
     exact: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
+    def __post_init__(self) -> None:
+        if isinstance(self.meta, dict):  # a plain mapping (e.g. from a script): validated like a file's
+            self.meta = ConceptMeta.from_dict(
+                {"tokens": list(self.tokens), "class_words": list(self.class_words),
+                 "layers": {name: list(t.shape) for name, t in self.deltas.items()}, **self.meta},
+                "the concept's metadata")
+
     @property
     def step(self) -> int:
-        return int(self.meta.get("step", 0))
+        return self.meta.step
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        return self.meta.get("history", [])
+        return self.meta.history
+
+    @property
+    def train_mode(self) -> str:
+        return self.meta.train_mode
 
     @property
     def resumable(self) -> bool:
@@ -81,17 +101,34 @@ class Concept:
     def token_dict(self) -> dict[str, torch.Tensor]:
         return {token: self.token_vectors[i] for i, token in enumerate(self.tokens)}
 
-    def check_base(self, fingerprint: Mapping[str, Any], *, what: str = "this base model") -> None:
-        """Raise BaseMismatchError if the concept was trained on another base."""
-        expected = self.meta.get("base_fingerprint")
-        if not expected:
+    def check_against(self, base_weights: Mapping[str, torch.Tensor], *, what: str = "this base model",
+                      strict: bool = True) -> None:
+        """The one check of a concept against a base: ``base_weights`` (canonical diffusers names →
+        the base's cross-attention weights, at least those of the concept's train mode) must hold
+        every layer the concept changes, in its shape; with ``strict`` the base's fingerprint must
+        be the one the concept was trained on (BaseMismatchError says what differs)."""
+        unknown = sorted(set(self.deltas) - set(base_weights))
+        if unknown:
+            raise BaseMismatchError(
+                f"This concept changes {len(unknown)} layer(s) {what} lacks (e.g. {unknown[0]}): it was "
+                "trained on a UNet of another architecture; SD1.5 concepts fit SD1.x models only."
+            )
+        for name, delta in self.deltas.items():
+            if tuple(delta.shape) != tuple(base_weights[name].shape):
+                raise BaseMismatchError(
+                    f"{name}: the concept's delta is {tuple(delta.shape)}, {what}'s weight "
+                    f"{tuple(base_weights[name].shape)}; the concept belongs to another architecture."
+                )
+        expected = self.meta.base_fingerprint
+        if not strict or not expected:
             return
-        reason = compare_fingerprints(expected, fingerprint)
+        names = trained_names(base_weights, self.train_mode)
+        reason = compare_fingerprints(expected, base_fingerprint({n: base_weights[n] for n in names}))
         if reason:
             raise BaseMismatchError(
                 f"This concept ({', '.join(self.tokens)}) does not fit {what}: {reason}. Load the "
-                f"base it was trained on ({self.meta.get('base_name', 'see `classdiffusion inspect`')}), "
-                "or apply it anyway with strict=False / --force (results may be poor)."
+                f"base it was trained on ({self.meta.base_name or 'see `classdiffusion inspect`'}), "
+                "or apply it anyway with strict=False / --force / allow_other_base (results may be poor)."
             )
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
@@ -113,13 +150,14 @@ class Concept:
         """Write atomically: a temp file in the same folder, fsync, then rename over ``path``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = dict(self.meta)
-        meta.update(tokens=list(self.tokens), class_words=list(self.class_words))
-        meta["layers"] = {name: list(t.shape) for name, t in self.deltas.items()}
+        meta = dataclasses.replace(self.meta, tokens=list(self.tokens), class_words=list(self.class_words),
+                                   layers={name: list(t.shape) for name, t in self.deltas.items()})
+        text = meta.to_json()
+        ConceptMeta.from_json(text, path.name)  # never write what the loader would refuse
         metadata = {
             "format": FORMAT,
             "format_version": "3" if self.exact else "2" if self.factors else "1",
-            "classdiffusion": json.dumps(meta, sort_keys=True),
+            "classdiffusion": text,
         }
         atomic_save_file(self.to_tensors(), path, metadata)
         return path
@@ -129,9 +167,39 @@ class Concept:
         return load_concept(path, device=device)
 
 
+#: A temporary file of ours older than this is a leftover of a killed save (SIGKILL, power loss).
+STALE_TEMP_SECONDS = 60.0
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete leftovers ``.NAME.xxxxxxxx.tmp`` of earlier saves to ``path`` (only our own naming,
+    only regular files not touched for STALE_TEMP_SECONDS); returns what was removed."""
+    import time
+
+    removed = []
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]{{8}}\.tmp")
+    now = time.time()
+    try:
+        candidates = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for candidate in candidates:
+        try:
+            info = candidate.lstat()
+            if (pattern.fullmatch(candidate.name) and stat.S_ISREG(info.st_mode)
+                    and now - info.st_mtime > STALE_TEMP_SECONDS):
+                candidate.unlink()
+                removed.append(candidate)
+        except OSError:
+            continue
+    return removed
+
+
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors save that never leaves a partial file at ``path`` (a crash keeps the old one)."""
+    """safetensors save that never leaves a partial file at ``path`` (a crash keeps the old one;
+    an interrupted save removes its temporary file, and a killed one's is removed next time)."""
     path = Path(path)
+    remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -148,16 +216,29 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
         raise
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The concept's JSON metadata, validated, without loading tensors."""
+def read_metadata(path: str | Path) -> ConceptMeta:
+    """The concept's metadata, validated, without loading tensors."""
     path = Path(path)
     header = _open_header(path)
     return _parse_meta(path, header)
 
 
+def check_regular_file(path: Path, what: str = "file") -> None:
+    """Only regular files are opened: a named pipe or device would block a read forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ConceptFileError(f"The {what} {path} does not exist.") from None
+    except OSError as exc:
+        raise ConceptFileError(f"The {what} {path} cannot be read ({exc.strerror}).") from None
+    if stat.S_ISDIR(mode):
+        raise ConceptFileError(f"{path} is a folder, not a {what}.")
+    if not stat.S_ISREG(mode):
+        raise ConceptFileError(f"{path} is not a regular file (a pipe or device?); give a {what} on disk.")
+
+
 def _open_header(path: Path) -> dict[str, str]:
-    if not path.exists():
-        raise ConceptFileError(f"The concept file {path} does not exist.")
+    check_regular_file(path, "concept file")
     if path.suffix.lower() not in (".safetensors", ".sft"):
         raise ConceptFileError(
             f"{path.name} is not a .safetensors file; concept files are .safetensors "
@@ -173,7 +254,7 @@ def _open_header(path: Path) -> dict[str, str]:
         ) from None
 
 
-def _parse_meta(path: Path, header: Mapping[str, str]) -> dict[str, Any]:
+def _parse_meta(path: Path, header: Mapping[str, str]) -> ConceptMeta:
     if header.get("format") != FORMAT:
         raise ConceptFileError(
             f"{path.name} is a safetensors file but not a ClassDiffusion concept "
@@ -188,14 +269,9 @@ def _parse_meta(path: Path, header: Mapping[str, str]) -> dict[str, Any]:
             f"{path.name} has concept format version {header.get('format_version')!r}; this "
             f"version of the pack reads versions 1–{FORMAT_VERSION}. Update the pack."
         )
-    try:
-        meta = json.loads(header["classdiffusion"])
-    except (KeyError, json.JSONDecodeError):
-        raise ConceptFileError(f"{path.name} has damaged ClassDiffusion metadata; retrain or re-export it.") from None
-    for key in ("tokens", "class_words", "layers"):
-        if key not in meta:
-            raise ConceptFileError(f"{path.name}: metadata lacks {key!r}; the file is damaged.")
-    return meta
+    if "classdiffusion" not in header:
+        raise ConceptFileError(f"{path.name} has no ClassDiffusion metadata; retrain or re-export it.")
+    return ConceptMeta.from_json(header["classdiffusion"], path.name)
 
 
 def load_concept(path: str | Path, *, device: str | torch.device = "cpu") -> Concept:
@@ -238,7 +314,7 @@ def load_concept(path: str | Path, *, device: str | torch.device = "cpu") -> Con
         ) from None
 
     factors = _expand_factors(path, ups, downs, deltas)
-    layers = meta["layers"]
+    layers = meta.layers
     if set(layers) != set(deltas):
         raise ConceptFileError(
             f"{path.name}: its tensors do not match its layer list "
@@ -249,26 +325,66 @@ def load_concept(path: str | Path, *, device: str | torch.device = "cpu") -> Con
             raise ConceptFileError(f"{path.name}: {name} has shape {list(tensor.shape)}, listed {layers[name]}.")
         if tensor.dtype not in _FLOAT_DTYPES:
             raise ConceptFileError(f"{path.name}: {name} has dtype {tensor.dtype}; expected a float tensor.")
-        if not bool(torch.isfinite(tensor).all()):
-            raise ConceptFileError(f"{path.name}: {name} holds NaN/inf values; the concept is unusable.")
+        _check_values(path, name, tensor)
     exact = _check_exact(path, exact_index, exact_value, deltas)
-    tokens = list(meta["tokens"])
+    tokens = list(meta.tokens)
     if token_vectors is None or token_vectors.ndim != 2 or token_vectors.shape[0] != len(tokens):
         raise ConceptFileError(
             f"{path.name}: the token embedding is missing or does not have one row per token {tokens}."
         )
-    if token_vectors.dtype not in _FLOAT_DTYPES or not bool(torch.isfinite(token_vectors).all()):
-        raise ConceptFileError(f"{path.name}: the token embedding is not a finite float tensor.")
+    if token_vectors.dtype not in _FLOAT_DTYPES:
+        raise ConceptFileError(f"{path.name}: the token embedding is not a float tensor.")
+    _check_values(path, "the token embedding", token_vectors)
+    _check_optimizer(path, optim, deltas, token_vectors)
     return Concept(
         deltas=deltas,
         token_vectors=token_vectors,
         tokens=tokens,
-        class_words=list(meta["class_words"]),
+        class_words=list(meta.class_words),
         meta=meta,
         optimizer_tensors=optim or None,
         factors=factors or None,
         exact=exact or None,
     )
+
+
+def _check_values(path: Path, name: str, tensor: torch.Tensor) -> None:
+    """Finite and of plausible size (see MAX_ABS_VALUE)."""
+    if not tensor.numel():
+        return
+    if not bool(torch.isfinite(tensor).all()):
+        raise ConceptFileError(f"{path.name}: {name} holds NaN/inf values; the concept is unusable.")
+    largest = float(tensor.detach().abs().max())
+    if largest > MAX_ABS_VALUE:
+        raise ConceptFileError(
+            f"{path.name}: {name} holds values up to {largest:.3g}, far beyond any trained concept "
+            f"(limit {MAX_ABS_VALUE:g}); the file is damaged."
+        )
+
+
+def _check_optimizer(path: Path, optim: Mapping[str, torch.Tensor], deltas: Mapping[str, torch.Tensor],
+                     token_vectors: torch.Tensor) -> None:
+    """A resumable checkpoint's AdamW state: ``<i>.step|exp_avg|exp_avg_sq`` for each trained tensor
+    in the trainer's order (the deltas by name, then the token vectors), finite, in its shape."""
+    if not optim:
+        return
+    shapes = [tuple(deltas[name].shape) for name in sorted(deltas)] + [tuple(token_vectors.shape)]
+    seen: dict[int, set[str]] = {}
+    for key, tensor in optim.items():
+        match = re.fullmatch(r"(\d{1,6})\.(\w+)", key)
+        index = int(match.group(1)) if match else -1
+        if not match or index >= len(shapes) or match.group(2) not in _OPTIM_STATES:
+            raise ConceptFileError(f"{path.name}: unexpected optimizer state {OPTIM_PREFIX}{key}; the checkpoint is damaged.")
+        state = match.group(2)
+        seen.setdefault(index, set()).add(state)
+        expected = () if state == "step" else shapes[index]
+        if tuple(tensor.shape) != expected or not tensor.dtype.is_floating_point:
+            raise ConceptFileError(f"{path.name}: optimizer state {key} has shape {list(tensor.shape)}, "
+                                   f"expected {list(expected)}; the checkpoint is damaged.")
+        if not bool(torch.isfinite(tensor).all()) or (state != "exp_avg" and bool((tensor < 0).any())):
+            raise ConceptFileError(f"{path.name}: optimizer state {key} holds invalid values; the checkpoint is damaged.")
+    if len(seen) != len(shapes) or any(states != _OPTIM_STATES for states in seen.values()):
+        raise ConceptFileError(f"{path.name}: its optimizer state is incomplete; resume from another checkpoint.")
 
 
 def _check_exact(path: Path, indices, values, deltas: dict[str, torch.Tensor]) -> dict:
@@ -288,8 +404,7 @@ def _check_exact(path: Path, indices, values, deltas: dict[str, torch.Tensor]) -
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size
                               or index.unique().numel() != index.numel()):
             raise ConceptFileError(f"{path.name}: the exact values of {name} point outside the layer; the file is damaged.")
-        if not bool(torch.isfinite(value).all()):
-            raise ConceptFileError(f"{path.name}: {name} holds NaN/inf exact values; the concept is unusable.")
+        _check_values(path, f"the exact values of {name}", value)
         exact[name] = (index, value)
     return exact
 
@@ -307,7 +422,7 @@ def _expand_factors(path: Path, ups, downs, deltas: dict[str, torch.Tensor]) -> 
             if t.dtype not in _FLOAT_DTYPES or not bool(torch.isfinite(t).all()):
                 raise ConceptFileError(f"{path.name}: {name} holds non-float or NaN/inf factors.")
         factors[name] = (up, down)
-        deltas[name] = up.float() @ down.float()
+        deltas[name] = up.float() @ down.float()  # checked with the dense deltas by the caller
     return factors
 
 
@@ -321,8 +436,8 @@ def compress_concept(concept: Concept, *, rank: int | None = None, energy: float
     for name, (up, down) in factors.items():
         deltas[name] = up @ down
     errors = [s["relative_error"] for s in stats.values()]
-    meta = dict(concept.meta)
-    meta["compression"] = {
+    meta = dataclasses.replace(concept.meta)
+    meta.compression = {
         "method": "truncated SVD", "rank": rank, "energy": energy, "layers": stats,
         "max_relative_error": max(errors, default=0.0),
         "parameters": sum(u.numel() + d.numel() for u, d in factors.values())

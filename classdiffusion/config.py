@@ -24,6 +24,51 @@ DEFAULT_INITIALIZER = "ktn"
 DEFAULT_PROMPT = "a photo of a {}"
 
 
+def check_prompt_template(template: Any) -> str:
+    """A prompt template holds exactly one ``{}`` and no other braces (``str.format`` would fail
+    on ``{x}`` or a lone ``{``)."""
+    import string
+
+    problem = None
+    if not isinstance(template, str):
+        problem = f"is not text (got {template!r})"
+    else:
+        try:
+            fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+        except ValueError:
+            fields = None
+        if fields is None or len(fields) != 1 or fields[0] != ("", "", None):
+            problem = "must contain exactly one '{}' (and no other braces)"
+    if problem:
+        raise InvalidInputError(
+            f"The prompt template {template!r} {problem}; '{{}}' is where '<token> <class word>' goes, "
+            "e.g. 'a photo of a {}'."
+        )
+    return template
+
+
+def _check_field_types(obj) -> None:
+    """Each setting has its default's type (bool for flags, int for counts, a finite number for
+    rates, text for choices): JSON and node inputs cannot slip a "500" or a null through."""
+    import math
+
+    for f in dataclasses.fields(obj):
+        if f.default is dataclasses.MISSING:
+            continue
+        value, kind = getattr(obj, f.name), type(f.default)
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            raise InvalidInputError(f"{f.name} must be {'a finite number' if kind is float else kind.__name__} "
+                                    f"(got {value!r}).")
+
+
 @dataclass
 class ConceptSpec:
     """One concept to learn: its new token, its class word and its images.
@@ -43,7 +88,7 @@ class ConceptSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.token, str) or not self.token.strip():
-            raise InvalidInputError("The concept token is empty: give a new word such as '<sks>'.")
+            raise InvalidInputError("The concept token is empty or not text: give a new word such as '<sks>'.")
         if any(ch.isspace() for ch in self.token):
             raise InvalidInputError(
                 f"The token {self.token!r} contains spaces: a token must be one word such as '<sks>'."
@@ -53,13 +98,15 @@ class ConceptSpec:
                 "The class word is empty: give the concept's class, e.g. 'dog', 'backpack', 'person'."
             )
         self.class_word = self.class_word.strip()
-        if self.prompt.count("{}") != 1:
-            raise InvalidInputError(
-                f"The prompt template {self.prompt!r} must contain exactly one '{{}}', where "
-                "'<token> <class word>' goes, e.g. 'a photo of a {}'."
-            )
-        if not self.initializer or not self.initializer.strip():
+        check_prompt_template(self.prompt)
+        if self.initializer is None or (isinstance(self.initializer, str) and not self.initializer.strip()):
             self.initializer = DEFAULT_INITIALIZER
+        if not isinstance(self.initializer, str):
+            raise InvalidInputError(f"The initializer must be a word (got {self.initializer!r}).")
+        for key in ("images", "class_images"):
+            paths = getattr(self, key)
+            if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+                raise InvalidInputError(f"{key} must be a list of file or folder paths (got {paths!r}).")
 
     @property
     def initializer_word(self) -> str:
@@ -79,6 +126,9 @@ class ConceptSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None) -> "ConceptSpec":
         """Accepts our keys and the official code's concepts_list keys (instance_prompt, ...)."""
+        if not isinstance(data, dict):
+            raise InvalidInputError(f"A concept description must be an object with token, class_word and "
+                                    f"images (got {data!r:.60}).")
         data = dict(data)
         if "token" not in data and "modifier_token" in data:
             data["token"] = data.pop("modifier_token")
@@ -102,6 +152,8 @@ class ConceptSpec:
             value = data.get(key, [])
             if isinstance(value, (str, Path)):
                 value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, (str, Path)) for v in value):
+                raise InvalidInputError(f"{key} must be a path or a list of paths (got {value!r}).")
             if base_dir is not None:
                 value = [str(base_dir / v) if not Path(v).is_absolute() else str(v) for v in value]
             data[key] = [str(v) for v in value]
@@ -149,6 +201,7 @@ class TrainConfig:
     drift_every: int = 0
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         if int(self.steps) <= 0:
             raise InvalidInputError(f"steps must be at least 1 (got {self.steps}); the paper uses 500.")
         if int(self.batch_size) <= 0:
@@ -190,6 +243,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        if not isinstance(data, dict):
+            raise InvalidInputError(f"The training settings must be an object (got {type(data).__name__}).")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -199,10 +254,10 @@ def load_concepts_json(path: str | Path) -> list[ConceptSpec]:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise InvalidInputError(f"The concepts file {path} does not exist.") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError(f"The concepts file {path} is not valid JSON: {exc}.") from None
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise InvalidInputError(f"The concepts file {path} is not valid JSON: {str(exc)[:120]}.") from None
     if isinstance(data, dict):
         data = data.get("concepts", [data])
     if not isinstance(data, list) or not data:

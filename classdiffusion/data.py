@@ -61,11 +61,30 @@ def load_images(sources: Sequence[str | Path], what: str = "training") -> list[I
             with Image.open(path) as img:
                 img = ImageOps.exif_transpose(img)
                 images.append(img.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as exc:
+        except Image.DecompressionBombError:
+            raise InvalidInputError(
+                f"The {what} image {path} claims more than {Image.MAX_IMAGE_PIXELS:,} pixels (a decompression "
+                "bomb, or a huge scan); resize it to a few megapixels."
+            ) from None
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise InvalidInputError(
                 f"The {what} image {path} cannot be read ({exc}). Remove it or re-save it as PNG/JPEG."
             ) from None
+        check_image_size(images[-1], what, path)
     return images
+
+
+#: Smallest side an image may have, on every path (CLI files and ComfyUI IMAGE batches).
+MIN_IMAGE_SIDE = 8
+
+
+def check_image_size(image: Image.Image, what: str, source: str | Path | None = None) -> None:
+    if min(image.size) < MIN_IMAGE_SIDE:
+        name = f" {source}" if source is not None else ""
+        raise InvalidInputError(
+            f"The {what} image{name} is only {image.size[0]}×{image.size[1]} pixels; each side needs at "
+            f"least {MIN_IMAGE_SIDE} (use real photos, ideally 512 px or more)."
+        )
 
 
 def as_pil_images(images: Sequence[Image.Image | torch.Tensor | np.ndarray], what: str = "training") -> list[Image.Image]:
@@ -84,8 +103,7 @@ def as_pil_images(images: Sequence[Image.Image | torch.Tensor | np.ndarray], wha
     if not out:
         raise InvalidInputError(f"The {what} image batch is empty: give at least one image of the concept.")
     for img in out:
-        if min(img.size) < 8:
-            raise InvalidInputError(f"A {what} image is only {img.size[0]}×{img.size[1]} pixels; use real photos.")
+        check_image_size(img, what)
     return out
 
 

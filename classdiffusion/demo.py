@@ -77,8 +77,8 @@ def run_demo(out: str | Path, *, steps: int = 60, spl_weight: float = 1.0, seed:
         "loss_plot": str(out / "loss.png"),
         "samples": [str(p) for p in samples],
         "summary": summary_line(result.concept.history),
-        "eos_cosine_initial": result.concept.meta["eos_cosine_initial"],
-        "eos_cosine_final": result.concept.meta["eos_cosine_final"],
-        "drift": drift_line(result.concept.meta["drift_initial"], result.concept.meta["drift_final"]),
+        "eos_cosine_initial": result.concept.meta.eos_cosine_initial,
+        "eos_cosine_final": result.concept.meta.eos_cosine_final,
+        "drift": drift_line(result.concept.meta.drift_initial, result.concept.meta.drift_final),
         "seconds": round(time.perf_counter() - started, 1),
     }

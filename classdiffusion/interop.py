@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .concept import Concept
+from .meta import ConceptMeta
 from .errors import ConceptFileError, InvalidInputError
 from .kv import base_fingerprint, trained_names
 
@@ -72,10 +73,10 @@ def _read(path: Path) -> dict:
         raise ConceptFileError(f"{path.name} is named .safetensors but is not a safetensors file; it is damaged.")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception:  # PyTorch's own refusal message is pages long: one sentence of ours instead
         raise ConceptFileError(
-            f"{path.name} is neither a safetensors file nor a plain tensor pickle ({type(exc).__name__}); "
-            "only weights are loaded, never code."
+            f"{path.name} is neither a safetensors file nor a pickle of plain tensors; it was not loaded "
+            "(only weights are ever read, never code)."
         ) from None
 
 
@@ -186,14 +187,14 @@ def import_custom_diffusion(
         if index.numel():
             exact[name] = (index, values)
     trained_base = {name: base_weights[name] for name in expected}
-    meta = {
-        "step": 0, "history": [], "train_mode": train_mode, "concepts": [
-            {"token": t, "class_word": w, "prompt": prompt} for t, w in zip(tokens, class_words)],
-        "initializers": ["ktn"] * len(tokens), "prompts": [prompt] * len(tokens),
-        "base_fingerprint": base_fingerprint(trained_base), "layer_naming": "diffusers",
-        "imported_from": "diffusers Custom Diffusion", "source": str(folder),
-        "exact_values": sum(index.numel() for index, _ in exact.values()),
-    }
+    meta = ConceptMeta(
+        train_mode=train_mode,
+        concepts=[{"token": t, "class_word": w, "prompt": prompt} for t, w in zip(tokens, class_words)],
+        initializers=["ktn"] * len(tokens), prompts=[prompt] * len(tokens),
+        base_fingerprint=base_fingerprint(trained_base),
+        extra={"layer_naming": "diffusers", "imported_from": "diffusers Custom Diffusion", "source": str(folder),
+               "exact_values": sum(index.numel() for index, _ in exact.values())},
+    )
     vectors = torch.stack([embeddings[t] for t in tokens])
     return Concept(deltas=deltas, token_vectors=vectors, tokens=tokens, class_words=list(class_words), meta=meta,
                    exact=exact or None)
@@ -204,9 +205,7 @@ def export_custom_diffusion(concept: Concept, base_weights: Mapping[str, torch.T
     """Write ``pytorch_custom_diffusion_weights.safetensors`` and ``.bin`` (base + delta, float32;
     the ``.bin`` is the one diffusers' ``load_attn_procs`` accepts) and one ``<token>.safetensors``
     embedding per token, as diffusers' trainer does."""
-    if strict:
-        names = trained_names(base_weights, concept.meta.get("train_mode", "kv"))
-        concept.check_base(base_fingerprint({n: base_weights[n] for n in names}))
+    concept.check_against(base_weights, what="the base", strict=strict)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {}

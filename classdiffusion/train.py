@@ -30,6 +30,7 @@ from .evaluation.drift import DriftProbe
 from .host import SD15_CONTEXT_DIM, TrainingHost
 from .kv import base_fingerprint, zero_deltas
 from .losses import masked_mse, prior_mse, semantic_preservation_loss
+from .meta import ConceptMeta
 
 logger = logging.getLogger("classdiffusion")
 
@@ -373,23 +374,18 @@ class _Run:
                 for k, (probe, token) in enumerate(zip(self._probes, self.tokens))]
 
     def concept(self, step: int, history: list[dict], meta_extra: dict, with_optimizer: bool) -> Concept:
-        meta = {
-            "step": step,
-            "history": history,
-            "train_mode": self.config.train_mode,
-            "config": self.config.to_dict(),
-            "concepts": [spec.to_dict() for spec in self.concepts],
-            "initializers": [spec.initializer_word for spec in self.concepts],
-            "prompts": [spec.prompt for spec in self.concepts],
-            "base_fingerprint": self.fingerprint,
-            "text_dim": self.host.text_dim,
-            "layer_naming": "diffusers",
-            "effective_learning_rate": self.lr,
-            "created_by": f"classdiffusion {__version__}",
-            "torch_version": torch.__version__,
-            "warnings": self.warnings,
-            **meta_extra,
-        }
+        extra = dict(meta_extra)
+        known = {name: extra.pop(name) for name in ("base_name", "eos_cosine_initial", "eos_cosine_final",
+                                                     "drift_initial", "drift_final") if name in extra}
+        meta = ConceptMeta(
+            step=step, history=history, train_mode=self.config.train_mode, config=self.config.to_dict(),
+            concepts=[spec.to_dict() for spec in self.concepts],
+            initializers=[spec.initializer_word for spec in self.concepts],
+            prompts=[spec.prompt for spec in self.concepts], base_fingerprint=self.fingerprint,
+            warnings=list(self.warnings), **known,
+            extra={"text_dim": self.host.text_dim, "layer_naming": "diffusers", "effective_learning_rate": self.lr,
+                   "created_by": f"classdiffusion {__version__}", "torch_version": torch.__version__, **extra},
+        )
         return Concept(
             deltas={name: p.detach().clone().cpu() for name, p in self.deltas.items()},
             token_vectors=self.token_vectors.detach().clone().cpu(),
@@ -411,12 +407,17 @@ def _check_resume(checkpoint: Concept, concepts: Sequence[ConceptSpec], config: 
             f"The checkpoint trains {checkpoint.tokens} / {checkpoint.class_words}, not "
             f"{[c.token for c in concepts]} / {[c.class_word for c in concepts]}."
         )
-    saved = TrainConfig.from_dict(checkpoint.meta.get("config", {})).to_dict()
+    if not checkpoint.meta.concepts:
+        raise InvalidInputError(
+            "That concept file does not record how it was trained (an imported or older concept), so it "
+            "cannot be resumed; start a new run instead."
+        )
+    saved = TrainConfig.from_dict(checkpoint.meta.config).to_dict()
     changed = [k for k, v in config.to_dict().items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
     if changed:
         raise InvalidInputError(
             f"Resuming needs the checkpoint's settings; these differ: {changed}. "
-            "Only steps and save_every may change."
+            f"Only {', '.join(sorted(RESUME_MAY_CHANGE))} may change."
         )
     if config.steps <= checkpoint.step:
         raise InvalidInputError(
@@ -457,7 +458,7 @@ def train(
     initial_drift = run.drift()  # its "cosine" is the EOS cosine of training vs class phrase
     initial_cos = [d["cosine"] for d in initial_drift]
     if checkpoint is not None:
-        checkpoint.check_base(run.fingerprint, what="the base model given for resuming")
+        checkpoint.check_against(run.base_weights, what="the base model given for resuming")
         with torch.no_grad():
             for name, delta in run.deltas.items():
                 if name not in checkpoint.deltas:
@@ -467,8 +468,8 @@ def train(
         _restore_optimizer(run.optimizer, checkpoint.optimizer_tensors)
         history = list(checkpoint.history)
         start_step = checkpoint.step
-        initial_cos = checkpoint.meta.get("eos_cosine_initial", initial_cos)
-        initial_drift = checkpoint.meta.get("drift_initial", initial_drift)
+        initial_cos = checkpoint.meta.eos_cosine_initial or initial_cos
+        initial_drift = checkpoint.meta.drift_initial or initial_drift
 
     extra = {"eos_cosine_initial": initial_cos, "drift_initial": initial_drift, **(meta_extra or {})}
     written: list[Path] = []

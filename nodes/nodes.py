@@ -14,7 +14,7 @@ from comfy_api.latest import ComfyExtension, io, ui
 
 from ..classdiffusion.concept import Concept, atomic_save_file, load_concept
 from ..classdiffusion.config import ConceptSpec, TrainConfig
-from ..classdiffusion.kv import base_fingerprint, trained_names
+from ..classdiffusion.kv import trained_names
 from ..classdiffusion.evaluation.drift import concept_drifts, summary as drift_summary
 from ..classdiffusion.plot import drift_line, plot_drift_map, plot_history, summary_line
 from ..classdiffusion.train import precision_dtype, train
@@ -184,7 +184,7 @@ class TrainConceptNode(io.ComfyNode):
 def history_payload(concept: Concept) -> dict:
     """What flows on a history wire: the per-step records plus the drift before and after."""
     return {"history": concept.history, "tokens": list(concept.tokens),
-            "drift_initial": concept.meta.get("drift_initial"), "drift_final": concept.meta.get("drift_final")}
+            "drift_initial": concept.meta.drift_initial, "drift_final": concept.meta.drift_final}
 
 
 def save_embeddings(concept: Concept, name: str) -> list[str]:
@@ -200,9 +200,9 @@ def save_embeddings(concept: Concept, name: str) -> list[str]:
     return names
 
 
-def model_fingerprint(model, train_mode: str) -> dict:
-    """Fingerprint of the MODEL's *base* cross-attention weights (ComfyUI keeps originals in
-    ``backup`` while patches are applied)."""
+def model_base_weights(model, train_mode: str) -> dict:
+    """The MODEL's *base* cross-attention weights by canonical name (ComfyUI keeps the originals
+    in ``backup`` while patches are applied)."""
     to_comfy = diffusers_to_comfy_map(model)
     params = dict(model.model.diffusion_model.named_parameters())
     backup = getattr(model, "backup", {}) or {}
@@ -211,7 +211,7 @@ def model_fingerprint(model, train_mode: str) -> dict:
         key = to_comfy[name]
         saved = backup.get(f"diffusion_model.{key}")
         weights[name] = saved.weight if saved is not None else params[key]
-    return base_fingerprint(weights)
+    return weights
 
 
 class LoadConceptNode(io.ComfyNode):
@@ -245,14 +245,9 @@ class LoadConceptNode(io.ComfyNode):
             raise ConceptFileError(f"The concept file {concept_name!r} is not in models/{CONCEPT_FOLDER}.")
         concept = load_concept(path)
         check_sd15(model)
-        if not allow_other_base:
-            concept.check_base(model_fingerprint(model, concept.meta.get("train_mode", "kv")), what="this MODEL")
+        concept.check_against(model_base_weights(model, concept.train_mode), what="this MODEL",
+                              strict=not allow_other_base)
         to_comfy = diffusers_to_comfy_map(model)
-        unknown = [n for n in concept.deltas if n not in to_comfy]
-        if unknown:
-            from ..classdiffusion.errors import BaseMismatchError
-
-            raise BaseMismatchError(f"This MODEL has no layer {unknown[0]}: the concept belongs to another architecture.")
         out_model = model_with_deltas(model, concept.deltas, to_comfy, strength_model)
         out_clip = clip_with_tokens(clip, concept.tokens, concept.token_vectors, strength_clip)
         return io.NodeOutput(out_model, out_clip, concept)

@@ -41,10 +41,10 @@ def test_saved_concept_reloads_bit_exactly(trained):
         assert loaded.deltas[name].dtype == torch.float32
         assert torch.equal(loaded.deltas[name], delta)
     meta = loaded.meta
-    assert meta["step"] == 3 and len(meta["history"]) == 3
-    assert {"loss", "recon", "spl", "cos", "step"} <= set(meta["history"][0])
-    assert meta["base_fingerprint"]["sha256"] and meta["initializers"] == ["ktn"]
-    assert meta["config"]["steps"] == 3 and not loaded.resumable
+    assert meta.step == 3 and len(meta.history) == 3
+    assert {"loss", "recon", "spl", "cos", "step"} <= set(meta.history[0])
+    assert meta.base_fingerprint["sha256"] and meta.initializers == ["ktn"]
+    assert meta.config["steps"] == 3 and not loaded.resumable
 
 
 def test_apply_gives_the_trained_weights_and_text_features_and_remove_restores(trained, tiny_base):

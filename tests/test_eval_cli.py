@@ -38,7 +38,7 @@ def test_trainer_logs_drift_before_during_and_after(trained, tiny_base):
     concept = load_concept(trained[0])
     ranks = [h.get("drift_rank") for h in concept.history]
     assert ranks[0] is None and ranks[2] is None and ranks[1] and ranks[3]
-    initial, final = concept.meta["drift_initial"][0], concept.meta["drift_final"][0]
+    initial, final = concept.meta.drift_initial[0], concept.meta.drift_final[0]
     assert final["rank"] == concept.history[-1]["drift_rank"][0]
     assert initial["total"] == final["total"] == 72
     # The logged numbers are the probe's on the saved vector (independent recomputation).
@@ -46,8 +46,8 @@ def test_trainer_logs_drift_before_during_and_after(trained, tiny_base):
     host.add_tokens(concept.tokens)
     again = DriftProbe(host.encode_text, "dog").measure("<sks>", concept.token_vectors[0])
     assert again.rank == final["rank"] and again.cosine == pytest.approx(final["cosine"], abs=1e-5)
-    assert final["cosine"] == pytest.approx(concept.meta["eos_cosine_final"][0], abs=1e-5)
-    assert "drift rank" in drift_line(concept.meta["drift_initial"], concept.meta["drift_final"])
+    assert final["cosine"] == pytest.approx(concept.meta.eos_cosine_final[0], abs=1e-5)
+    assert "drift rank" in drift_line(concept.meta.drift_initial, concept.meta.drift_final)
     assert "drift rank" in summary_line(concept.history)
     assert plot_history(concept.history, tokens=concept.tokens).size == (768, 768)  # third panel
 
@@ -67,8 +67,8 @@ def test_eval_cli_writes_report_and_summary(trained, tiny_base, tmp_path, capsys
     drift = report["drift"][0]
     assert drift["token"] == "<sks>" and drift["after"]["total"] == 72 and (out / drift["map_image"]).exists()
     meta = load_concept(concept_path).meta
-    assert drift["after"]["rank"] == meta["drift_final"][0]["rank"]
-    assert drift["before"]["rank"] == meta["drift_initial"][0]["rank"]
+    assert drift["after"]["rank"] == meta.drift_final[0]["rank"]
+    assert drift["before"]["rank"] == meta.drift_initial[0]["rank"]
     assert report["latent_fisher_divergence"]["value"] > 0
     metrics = report["images"]
     assert metrics["count"] == 4 and metrics["references"] == 3  # 2 prompts × 2 images; training images found

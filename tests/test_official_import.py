@@ -107,7 +107,7 @@ def test_official_output_imports_applies_and_exports_bit_exactly(official_weight
     assert is_safetensors(folder / "<new1>.bin") == safe
 
     concept = import_custom_diffusion(folder, base, ["dog"])
-    assert concept.meta["exact_values"] > 0
+    assert concept.meta.extra["exact_values"] > 0
     path = concept.save(tmp_path / "imported.safetensors")
     loaded = load_concept(path)
     size_mib = path.stat().st_size / 2**20

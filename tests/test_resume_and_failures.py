@@ -135,7 +135,7 @@ def test_token_with_spaces_and_empty_words():
 def test_multi_token_class_word_warns_but_trains(host):
     result = train(host, [dog(class_word="xyzzyq")], small_config(steps=1), images=[make_images()])
     assert any("split into" in w for w in result.warnings)
-    assert result.concept.meta["warnings"] == result.warnings
+    assert result.concept.meta.warnings == result.warnings
 
 
 def test_duplicate_tokens(host):

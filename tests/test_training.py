@@ -70,7 +70,7 @@ def test_crossattn_mode_trains_all_attn2_weights(host):
     kinds = {n.split("attn2.")[1] for n in run.deltas}
     assert kinds == {"to_k.weight", "to_v.weight", "to_q.weight", "to_out.0.weight", "to_out.0.bias"}
     result = train(host, [dog()], small_config(steps=2, train_mode="crossattn"), images=[make_images()])
-    assert result.concept.meta["train_mode"] == "crossattn"
+    assert result.concept.meta.train_mode == "crossattn"
 
 
 def test_spl_weight_keeps_the_token_phrase_close_to_the_class_phrase(tiny_base):
@@ -81,8 +81,8 @@ def test_spl_weight_keeps_the_token_phrase_close_to_the_class_phrase(tiny_base):
         host = load_host(tiny_base, device="cpu")
         config = small_config(steps=25, learning_rate=3e-3, scale_lr=False, spl_weight=weight, seed=3)
         result = train(host, [dog()], config, images=[make_images()])
-        finals[weight] = result.concept.meta["eos_cosine_final"][0]
-        initial = result.concept.meta["eos_cosine_initial"][0]
+        finals[weight] = result.concept.meta.eos_cosine_final[0]
+        initial = result.concept.meta.eos_cosine_initial[0]
     assert finals[1.0] > finals[0.0] + 0.01, finals
     assert finals[1.0] > initial  # SPL pulls towards the class phrase
     assert finals[0.0] < initial  # without it, reconstruction alone drifts the token away
@@ -108,7 +108,7 @@ def test_prior_preservation_combines_with_spl(host):
     expected = record["recon"] + 1.0 * record["spl"] + 0.5 * record["prior"]
     assert abs(record["loss"] - expected) < 1e-5
     # the official --scale_lr doubles the rate with prior preservation
-    assert result.concept.meta["effective_learning_rate"] == config.learning_rate * 2 * 2
+    assert result.concept.meta.extra["effective_learning_rate"] == config.learning_rate * 2 * 2
 
 
 @pytest.mark.parametrize("precision, frozen_dtype", [

@@ -197,8 +197,8 @@ def concept_drifts(encode: Encode, word_embedding: Callable[[str], torch.Tensor]
     """:func:`concept_drift` for each token of a loaded concept (a ``Concept``), starting from the
     vector its initializer word gives (what training started from). The tokenizer must already
     know the concept's tokens."""
-    initializers = concept.meta.get("initializers") or ["ktn"] * len(concept.tokens)
-    prompts = concept.meta.get("prompts") or ["a photo of a {}"] * len(concept.tokens)
+    initializers = concept.meta.initializers or ["ktn"] * len(concept.tokens)
+    prompts = concept.meta.prompts or ["a photo of a {}"] * len(concept.tokens)
     return [
         concept_drift(encode, token, class_word, word_embedding(initializers[k]).to(device),
                       concept.token_vectors[k].to(device), prompt=prompts[k], method=method)

@@ -23,7 +23,6 @@ from ..concept import Concept, load_concept
 from ..data import load_images
 from ..errors import InvalidInputError
 from ..hosts.diffusers_host import DiffusersHost, default_device, load_components
-from ..kv import base_fingerprint
 from ..plot import plot_drift_map
 from .drift import concept_drifts, summary as drift_summary
 from .image_metrics import GENERIC_PROMPTS, ClipScorer, DinoScorer, clip_t, dreambooth_prompts, image_similarity, replace_token
@@ -91,8 +90,7 @@ def evaluate(
 
     # 1. Semantic drift (text encoder only).
     for concept in concepts:
-        if strict:
-            concept.check_base(base_fingerprint(host.cross_attention_weights(concept.meta.get("train_mode", "kv"))))
+        concept.check_against(host.cross_attention_weights(concept.train_mode), strict=strict)
         host.add_tokens(concept.tokens)
         for drift in concept_drifts(host.encode_text, host.word_embedding, concept, method=map_method, device=device):
             drift_map = drift.pop("map")
@@ -198,7 +196,7 @@ def _image_metrics(tokenizer, text_encoder, unet, vae, scheduler, device, concep
 def _references(concepts: Sequence[Concept], given) -> list[Image.Image]:
     if given:
         return load_images(given, "reference")
-    paths = [p for c in concepts for spec in c.meta.get("concepts", []) for p in spec.get("images", [])]
+    paths = [p for c in concepts for spec in c.meta.concepts or [] for p in spec.get("images", [])]
     existing = [p for p in paths if Path(p).exists()]
     if not existing:
         if paths:

@@ -140,14 +140,25 @@ def default_device() -> torch.device:
 _HARMLESS_KEYS = ("position_ids",)
 
 
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]
+
+
 def _load_checked(model_class, folder: Path, dtype: torch.dtype):
     """``from_pretrained`` that refuses a model whose weights were not all loaded.
 
     transformers and diffusers only *warn* when checkpoint keys do not fit the model and leave
     those weights randomly initialised (e.g. a text encoder saved by transformers 5 without the
     ``text_model.`` prefix, read by transformers 4): training would silently run on noise."""
-    model, info = model_class.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
-                                              output_loading_info=True)
+    try:
+        model, info = model_class.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
+                                                  output_loading_info=True, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, EnvironmentError) as exc:
+        raise BaseModelError(
+            f"{folder} cannot be loaded as a {model_class.__name__} ({_first_line(exc)}). It needs its "
+            "config.json and its weights as .safetensors (pickled .bin weights are never read)."
+        ) from None
     problems = {}
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = [k if isinstance(k, str) else str(k[0]) for k in (info.get(kind) or [])]
@@ -188,12 +199,17 @@ def load_components(
                 f"{base} is not a diffusers Stable Diffusion folder: it lacks {missing}. Give a folder "
                 "saved by StableDiffusionPipeline.save_pretrained or an SD1.5 .safetensors file."
             )
-        tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
+            scheduler = DDPMScheduler.from_pretrained(base / "scheduler", local_files_only=True)
+        except (OSError, ValueError, TypeError) as exc:
+            raise BaseModelError(f"{base}: its tokenizer or scheduler folder cannot be read ({_first_line(exc)}).") from None
         text_encoder = _load_checked(CLIPTextModel, base / "text_encoder", dtype)
         unet = _load_checked(UNet2DConditionModel, base / "unet", dtype)
         vae = _load_checked(AutoencoderKL, base / "vae", dtype)
-        scheduler = DDPMScheduler.from_pretrained(base / "scheduler", local_files_only=True)
         return tokenizer, text_encoder, unet, vae, scheduler
+    if not base.is_file():
+        raise InvalidInputError(f"The base model {base} is neither a folder nor a regular file.")
     if base.suffix.lower() not in (".safetensors", ".sft"):
         raise InvalidInputError(
             f"{base.name}: only diffusers folders and .safetensors checkpoints are loaded "
@@ -207,10 +223,16 @@ def load_components(
         )
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_single_file(
-        str(base), config=str(base_config), local_files_only=True, torch_dtype=dtype,
-        safety_checker=None, requires_safety_checker=False,
-    )
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(base), config=str(base_config), local_files_only=True, torch_dtype=dtype,
+            safety_checker=None, requires_safety_checker=False,
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise BaseModelError(
+            f"{base.name} cannot be loaded as an SD1.5 checkpoint with the configs in {base_config} "
+            f"({_first_line(exc)})."
+        ) from None
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, scheduler
 

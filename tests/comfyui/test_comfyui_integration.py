@@ -151,7 +151,7 @@ def test_monitor_and_drift_report_show_the_drift(server, trained):
     from classdiffusion.concept import load_concept
 
     concept = load_concept(server.base_dir / "models" / "classdiffusion" / "dog_concept.safetensors")
-    initial, final = concept.meta["drift_initial"][0], concept.meta["drift_final"][0]
+    initial, final = concept.meta.drift_initial[0], concept.meta.drift_final[0]
     prompt = {
         **loader(),
         "monitor": {"class_type": "ClassDiffusionLossMonitor", "inputs": {"concept_name": "dog_concept.safetensors"}},

@@ -37,7 +37,7 @@ def test_training_a_half_precision_unet(fp16_server, precision):
     assert entry["status"]["status_str"] == "success", error_message(entry)
     assert "model weight dtype torch.float16" in fp16_server.log()
     concept = load_concept(fp16_server.base_dir / "models" / "classdiffusion" / f"{name}.safetensors")
-    assert concept.meta["config"]["mixed_precision"] == ("no" if precision == "auto" else precision)
+    assert concept.meta.config["mixed_precision"] == ("no" if precision == "auto" else precision)
     assert len(concept.history) == 2  # a step after an update, too (fp16/bf16 on the CPU are slow)
     assert all(math.isfinite(record["loss"]) and math.isfinite(record["spl"]) for record in concept.history)
     assert concept.deltas and all(delta.isfinite().all() and delta.abs().sum() > 0 for delta in concept.deltas.values())
