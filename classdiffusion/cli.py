@@ -55,11 +55,11 @@ def check_output_file(value: str, flag: str, suffixes: Sequence[str]) -> Path:
     """Refuse, before any model loads, an output the run could not write or the project could not
     read back: a wrong extension, an existing folder or special file, an unwritable place."""
     path = Path(value)
+    if path.is_dir():
+        raise InvalidInputError(f"{flag} {value} is a folder; give a file name such as {path / ('out' + suffixes[0])}.")
     if path.suffix.lower() not in suffixes:
         raise InvalidInputError(f"{flag} {value}: the file name must end in {' or '.join(suffixes)} "
                                 "(other names are not read back).")
-    if path.is_dir():
-        raise InvalidInputError(f"{flag} {value} is a folder; give a file name such as {path / ('out' + suffixes[0])}.")
     if path.exists() and not path.is_file():
         raise InvalidInputError(f"{flag} {value} exists and is not a regular file.")
     _check_writable(path.parent, flag)
@@ -159,6 +159,7 @@ def _raise_terminated(signum, frame):
 def cmd_train(args: argparse.Namespace) -> int:
     from .concept import read_metadata
     from .config import ConceptSpec, TrainConfig, load_concepts_json
+    from .data import load_images
     from .hosts.diffusers_host import load_host
     from .train import RESUME_MAY_CHANGE, precision_dtype, train
 
@@ -212,13 +213,18 @@ def cmd_train(args: argparse.Namespace) -> int:
             spec.images = [str(Path(p).resolve()) for p in spec.images]
             spec.class_images = [str(Path(p).resolve()) for p in spec.class_images]
 
+    # The images are read (and refused, if bad) before any model loads.
+    images = [load_images(spec.images) for spec in concepts]
+    class_images = [load_images(spec.class_images, "class") if spec.class_images else None for spec in concepts]
     host = load_host(args.base, base_config=args.base_config, device=args.device,
                      dtype=precision_dtype(config.mixed_precision))
     callbacks = TqdmCallbacks(enabled=not args.quiet)
     stop = lambda *_: setattr(callbacks, "stop_requested", True)  # noqa: E731  (Ctrl-C and SIGTERM alike)
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        result = train(host, concepts, config, out=args.out, resume=args.resume, callbacks=callbacks,
+        result = train(host, concepts, config, images=images,
+                       class_images=class_images if any(c is not None for c in class_images) else None,
+                       out=args.out, resume=args.resume, callbacks=callbacks,
                        meta_extra={"base_name": Path(args.base).name})
     finally:
         for sig, handler in previous.items():
