@@ -75,6 +75,9 @@ class ConceptMeta:
             if key not in raw:
                 raise MetaError(f"{source}: metadata lacks {key!r}; the file is damaged.")
         tokens = check.strings(raw["tokens"], "tokens", min_length=1)
+        for i, token in enumerate(tokens):
+            if any(ch.isspace() for ch in token):
+                check.fail(f"tokens[{i}]", f"must be one word without spaces (got {token!r})")
         if len(set(tokens)) != len(tokens):
             check.fail("tokens", f"repeats a token ({tokens})")
         n = len(tokens)
