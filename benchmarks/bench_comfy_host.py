@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "tests" / "comfyui"))
 
-from live_memory import PeakMemory  # noqa: E402
+from live_memory import RUN_SETTINGS, PeakMemory, StepClock, add_run_arguments  # noqa: E402
 
 
 def load_pack():
@@ -48,13 +48,7 @@ def load_pack():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="fp16")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
+    add_run_arguments(parser, mixed_precision="fp16")
     parser.add_argument("--cpu", action="store_true", help="run ComfyUI with --cpu")
     parser.add_argument("--json", help="also write the result to this JSON file")
     args = parser.parse_args()
@@ -76,19 +70,14 @@ def main() -> None:
                                      batch_size=args.batch_size, mixed_precision=args.mixed_precision,
                                      gradient_checkpointing=args.gradient_checkpointing)
     spec = pack.config.ConceptSpec(token="<sks>", class_word="dog")
-    times: list[float] = []
-
     with PeakMemory(device) as memory:
+        clock = StepClock(device, args.warmup, args.steps, memory.split, start=time.perf_counter())
+
         class Clock(pack.comfy_glue.ComfyCallbacks):
             def on_step(self, record, total_steps):
                 super().on_step(record, total_steps)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter())
-                if len(times) == args.warmup:
-                    memory.split()
+                clock.tick()
 
-        start = time.perf_counter()
         with torch.inference_mode(False), torch.enable_grad():
             patcher = pack.comfy_glue.training_patcher(model)
             text_dtype = pack.train.precision_dtype(args.mixed_precision) if args.mixed_precision != "no" else None
@@ -97,14 +86,10 @@ def main() -> None:
                 pack.train.train(host, [spec], config, images=[images], callbacks=Clock(config.steps, None, [spec.token]))
             finally:
                 host.close()
-    prep = times[0] - start
-    steady = times[-1] - times[args.warmup - 1]
-    result = {"steps_per_s": args.steps / steady, "setup_and_first_step_s": prep,
-              "run_500_steps_s": prep + 499 * steady / args.steps, **memory.result(),
+    result = {**clock.result(), **memory.result(),
               "unet_dtype": str(patcher.model.get_dtype()).removeprefix("torch."),
               "device": torch.cuda.get_device_name() if device.type == "cuda" else str(device),
-              "settings": {key: getattr(args, key) for key in ("model", "resolution", "batch_size", "steps",
-                                                               "warmup", "mixed_precision", "gradient_checkpointing")}}
+              "settings": {key: getattr(args, key) for key in RUN_SETTINGS}}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     print("RESULT " + json.dumps(result))

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from classdiffusion.train import precision_dtype  # noqa: E402
-from live_memory import PeakMemory  # noqa: E402
+from live_memory import RUN_SETTINGS, PeakMemory, StepClock, add_run_arguments  # noqa: E402
 
 
 def build_models(kind: str, tokenizer_dir: Path, dtype: torch.dtype):
@@ -85,27 +85,19 @@ def run_ours(args, components, device, after_warmup) -> dict:
     from classdiffusion.train import TrainCallbacks, train
 
     host = DiffusersHost(*components, device=device)
-    times = []
+    clock = StepClock(device, args.warmup, args.steps, after_warmup, start=time.perf_counter())
 
     class Clock(TrainCallbacks):
         def on_step(self, record, total):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter())
-            if len(times) == args.warmup:
-                after_warmup()
+            clock.tick()
 
     options = VARIANTS[args.variant]
     config = TrainConfig(steps=args.steps + args.warmup, resolution=args.resolution, batch_size=args.batch_size,
                          mixed_precision=args.mixed_precision,
                          gradient_checkpointing=args.gradient_checkpointing or options.get("gradient_checkpointing", False),
                          channels_last=options.get("channels_last", False), compile=options.get("compile", False))
-    start = time.perf_counter()
     train(host, [ConceptSpec(token="<sks>", class_word="dog")], config, images=[images(args.images)], callbacks=Clock())
-    prep = times[0] - start  # includes the one-off encoding of image variants and the first step
-    steady = times[-1] - times[args.warmup - 1]
-    return {"steps_per_s": args.steps / steady, "setup_and_first_step_s": prep,
-            "run_500_steps_s": prep + 499 * steady / args.steps}
+    return clock.result()
 
 
 def run_reference(args, components, device, after_warmup) -> dict:
@@ -158,7 +150,7 @@ def run_reference(args, components, device, after_warmup) -> dict:
     def eos(ids, hidden):
         return hidden[torch.arange(len(ids)), (ids == tokenizer.eos_token_id).int().argmax(1)]
 
-    times = []
+    clock = StepClock(device, args.warmup, args.steps, after_warmup)
     rng = np.random.default_rng(0)
     for step in range(args.steps + args.warmup):
         pixels, masks = [], []
@@ -194,12 +186,8 @@ def run_reference(args, components, device, after_warmup) -> dict:
         torch.nn.utils.clip_grad_norm_(trainable + [embedding], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter())
-        if len(times) == args.warmup:
-            after_warmup()
-    return {"steps_per_s": args.steps / (times[-1] - times[args.warmup - 1])}
+        clock.tick()
+    return clock.result()
 
 
 def run_floor(args, components, device, after_warmup) -> dict:
@@ -244,7 +232,7 @@ def run_floor(args, components, device, after_warmup) -> dict:
         class_eos = class_hidden[0, (class_ids[0] == tokenizer.eos_token_id).int().argmax()].float()
     latents = torch.randn(args.images, 4, side, side, device=device)
     alphas = scheduler.alphas_cumprod.to(device)
-    times = []
+    clock = StepClock(device, args.warmup, args.steps, after_warmup)
     for step in range(args.steps + args.warmup):
         x0 = latents[torch.randint(0, args.images, (batch,), device=device)]
         noise = torch.randn_like(x0)
@@ -259,12 +247,8 @@ def run_floor(args, components, device, after_warmup) -> dict:
         (recon + spl).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter())
-        if len(times) == args.warmup:
-            after_warmup()
-    return {"steps_per_s": args.steps / (times[-1] - times[args.warmup - 1])}
+        clock.tick()
+    return clock.result()
 
 
 def child(args) -> None:
@@ -294,14 +278,8 @@ def child(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=2)
+    add_run_arguments(parser, mixed_precision="no")
     parser.add_argument("--images", type=int, default=5, help="training images (each is encoded in every size bin)")
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--device")
     parser.add_argument("--variants", default="ours,ours-ckpt,floor,reference",
                         help=f"comma-separated, from {', '.join(VARIANTS)} (ours-fast: channels-last + "
@@ -330,8 +308,7 @@ def main() -> None:
             failed.append(variant)
             continue
         rows[variant] = json.loads(line[7:])
-    settings = {key: getattr(args, key) for key in ("model", "resolution", "batch_size", "steps", "warmup",
-                                                    "mixed_precision", "gradient_checkpointing")}
+    settings = {key: getattr(args, key) for key in RUN_SETTINGS}
     if rows:
         print(markdown_table(settings, rows))
     if args.json:

@@ -113,3 +113,46 @@ class PeakMemory:
             reserved = max(torch.cuda.max_memory_reserved(), getattr(self, "reserved_before_split", 0))
             result["peak_reserved_mib"] = reserved / 2**20
         return result
+
+
+class StepClock:
+    """Times training steps: ``tick()`` after each (synchronising CUDA first) calls
+    ``after_warmup`` once the warm-up steps are done; ``result()`` gives steps/s over the timed
+    steps, and with ``start`` the one-off setup and the extrapolated time of a 500-step run."""
+
+    def __init__(self, device, warmup: int, steps: int, after_warmup, start: float | None = None):
+        self.device, self.warmup, self.steps, self.after_warmup = device, warmup, steps, after_warmup
+        self.start = start
+        self.times: list[float] = []
+
+    def tick(self) -> None:
+        import time
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        if len(self.times) == self.warmup:
+            self.after_warmup()
+
+    def result(self) -> dict[str, float]:
+        steady = self.times[-1] - self.times[self.warmup - 1]
+        out = {"steps_per_s": self.steps / steady}
+        if self.start is not None:  # setup includes the one-off encoding of image variants and the first step
+            prep = self.times[0] - self.start
+            out.update(setup_and_first_step_s=prep, run_500_steps_s=prep + 499 * steady / self.steps)
+        return out
+
+
+def add_run_arguments(parser, mixed_precision: str) -> None:
+    """The settings both benchmark scripts share."""
+    parser.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=mixed_precision)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+
+
+#: The settings a result records.
+RUN_SETTINGS = ("model", "resolution", "batch_size", "steps", "warmup", "mixed_precision", "gradient_checkpointing")
