@@ -10,8 +10,7 @@ from torch import nn
 
 from .concept import Concept
 from .errors import BaseMismatchError, InvalidInputError
-from .hosts.diffusers_host import cross_attention_weights
-from .kv import BakedPatch, bake_deltas
+from .kv import BakedPatch, bake_deltas, cross_attention_weights
 
 
 @dataclass

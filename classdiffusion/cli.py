@@ -312,7 +312,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _base_cross_attention(args: argparse.Namespace) -> dict:
-    from .hosts.diffusers_host import cross_attention_weights, load_components
+    from .hosts.diffusers_host import load_components
+    from .kv import cross_attention_weights
 
     unet = load_components(args.base, base_config=args.base_config)[2]
     return cross_attention_weights(unet, "crossattn")

@@ -32,6 +32,20 @@ def trained_names(names, train_mode: str) -> list[str]:
     return sorted(n for n in names if n.endswith(TRAINED_SUFFIXES[train_mode]))
 
 
+def cross_attention_weights(unet: nn.Module, train_mode: str, names: Mapping[str, str] | None = None
+                            ) -> dict[str, torch.Tensor]:
+    """Canonical name → base weight of every cross-attention (attn2) weight ``train_mode`` trains.
+    ``names`` maps canonical names to the module's own parameter names (identity for diffusers)."""
+    params = dict(unet.named_parameters())
+    names = names if names is not None else {name: name for name in params}
+    wanted = trained_names(names, train_mode)
+    if not wanted:
+        from .errors import BaseModelError
+
+        raise BaseModelError("The UNet has no cross-attention (attn2) layers it can map: it is not an SD1.5 UNet.")
+    return {name: params[names[name]] for name in wanted}
+
+
 def zero_deltas(base_weights: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, nn.Parameter]:
     """One trainable fp32 zero delta per base weight (fp32 master copies even for a half base)."""
     return {

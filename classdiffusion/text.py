@@ -6,13 +6,26 @@ so the rest of the vocabulary stays bit-identical and gradients reach only those
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .errors import InvalidInputError
-from .host import TextFeatures
+
+
+@dataclass
+class TextFeatures:
+    """What the text encoder gives the loop for a batch of prompts."""
+
+    context: torch.Tensor  #: [B, L, D] last hidden states (after the final layer norm): UNet context
+    eos: torch.Tensor  #: [B, D] the same features at each prompt's EOS token: what SPL compares
+    #: [B, D] the same features at each prompt's highest token id: transformers' ``pooler_output``
+    #: under SD1.5's legacy text config (``eos_token_id: 2``), which the official ClassDiffusion
+    #: code uses for SPL. With a new token (id above EOS) in the prompt that is the new token's
+    #: position, not EOS.
+    max_id: torch.Tensor
 
 
 class TokenInjectingEmbedding(nn.Module):

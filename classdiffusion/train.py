@@ -27,7 +27,7 @@ from .config import ConceptSpec, TrainConfig, check_concepts
 from .data import LatentBank, as_pil_images, draw_placement, load_images
 from .errors import InvalidInputError, TrainingCancelled, TrainingDivergedError
 from .evaluation.drift import DriftProbe
-from .host import SD15_CONTEXT_DIM, TrainingHost
+from .hosts.base import SD15_CONTEXT_DIM, TrainingHost
 from .kv import base_fingerprint, zero_deltas
 from .losses import masked_mse, prior_mse, semantic_preservation_loss
 from .meta import ConceptMeta
@@ -154,55 +154,88 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, flat: Mapping[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
-class _Run:
-    """Everything prepared once before the first step."""
+@dataclass
+class ConceptData:
+    """One concept to train: its spec and its images, given (PIL images or ComfyUI IMAGE
+    tensors) or else loaded from the spec's paths. The ClassDiffusion Concept node outputs one."""
 
-    def __init__(self, host: TrainingHost, concepts: Sequence[ConceptSpec], config: TrainConfig,
-                 images, class_images):
-        self.host, self.concepts, self.config = host, list(concepts), config
+    spec: ConceptSpec
+    images: Sequence[Any] | None = None
+    class_images: Sequence[Any] | None = None
+
+    def load_images(self) -> list:
+        return as_pil_images(self.images) if self.images is not None else load_images(self.spec.images)
+
+    def load_class_images(self) -> list:
+        if self.class_images is not None and len(self.class_images):
+            return as_pil_images(self.class_images, "class")
+        return load_images(self.spec.class_images, "class") if self.spec.class_images else []
+
+    @property
+    def has_class_images(self) -> bool:
+        return bool(self.spec.class_images) or (self.class_images is not None and len(self.class_images) > 0)
+
+
+def concept_data(concepts: Sequence[ConceptSpec | ConceptData], images=None, class_images=None) -> list[ConceptData]:
+    """ConceptData for each concept; ``images[k]`` / ``class_images[k]`` override concept k's paths."""
+    out = []
+    for k, item in enumerate(concepts):
+        if isinstance(item, ConceptData):
+            out.append(item)
+            continue
+        given = images[k] if images is not None and k < len(images) else None
+        given_class = class_images[k] if class_images is not None and k < len(class_images) else None
+        out.append(ConceptData(item, given, given_class))
+    return out
+
+
+class TrainingRun:
+    """One run of the method: everything prepared once (cached latents, tokens, zero deltas,
+    constants, optimizer), then ``step()`` = ``sample_batch`` → ``losses`` → ``optimize``."""
+
+    def __init__(self, host: TrainingHost, concepts: Sequence[ConceptSpec | ConceptData], config: TrainConfig,
+                 images=None, class_images=None):
+        self.host, self.config = host, config
+        self.data = concept_data(concepts, images, class_images)
+        self.concepts = [d.spec for d in self.data]
         self.device = host.device
         self.warnings: list[str] = []
         if host.text_dim != SD15_CONTEXT_DIM:
             raise InvalidInputError(f"The text encoder is {host.text_dim} wide; SD1.5 needs {SD15_CONTEXT_DIM}.")
-
-        # Images: given (ComfyUI tensors / PIL) or loaded from the concept's paths.
-        per_concept = []
-        for k, spec in enumerate(self.concepts):
-            given = images[k] if images is not None else None
-            pil = as_pil_images(given) if given is not None else load_images(spec.images)
-            per_concept.append(pil)
-        self.image_concept = [k for k, imgs in enumerate(per_concept) for _ in imgs]
-        flat_images = [img for imgs in per_concept for img in imgs]
-
-        self.with_prior = any(spec.class_images for spec in self.concepts) or bool(
-            class_images and any(c is not None and len(c) for c in class_images))
-
-        # Tokens and their starting vectors.
-        host.add_tokens([spec.token for spec in self.concepts])
-        vectors = []
-        for spec in self.concepts:
-            pieces = host.word_token_count(spec.class_word)
-            if pieces != 1:
-                self._warn(f"The class word {spec.class_word!r} is split into {pieces} tokens; it still "
-                           "works (SPL uses the EOS feature), but a single common word is better.")
-            init_word = spec.initializer_word
-            if host.word_token_count(init_word) != 1:
-                self._warn(f"The initializer {init_word!r} is {host.word_token_count(init_word)} tokens; "
-                           "the token starts from their mean embedding.")
-            vectors.append(host.word_embedding(init_word).to(self.device, torch.float32))
-        self.token_vectors = nn.Parameter(torch.stack(vectors))
-        self.tokens = [spec.token for spec in self.concepts]
-
+        per_concept = [d.load_images() for d in self.data]
+        self.with_prior = any(d.has_class_images for d in self.data)
+        self._init_tokens()
         base = host.cross_attention_weights(config.train_mode)
         self.fingerprint = base_fingerprint(base)
         self.base_weights = base  # read-only views, for the official weight decay (optimize())
         self.deltas = zero_deltas(base, self.device)
+        host.configure_training(config)
+        self.image_concept = [k for k, imgs in enumerate(per_concept) for _ in imgs]
+        self.bank = LatentBank(host, [img for imgs in per_concept for img in imgs], self.image_concept, config)
+        self._init_constants()
+        self._init_optimizer()
+        self._perms: dict[int, list[int]] = {}
 
-        host.configure_training(config.gradient_checkpointing, config.attention,
-                                channels_last=config.channels_last, compile=config.compile)
-        self.bank = LatentBank(host, flat_images, self.image_concept, config)
+    def _init_tokens(self) -> None:
+        """Add the tokens; each starts from its initializer word's embedding."""
+        self.host.add_tokens([spec.token for spec in self.concepts])
+        vectors = []
+        for spec in self.concepts:
+            pieces = self.host.word_token_count(spec.class_word)
+            if pieces != 1:
+                self._warn(f"The class word {spec.class_word!r} is split into {pieces} tokens; it still "
+                           "works (SPL uses the EOS feature), but a single common word is better.")
+            init_word = spec.initializer_word
+            if self.host.word_token_count(init_word) != 1:
+                self._warn(f"The initializer {init_word!r} is {self.host.word_token_count(init_word)} tokens; "
+                           "the token starts from their mean embedding.")
+            vectors.append(self.host.word_embedding(init_word).to(self.device, torch.float32))
+        self.token_vectors = nn.Parameter(torch.stack(vectors))
+        self.tokens = [spec.token for spec in self.concepts]
 
-        # Constants, computed once: class-phrase EOS features and prior-preservation contexts.
+    def _init_constants(self) -> None:
+        """Computed once: the class phrases' SPL features and contexts, and the class-image latents."""
+        config, host = self.config, self.host
         with torch.no_grad(), _autocast(self.device, config.mixed_precision):
             class_text = host.encode_text([spec.class_phrase() for spec in self.concepts], {})
         class_features = class_text.eos if config.spl_feature == "eos" else class_text.max_id
@@ -212,22 +245,18 @@ class _Run:
         self.class_bank = None
         if self.with_prior:
             class_pils, owners = [], []
-            for k, spec in enumerate(self.concepts):
-                given = class_images[k] if class_images is not None and k < len(class_images) else None
-                if given is not None and len(given):
-                    pil = as_pil_images(given, "class")
-                elif spec.class_images:
-                    pil = load_images(spec.class_images, "class")
-                else:
-                    pil = []
+            for k, data in enumerate(self.data):
+                pil = data.load_class_images()
                 class_pils += pil
                 owners += [k] * len(pil)
             prior_config = TrainConfig.from_dict({**config.to_dict(), "augment": False})
             self.class_bank = LatentBank(host, class_pils, owners, prior_config)
             self.class_owner = owners
 
+    def _init_optimizer(self) -> None:
+        config = self.config
         self.lr = config.effective_learning_rate(self.with_prior)
-        params = list(self.deltas.values()) + [self.token_vectors]
+        self.params = list(self.deltas.values()) + [self.token_vectors]
         self.optimizer = torch.optim.AdamW(
             # The deltas' weight decay is applied to the full weight in optimize(), as officially.
             [{"params": list(self.deltas.values()), "weight_decay": 0.0}, {"params": [self.token_vectors]}],
@@ -235,10 +264,8 @@ class _Run:
             weight_decay=config.weight_decay, eps=config.adam_epsilon,
             fused=self.device.type == "cuda",  # one kernel for all 32 deltas instead of a loop
         )
-        self.params = params
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(
             config.mixed_precision == "fp16" and self.device.type == "cuda"))
-        self._perms: dict[int, list[int]] = {}
 
     def _warn(self, message: str) -> None:
         logger.warning(message)
@@ -373,6 +400,19 @@ class _Run:
         return [probe.measure(token, self.token_vectors[k].detach()).to_dict()
                 for k, (probe, token) in enumerate(zip(self._probes, self.tokens))]
 
+    def restore(self, checkpoint: Concept) -> None:
+        """Continue from a resumable checkpoint: its deltas, token vectors and optimizer state
+        (the rest of the run is a function of (seed, step), so the result equals an uninterrupted run)."""
+        _check_resume(checkpoint, self.concepts, self.config)
+        checkpoint.check_against(self.base_weights, what="the base model given for resuming")
+        with torch.no_grad():
+            for name, delta in self.deltas.items():
+                if name not in checkpoint.deltas:
+                    raise InvalidInputError(f"The checkpoint lacks the layer {name}.")
+                delta.copy_(checkpoint.deltas[name])
+            self.token_vectors.copy_(checkpoint.token_vectors)
+        _restore_optimizer(self.optimizer, checkpoint.optimizer_tensors)
+
     def concept(self, step: int, history: list[dict], meta_extra: dict, with_optimizer: bool) -> Concept:
         extra = dict(meta_extra)
         known = {name: extra.pop(name) for name in ("base_name", "eos_cosine_initial", "eos_cosine_final",
@@ -427,7 +467,7 @@ def _check_resume(checkpoint: Concept, concepts: Sequence[ConceptSpec], config: 
 
 def train(
     host: TrainingHost,
-    concepts: Sequence[ConceptSpec],
+    concepts: Sequence[ConceptSpec | ConceptData],
     config: TrainConfig,
     *,
     images: Sequence[Sequence[Any]] | None = None,
@@ -444,39 +484,29 @@ def train(
     written along the way. ``resume`` continues from such a checkpoint, giving the same result as
     an uninterrupted run with the same seed.
     """
-    check_concepts(concepts)
+    check_concepts([c.spec if isinstance(c, ConceptData) else c for c in concepts])
     callbacks = callbacks or TrainCallbacks()
     out = Path(out) if out is not None else None
     checkpoint = None
     if resume is not None:
         checkpoint = resume if isinstance(resume, Concept) else load_concept(resume)
-        _check_resume(checkpoint, concepts, config)
+        _check_resume(checkpoint, [c.spec if isinstance(c, ConceptData) else c for c in concepts], config)
 
-    run = _Run(host, concepts, config, images, class_images)
+    run = TrainingRun(host, concepts, config, images, class_images)
     history: list[dict] = []
-    start_step = 0
     initial_drift = run.drift()  # its "cosine" is the EOS cosine of training vs class phrase
-    initial_cos = [d["cosine"] for d in initial_drift]
+    extra = {"eos_cosine_initial": [d["cosine"] for d in initial_drift], "drift_initial": initial_drift}
     if checkpoint is not None:
-        checkpoint.check_against(run.base_weights, what="the base model given for resuming")
-        with torch.no_grad():
-            for name, delta in run.deltas.items():
-                if name not in checkpoint.deltas:
-                    raise InvalidInputError(f"The checkpoint lacks the layer {name}.")
-                delta.copy_(checkpoint.deltas[name])
-            run.token_vectors.copy_(checkpoint.token_vectors)
-        _restore_optimizer(run.optimizer, checkpoint.optimizer_tensors)
+        run.restore(checkpoint)
         history = list(checkpoint.history)
-        start_step = checkpoint.step
-        initial_cos = checkpoint.meta.eos_cosine_initial or initial_cos
-        initial_drift = checkpoint.meta.drift_initial or initial_drift
-
-    extra = {"eos_cosine_initial": initial_cos, "drift_initial": initial_drift, **(meta_extra or {})}
+        extra["eos_cosine_initial"] = checkpoint.meta.eos_cosine_initial or extra["eos_cosine_initial"]
+        extra["drift_initial"] = checkpoint.meta.drift_initial or initial_drift
+    extra.update(meta_extra or {})
     written: list[Path] = []
     last_drift = None  # measured after the final step when drift_every logs it
     detach = host.attach_deltas(run.deltas)
     try:
-        for step in range(start_step, config.steps):
+        for step in range(checkpoint.step if checkpoint is not None else 0, config.steps):
             if callbacks.should_stop():
                 raise TrainingCancelled(
                     f"Training was cancelled at step {step} of {config.steps}; no concept file was written"
@@ -494,9 +524,8 @@ def train(
             history.append(record.to_dict())
             callbacks.on_step(record, config.steps)
             if out is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
-                path = run.concept(done, history, extra, with_optimizer=True).save(checkpoint_path(out, done))
-                written.append(path)
-                callbacks.on_checkpoint(path)
+                written.append(run.concept(done, history, extra, with_optimizer=True).save(checkpoint_path(out, done)))
+                callbacks.on_checkpoint(written[-1])
     finally:
         detach()
 

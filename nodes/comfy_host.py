@@ -13,19 +13,19 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Callable, Mapping, Sequence
+from typing import Sequence
 
 import torch
+from torch import nn
 
 import comfy.model_management
 import comfy.model_sampling
 import comfy.utils
 
 from ..classdiffusion.errors import BaseModelError
-from ..classdiffusion.host import SD15_CONTEXT_DIM, TextFeatures, speed_up_unet
-from ..classdiffusion.kv import attach_deltas_with_hooks, trained_names
+from ..classdiffusion.hosts.base import SD15_CONTEXT_DIM, HostBase
+from ..classdiffusion.kv import cross_attention_weights
 from ..classdiffusion.text import TransformersTextEncoder
-from .glue import canonical_to_comfy_keys
 
 logger = logging.getLogger("classdiffusion")
 
@@ -98,7 +98,7 @@ def text_encoder_from_clip(clip, device: torch.device, dtype: torch.dtype):
     return tokenizer, model, context_layer
 
 
-class ComfyHost:
+class ComfyHost(HostBase):
     """TrainingHost over a ComfyUI ModelPatcher (already cloned and loaded), CLIP and VAE."""
 
     def __init__(self, model_patcher, clip, vae, *, device: torch.device | None = None,
@@ -108,38 +108,19 @@ class ComfyHost:
         check_sd15(model_patcher)
         self.model_patcher = model_patcher
         self.vae = vae
-        self.device = device or comfy.model_management.get_torch_device()
+        device = device or comfy.model_management.get_torch_device()
         self.diffusion_model = model_patcher.model.diffusion_model
         self.unet_dtype = model_patcher.model.get_dtype()
-        sigmas = model_patcher.model.model_sampling.sigmas.to(self.device, torch.float32)
-        self._alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)
-        self.num_train_timesteps = int(self._alphas_cumprod.shape[0])
+        sigmas = model_patcher.model.model_sampling.sigmas.to(device, torch.float32)
         tokenizer, text_model, context_layer = text_encoder_from_clip(
-            clip, self.device, text_dtype or default_text_dtype(self.device))
-        self.text = TransformersTextEncoder(tokenizer, text_model, self.device, context_layer)
-        self.text_dim = int(text_model.config.hidden_size)
+            clip, device, text_dtype or default_text_dtype(device))
+        super().__init__(device, TransformersTextEncoder(tokenizer, text_model, device, context_layer),
+                         1.0 / (1.0 + sigmas ** 2), self.diffusion_model)
         self._to_comfy = diffusers_to_comfy_map(model_patcher)
         self._scale = float(model_patcher.model.latent_format.scale_factor)
         self._shift = float(getattr(model_patcher.model.latent_format, "shift_factor", 0.0) or 0.0)
         self._unpatch_checkpointing: list = []
-        self._forward = self.diffusion_model  # the compiled model when configure_training(compile=True)
-
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self._alphas_cumprod
-
-    def add_tokens(self, tokens: Sequence[str]) -> None:
-        self.text.add_tokens(tokens)
-
-    def word_token_count(self, word: str) -> int:
-        return self.text.word_token_count(word)
-
-    def word_embedding(self, word: str) -> torch.Tensor:
-        return self.text.word_embedding(word)
-
-    def encode_text(self, prompts: Sequence[str], token_vectors: Mapping[str, torch.Tensor], *,
-                    tokens_without_position: bool = False, eos_only: bool = False) -> TextFeatures:
-        return self.text.encode(prompts, token_vectors, tokens_without_position=tokens_without_position,
-                                eos_only=eos_only)
+        self._was_in_training: bool | None = None  # set while configured for training
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,35 +142,25 @@ class ComfyHost:
 
     def predict_noise(self, noisy_latents, timesteps, context) -> torch.Tensor:
         dtype = self.unet_dtype
-        out = self._forward(noisy_latents.to(dtype), timesteps.float(), context=context.to(dtype))
-        return out
+        return self._forward(noisy_latents.to(dtype), timesteps.float(), context=context.to(dtype))
 
     def cross_attention_weights(self, train_mode: str) -> dict[str, torch.Tensor]:
-        names = trained_names(self._to_comfy, train_mode)
-        if not names:
-            raise BaseModelError("This UNet has no cross-attention layers ComfyUI can map; is it SD1.5?")
-        params = dict(self.diffusion_model.named_parameters())
-        return {name: params[self._to_comfy[name]] for name in names}
+        return cross_attention_weights(self.diffusion_model, train_mode, self._to_comfy)
 
-    def comfy_keys(self, names) -> dict[str, str]:
-        return canonical_to_comfy_keys(self._to_comfy, names)
-
-    def attach_deltas(self, deltas: Mapping[str, torch.Tensor]) -> Callable[[], None]:
+    def delta_modules(self, names: Sequence[str]) -> dict[str, nn.Module]:
         modules = dict(self.diffusion_model.named_modules())
-        mapped = {}
-        for name in deltas:
-            module_name = name.rpartition(".")[0]
-            comfy_module = self._to_comfy[name].rpartition(".")[0]
-            mapped[module_name] = modules[comfy_module]
-        return attach_deltas_with_hooks(mapped, deltas)
+        return {name.rpartition(".")[0]: modules[self._to_comfy[name].rpartition(".")[0]] for name in names}
 
-    def configure_training(self, gradient_checkpointing: bool, attention: str, *,
-                           channels_last: bool = False, compile: bool = False) -> None:
-        self._forward = speed_up_unet(self.diffusion_model, channels_last=channels_last, compile=compile)
-        if not gradient_checkpointing:
+    def _configure_memory(self, config) -> None:
+        if config.attention != "sdpa":
+            logger.warning("The ComfyUI host uses ComfyUI's own attention (its --use-*-attention options); "
+                           "attention=%r is ignored.", config.attention)
+        # What ComfyUI's own trainer sets around its loop (other code may check it).
+        self._was_in_training = bool(getattr(comfy.model_management, "in_training", False))
+        comfy.model_management.in_training = True
+        if not config.gradient_checkpointing:
             return
-        from comfy_extras.nodes_train import find_modules_at_depth, patch, unpatch
-
+        find_modules_at_depth, patch, unpatch = _comfy_checkpointing()
         for module in find_modules_at_depth(self.diffusion_model, depth=1):
             patch(module)
             self._unpatch_checkpointing.append((module, unpatch))
@@ -198,3 +169,21 @@ class ComfyHost:
         for module, unpatch in self._unpatch_checkpointing:
             unpatch(module)
         self._unpatch_checkpointing.clear()
+        if self._was_in_training is not None:
+            comfy.model_management.in_training = self._was_in_training
+            self._was_in_training = None
+        super().close()
+
+
+def _comfy_checkpointing():
+    """ComfyUI's own gradient-checkpointing helpers (from its LoRA trainer), with a clear error
+    where this ComfyUI lacks them."""
+    try:
+        from comfy_extras.nodes_train import find_modules_at_depth, patch, unpatch
+    except (ImportError, AttributeError) as exc:
+        raise BaseModelError(
+            "Gradient checkpointing on ComfyUI uses the helpers of ComfyUI's built-in trainer "
+            f"(comfy_extras.nodes_train: find_modules_at_depth, patch, unpatch), which this ComfyUI lacks "
+            f"({exc}). Update ComfyUI (tested: 0.33.0) or turn gradient checkpointing off."
+        ) from None
+    return find_modules_at_depth, patch, unpatch

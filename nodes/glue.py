@@ -13,17 +13,6 @@ UNET_PREFIX = "diffusion_model."
 TOKEN_MARKER = "classdiffusion_token_"
 
 
-def canonical_to_comfy_keys(diffusers_to_comfy: Mapping[str, str], names) -> dict[str, str]:
-    """Canonical (diffusers) weight names → ComfyUI UNet weight names, via
-    ``comfy.utils.unet_to_diffusers`` output. Raises KeyError naming a missing layer."""
-    out = {}
-    for name in names:
-        if name not in diffusers_to_comfy:
-            raise KeyError(f"this UNet has no layer matching {name}")
-        out[name] = diffusers_to_comfy[name]
-    return out
-
-
 def token_pattern(token: str) -> re.Pattern:
     """Matches the token as a whole word ("<sks>" in "a <sks> dog", not in "x<sks>y")."""
     return re.compile(r"(?<![\w<>-])" + re.escape(token) + r"(?![\w<>-])")

@@ -16,16 +16,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from classdiffusion.train import _Run
+from classdiffusion.train import TrainingRun
 from conftest import dog, make_images, small_config
 
 RTOL = 1e-5
 
 
 class OfficialStep:
-    """The official code's models and loss, holding the same trained tensors as a ``_Run``."""
+    """The official code's models and loss, holding the same trained tensors as a ``TrainingRun``."""
 
-    def __init__(self, base, run: _Run, token: str = "<sks>"):
+    def __init__(self, base, run: TrainingRun, token: str = "<sks>"):
         from diffusers import UNet2DConditionModel
         from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
         from transformers import CLIPTextModel, CLIPTokenizer
@@ -136,7 +136,7 @@ def _close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
 def _parity(host, tiny_base, *, spl_weight, mask_kind, feature="eos", with_class_images=False):
     config = small_config(spl_weight=spl_weight, spl_feature=feature)
     class_images = [make_images(2, seed=7)] if with_class_images else None
-    run = _Run(host, [dog()], config, [make_images()], class_images)
+    run = TrainingRun(host, [dog()], config, [make_images()], class_images)
     torch.manual_seed(1)
     with torch.no_grad():  # trained state mid-run, not the zero start: every term is non-trivial
         for delta in run.deltas.values():
@@ -196,7 +196,7 @@ def test_official_spl_feature_reproduces_the_official_pooler(host, tiny_base):
 
 def test_official_and_paper_spl_features_differ(host):
     """The official pooler reads the new token's position, not EOS: the two SPL values differ."""
-    runs = {f: _Run(host, [dog()], small_config(spl_feature=f), [make_images()], None) for f in ("eos", "official")}
+    runs = {f: TrainingRun(host, [dog()], small_config(spl_feature=f), [make_images()], None) for f in ("eos", "official")}
     values = {}
     for feature, run in runs.items():
         with torch.no_grad():
@@ -211,7 +211,7 @@ def test_optimizer_step_equals_the_official_adamw_step(host, tiny_base):
     that elements with near-zero gradients (whose first Adam step is ±lr from float noise alone)
     do not hide it."""
     config = small_config(learning_rate=1e-3, weight_decay=5.0, adam_epsilon=1e-3)
-    run = _Run(host, [dog()], config, [make_images()], None)
+    run = TrainingRun(host, [dog()], config, [make_images()], None)
     torch.manual_seed(2)
     with torch.no_grad():
         for delta in run.deltas.values():

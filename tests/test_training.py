@@ -11,7 +11,7 @@ import torch
 from classdiffusion.config import ConceptSpec
 from classdiffusion.hosts.diffusers_host import load_host
 from classdiffusion.losses import semantic_preservation_loss
-from classdiffusion.train import _Run, train
+from classdiffusion.train import TrainingRun, train
 
 from conftest import dog, make_images, small_config
 
@@ -41,7 +41,7 @@ def test_only_deltas_and_token_rows_change(host):
 
 
 def test_gradients_reach_only_trained_parameters(host):
-    run = _Run(host, [dog()], small_config(), [make_images()], None)
+    run = TrainingRun(host, [dog()], small_config(), [make_images()], None)
     detach = host.attach_deltas(run.deltas)
     try:
         frozen = [p for m in (host.unet, host.text_encoder, host.vae) for p in m.parameters()]
@@ -58,7 +58,7 @@ def test_gradients_reach_only_trained_parameters(host):
 
 
 def test_kv_mode_trains_exactly_the_attn2_to_k_to_v_weights(host):
-    run = _Run(host, [dog()], small_config(), [make_images()], None)
+    run = TrainingRun(host, [dog()], small_config(), [make_images()], None)
     names = sorted(run.deltas)
     assert names and all(n.endswith((".attn2.to_k.weight", ".attn2.to_v.weight")) for n in names)
     attn2_linears = [n for n, _ in host.unet.named_modules() if n.endswith((".attn2.to_k", ".attn2.to_v"))]
@@ -66,7 +66,7 @@ def test_kv_mode_trains_exactly_the_attn2_to_k_to_v_weights(host):
 
 
 def test_crossattn_mode_trains_all_attn2_weights(host):
-    run = _Run(host, [dog()], small_config(train_mode="crossattn"), [make_images()], None)
+    run = TrainingRun(host, [dog()], small_config(train_mode="crossattn"), [make_images()], None)
     kinds = {n.split("attn2.")[1] for n in run.deltas}
     assert kinds == {"to_k.weight", "to_v.weight", "to_q.weight", "to_out.0.weight", "to_out.0.bias"}
     result = train(host, [dog()], small_config(steps=2, train_mode="crossattn"), images=[make_images()])

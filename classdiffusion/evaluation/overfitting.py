@@ -39,7 +39,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from ..errors import InvalidInputError
-from ..host import TrainingHost
+from ..hosts.base import TrainingHost
 
 Score = Callable[[torch.Tensor], torch.Tensor]
 

@@ -4,65 +4,43 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..errors import BaseModelError, InvalidInputError
-from ..host import SD15_CONTEXT_DIM, TextFeatures, speed_up_unet
-from ..kv import attach_deltas_with_hooks, trained_names
 from ..text import TransformersTextEncoder
+from ..kv import cross_attention_weights
+from .base import SD15_CONTEXT_DIM, HostBase
 
 logger = logging.getLogger("classdiffusion")
 
 
-class DiffusersHost:
+class DiffusersHost(HostBase):
     """Frozen SD1.5 components from diffusers/transformers behind the TrainingHost interface."""
 
     def __init__(self, tokenizer, text_encoder, unet, vae, scheduler, device: torch.device | str):
-        self.device = torch.device(device)
+        device = torch.device(device)
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.unet = unet
         self.vae = vae
         self.scheduler = scheduler
         check_sd15_shaped(unet, text_encoder)
-        for model in (text_encoder, unet, vae):
-            model.requires_grad_(False)
-            model.eval()
-            model.to(self.device)
-        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
-        self.text_dim = int(text_encoder.config.hidden_size)
-        self._alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
         if getattr(scheduler.config, "prediction_type", "epsilon") != "epsilon":
             raise BaseModelError(
                 f"The base model predicts {scheduler.config.prediction_type!r}, not noise (ε): "
                 "ClassDiffusion trains SD1.5-style ε-prediction models only."
             )
-        self.text = TransformersTextEncoder(tokenizer, text_encoder, self.device)
-        self._forward = self.unet  # the compiled UNet when configure_training(compile=True)
+        for model in (text_encoder, unet, vae):
+            model.requires_grad_(False)
+            model.eval()
+            model.to(device)
+        super().__init__(device, TransformersTextEncoder(tokenizer, text_encoder, device),
+                         scheduler.alphas_cumprod, unet)
         self._scaling_factor = float(getattr(vae.config, "scaling_factor", 0.18215))
 
-    # -- text -------------------------------------------------------------------------------
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self._alphas_cumprod
-
-    def add_tokens(self, tokens: Sequence[str]) -> None:
-        self.text.add_tokens(tokens)
-
-    def word_token_count(self, word: str) -> int:
-        return self.text.word_token_count(word)
-
-    def word_embedding(self, word: str) -> torch.Tensor:
-        return self.text.word_embedding(word)
-
-    def encode_text(self, prompts: Sequence[str], token_vectors: Mapping[str, torch.Tensor], *,
-                    tokens_without_position: bool = False, eos_only: bool = False) -> TextFeatures:
-        return self.text.encode(prompts, token_vectors, tokens_without_position=tokens_without_position,
-                                eos_only=eos_only)
-
-    # -- images and noise -------------------------------------------------------------------
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
@@ -74,43 +52,22 @@ class DiffusersHost:
     def predict_noise(self, noisy_latents, timesteps, context) -> torch.Tensor:
         return self._forward(noisy_latents, timesteps, encoder_hidden_states=context).sample
 
-    # -- trainable weights ------------------------------------------------------------------
     def cross_attention_weights(self, train_mode: str) -> dict[str, torch.Tensor]:
         return cross_attention_weights(self.unet, train_mode)
 
-    def attach_deltas(self, deltas: Mapping[str, torch.Tensor]) -> Callable[[], None]:
-        return attach_deltas_with_hooks(dict(self.unet.named_modules()), deltas)
+    def delta_modules(self, names: Sequence[str]) -> dict[str, nn.Module]:
+        return dict(self.unet.named_modules())
 
-    def configure_training(self, gradient_checkpointing: bool, attention: str, *,
-                           channels_last: bool = False, compile: bool = False) -> None:
-        self._forward = speed_up_unet(self.unet, channels_last=channels_last, compile=compile)
-        if gradient_checkpointing:
+    def _configure_memory(self, config) -> None:
+        if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             self.unet.train()  # diffusers only checkpoints in training mode; no dropout in SD1.5
             if hasattr(self.text_encoder, "gradient_checkpointing_enable"):
                 self.text_encoder.gradient_checkpointing_enable()
                 self.text_encoder.train()
-        if attention == "eager":
-            from diffusers.models.attention_processor import AttnProcessor
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-            self.unet.set_attn_processor(AttnProcessor())
-        else:
-            from diffusers.models.attention_processor import AttnProcessor2_0
-
-            self.unet.set_attn_processor(AttnProcessor2_0())
-
-    def close(self) -> None:
-        """Give the text encoder its plain embedding back."""
-        self.text.close()
-
-
-def cross_attention_weights(unet: nn.Module, train_mode: str) -> dict[str, torch.Tensor]:
-    """Canonical-name → weight for every UNet cross-attention (attn2) weight that is trained."""
-    params = dict(unet.named_parameters())
-    names = trained_names(params, train_mode)
-    if not names:
-        raise BaseModelError("The UNet has no cross-attention (attn2) layers: it is not an SD1.5 UNet.")
-    return {name: params[name] for name in names}
+        self.unet.set_attn_processor(AttnProcessor() if config.attention == "eager" else AttnProcessor2_0())
 
 
 def check_sd15_shaped(unet: nn.Module, text_encoder: nn.Module) -> None:

@@ -26,7 +26,8 @@ def load_pack(repo: str):
     sys.modules["classdiffusion_pack"] = package
     return (importlib.import_module("classdiffusion_pack.nodes.comfy_host"),
             importlib.import_module("classdiffusion_pack.classdiffusion.hosts.diffusers_host"),
-            importlib.import_module("classdiffusion_pack.classdiffusion.losses"))
+            importlib.import_module("classdiffusion_pack.classdiffusion.losses"),
+            importlib.import_module("classdiffusion_pack.classdiffusion.config"))
 
 
 def step(host, deltas, vector, noisy, timesteps, noise, mask, losses):
@@ -64,7 +65,7 @@ def main(repo: str, out_path: str) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    comfy_host, diffusers_host, losses = load_pack(repo)
+    comfy_host, diffusers_host, losses, config = load_pack(repo)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
     clip_config = json.load(open(os.path.join("comfy", "sd1_clip_config.json")))
@@ -87,7 +88,7 @@ def main(repo: str, out_path: str) -> None:
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4)
     ours_diffusers = diffusers_host.DiffusersHost(tokenizer, text, unet, vae, scheduler, "cpu")
-    ours_diffusers.configure_training(False, "sdpa")
+    ours_diffusers.configure_training(config.TrainConfig(attention="sdpa"))
 
     base = ours_diffusers.cross_attention_weights("kv")
     comfy_base = ours_comfy.cross_attention_weights("kv")
@@ -105,7 +106,7 @@ def main(repo: str, out_path: str) -> None:
     # The noise floor: the same diffusers host with its other attention implementation — the
     # same math, only summed in another order. Differences of that size are float32 rounding,
     # amplified by the deep random network.
-    ours_diffusers.configure_training(False, "eager")
+    ours_diffusers.configure_training(config.TrainConfig(attention="eager"))
     ev, eg, et = step(ours_diffusers, deltas, vector, noisy, timesteps, noise, mask, losses)
     (cv, cg, ct), (dv, dg, dt) = results["comfy"], results["diffusers"]
     floor = {

@@ -1,0 +1,153 @@
+"""The small interface the training loop is written against, and the base both hosts share.
+
+A *host* owns the frozen models (text encoder, UNet, VAE) and the noise schedule of one base
+model. The loop never touches them directly, so the same loop runs on diffusers models
+(``hosts.diffusers_host``) and inside ComfyUI (the node pack's adapter) without knowing which.
+:class:`HostBase` holds what both hosts do the same way (the trainable text encoder copy, the
+noise schedule, the K/V delta hooks, the speed options); a host adds its UNet call, its VAE and
+the mapping of canonical layer names to its modules.
+
+Layer names are canonical diffusers names of the UNet, e.g.
+``down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight``; a host that stores its
+weights under other names translates.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import nn
+
+from ..kv import attach_deltas_with_hooks
+from ..text import TextFeatures, TransformersTextEncoder
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+
+logger = logging.getLogger("classdiffusion")
+
+#: SD1.5's CLIP-L text width; the UNet's cross-attention context must have this size.
+SD15_CONTEXT_DIM = 768
+
+
+def speed_up_unet(unet: torch.nn.Module, *, channels_last: bool, compile: bool) -> Callable:
+    """The UNet forward a host should call: channels-last in place, and torch.compile'd if asked
+    (forward hooks attached later still take effect)."""
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    return torch.compile(unet) if compile else unet
+
+
+@runtime_checkable
+class TrainingHost(Protocol):
+    """What a base model must offer to be trained by :func:`classdiffusion.train.train`."""
+
+    device: torch.device
+    #: Number of DDPM training timesteps (1000 for SD1.5).
+    num_train_timesteps: int
+    #: Width of the text features / token embeddings (768 for SD1.5).
+    text_dim: int
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """ᾱ_t for t = 0..T-1 as float32 on ``device`` (SD1.5: scaled-linear betas 0.00085–0.012)."""
+
+    def add_tokens(self, tokens: Sequence[str]) -> None:
+        """Make the tokenizer understand the new tokens; raise InvalidInputError for a token
+        that is already a word of the vocabulary."""
+
+    def word_token_count(self, word: str) -> int:
+        """How many tokens the tokenizer splits ``word`` into (1 for a known word)."""
+
+    def word_embedding(self, word: str) -> torch.Tensor:
+        """The input embedding of ``word`` (mean over its tokens), float32 [D]: a token's start."""
+
+    def encode_text(
+        self, prompts: Sequence[str], token_vectors: Mapping[str, torch.Tensor], *,
+        tokens_without_position: bool = False, eos_only: bool = False,
+    ) -> TextFeatures:
+        """Encode prompts in which each token of ``token_vectors`` is replaced by its vector.
+
+        Gradients must flow from the outputs into ``token_vectors`` and nowhere else.
+        ``tokens_without_position``: the tokens enter without their position embedding, as in the
+        official code's SPL encoder (for ``spl_feature="official"`` only). ``eos_only``: only
+        ``eos`` is used (the host may skip the positions after the last EOS).
+        """
+
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE-encode images in [-1, 1], [B, 3, H, W] → (mean, std) of the scaled latent
+        distribution, float32 [B, 4, H/8, W/8]. Called once per image variant, never per step."""
+
+    def predict_noise(
+        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        """ε-prediction of the UNet for x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε at integer timesteps t."""
+
+    def cross_attention_weights(self, train_mode: str) -> dict[str, torch.Tensor]:
+        """The base weights the run trains deltas for, by canonical name ('kv': attn2.to_k/to_v
+        weights; 'crossattn': every attn2 weight and bias). Read-only views, any dtype."""
+
+    def attach_deltas(self, deltas: Mapping[str, torch.Tensor]) -> Callable[[], None]:
+        """Make the UNet compute with ``base + delta`` for each named weight, with gradients
+        reaching the deltas. Returns a function that detaches them again."""
+
+    def configure_training(self, config: "TrainConfig") -> None:
+        """Switch the run's memory/speed options on the frozen models before the first step
+        (gradient checkpointing, attention, channels-last, torch.compile — hooks attached later by
+        ``attach_deltas`` must still take effect); warn about any option the host cannot honour."""
+
+    def close(self) -> None:
+        """Undo what the run changed on the models (hooks, checkpointing, the token embedding)."""
+
+
+class HostBase:
+    """The half of a TrainingHost that does not depend on where the models come from."""
+
+    def __init__(self, device: torch.device, text: TransformersTextEncoder, alphas_cumprod: torch.Tensor,
+                 unet: nn.Module):
+        self.device = device
+        self.text = text
+        self.text_dim = int(text.model.config.hidden_size)
+        self._alphas_cumprod = alphas_cumprod.to(device, torch.float32)
+        self.num_train_timesteps = int(self._alphas_cumprod.shape[0])
+        self._unet = unet
+        self._forward = unet  # the compiled UNet after configure_training(compile=True)
+
+    # -- text (a transformers copy of the host's CLIP-L; see text.py) ------------------------
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self._alphas_cumprod
+
+    def add_tokens(self, tokens: Sequence[str]) -> None:
+        self.text.add_tokens(tokens)
+
+    def word_token_count(self, word: str) -> int:
+        return self.text.word_token_count(word)
+
+    def word_embedding(self, word: str) -> torch.Tensor:
+        return self.text.word_embedding(word)
+
+    def encode_text(self, prompts: Sequence[str], token_vectors: Mapping[str, torch.Tensor], *,
+                    tokens_without_position: bool = False, eos_only: bool = False) -> TextFeatures:
+        return self.text.encode(prompts, token_vectors, tokens_without_position=tokens_without_position,
+                                eos_only=eos_only)
+
+    # -- trained weights ---------------------------------------------------------------------
+    def delta_modules(self, names: Sequence[str]) -> dict[str, nn.Module]:
+        """Canonical module name (``…attn2.to_k``) → the host's module, for each delta name."""
+        raise NotImplementedError
+
+    def attach_deltas(self, deltas: Mapping[str, torch.Tensor]) -> Callable[[], None]:
+        return attach_deltas_with_hooks(self.delta_modules(list(deltas)), deltas)
+
+    # -- options -----------------------------------------------------------------------------
+    def configure_training(self, config: "TrainConfig") -> None:
+        self._forward = speed_up_unet(self._unet, channels_last=config.channels_last, compile=config.compile)
+        self._configure_memory(config)
+
+    def _configure_memory(self, config: "TrainConfig") -> None:
+        """Gradient checkpointing and attention: each host its own way."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.text.close()
