@@ -114,11 +114,47 @@ def check_device(name: str | None) -> str | None:
     return name
 
 
-def _positive_int(text: str) -> int:
+def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig setting that has a flag, with the help, type and choices
+    written on the field (config.setting). Unset options stay None: the config's default or, when
+    resuming, the checkpoint's value."""
+    import dataclasses
+
+    from .config import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        flag = f.metadata.get("cli")
+        if not flag:
+            continue
+        help_text = f.metadata["help"]
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, dest=f.name, action="store_const", const=not f.default, default=None,
+                                help=help_text + (" (on by default; this turns it off)" if f.default else ""))
+            continue
+        kind = {int: _positive_int if f.metadata.get("min") == 1 else _whole, float: _finite}.get(type(f.default))
+        parser.add_argument(flag, dest=f.name, type=kind, choices=f.metadata.get("choices"), default=None,
+                            help=f"{help_text} (default {f.default})")
+
+
+def setting_overrides(args: argparse.Namespace) -> dict:
+    """The TrainConfig settings given on the command line."""
+    import dataclasses
+
+    from .config import TrainConfig
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+            if f.metadata.get("cli") and getattr(args, f.name, None) is not None}
+
+
+def _whole(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
     return value
@@ -168,19 +204,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_output_file(args.plot, "--plot", IMAGE_SUFFIXES)
     check_device(args.device)
 
-    overrides = {k: v for k, v in {
-        "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr,
-        "spl_weight": args.spl_weight, "prior_weight": args.prior_weight, "resolution": args.resolution,
-        "train_mode": args.train_mode, "mixed_precision": args.mixed_precision, "seed": args.seed,
-        "save_every": args.save_every, "attention": args.attention, "drift_every": args.drift_every,
-        "spl_feature": args.spl_feature,
-    }.items() if v is not None}
-    for flag, key, value in ((args.no_scale_lr, "scale_lr", False), (args.no_hflip, "hflip", False),
-                             (args.no_augment, "augment", False),
-                             (args.gradient_checkpointing, "gradient_checkpointing", True),
-                             (args.channels_last, "channels_last", True), (args.compile, "compile", True)):
-        if flag:
-            overrides[key] = value
+    overrides = setting_overrides(args)
 
     if args.resume:
         meta = read_metadata(args.resume)
@@ -373,27 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--class-images", nargs="+", help="class images for prior preservation (optional)")
     train.add_argument("--concepts", help="JSON list of concepts for multi-concept training")
     train.add_argument("--out", required=True, help="output concept file (.safetensors)")
-    train.add_argument("--steps", type=_positive_int, help="training steps (default 500; 800 suits multi-concept)")
-    train.add_argument("--batch-size", type=_positive_int, help="default 2")
-    train.add_argument("--lr", type=_finite, help="base learning rate (default 1e-5, scaled by batch size)")
-    train.add_argument("--no-scale-lr", action="store_true", help="use --lr as is")
-    train.add_argument("--spl-weight", type=_finite, help="λ of the semantic preservation loss (default 1.0)")
-    train.add_argument("--spl-feature", choices=["eos", "official"],
-                       help="text feature SPL compares: eos (default, the paper's end-of-text feature) or "
-                            "official (the official code's pooler output: the new token's own position)")
-    train.add_argument("--prior-weight", type=_finite, help="weight of prior preservation (default 1.0)")
-    train.add_argument("--resolution", type=int, help="default 512")
-    train.add_argument("--train-mode", choices=["kv", "crossattn"], help="kv (default) or all of attn2")
-    train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="default no")
-    train.add_argument("--gradient-checkpointing", action="store_true")
-    train.add_argument("--channels-last", action="store_true", help="channels-last UNet activations (GPU speed)")
-    train.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first step)")
-    train.add_argument("--attention", choices=["sdpa", "eager"])
-    train.add_argument("--no-hflip", action="store_true", help="no random horizontal flips")
-    train.add_argument("--no-augment", action="store_true", help="no random rescaling")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--save-every", type=int, help="write a resumable checkpoint every N steps")
-    train.add_argument("--drift-every", type=int, help="log each token's drift rank every N steps (0 = off)")
+    add_setting_arguments(train)
     train.add_argument("--resume", help="continue from a checkpoint written with --save-every")
     train.add_argument("--plot", help="also write a loss plot (PNG)")
     train.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")

@@ -160,6 +160,21 @@ class ConceptSpec:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def setting(default: Any, help: str, *, cli: str | None = None, **limits: Any):
+    """A TrainConfig field with its help, range (min/max/step), choices and command-line flag:
+    written once, read by the CLI (``cli.add_setting_arguments``) and the nodes' inputs
+    (peft's ``field(metadata={"help": ...})`` style). ``cli`` "--no-x" turns a True default off."""
+    return field(default=default, metadata={"help": help, "cli": cli, **limits})
+
+
+def setting_info(name: str) -> dict[str, Any]:
+    """help, cli, min, max, step, choices and default of a TrainConfig field."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == name:
+            return {**f.metadata, "default": f.default}
+    raise KeyError(name)
+
+
 @dataclass
 class TrainConfig:
     """Training settings. Defaults are the paper's / official code's (SD1.5, single concept).
@@ -169,36 +184,47 @@ class TrainConfig:
     2e-5 at batch 2.
     """
 
-    steps: int = 500
-    batch_size: int = 2
-    learning_rate: float = 1e-5
-    scale_lr: bool = True
-    spl_weight: float = 1.0
-    #: "eos" (paper) or "official" (the official code's pooler_output; see SplFeature).
-    spl_feature: SplFeature = "eos"
-    prior_weight: float = 1.0
-    resolution: int = 512
-    train_mode: TrainMode = "kv"
-    hflip: bool = True
-    augment: bool = True
-    shrink_scales: int = 6
-    zoom_scales: int = 2
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    mixed_precision: MixedPrecision = "no"
-    gradient_checkpointing: bool = False
-    attention: Literal["sdpa", "eager"] = "sdpa"
-    #: UNet activations in channels-last layout (faster convolutions on recent GPUs).
-    channels_last: bool = False
-    #: torch.compile the UNet (slow first step; pays off over hundreds of steps on a GPU).
-    compile: bool = False
-    seed: int = 0
-    save_every: int = 0
-    #: Every N steps, log each token's drift rank among the adjective phrases (0 = only before/after).
-    drift_every: int = 0
+    steps: int = setting(500, "Training steps. Paper: 500 (800 for several concepts).", min=1, max=20000,
+                         cli="--steps")
+    batch_size: int = setting(2, "Images per step (paper: 2).", min=1, max=16, cli="--batch-size")
+    learning_rate: float = setting(1e-5, "Base learning rate, multiplied by the batch size unless scale_lr is off "
+                                   "(paper: 1e-5 → 2e-5 at batch 2).", min=1e-7, max=1e-2, step=1e-6, cli="--lr")
+    scale_lr: bool = setting(True, "Multiply the learning rate by the batch size (× 2 more with class images), "
+                             "as the official --scale_lr does.", cli="--no-scale-lr")
+    spl_weight: float = setting(1.0, "λ of the semantic preservation loss. Higher keeps composition, lower keeps "
+                                "identity; 0 = Custom Diffusion.", min=0.0, max=100.0, step=0.01, cli="--spl-weight")
+    spl_feature: SplFeature = setting(
+        "eos", "Which text feature SPL compares. eos: the end-of-text token (the paper). official: what the official "
+        "code computes (pooler_output under SD1.5's legacy config = the new token's own position, entered without "
+        "its position embedding); only to reproduce its numbers.", choices=SPL_FEATURES, cli="--spl-feature")
+    prior_weight: float = setting(1.0, "Weight of the prior-preservation loss on class images.", min=0.0,
+                                  cli="--prior-weight")
+    resolution: int = setting(512, "Training resolution, a multiple of 64 (SD1.5: 512).", min=64, max=1024, step=64,
+                              cli="--resolution")
+    train_mode: TrainMode = setting("kv", "kv: attn2's to_k and to_v (the paper); crossattn: all of attn2.",
+                                    choices=("kv", "crossattn"), cli="--train-mode")
+    hflip: bool = setting(True, "Random horizontal flips.", cli="--no-hflip")
+    augment: bool = setting(True, "Random rescaling of the images, as the official code does.", cli="--no-augment")
+    shrink_scales: int = setting(6, "Size bins an image is shrunk into (augmentation).", min=1)
+    zoom_scales: int = setting(2, "Size bins an image is zoomed into (augmentation).", min=0)
+    adam_beta1: float = setting(0.9, "AdamW β1.")
+    adam_beta2: float = setting(0.999, "AdamW β2.")
+    weight_decay: float = setting(1e-2, "AdamW weight decay, on the full trained weight as officially.")
+    adam_epsilon: float = setting(1e-8, "AdamW ε.")
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm.")
+    mixed_precision: MixedPrecision = setting("no", "Autocast dtype; frozen models are stored in it, trained tensors "
+                                              "stay fp32.", choices=("no", "fp16", "bf16"), cli="--mixed-precision")
+    gradient_checkpointing: bool = setting(False, "Less memory, slower steps.", cli="--gradient-checkpointing")
+    attention: Literal["sdpa", "eager"] = setting("sdpa", "UNet attention implementation.", choices=("sdpa", "eager"),
+                                                  cli="--attention")
+    channels_last: bool = setting(False, "UNet activations in channels-last layout (faster convolutions on recent "
+                                  "GPUs).", cli="--channels-last")
+    compile: bool = setting(False, "torch.compile the UNet (slow first step; pays off over hundreds of steps on a "
+                            "GPU).", cli="--compile")
+    seed: int = setting(0, "Seed: same inputs and seed give the same concept.", min=0, max=0xFFFFFFFF, cli="--seed")
+    save_every: int = setting(0, "Write a resumable checkpoint every N steps (0 = off).", min=0, cli="--save-every")
+    drift_every: int = setting(0, "Log each token's drift rank every N steps (0 = only before and after).", min=0,
+                               cli="--drift-every")
 
     def __post_init__(self) -> None:
         _check_field_types(self)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 
@@ -13,7 +14,7 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io, ui
 
 from ..classdiffusion.concept import Concept, atomic_save_file, load_concept
-from ..classdiffusion.config import ConceptSpec, TrainConfig
+from ..classdiffusion.config import ConceptSpec, TrainConfig, setting_info
 from ..classdiffusion.kv import trained_names
 from ..classdiffusion.evaluation.drift import concept_drifts, summary as drift_summary
 from ..classdiffusion.plot import drift_line, plot_drift_map, plot_history, summary_line
@@ -43,6 +44,16 @@ def _advanced() -> dict:
     if "advanced" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return {"advanced": True}
     return {}
+
+
+def setting_input(kind, name: str, **extra):
+    """A node input for a TrainConfig setting: default, range, choices and tooltip come from the
+    field (config.setting), so the CLI and the node describe it with the same words."""
+    info = setting_info(name)
+    options = {key: info[key] for key in ("min", "max", "step") if key in info and kind is not io.Combo}
+    if kind is io.Combo:
+        options["options"] = list(info["choices"])
+    return kind.Input(name, default=info["default"], tooltip=info["help"], **options, **extra)
 
 
 def _mixed_precision(choice: str, model) -> str:
@@ -111,21 +122,22 @@ class TrainConceptNode(io.ComfyNode):
                 io.String.Input("token", default="<sks>", tooltip="A new word for the concept, e.g. <sks>. Must not be an existing word."),
                 io.String.Input("class_word", default="dog", tooltip="The concept's class, e.g. dog. A fine-grained single word works best."),
                 io.String.Input("prompt_template", default="a photo of a {}", tooltip="Training prompt; {} becomes '<token> <class word>'."),
-                io.Int.Input("steps", default=500, min=1, max=20000, tooltip="Training steps. Paper: 500 (800 for several concepts)."),
-                io.Float.Input("learning_rate", default=1e-5, min=1e-7, max=1e-2, step=1e-6, tooltip="Base rate, multiplied by the batch size (paper: 1e-5 → 2e-5 at batch 2)."),
-                io.Float.Input("spl_weight", default=1.0, min=0.0, max=100.0, step=0.01, tooltip="λ of the semantic preservation loss. Higher keeps composition, lower keeps identity; 0 = Custom Diffusion."),
-                io.Int.Input("batch_size", default=2, min=1, max=16, tooltip="Images per step (paper: 2)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Seed: same inputs and seed give the same concept.", control_after_generate=True),
-                io.Int.Input("resolution", default=512, min=64, max=1024, step=64, tooltip="Training resolution (SD1.5: 512)."),
-                io.Combo.Input("mixed_precision", options=["auto", "bf16", "fp16", "no"], default="auto", tooltip="auto: the dtype ComfyUI loaded the UNet in (fp16 on most GPUs, bf16 where it chose bf16), full precision on CPU."),
+                setting_input(io.Int, "steps"),
+                setting_input(io.Float, "learning_rate"),
+                setting_input(io.Float, "spl_weight"),
+                setting_input(io.Int, "batch_size"),
+                setting_input(io.Int, "seed", control_after_generate=True),
+                setting_input(io.Int, "resolution"),
+                io.Combo.Input("mixed_precision", options=["auto", "bf16", "fp16", "no"], default="auto",
+                               tooltip=setting_info("mixed_precision")["help"] + " auto: the dtype ComfyUI loaded the "
+                               "UNet in (fp16 on most GPUs, bf16 where it chose bf16), full precision on CPU."),
                 io.String.Input("initializer", default="ktn", tooltip="Word the token starts from (Custom Diffusion: ktn; 'class' = the class word)."),
-                io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Less GPU memory, slower steps."),
+                setting_input(io.Boolean, "gradient_checkpointing"),
                 io.String.Input("save_name", default="my_concept", tooltip="Saves models/classdiffusion/NAME.safetensors and models/embeddings/NAME.safetensors (use embedding:NAME in any prompt)."),
                 io.Image.Input("class_images", optional=True, tooltip="Optional class images (e.g. generated 'a photo of a dog') for prior preservation."),
                 ConceptSpecType.Input("concept_2", optional=True, tooltip="A second concept to train jointly."),
                 ConceptSpecType.Input("concept_3", optional=True, tooltip="A third concept to train jointly."),
-                io.Combo.Input("spl_feature", options=["eos", "official"], default="eos", optional=True, **_advanced(),
-                               tooltip="Which text feature SPL compares. eos: the end-of-text token (the paper). official: what the official code computes (pooler_output under SD1.5's legacy config = the new token's own position, entered without its position embedding); only to reproduce its numbers."),
+                setting_input(io.Combo, "spl_feature", optional=True, **_advanced()),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL"),
@@ -146,10 +158,8 @@ class TrainConceptNode(io.ComfyNode):
         specs = [ConceptSpec(token=token.strip(), class_word=class_word, prompt=prompt_template, initializer=initializer)]
         image_sets, class_sets = [images], [class_images]
         for extra in (concept_2, concept_3):
-            if extra is not None:
-                spec = extra["spec"]
-                spec.prompt = prompt_template
-                specs.append(spec)
+            if extra is not None:  # a copy: ComfyUI caches the Concept node's output for the next run
+                specs.append(dataclasses.replace(extra["spec"], prompt=prompt_template))
                 image_sets.append(extra["images"])
                 class_sets.append(extra["class_images"])
         config = TrainConfig(

@@ -216,6 +216,28 @@ def test_multi_concept_training_and_lora_export(server):
     assert "lora key not loaded" not in server.log()
 
 
+def test_multi_concept_graph_run_twice_gives_the_same_concept(server):
+    """ComfyUI caches the Concept node's output between runs; the Train node must not change it
+    (the second run re-executes only the Train node, with the cached spec)."""
+    from classdiffusion.concept import load_concept
+
+    def graph(save_name):
+        return {**loader(), **image_batch(),
+                "second": {"class_type": "ClassDiffusionConcept", "inputs": {
+                    "images": ["img_b", 0], "token": "<ktn4>", "class_word": "cat", "initializer": "class"}},
+                **train_node(save_name, steps=2, concept_2=["second", 0], prompt_template="a close photo of a {}")}
+
+    concepts = []
+    for name in ("twice_a", "twice_b"):
+        assert_success(server.run(graph(name)))
+        concepts.append(load_concept(server.base_dir / "models" / "classdiffusion" / f"{name}.safetensors"))
+    first, second = concepts
+    assert first.meta.prompts == second.meta.prompts == ["a close photo of a {}"] * 2
+    assert first.meta.concepts == second.meta.concepts
+    assert torch.equal(first.token_vectors, second.token_vectors)
+    assert all(torch.equal(first.deltas[name], second.deltas[name]) for name in first.deltas)
+
+
 def test_cancel_during_training_leaves_no_files_and_server_keeps_working(server):
     prompt_id = server.queue({**loader(), **image_batch(), **train_node("cancelled", steps=5000)})
     deadline = time.time() + 120

@@ -1,0 +1,60 @@
+"""Each training setting is described once, on its TrainConfig field (config.setting): the CLI's
+options and the Train node's inputs are generated from it and must say the same thing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from classdiffusion.cli import build_parser
+from classdiffusion.config import TrainConfig
+
+from node_specs import pack_object_info
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _train_parser():
+    return build_parser()._subparsers._group_actions[0].choices["train"]
+
+
+def test_every_setting_has_help_and_the_cli_option_uses_it():
+    options = {action.dest: action for action in _train_parser()._actions}
+    for name, f in FIELDS.items():
+        assert f.metadata.get("help"), f"{name} has no help text"
+        if not f.metadata.get("cli"):
+            continue
+        action = options[name]
+        assert f.metadata["cli"] in action.option_strings
+        assert action.help.startswith(f.metadata["help"])
+        assert action.default is None  # unset: the config's default, or the checkpoint's when resuming
+        if f.metadata.get("choices"):
+            assert list(action.choices) == list(f.metadata["choices"])
+
+
+def test_cli_options_set_the_config_fields():
+    from classdiffusion.cli import setting_overrides
+
+    args = _train_parser().parse_args(["--base", "b", "--out", "o.safetensors", "--steps", "7", "--lr", "3e-5",
+                                       "--no-hflip", "--compile", "--spl-feature", "official"])
+    assert setting_overrides(args) == {"steps": 7, "learning_rate": 3e-5, "hflip": False, "compile": True,
+                                       "spl_feature": "official"}
+    assert TrainConfig.from_dict(setting_overrides(args)).hflip is False
+
+
+def test_train_node_inputs_match_the_config_fields():
+    node = pack_object_info()["ClassDiffusionTrainConcept"]["input"]
+    inputs = {**node["required"], **node.get("optional", {})}
+    shared = [name for name in inputs if name in FIELDS and name != "mixed_precision"]  # the node adds "auto"
+    assert {"steps", "learning_rate", "spl_weight", "batch_size", "seed", "resolution", "gradient_checkpointing",
+            "spl_feature"} <= set(shared)
+    for name in shared:
+        _, options = inputs[name]
+        meta = FIELDS[name].metadata
+        assert options["tooltip"] == meta["help"], name
+        assert options["default"] == FIELDS[name].default, name
+        for key in ("min", "max", "step"):
+            if key in options or key in meta:
+                assert options.get(key) == meta.get(key), (name, key)
+        if "choices" in meta:
+            assert options["options"] == list(meta["choices"]), name
+    assert inputs["mixed_precision"][1]["tooltip"].startswith(FIELDS["mixed_precision"].metadata["help"])
