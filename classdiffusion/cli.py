@@ -18,35 +18,6 @@ from .errors import ClassDiffusionError, InvalidInputError, TrainingCancelled
 logger = logging.getLogger("classdiffusion")
 
 
-class TqdmCallbacks:
-    """A tqdm bar with loss and SPL; Ctrl-C cancels cleanly between steps."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        self.bar = None
-        self.stop_requested = False
-
-    def on_step(self, record, total_steps: int) -> None:
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=record.step - 1, desc="ClassDiffusion", unit="step")
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{record.loss:.4f}", spl=f"{record.spl:.5f}",
-                             cos=",".join(f"{c:.4f}" for c in record.cos))
-        if record.step >= total_steps:
-            self.bar.close()
-
-    def should_stop(self) -> bool:
-        return self.stop_requested
-
-    def on_checkpoint(self, path: Path) -> None:
-        if self.enabled:
-            (self.bar.write if self.bar else print)(f"checkpoint: {path}")
-
-
 CONCEPT_SUFFIXES = (".safetensors", ".sft")  #: what the loader reads back
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -197,6 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import ConceptSpec, TrainConfig, load_concepts_json
     from .data import load_images
     from .hosts.diffusers_host import load_host
+    from .progress import TqdmCallbacks
     from .train import RESUME_MAY_CHANGE, precision_dtype, train
 
     check_output_file(args.out, "--out", CONCEPT_SUFFIXES)  # checkpoints go beside it
@@ -258,7 +230,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         plot_history(result.concept.history, tokens=result.concept.tokens).save(args.plot)
-    from .plot import summary_line
+    from .summary import summary_line
 
     print(f"saved {result.path}")
     print(summary_line(result.concept.history))

@@ -47,9 +47,10 @@ def run_demo(out: str | Path, *, steps: int = 60, spl_weight: float = 1.0, seed:
     """Build base + images, train, plot, sample. Returns a summary dict (also printed by the CLI)."""
     from .config import ConceptSpec, TrainConfig
     from .hosts.diffusers_host import load_host
-    from .plot import drift_line, plot_history, summary_line
+    from .plot import plot_history
+    from .summary import drift_line, summary_line
     from .tiny import build_tiny_base
-    from .cli import TqdmCallbacks
+    from .progress import TqdmCallbacks
 
     out = Path(out)
     started = time.perf_counter()

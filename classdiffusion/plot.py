@@ -11,33 +11,10 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .summary import ema
+
 COLORS = {"loss": (40, 40, 40), "recon": (31, 119, 180), "spl": (214, 39, 40), "prior": (44, 160, 44)}
 COSINE_COLORS = [(148, 103, 189), (255, 127, 14), (23, 190, 207)]
-
-
-def ema(values: Sequence[float], alpha: float = 0.1) -> list[float]:
-    """Bias-corrected exponential moving average, as TensorBoard's smoothing does."""
-    out, avg, weight = [], 0.0, 0.0
-    for value in values:
-        avg = (1 - alpha) * avg + alpha * value
-        weight = (1 - alpha) * weight + alpha
-        out.append(avg / weight)
-    return out
-
-
-def summary_line(history: Sequence[dict]) -> str:
-    """One line for a UI: final smoothed losses and each concept's EOS cosine."""
-    if not history:
-        return "no training steps recorded"
-    last = history[-1]
-    smooth = {key: ema([h[key] for h in history])[-1] for key in ("loss", "recon", "spl")}
-    cos = ", ".join(f"{c:.4f}" for c in last.get("cos", []))
-    line = (f"step {last['step']}: loss {smooth['loss']:.4f} (recon {smooth['recon']:.4f}, "
-            f"SPL {smooth['spl']:.5f}, smoothed) · EOS cos(token phrase, class phrase) {cos}")
-    drift = [h for h in history if h.get("drift_rank")]
-    if drift:
-        line += f" · drift rank {drift[0]['drift_rank']} (step {drift[0]['step']}) → {drift[-1]['drift_rank']}"
-    return line
 
 
 def _panel(draw: ImageDraw.ImageDraw, box, series: dict[str, tuple[list[float], list[float], tuple]],
@@ -115,17 +92,6 @@ def plot_history(history: Sequence[dict], width: int = 768, height: int | None =
                "drift rank of 'a <token> <class>' among 'a <adjective> <class>' (1 = closest to class)",
                font, [h["step"] for h in drift])
     return image
-
-
-def drift_line(initial: Sequence[dict] | None, final: Sequence[dict] | None) -> str:
-    """"<sks>: cos 0.91 → 0.95, rank 26/72 → 36/72" for each concept, from a concept's metadata."""
-    if not initial or not final:
-        return ""
-    parts = []
-    for before, after in zip(initial, final):
-        parts.append(f"{after['token']}: cos {before['cosine']:.4f} → {after['cosine']:.4f}, "
-                     f"drift rank {before['rank']}/{before['total']} → {after['rank']}/{after['total']}")
-    return "drift (1 = closest to class): " + "; ".join(parts)
 
 
 def plot_drift_map(drift_map, width: int = 640, height: int = 560, title: str | None = None) -> Image.Image:

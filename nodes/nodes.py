@@ -17,7 +17,8 @@ from ..classdiffusion.concept import Concept, atomic_save_file, load_concept
 from ..classdiffusion.config import ConceptSpec, TrainConfig, setting_info
 from ..classdiffusion.kv import trained_names
 from ..classdiffusion.evaluation.drift import concept_drifts, summary as drift_summary
-from ..classdiffusion.plot import drift_line, plot_drift_map, plot_history, summary_line
+from ..classdiffusion.plot import plot_drift_map, plot_history
+from ..classdiffusion.summary import drift_line, summary_line
 from ..classdiffusion.train import precision_dtype, train
 from .comfy_glue import (
     CONCEPT_FOLDER, ComfyCallbacks, clip_with_tokens, concept_dir, embeddings_dir, loras_dir,
