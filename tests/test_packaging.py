@@ -46,3 +46,38 @@ def test_registry_icon_and_license_ship_with_the_pack():
     assert "Apache License" in (REPO / "LICENSE").read_text()
     ignored = _lines(REPO / ".comfyignore")
     assert not any(entry.rstrip("/") in ("icon.png", "LICENSE") for entry in ignored)
+
+
+def test_no_import_cycle_inside_the_trainer():
+    """classdiffusion/ imports form a tree (module-level and function-level relative imports)."""
+    import ast
+
+    root = REPO / "classdiffusion"
+    modules = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        modules[name] = path
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(parts + ([node.module] if node.module else []))
+                deps |= {m for m in [target] + [f"{target}.{a.name}" for a in node.names] if m in modules}
+        graph[name] = deps - {name}
+    state: dict[str, str] = {}
+
+    def visit(name, path):
+        state[name] = "open"
+        for dep in graph[name]:
+            assert state.get(dep) != "open", "import cycle: " + " → ".join(path + [dep])
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[name] = "done"
+
+    for name in graph:
+        if name not in state:
+            visit(name, [name])
+    assert "classdiffusion.train" in graph and graph["classdiffusion.train"]
