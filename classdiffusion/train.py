@@ -502,30 +502,10 @@ def train(
         extra["eos_cosine_initial"] = checkpoint.meta.eos_cosine_initial or extra["eos_cosine_initial"]
         extra["drift_initial"] = checkpoint.meta.drift_initial or initial_drift
     extra.update(meta_extra or {})
-    written: list[Path] = []
-    last_drift = None  # measured after the final step when drift_every logs it
     detach = host.attach_deltas(run.deltas)
     try:
-        for step in range(checkpoint.step if checkpoint is not None else 0, config.steps):
-            if callbacks.should_stop():
-                raise TrainingCancelled(
-                    f"Training was cancelled at step {step} of {config.steps}; no concept file was written"
-                    + (f" (last checkpoint: {written[-1]})." if written else ".")
-                )
-            try:
-                record = run.step(step)
-            except TrainingDivergedError as exc:
-                last = f" The last good checkpoint is {written[-1]}." if written else ""
-                raise TrainingDivergedError(f"{exc}{last}") from None
-            done = step + 1
-            if config.drift_every and (done % config.drift_every == 0 or done == config.steps):
-                last_drift = run.drift()
-                record.drift_rank = [d["rank"] for d in last_drift]
-            history.append(record.to_dict())
-            callbacks.on_step(record, config.steps)
-            if out is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
-                written.append(run.concept(done, history, extra, with_optimizer=True).save(checkpoint_path(out, done)))
-                callbacks.on_checkpoint(written[-1])
+        start = checkpoint.step if checkpoint is not None else 0
+        written, last_drift = _run_steps(run, start, history, extra, out, callbacks)
     finally:
         detach()
 
@@ -534,3 +514,33 @@ def train(
     concept = run.concept(config.steps, history, extra, with_optimizer=False)
     path = concept.save(out) if out is not None else None
     return TrainResult(concept=concept, path=path, checkpoints=written, warnings=run.warnings)
+
+
+def _run_steps(run: TrainingRun, start: int, history: list[dict], extra: dict, out: Path | None,
+               callbacks: TrainCallbacks) -> tuple[list[Path], list[dict] | None]:
+    """Steps ``start``..``config.steps``: cancel check, step, drift log, callbacks, checkpoints.
+    Returns the checkpoints written and the drift measured after the last step (if it was logged)."""
+    config = run.config
+    written: list[Path] = []
+    last_drift = None
+    for step in range(start, config.steps):
+        if callbacks.should_stop():
+            raise TrainingCancelled(
+                f"Training was cancelled at step {step} of {config.steps}; no concept file was written"
+                + (f" (last checkpoint: {written[-1]})." if written else ".")
+            )
+        try:
+            record = run.step(step)
+        except TrainingDivergedError as exc:
+            last = f" The last good checkpoint is {written[-1]}." if written else ""
+            raise TrainingDivergedError(f"{exc}{last}") from None
+        done = step + 1
+        if config.drift_every and (done % config.drift_every == 0 or done == config.steps):
+            last_drift = run.drift()
+            record.drift_rank = [d["rank"] for d in last_drift]
+        history.append(record.to_dict())
+        callbacks.on_step(record, config.steps)
+        if out is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
+            written.append(run.concept(done, history, extra, with_optimizer=True).save(checkpoint_path(out, done)))
+            callbacks.on_checkpoint(written[-1])
+    return written, last_drift
