@@ -70,7 +70,7 @@ def main() -> None:
                                      batch_size=args.batch_size, mixed_precision=args.mixed_precision,
                                      gradient_checkpointing=args.gradient_checkpointing)
     spec = pack.config.ConceptSpec(token="<sks>", class_word="dog")
-    with PeakMemory(device) as memory:
+    with PeakMemory(device, enabled=not args.no_memory) as memory:
         clock = StepClock(device, args.warmup, args.steps, memory.split, start=time.perf_counter())
 
         class Clock(pack.comfy_glue.ComfyCallbacks):

@@ -267,7 +267,7 @@ def child(args) -> None:
             for model in components[2:4] if args.variant == "reference" else components[1:4]:
                 model.to(precision_dtype(args.mixed_precision))
         runner = {"reference": run_reference, "floor": run_floor}.get(args.variant, run_ours)
-        with PeakMemory(device) as memory:
+        with PeakMemory(device, enabled=not args.no_memory) as memory:
             result = runner(args, components, device, after_warmup=memory.split)
         result.update(memory.result())
     if device.type != "cuda":

@@ -72,35 +72,40 @@ class PeakMemory:
     """Peak device memory over a run and over its steady part (after ``split()``):
     ``torch.cuda.max_memory_allocated`` on a GPU, live tensor bytes elsewhere."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, enabled: bool = True):
+        """``enabled=False``: count nothing (on the CPU the counter intercepts every operator, which
+        slows small-op code more than large-op code; speed comparisons turn it off)."""
         self.cuda = device.type == "cuda"
-        self.tracker = None if self.cuda else LiveTensorMemory(device.type)
+        self.enabled = enabled
+        self.tracker = None if self.cuda or not enabled else LiveTensorMemory(device.type)
         self.before_split = None
         self.resident = 0
 
     def _peak(self) -> int:
+        if not self.enabled:
+            return 0
         return torch.cuda.max_memory_allocated() if self.cuda else self.tracker.peak_bytes
 
     def __enter__(self):
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-        else:
+        elif self.tracker is not None:
             self.tracker.__enter__()
         return self
 
     def __exit__(self, *exc):
         self.end = self._peak()
-        if not self.cuda:
+        if self.tracker is not None:
             self.tracker.__exit__(*exc)
 
     def split(self) -> None:
         """Called after warm-up: what follows is the steady per-step peak."""
         self.before_split = self._peak()
         self.reserved_before_split = torch.cuda.max_memory_reserved() if self.cuda else 0
-        self.resident = torch.cuda.memory_allocated() if self.cuda else self.tracker.current
+        self.resident = torch.cuda.memory_allocated() if self.cuda else (self.tracker.current if self.tracker else 0)
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-        else:
+        elif self.tracker is not None:
             self.tracker.reset_peak()
 
     def result(self) -> dict[str, float]:
@@ -152,6 +157,8 @@ def add_run_arguments(parser, mixed_precision: str) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=mixed_precision)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="do not count CPU memory (its per-operator counter slows small models: use for speed ratios)")
 
 
 #: The settings a result records.

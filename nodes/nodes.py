@@ -19,7 +19,7 @@ from ..classdiffusion.kv import trained_names
 from ..classdiffusion.evaluation.drift import concept_drifts, summary as drift_summary
 from ..classdiffusion.plot import plot_drift_map, plot_history
 from ..classdiffusion.summary import drift_line, summary_line
-from ..classdiffusion.train import precision_dtype, train
+from ..classdiffusion.train import ConceptData, precision_dtype, train
 from .comfy_glue import (
     CONCEPT_FOLDER, ComfyCallbacks, clip_with_tokens, concept_dir, embeddings_dir, loras_dir,
     model_with_deltas, register_folders, training_patcher,
@@ -98,7 +98,7 @@ class ConceptSpecNode(io.ComfyNode):
     @classmethod
     def execute(cls, images, token, class_word, initializer, class_images=None) -> io.NodeOutput:
         spec = ConceptSpec(token=token.strip(), class_word=class_word, initializer=initializer)
-        return io.NodeOutput({"spec": spec, "images": images, "class_images": class_images})
+        return io.NodeOutput(ConceptData(spec, images, class_images))
 
 
 class TrainConceptNode(io.ComfyNode):
@@ -139,6 +139,8 @@ class TrainConceptNode(io.ComfyNode):
                 ConceptSpecType.Input("concept_2", optional=True, tooltip="A second concept to train jointly."),
                 ConceptSpecType.Input("concept_3", optional=True, tooltip="A third concept to train jointly."),
                 setting_input(io.Combo, "spl_feature", optional=True, **_advanced()),
+                setting_input(io.Boolean, "channels_last", optional=True, **_advanced()),
+                setting_input(io.Boolean, "compile", optional=True, **_advanced()),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL"),
@@ -153,21 +155,20 @@ class TrainConceptNode(io.ComfyNode):
     def execute(cls, model, clip, vae, images, token, class_word, prompt_template, steps, learning_rate,
                 spl_weight, batch_size, seed, resolution, mixed_precision, initializer,
                 gradient_checkpointing, save_name, class_images=None, concept_2=None, concept_3=None,
-                spl_feature="eos") -> io.NodeOutput:
+                spl_feature="eos", channels_last=False, compile=False) -> io.NodeOutput:
         name = sanitize_name(save_name)
         check_sd15(model)
-        specs = [ConceptSpec(token=token.strip(), class_word=class_word, prompt=prompt_template, initializer=initializer)]
-        image_sets, class_sets = [images], [class_images]
+        data = [ConceptData(ConceptSpec(token=token.strip(), class_word=class_word, prompt=prompt_template,
+                                        initializer=initializer), images, class_images)]
         for extra in (concept_2, concept_3):
-            if extra is not None:  # a copy: ComfyUI caches the Concept node's output for the next run
-                specs.append(dataclasses.replace(extra["spec"], prompt=prompt_template))
-                image_sets.append(extra["images"])
-                class_sets.append(extra["class_images"])
+            if extra is not None:  # copies: ComfyUI caches the Concept node's output for the next run
+                data.append(dataclasses.replace(extra, spec=dataclasses.replace(extra.spec, prompt=prompt_template)))
+        specs = [d.spec for d in data]
         config = TrainConfig(
             steps=steps, batch_size=batch_size, learning_rate=learning_rate, spl_weight=spl_weight,
             resolution=resolution, seed=seed, mixed_precision=_mixed_precision(mixed_precision, model),
             gradient_checkpointing=gradient_checkpointing, drift_every=max(1, steps // 25),
-            spl_feature=spl_feature,
+            spl_feature=spl_feature, channels_last=channels_last, compile=compile,
         )
         with torch.inference_mode(False), torch.enable_grad():
             patcher = training_patcher(model)
@@ -175,8 +176,7 @@ class TrainConceptNode(io.ComfyNode):
             host = ComfyHost(patcher, clip, vae, text_dtype=text_dtype)
             try:
                 result = train(
-                    host, specs, config, images=image_sets,
-                    class_images=class_sets if any(c is not None for c in class_sets) else None,
+                    host, data, config,
                     callbacks=ComfyCallbacks(steps, cls.hidden.unique_id, [spec.token for spec in specs]),
                     meta_extra={"base_name": "ComfyUI MODEL", "host": "comfyui"},
                 )
