@@ -92,7 +92,8 @@ def test_nodes_are_registered_with_their_inputs(server):
     assert list(train["required"])[:4] == ["model", "clip", "vae", "images"]
     assert train["required"]["steps"][1]["default"] == 500
     assert train["required"]["spl_weight"][1]["default"] == 1.0
-    assert list(train["optional"]) == ["class_images", "concept_2", "concept_3", "spl_feature"]  # new ones last
+    assert list(train["optional"]) == ["class_images", "concept_2", "concept_3", "spl_feature", "channels_last",
+                                      "compile"]  # new ones last
     spl_feature = train["optional"]["spl_feature"]
     assert spl_feature[1]["default"] == "eos" and spl_feature[1].get("advanced") is True
     outputs = info["ClassDiffusionTrainConcept"]["output"]
