@@ -251,6 +251,13 @@ def run_floor(args, components, device, after_warmup) -> dict:
     return clock.result()
 
 
+def _profiler(device: torch.device):
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
+
+
 def child(args) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
@@ -267,9 +274,21 @@ def child(args) -> None:
             for model in components[2:4] if args.variant == "reference" else components[1:4]:
                 model.to(precision_dtype(args.mixed_precision))
         runner = {"reference": run_reference, "floor": run_floor}.get(args.variant, run_ours)
+        profiler = _profiler(device) if args.profile else None
+
+        def after_warmup():
+            memory.split()
+            if profiler is not None:
+                profiler.start()
+
         with PeakMemory(device, enabled=not args.no_memory) as memory:
-            result = runner(args, components, device, after_warmup=memory.split)
+            result = runner(args, components, device, after_warmup=after_warmup)
         result.update(memory.result())
+        if profiler is not None:  # the timed steps' operators, most expensive first
+            profiler.stop()
+            key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            table = profiler.key_averages().table(sort_by=key, row_limit=args.profile)
+            print(f"PROFILE-BEGIN\n{table}\nPROFILE-END", file=sys.stderr)
     if device.type != "cuda":
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["device"] = str(device) if device.type != "cuda" else torch.cuda.get_device_name()
@@ -285,6 +304,8 @@ def main() -> None:
                         help=f"comma-separated, from {', '.join(VARIANTS)} (ours-fast: channels-last + "
                              "torch.compile; floor: the irreducible work of a step, see run_floor)")
     parser.add_argument("--json", help="also write the settings and rows to this JSON file")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print each variant's top N operators of the timed steps (torch.profiler) to stderr")
     parser.add_argument("--variant-timeout", type=float, help="seconds one variant may run (default: no limit)")
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -303,16 +324,19 @@ def main() -> None:
             partial = timeout.stdout.decode(errors="replace") if isinstance(timeout.stdout, bytes) else timeout.stdout
             output = f"timed out after {args.variant_timeout} s\n" + (partial or "")[-2000:]
         line = next((l for l in output.splitlines() if l.startswith("RESULT ")), None)
+        if args.profile and "PROFILE-BEGIN" in output:
+            table = output.split("PROFILE-BEGIN", 1)[1].split("PROFILE-END", 1)[0]
+            sys.stderr.write(f"\n## {variant}: top {args.profile} operators of the timed steps{table}\n")
         if line is None:  # keep the other variants' rows; say what failed
             sys.stderr.write(output[-4000:])
             failed.append(variant)
             continue
         rows[variant] = json.loads(line[7:])
     settings = {key: getattr(args, key) for key in RUN_SETTINGS}
-    if rows:
-        print(markdown_table(settings, rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": settings, "rows": rows, "failed": failed}, indent=1))
+    if rows:
+        print(markdown_table(settings, rows))
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)}")
 
@@ -337,7 +361,7 @@ def markdown_table(settings: dict, rows: dict[str, dict]) -> str:
         cells += [f"{row['peak_rss_mib']:.0f}"] if cpu else []
         cells.append(f"{row['run_500_steps_s']:.1f}" if "run_500_steps_s" in row else "-")
         cells.append(f"{row['steps_per_s'] / ref['steps_per_s']:.2f}x" if ref else "-")
-        cells.append(f"{row['peak_memory_mib'] / ref['peak_memory_mib']:.2f}" if ref else "-")
+        cells.append(f"{row['peak_memory_mib'] / ref['peak_memory_mib']:.2f}" if ref and ref['peak_memory_mib'] else "-")
         cells.append(f"{row['steps_per_s'] / floor['steps_per_s']:.2f}" if floor else "-")
         lines.append("| " + " | ".join(cells) + " |")
     for name, row in rows.items():

@@ -23,6 +23,7 @@ read with safetensors only: nothing is ever unpickled.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import stat
@@ -352,9 +353,10 @@ def _check_values(path: Path, name: str, tensor: torch.Tensor) -> None:
     """Finite and of plausible size (see MAX_ABS_VALUE)."""
     if not tensor.numel():
         return
-    if not bool(torch.isfinite(tensor).all()):
+    low, high = (float(v) for v in torch.aminmax(tensor.detach()))  # one pass; NaN propagates
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise ConceptFileError(f"{path.name}: {name} holds NaN/inf values; the concept is unusable.")
-    largest = float(tensor.detach().abs().max())
+    largest = max(-low, high)
     if largest > MAX_ABS_VALUE:
         raise ConceptFileError(
             f"{path.name}: {name} holds values up to {largest:.3g}, far beyond any trained concept "

@@ -7,6 +7,7 @@ strength, stacked with other concepts, and removed again exactly.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -54,12 +55,43 @@ def zero_deltas(base_weights: Mapping[str, torch.Tensor], device: torch.device) 
     }
 
 
+#: Fingerprints of base weights still alive, so applying concepts to the same loaded model again
+#: does not hash its weights again: (weak references to the tensors, their versions, a sample of
+#: their values, fingerprint). The sample catches changes through ``.data``, which no version counts.
+_FINGERPRINTS: list[tuple[list, list[int], list, dict]] = []
+
+
+def _probe(tensor: torch.Tensor) -> torch.Tensor:
+    flat = tensor.detach().reshape(-1)
+    return flat[:: max(1, flat.numel() // 256)].clone()
+
+
 def base_fingerprint(base_weights: Mapping[str, torch.Tensor]) -> dict:
     """Identifies the base a concept belongs to, robustly across the dtype it was loaded in.
 
     ``sha256`` hashes the weights rounded to fp16 (equal for an fp32 or fp16 load of one
     checkpoint); ``norms`` (per layer, float64) also match a bf16 load within FINGERPRINT_RTOL.
+    Remembered for the very tensor objects at their current version (weak references: a freed
+    and reallocated tensor is never mistaken for the old one; an in-place change bumps the version).
     """
+    names = sorted(base_weights)
+    tensors = [base_weights[name] for name in names]
+    for refs, versions, probes, cached in _FINGERPRINTS:
+        if (len(refs) == len(tensors) and all(ref() is t for ref, t in zip(refs, tensors))
+                and versions == [t._version for t in tensors] and list(cached["norms"]) == names
+                and all(torch.equal(probe, _probe(t)) for probe, t in zip(probes, tensors))):
+            return {"sha256": cached["sha256"], "norms": dict(cached["norms"])}
+    fingerprint = _compute_fingerprint(base_weights)
+    try:
+        refs = [weakref.ref(t) for t in tensors]
+    except TypeError:  # not weak-referenceable: not cached
+        return fingerprint
+    _FINGERPRINTS[:] = [entry for entry in _FINGERPRINTS if all(ref() is not None for ref in entry[0])][-7:]
+    _FINGERPRINTS.append((refs, [t._version for t in tensors], [_probe(t) for t in tensors], fingerprint))
+    return {"sha256": fingerprint["sha256"], "norms": dict(fingerprint["norms"])}
+
+
+def _compute_fingerprint(base_weights: Mapping[str, torch.Tensor]) -> dict:
     digest = hashlib.sha256()
     norms: dict[str, float] = {}
     for name in sorted(base_weights):

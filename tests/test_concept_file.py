@@ -171,3 +171,20 @@ def test_optimizer_state_round_trips(host, tmp_path):
     checkpoint = load_concept(result.checkpoints[0])
     assert checkpoint.resumable and checkpoint.step == 2
     assert isinstance(checkpoint, Concept)
+
+
+def test_base_fingerprint_is_remembered_only_for_unchanged_tensors():
+    from classdiffusion.kv import base_fingerprint
+
+    weights = {"a.attn2.to_k.weight": torch.nn.Parameter(torch.randn(8, 4)),
+               "a.attn2.to_v.weight": torch.nn.Parameter(torch.randn(8, 4))}
+    first = base_fingerprint(weights)
+    assert base_fingerprint(weights) == first  # remembered
+    weights["a.attn2.to_k.weight"].data.add_(0.01)  # a change no version counter sees
+    changed = base_fingerprint(weights)
+    assert changed["sha256"] != first["sha256"]
+    with torch.no_grad():
+        weights["a.attn2.to_v.weight"].mul_(2)  # an in-place change
+    assert base_fingerprint(weights)["sha256"] != changed["sha256"]
+    copy = {name: torch.nn.Parameter(w.detach().clone()) for name, w in weights.items()}  # other objects
+    assert base_fingerprint(copy) == base_fingerprint(weights)
