@@ -61,6 +61,15 @@ def zero_deltas(base_weights: Mapping[str, torch.Tensor], device: torch.device) 
 _FINGERPRINTS: list[tuple[list, list[int], list, dict]] = []
 
 
+def _version(tensor: torch.Tensor) -> int:
+    """The in-place version counter; inference tensors (ComfyUI's weights) have none: the value
+    sample alone then tells a change."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1
+
+
 def _probe(tensor: torch.Tensor) -> torch.Tensor:
     flat = tensor.detach().reshape(-1)
     return flat[:: max(1, flat.numel() // 256)].clone()
@@ -78,7 +87,7 @@ def base_fingerprint(base_weights: Mapping[str, torch.Tensor]) -> dict:
     tensors = [base_weights[name] for name in names]
     for refs, versions, probes, cached in _FINGERPRINTS:
         if (len(refs) == len(tensors) and all(ref() is t for ref, t in zip(refs, tensors))
-                and versions == [t._version for t in tensors] and list(cached["norms"]) == names
+                and versions == [_version(t) for t in tensors] and list(cached["norms"]) == names
                 and all(torch.equal(probe, _probe(t)) for probe, t in zip(probes, tensors))):
             return {"sha256": cached["sha256"], "norms": dict(cached["norms"])}
     fingerprint = _compute_fingerprint(base_weights)
@@ -87,7 +96,7 @@ def base_fingerprint(base_weights: Mapping[str, torch.Tensor]) -> dict:
     except TypeError:  # not weak-referenceable: not cached
         return fingerprint
     _FINGERPRINTS[:] = [entry for entry in _FINGERPRINTS if all(ref() is not None for ref in entry[0])][-7:]
-    _FINGERPRINTS.append((refs, [t._version for t in tensors], [_probe(t) for t in tensors], fingerprint))
+    _FINGERPRINTS.append((refs, [_version(t) for t in tensors], [_probe(t) for t in tensors], fingerprint))
     return {"sha256": fingerprint["sha256"], "norms": dict(fingerprint["norms"])}
 
 

@@ -188,3 +188,16 @@ def test_base_fingerprint_is_remembered_only_for_unchanged_tensors():
     assert base_fingerprint(weights)["sha256"] != changed["sha256"]
     copy = {name: torch.nn.Parameter(w.detach().clone()) for name, w in weights.items()}  # other objects
     assert base_fingerprint(copy) == base_fingerprint(weights)
+
+
+def test_base_fingerprint_of_inference_tensors():
+    """ComfyUI's weights are inference tensors (no version counter): the value sample decides."""
+    from classdiffusion.kv import base_fingerprint
+
+    with torch.inference_mode():
+        weights = {"a.attn2.to_k.weight": torch.randn(8, 4), "a.attn2.to_v.weight": torch.randn(8, 4)}
+    first = base_fingerprint(weights)
+    assert base_fingerprint(weights) == first
+    with torch.inference_mode():
+        weights["a.attn2.to_k.weight"].add_(0.5)
+    assert base_fingerprint(weights)["sha256"] != first["sha256"]
