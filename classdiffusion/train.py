@@ -484,13 +484,14 @@ def train(
     written along the way. ``resume`` continues from such a checkpoint, giving the same result as
     an uninterrupted run with the same seed.
     """
-    check_concepts([c.spec if isinstance(c, ConceptData) else c for c in concepts])
+    specs = [c.spec if isinstance(c, ConceptData) else c for c in concepts]
+    check_concepts(specs)
     callbacks = callbacks or TrainCallbacks()
     out = Path(out) if out is not None else None
     checkpoint = None
-    if resume is not None:
+    if resume is not None:  # checked before any image is encoded (restore() checks again for direct use)
         checkpoint = resume if isinstance(resume, Concept) else load_concept(resume)
-        _check_resume(checkpoint, [c.spec if isinstance(c, ConceptData) else c for c in concepts], config)
+        _check_resume(checkpoint, specs, config)
 
     run = TrainingRun(host, concepts, config, images, class_images)
     history: list[dict] = []
