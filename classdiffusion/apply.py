@@ -1,5 +1,6 @@
 """Applying a concept to diffusers models: K/V deltas baked into the UNet, tokens into the
-text encoder, and an exact undo."""
+text encoder, and an exact undo. An Infusion concept instead hooks the UNet's value (and key)
+projections, and the text encoder records what it encodes so the hooks find the class word."""
 
 from __future__ import annotations
 
@@ -21,8 +22,12 @@ class AppliedConcept:
     text_encoder: nn.Module | None = None
     original_embedding: nn.Module | None = None
     tokens: list[str] = field(default_factory=list)
+    detach: list = field(default_factory=list)  #: hook removers (Infusion)
 
     def remove(self) -> None:
+        for detach in self.detach:
+            detach()
+        self.detach.clear()
         self.patch.remove()
         if self.text_encoder is not None and self.original_embedding is not None:
             self.text_encoder.set_input_embeddings(self.original_embedding)
@@ -42,6 +47,8 @@ def apply_concept(
     """Bake ``strength × delta`` into the UNet's cross-attention and teach the text encoder the
     concept's tokens. With ``strict`` a concept from another base is refused."""
     concept.check_against(cross_attention_weights(unet, concept.train_mode), what="this UNet", strict=strict)
+    if concept.residuals:
+        return _apply_residuals(unet, concept, text_encoder, tokenizer, strength)
     handle = AppliedConcept(patch=bake_deltas(unet, concept.deltas, strength, concept.exact),
                             tokens=list(concept.tokens))
     if text_encoder is not None and tokenizer is not None:
@@ -51,6 +58,45 @@ def apply_concept(
             handle.remove()
             raise
     return handle
+
+
+def _apply_residuals(unet: nn.Module, concept: Concept, text_encoder, tokenizer, strength: float) -> AppliedConcept:
+    """Infusion: hooks that add ``strength × residual`` where the class word stands in a prompt the
+    text encoder encoded (prompts without it, and the empty negative prompt, stay the base's)."""
+    from .residual import RegistryPositions, attach_residuals_with_hooks
+
+    if text_encoder is None or tokenizer is None:
+        raise InvalidInputError("An Infusion concept needs the text encoder and tokenizer too: it acts where the "
+                                "class word stands in the prompt.")
+    registry, release = _shared_registry(text_encoder)
+    handle = AppliedConcept(patch=BakedPatch())
+    handle.detach.append(release)
+    modules = dict(unet.named_modules())
+    for word in concept.class_words:
+        positions = RegistryPositions(registry, tokenizer(word, add_special_tokens=False).input_ids)
+        handle.detach.append(attach_residuals_with_hooks(modules, concept.residuals, positions, strength))
+    return handle
+
+
+def _shared_registry(text_encoder: nn.Module):
+    """One recording hook and registry per text encoder, shared by the Infusion concepts applied
+    to it; returns (registry, release) where the last release removes the hook."""
+    from .residual import ConditionRegistry, record_text_encodings
+
+    state = getattr(text_encoder, "_classdiffusion_registry", None)
+    if state is None:
+        registry = ConditionRegistry()
+        state = {"registry": registry, "remove": record_text_encodings(text_encoder, registry), "users": 0}
+        text_encoder._classdiffusion_registry = state
+    state["users"] += 1
+
+    def release() -> None:
+        state["users"] -= 1
+        if state["users"] == 0:
+            state["remove"]()
+            del text_encoder._classdiffusion_registry
+
+    return state["registry"], release
 
 
 def _add_token_rows(text_encoder, tokenizer, concept: Concept, handle: AppliedConcept) -> None:

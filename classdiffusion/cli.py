@@ -190,16 +190,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = TrainConfig.from_dict(settings)
         concepts = [ConceptSpec.from_dict(c) for c in meta.concepts]
     else:
-        config = TrainConfig.from_dict(overrides)
+        config = TrainConfig.for_method(overrides.pop("method", "classdiffusion"), **overrides)
         if args.concepts:
             concepts = load_concepts_json(args.concepts)
         else:
-            missing = [name for name, value in (("--token", args.token), ("--class-word", args.class_word),
+            token = args.token
+            if config.method == "infusion" and not token:  # Infusion adds no token: the class word is the trigger
+                token = "<unused>"
+            missing = [name for name, value in (("--token", token), ("--class-word", args.class_word),
                                                 ("--images", args.images)) if not value]
             if missing:
                 raise InvalidInputError(f"train needs {', '.join(missing)} (or --concepts FILE)")
-            spec = dict(token=args.token, class_word=args.class_word, images=args.images,
-                        class_images=args.class_images or [])
+            spec = dict(token=token, class_word=args.class_word, images=args.images,
+                        class_images=args.class_images or [], masks=args.masks or [])
             if args.initializer:
                 spec["initializer"] = args.initializer
             if args.prompt:
@@ -208,6 +211,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         for spec in concepts:  # store absolute paths so a checkpoint can resume from anywhere
             spec.images = [str(Path(p).resolve()) for p in spec.images]
             spec.class_images = [str(Path(p).resolve()) for p in spec.class_images]
+            spec.masks = [str(Path(p).resolve()) for p in spec.masks]
 
     # The images are read (and refused, if bad) before any model loads.
     images = [load_images(spec.images) for spec in concepts]
@@ -232,7 +236,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         plot_history(result.concept.history, tokens=result.concept.tokens).save(args.plot)
     from .summary import summary_line
 
-    print(f"saved {result.path}")
+    size = result.path.stat().st_size
+    print(f"saved {result.path} ({size / 1024:.1f} KB, {result.concept.method})")
     print(summary_line(result.concept.history))
     return 0
 
@@ -297,6 +302,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise InvalidInputError("compress needs --rank R or --energy E (e.g. --energy 0.9), not both")
     check_output_file(args.out, "OUT", CONCEPT_SUFFIXES)
     concept = load_concept(args.file)
+    if concept.residuals:
+        values = sum(r.numel() for r in concept.residuals.values())
+        print(f"{args.file} is an Infusion concept: {values} residual values ({values * 4 / 1024:.0f} KB), one "
+              "vector per layer; there is nothing for a low-rank factorisation to shrink. Nothing written.")
+        return 0
     compressed, _ = compress_concept(concept, rank=args.rank, energy=args.energy)
     out = compressed.save(args.out)
     info = compressed.meta.compression
@@ -358,15 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a concept (K/V deltas + token) with the SPL loss")
+    train = sub.add_parser("train", help="train a concept: ClassDiffusion (token + K/V deltas, SPL) or --method "
+                           "infusion (value residuals at the class word)")
     train.add_argument("--base", required=True, help="SD1.5 diffusers folder or single-file .safetensors")
     train.add_argument("--base-config", help="diffusers config folder for a single-file base (offline)")
     train.add_argument("--images", nargs="+", help="image files or folders of the concept (3–20 images)")
-    train.add_argument("--token", help="the new token, e.g. '<sks>'")
+    train.add_argument("--token", help="the new token, e.g. '<sks>' (not used by --method infusion)")
     train.add_argument("--class-word", help="the concept's class, e.g. 'dog'")
     train.add_argument("--initializer", help="word the token starts from (default 'ktn'; 'class' = the class word)")
     train.add_argument("--prompt", help="prompt template with one {} (default 'a photo of a {}')")
     train.add_argument("--class-images", nargs="+", help="class images for prior preservation (optional)")
+    train.add_argument("--masks", nargs="+", help="subject masks for --method infusion (white = subject), named like "
+                       "the images; default: IMAGES/mask/NAME, else each image's alpha channel, else none")
     train.add_argument("--concepts", help="JSON list of concepts for multi-concept training")
     train.add_argument("--out", required=True, help="output concept file (.safetensors)")
     add_setting_arguments(train)
@@ -389,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--num-images", type=_positive_int, default=1)
     gen.add_argument("--size", type=_image_size, help="image size, a multiple of 8 (default: the model's)")
-    gen.add_argument("--strength", type=_finite, default=1.0, help="K/V delta strength")
+    gen.add_argument("--strength", type=_finite, default=1.0, help="K/V delta (Infusion: residual) strength")
     gen.add_argument("--force", action="store_true", help="apply a concept trained on another base")
     gen.set_defaults(func=cmd_generate)
 

@@ -9,6 +9,11 @@ Layout (format version 1)::
 
     metadata: format="classdiffusion.concept", format_version="1", classdiffusion=<JSON>
 
+An Infusion concept (format version 4, ``--method infusion``) has no deltas and no tokens; it
+stores one residual vector per changed projection (canonical module name, e.g. ``…attn2.to_v``)::
+
+    residual.<diffusers module>   float32 [out]       added to the projection's output at the class word
+
 A compressed concept (format version 2, ``classdiffusion compress``) stores a 2-D delta as its
 truncated-SVD factors instead, ``delta = up @ down``::
 
@@ -41,12 +46,13 @@ from .kv import base_fingerprint, compare_fingerprints, compress_deltas, trained
 from .meta import ConceptMeta
 
 FORMAT = "classdiffusion.concept"
-FORMAT_VERSION = 3  #: newest version read; each file is written with the oldest version that holds it
+FORMAT_VERSION = 4  #: newest version read; each file is written with the oldest version that holds it
 KV_PREFIX = "kv."
 UP_PREFIX = "kv_up."
 DOWN_PREFIX = "kv_down."
 EXACT_INDEX_PREFIX = "kv_exact_index."
 EXACT_VALUE_PREFIX = "kv_exact_value."
+RESIDUAL_PREFIX = "residual."
 TOKEN_KEY = "token.embedding"
 OPTIM_PREFIX = "optim."
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -75,13 +81,29 @@ class Concept:
     #: trained values float32). Applying at strength 1 writes these values, so an imported
     #: concept reproduces the trained weights bit for bit.
     exact: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    #: Infusion's residual vectors: canonical module name (``…attn2.to_v``) → [out] float32.
+    residuals: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.meta, dict):  # a plain mapping (e.g. from a script): validated like a file's
             self.meta = ConceptMeta.from_dict(
                 {"tokens": list(self.tokens), "class_words": list(self.class_words),
-                 "layers": {name: list(t.shape) for name, t in self.deltas.items()}, **self.meta},
+                 "layers": {name: list(t.shape) for name, t in self.deltas.items()},
+                 **({"residual_layers": {n: list(t.shape) for n, t in self.residuals.items()},
+                     "method": "infusion"} if self.residuals else {}), **self.meta},
                 "the concept's metadata")
+
+    @property
+    def method(self) -> str:
+        """The training method: "classdiffusion" (token + K/V deltas) or "infusion" (residuals)."""
+        return self.meta.method
+
+    def trained_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of the trained tensors in the optimizer's order: deltas, residuals (each sorted by
+        name), then the token rows if there are tokens."""
+        shapes = [tuple(self.deltas[n].shape) for n in sorted(self.deltas)]
+        shapes += [tuple(self.residuals[n].shape) for n in sorted(self.residuals)]
+        return shapes + ([tuple(self.token_vectors.shape)] if len(self.tokens) else [])
 
     @property
     def step(self) -> int:
@@ -120,6 +142,14 @@ class Concept:
                     f"{name}: the concept's delta is {tuple(delta.shape)}, {what}'s weight "
                     f"{tuple(base_weights[name].shape)}; the concept belongs to another architecture."
                 )
+        for name, residual in self.residuals.items():
+            weight = base_weights.get(f"{name}.weight")
+            if weight is None or weight.shape[0] != residual.shape[0]:
+                raise BaseMismatchError(
+                    f"{name}: the concept's residual has {residual.shape[0]} values, {what} "
+                    f"{'lacks the layer' if weight is None else f'outputs {weight.shape[0]}'}; the concept "
+                    "belongs to another architecture."
+                )
         expected = self.meta.base_fingerprint
         if not strict or not expected:
             return
@@ -142,6 +172,8 @@ class Concept:
         for name, (index, values) in (self.exact or {}).items():
             tensors[EXACT_INDEX_PREFIX + name] = index.detach().to("cpu", torch.int64).contiguous()
             tensors[EXACT_VALUE_PREFIX + name] = values.detach().to("cpu", torch.float32).contiguous()
+        for name, t in self.residuals.items():
+            tensors[RESIDUAL_PREFIX + name] = t.detach().to("cpu", torch.float32).contiguous()
         tensors[TOKEN_KEY] = self.token_vectors.detach().to("cpu", torch.float32).contiguous()
         for name, t in (self.optimizer_tensors or {}).items():
             tensors[OPTIM_PREFIX + name] = t.detach().to("cpu").contiguous()
@@ -152,12 +184,13 @@ class Concept:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = dataclasses.replace(self.meta, tokens=list(self.tokens), class_words=list(self.class_words),
-                                   layers={name: list(t.shape) for name, t in self.deltas.items()})
+                                   layers={name: list(t.shape) for name, t in self.deltas.items()},
+                                   residual_layers={n: list(t.shape) for n, t in self.residuals.items()} or None)
         text = meta.to_json()
         ConceptMeta.from_json(text, path.name)  # never write what the loader would refuse
         metadata = {
             "format": FORMAT,
-            "format_version": "3" if self.exact else "2" if self.factors else "1",
+            "format_version": "4" if self.residuals else "3" if self.exact else "2" if self.factors else "1",
             "classdiffusion": text,
         }
         atomic_save_file(self.to_tensors(), path, metadata)
@@ -286,6 +319,7 @@ def load_concept(path: str | Path, *, device: str | torch.device = "cpu") -> Con
     downs: dict[str, torch.Tensor] = {}
     exact_index: dict[str, torch.Tensor] = {}
     exact_value: dict[str, torch.Tensor] = {}
+    residuals: dict[str, torch.Tensor] = {}
     token_vectors = None
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
@@ -301,6 +335,8 @@ def load_concept(path: str | Path, *, device: str | torch.device = "cpu") -> Con
                     exact_index[key[len(EXACT_INDEX_PREFIX):]] = tensor
                 elif key.startswith(EXACT_VALUE_PREFIX):
                     exact_value[key[len(EXACT_VALUE_PREFIX):]] = tensor
+                elif key.startswith(RESIDUAL_PREFIX):
+                    residuals[key[len(RESIDUAL_PREFIX):]] = tensor
                 elif key == TOKEN_KEY:
                     token_vectors = tensor
                 elif key.startswith(OPTIM_PREFIX):
@@ -328,6 +364,17 @@ def load_concept(path: str | Path, *, device: str | torch.device = "cpu") -> Con
             raise ConceptFileError(f"{path.name}: {name} has dtype {tensor.dtype}; expected a float tensor.")
         _check_values(path, name, tensor)
     exact = _check_exact(path, exact_index, exact_value, deltas)
+    listed = meta.residual_layers or {}
+    if set(listed) != set(residuals):
+        raise ConceptFileError(f"{path.name}: its residual vectors do not match its residual layer list "
+                               f"({len(residuals)} tensors, {len(listed)} listed); the file is damaged.")
+    for name, tensor in residuals.items():
+        if list(tensor.shape) != list(listed[name]) or tensor.ndim != 1:
+            raise ConceptFileError(f"{path.name}: the residual of {name} has shape {list(tensor.shape)}, "
+                                   f"listed {listed[name]}.")
+        if tensor.dtype not in _FLOAT_DTYPES:
+            raise ConceptFileError(f"{path.name}: the residual of {name} is not a float tensor.")
+        _check_values(path, f"the residual of {name}", tensor)
     tokens = list(meta.tokens)
     if token_vectors is None or token_vectors.ndim != 2 or token_vectors.shape[0] != len(tokens):
         raise ConceptFileError(
@@ -336,7 +383,8 @@ def load_concept(path: str | Path, *, device: str | torch.device = "cpu") -> Con
     if token_vectors.dtype not in _FLOAT_DTYPES:
         raise ConceptFileError(f"{path.name}: the token embedding is not a float tensor.")
     _check_values(path, "the token embedding", token_vectors)
-    _check_optimizer(path, optim, deltas, token_vectors)
+    shapes = [tuple(deltas[n].shape) for n in sorted(deltas)] + [tuple(residuals[n].shape) for n in sorted(residuals)]
+    _check_optimizer(path, optim, shapes + ([tuple(token_vectors.shape)] if tokens else []))
     return Concept(
         deltas=deltas,
         token_vectors=token_vectors,
@@ -346,6 +394,7 @@ def load_concept(path: str | Path, *, device: str | torch.device = "cpu") -> Con
         optimizer_tensors=optim or None,
         factors=factors or None,
         exact=exact or None,
+        residuals=residuals,
     )
 
 
@@ -364,13 +413,11 @@ def _check_values(path: Path, name: str, tensor: torch.Tensor) -> None:
         )
 
 
-def _check_optimizer(path: Path, optim: Mapping[str, torch.Tensor], deltas: Mapping[str, torch.Tensor],
-                     token_vectors: torch.Tensor) -> None:
+def _check_optimizer(path: Path, optim: Mapping[str, torch.Tensor], shapes: list[tuple[int, ...]]) -> None:
     """A resumable checkpoint's AdamW state: ``<i>.step|exp_avg|exp_avg_sq`` for each trained tensor
-    in the trainer's order (the deltas by name, then the token vectors), finite, in its shape."""
+    in the trainer's order (``Concept.trained_shapes``), finite, in its shape."""
     if not optim:
         return
-    shapes = [tuple(deltas[name].shape) for name in sorted(deltas)] + [tuple(token_vectors.shape)]
     seen: dict[int, set[str]] = {}
     for key, tensor in optim.items():
         match = re.fullmatch(r"(\d{1,6})\.(\w+)", key)
@@ -433,6 +480,14 @@ def compress_concept(concept: Concept, *, rank: int | None = None, energy: float
     """A copy of ``concept`` whose 2-D deltas are truncated-SVD factors (fixed ``rank`` or an
     ``energy`` share); returns it and per-layer {"rank", "relative_error"}. The optimizer state
     is dropped: a compressed concept is not a resumable checkpoint."""
+    if concept.residuals:
+        from .errors import InvalidInputError
+
+        raise InvalidInputError(
+            f"This is an Infusion concept: {sum(r.numel() for r in concept.residuals.values())} residual values "
+            f"({sum(r.numel() for r in concept.residuals.values()) * 4 / 1024:.0f} KB), one vector per layer, "
+            "nothing a low-rank factorisation could shrink; it is already as small as it gets."
+        )
     factors, stats = compress_deltas(concept.deltas, rank=rank, energy=energy)
     deltas = dict(concept.deltas)
     for name, (up, down) in factors.items():

@@ -17,6 +17,16 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 #: config, i.e. the position of the highest token id — the new token itself in "a photo of a <sks> dog".
 SplFeature = Literal["eos", "official"]
 SPL_FEATURES = ("eos", "official")
+#: What a run trains (classdiffusion.methods): ClassDiffusion's token + K/V deltas with SPL, or
+#: Infusion's value residuals at the class word's positions.
+METHODS = ("classdiffusion", "infusion")
+#: Infusion's recipe (arXiv 2404.14007 and its code's configs/infusion_cat.yaml) where it differs
+#: from ClassDiffusion's: batch 4 with 4-step accumulation, no rescaling augmentation (flips only),
+#: no gradient clipping (Lightning's default). Its residual learning rate is ``residual_lr``.
+METHOD_DEFAULTS = {
+    "classdiffusion": {},
+    "infusion": {"batch_size": 4, "gradient_accumulation": 4, "augment": False, "max_grad_norm": 0.0},
+}
 
 #: Custom Diffusion's (and the official ClassDiffusion scripts') initializer: a rare token.
 DEFAULT_INITIALIZER = "ktn"
@@ -85,6 +95,8 @@ class ConceptSpec:
     initializer: str = DEFAULT_INITIALIZER
     prompt: str = DEFAULT_PROMPT
     class_images: list[str] = field(default_factory=list)
+    #: Subject masks for Infusion's loss (files/folders matched to the images by file name).
+    masks: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not isinstance(self.token, str) or not self.token.strip():
@@ -103,7 +115,7 @@ class ConceptSpec:
             self.initializer = DEFAULT_INITIALIZER
         if not isinstance(self.initializer, str):
             raise InvalidInputError(f"The initializer must be a word (got {self.initializer!r}).")
-        for key in ("images", "class_images"):
+        for key in ("images", "class_images", "masks"):
             paths = getattr(self, key)
             if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
                 raise InvalidInputError(f"{key} must be a list of file or folder paths (got {paths!r}).")
@@ -148,7 +160,7 @@ class ConceptSpec:
         missing = {"token", "class_word"} - set(data)
         if missing:
             raise InvalidInputError(f"The concept description lacks {sorted(missing)}.")
-        for key in ("images", "class_images"):
+        for key in ("images", "class_images", "masks"):
             value = data.get(key, [])
             if isinstance(value, (str, Path)):
                 value = [value]
@@ -184,6 +196,10 @@ class TrainConfig:
     2e-5 at batch 2.
     """
 
+    method: str = setting("classdiffusion", "classdiffusion: a new token + cross-attention K/V deltas with the "
+                          "semantic preservation loss (the default). infusion: one residual vector per attn2 value "
+                          "projection, added only where the class word stands; a ~50 KB concept that leaves every "
+                          "other prompt bit-identical.", choices=METHODS, cli="--method")
     steps: int = setting(500, "Training steps. Paper: 500 (800 for several concepts).", min=1, max=20000,
                          cli="--steps")
     batch_size: int = setting(2, "Images per step (paper: 2).", min=1, max=16, cli="--batch-size")
@@ -211,7 +227,14 @@ class TrainConfig:
     adam_beta2: float = setting(0.999, "AdamW β2.")
     weight_decay: float = setting(1e-2, "AdamW weight decay, on the full trained weight as officially.")
     adam_epsilon: float = setting(1e-8, "AdamW ε.")
-    max_grad_norm: float = setting(1.0, "Gradient clipping norm.")
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 = off).")
+    gradient_accumulation: int = setting(1, "Micro-batches of batch_size per optimizer step (Infusion's recipe: "
+                                         "4 × batch 4).", min=1, max=64, cli="--gradient-accumulation")
+    residual_lr: float = setting(1e-2, "Infusion: AdamW learning rate of the residual vectors (its code: 0.01, "
+                                 "not scaled by the batch).", min=1e-6, max=1.0, step=1e-4, cli="--residual-lr")
+    residual_target: str = setting("v", "Infusion: v = a residual on the value projection only (the paper: the "
+                                   "original attention maps are kept); kv = also on the key (what its xformers "
+                                   "code path trains).", choices=("v", "kv"), cli="--residual-target")
     mixed_precision: MixedPrecision = setting("no", "Autocast dtype; frozen models are stored in it, trained tensors "
                                               "stay fp32.", choices=("no", "fp16", "bf16"), cli="--mixed-precision")
     gradient_checkpointing: bool = setting(False, "Less memory, slower steps.", cli="--gradient-checkpointing")
@@ -245,6 +268,16 @@ class TrainConfig:
                 f"spl_feature must be 'eos' (the paper's end-of-text feature) or 'official' (the "
                 f"official code's pooler output); got {self.spl_feature!r}."
             )
+        if self.method not in METHODS:
+            raise InvalidInputError(f"method must be one of {list(METHODS)} (got {self.method!r}).")
+        if self.residual_target not in ("v", "kv"):
+            raise InvalidInputError("residual_target must be 'v' (value only, the paper) or 'kv'.")
+        if self.gradient_accumulation < 1:
+            raise InvalidInputError("gradient_accumulation must be at least 1.")
+        if not self.residual_lr > 0:
+            raise InvalidInputError(f"residual_lr must be positive (got {self.residual_lr}).")
+        if self.max_grad_norm < 0:
+            raise InvalidInputError("max_grad_norm must be 0 (off) or positive.")
         if self.train_mode not in ("kv", "crossattn"):
             raise InvalidInputError("train_mode must be 'kv' (to_k/to_v) or 'crossattn' (all of attn2).")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -257,6 +290,13 @@ class TrainConfig:
             raise InvalidInputError("save_every must be 0 (off) or a positive number of steps.")
         if self.shrink_scales < 1 or self.zoom_scales < 0:
             raise InvalidInputError("shrink_scales must be ≥ 1 and zoom_scales ≥ 0.")
+
+    @classmethod
+    def for_method(cls, method: str, **settings: Any) -> "TrainConfig":
+        """A config with ``method``'s recipe (METHOD_DEFAULTS) under the given settings."""
+        if method not in METHODS:
+            raise InvalidInputError(f"method must be one of {list(METHODS)} (got {method!r}).")
+        return cls(**{**METHOD_DEFAULTS[method], **settings, "method": method})
 
     def effective_learning_rate(self, with_prior: bool) -> float:
         lr = self.learning_rate

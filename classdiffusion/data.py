@@ -107,6 +107,98 @@ def as_pil_images(images: Sequence[Image.Image | torch.Tensor | np.ndarray], wha
     return out
 
 
+def _open_mask(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                return img.convert("RGBA").getchannel("A")
+            return img.convert("L")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidInputError(f"The mask {path} cannot be read ({exc}); save it as a grayscale PNG.") from None
+
+
+def _alpha(image: Image.Image) -> Image.Image | None:
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        alpha = image.convert("RGBA").getchannel("A")
+        return alpha if alpha.getextrema()[0] < 255 else None  # fully opaque: no mask
+    return None
+
+
+def load_masks_for(image_sources: Sequence[str | Path], mask_sources: Sequence[str | Path] = ()
+                   ) -> list[Image.Image | None]:
+    """One subject mask per training image (white = subject): from ``mask_sources`` matched by
+    file name (stem), else ``<image folder>/mask/<same name>`` (Infusion's layout), else the
+    image's alpha channel, else None (no mask: the whole image counts)."""
+    files = list_image_files(image_sources)
+    given: dict[str, Path] = {}
+    if mask_sources:
+        given = {p.stem: p for p in list_image_files(mask_sources)}
+        missing = [f.name for f in files if f.stem not in given]
+        if missing:
+            raise InvalidInputError(f"No mask for {missing[:3]} among {len(given)} mask files; name each mask "
+                                    "like its image (dog1.jpg → dog1.png).")
+    masks: list[Image.Image | None] = []
+    for path in files:
+        if path.stem in given:
+            masks.append(_open_mask(given[path.stem]))
+            continue
+        beside = [p for p in (path.parent / "mask").glob(f"{path.stem}.*") if p.suffix.lower() in IMAGE_SUFFIXES] \
+            if (path.parent / "mask").is_dir() else []
+        if beside:
+            masks.append(_open_mask(sorted(beside)[0]))
+            continue
+        with Image.open(path) as img:
+            masks.append(_alpha(ImageOps.exif_transpose(img)))
+    return masks
+
+
+def alpha_masks(images: Sequence) -> list[Image.Image | None]:
+    """The alpha channel of each PIL image (None where opaque); tensors (ComfyUI IMAGE) have none."""
+    out: list[Image.Image | None] = []
+    for item in images:
+        if isinstance(item, Image.Image):
+            out.append(_alpha(item))
+        else:
+            shape = tuple(item.shape)
+            out += [None] * (shape[0] if len(shape) == 4 else 1)
+    return out
+
+
+def as_pil_masks(masks) -> list[Image.Image]:
+    """ComfyUI MASK ([B, H, W] or [H, W] floats in 0..1, 1 = subject) or PIL images → PIL "L"."""
+    out: list[Image.Image] = []
+    items = [masks] if isinstance(masks, torch.Tensor) else list(masks)
+    for item in items:
+        if isinstance(item, Image.Image):
+            out.append(item.convert("L"))
+            continue
+        array = item.detach().cpu().float().numpy() if isinstance(item, torch.Tensor) else np.asarray(item, np.float32)
+        batch = array if array.ndim == 3 else array[None]
+        if batch.ndim != 3:
+            raise InvalidInputError(f"A mask has shape {array.shape}; expected H×W or B×H×W.")
+        for frame in batch:
+            out.append(Image.fromarray((np.clip(frame, 0, 1) * 255).round().astype(np.uint8), mode="L"))
+    return out
+
+
+def mask_to_latent(mask: Image.Image, image_size: tuple[int, int], size: int, flip: bool) -> torch.Tensor:
+    """A subject mask placed like its image (center square, resize, flip), normalised to max 1 as
+    Infusion does, then bilinear to latent cells: [1, size/8, size/8]."""
+    import torch.nn.functional as F
+
+    if mask.size != image_size:
+        mask = mask.resize(image_size, resample=Image.BILINEAR)
+    mask = center_square(mask).resize((size, size), resample=Image.BILINEAR)
+    if flip:
+        mask = ImageOps.mirror(mask)
+    array = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
+    peak = float(array.max())
+    array = array / peak if peak > 0 else torch.ones_like(array)
+    cells = size // LATENT_FACTOR
+    return F.interpolate(array, size=(cells, cells), mode="bilinear")[0]
+
+
 def center_square(image: Image.Image) -> Image.Image:
     """Center crop to a square (the official code squashes non-square images instead)."""
     w, h = image.size
@@ -144,9 +236,11 @@ class LatentBank:
     """Latent mean/std for every (image, flip, size) variant, computed once on the host."""
 
     def __init__(self, host, images: Sequence[Image.Image], concept_of_image: Sequence[int],
-                 config: TrainConfig, encode_pixels: int = 2 * 512 * 512):
+                 config: TrainConfig, encode_pixels: int = 2 * 512 * 512,
+                 subject_masks: Sequence[Image.Image | None] | None = None):
         """``encode_pixels`` bounds each VAE batch (images × side²): the encoder's activations take
-        about 320 MiB per 512² image in bf16, so 8 zoomed 716² variants at once would need 5 GiB."""
+        about 320 MiB per 512² image in bf16, so 8 zoomed 716² variants at once would need 5 GiB.
+        ``subject_masks`` (one per image or None) multiply the loss mask of each placement."""
         self.resolution = config.resolution
         self.latent_size = config.resolution // LATENT_FACTOR
         self.shrink, self.zoom = scale_bins(config)
@@ -163,6 +257,17 @@ class LatentBank:
                 mean, std = host.encode_images(pixels)
                 for (i, flip), m, s in zip(chunk, mean, std):
                     self.variants[(i, flip, size)] = (m, s)
+        self.subject: dict[tuple[int, bool, int], torch.Tensor] = {}
+        if subject_masks is not None:
+            if len(subject_masks) != len(images):
+                raise InvalidInputError(f"{len(subject_masks)} subject masks for {len(images)} images.")
+            for i, mask in enumerate(subject_masks):
+                if mask is None:
+                    continue
+                for size in sizes:
+                    for flip in self.flips:
+                        device = self.variants[(i, flip, size)][0].device
+                        self.subject[(i, flip, size)] = mask_to_latent(mask, images[i].size, size, flip).to(device)
         canvas = torch.zeros(1, 3, self.resolution, self.resolution)  # the official gray canvas
         mean, std = host.encode_images(canvas)
         self.canvas = (mean[0], std[0])
@@ -174,19 +279,22 @@ class LatentBank:
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean, std, mask) at training resolution for one placement; offsets in latent cells."""
         mean, std = self.variants[(image, flip, size)]
+        subject = self.subject.get((image, flip, size))
         n = self.latent_size
         cells = size // LATENT_FACTOR
         if size > self.resolution:
             crop = (slice(None), slice(top, top + n), slice(left, left + n))
-            mask = torch.ones(1, n, n, device=mean.device)
+            mask = torch.ones(1, n, n, device=mean.device) if subject is None else subject[crop]
             return mean[crop], std[crop], mask
         if size == self.resolution:
-            return mean, std, torch.ones(1, n, n, device=mean.device)
+            return mean, std, torch.ones(1, n, n, device=mean.device) if subject is None else subject
         canvas_mean, canvas_std = self.canvas[0].clone(), self.canvas[1].clone()
         canvas_mean[:, top:top + cells, left:left + cells] = mean
         canvas_std[:, top:top + cells, left:left + cells] = std
         mask = torch.zeros(1, n, n, device=mean.device)
         mask[:, top + 1:top + cells - 1, left + 1:left + cells - 1] = 1.0
+        if subject is not None:
+            mask[:, top:top + cells, left:left + cells] *= subject
         return canvas_mean, canvas_std, mask
 
 

@@ -49,3 +49,13 @@ def semantic_preservation_loss(
     cosines = [eos_cosine(t, c).mean() for t, c in zip(token_eos, class_eos)]
     loss = torch.stack([1.0 - cos for cos in cosines]).mean()
     return loss, cosines
+
+
+def infusion_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Infusion's reconstruction loss (its ``p_losses``): prediction and target both multiplied
+    by the soft subject mask [B, 1, h, w], then the plain mean over every element — so a cell of
+    mask m weighs m², and the loss is not renormalised by the mask's area."""
+    if mask.shape[1] != 1:
+        raise ValueError(f"the loss mask must have one channel, got shape {tuple(mask.shape)}")
+    mask = mask.float()
+    return F.mse_loss(pred.float() * mask, target.float() * mask)

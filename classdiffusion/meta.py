@@ -18,6 +18,7 @@ from .errors import ClassDiffusionError, ConceptFileError
 from .kv import TRAINED_SUFFIXES
 
 TRAIN_MODES = tuple(TRAINED_SUFFIXES)
+METHODS = ("classdiffusion", "infusion")
 
 
 class MetaError(ConceptFileError):
@@ -50,6 +51,10 @@ class ConceptMeta:
     drift_initial: list[dict[str, Any]] | None = None
     drift_final: list[dict[str, Any]] | None = None
     compression: dict[str, Any] | None = None
+    #: the training method (classdiffusion.methods); files before it existed are ClassDiffusion's
+    method: str = "classdiffusion"
+    #: Infusion: module name → [size] of each residual vector
+    residual_layers: dict[str, list[int]] | None = None
     warnings: list[str] = field(default_factory=list)
     #: every other key, kept as read
     extra: dict[str, Any] = field(default_factory=dict)
@@ -74,17 +79,23 @@ class ConceptMeta:
         for key in ("tokens", "class_words", "layers"):
             if key not in raw:
                 raise MetaError(f"{source}: metadata lacks {key!r}; the file is damaged.")
-        tokens = check.strings(raw["tokens"], "tokens", min_length=1)
+        method = check.choice(raw.get("method", "classdiffusion"), "method", METHODS)
+        tokens = check.strings(raw["tokens"], "tokens", min_length=1 if method == "classdiffusion" else 0)
+        if method != "classdiffusion" and tokens:
+            check.fail("tokens", f"must be empty for the {method} method, which adds no token")
         for i, token in enumerate(tokens):
             if any(ch.isspace() for ch in token):
                 check.fail(f"tokens[{i}]", f"must be one word without spaces (got {token!r})")
         if len(set(tokens)) != len(tokens):
             check.fail("tokens", f"repeats a token ({tokens})")
         n = len(tokens)
+        class_words = check.strings(raw["class_words"], "class_words", length=n if tokens else None, min_length=1)
+        m = len(class_words)  # concepts (= tokens for ClassDiffusion)
         values: dict[str, Any] = {
             "tokens": tokens,
-            "class_words": check.strings(raw["class_words"], "class_words", length=n),
+            "class_words": class_words,
             "layers": check.layers(raw["layers"]),
+            "method": method,
         }
         readers: dict[str, Callable[[Any, str], Any]] = {
             "train_mode": lambda v, f: check.choice(v, f, TRAIN_MODES),
@@ -93,9 +104,10 @@ class ConceptMeta:
             "base_fingerprint": check.fingerprint,
             "base_name": check.optional(check.string),
             "config": check.config,
-            "concepts": check.optional(lambda v, f: check.concepts(v, f, tokens)),
+            "concepts": check.optional(lambda v, f: check.concepts(v, f, tokens, m)),
             "initializers": check.optional(lambda v, f: check.strings(v, f, length=n)),
-            "prompts": check.optional(lambda v, f: check.strings(v, f, length=n, template=True)),
+            "prompts": check.optional(lambda v, f: check.strings(v, f, length=m, template=True)),
+            "residual_layers": check.optional(lambda v, f: check.layers(v, f)),
             "eos_cosine_initial": check.optional(lambda v, f: check.numbers(v, f, length=n)),
             "eos_cosine_final": check.optional(lambda v, f: check.numbers(v, f, length=n)),
             "drift_initial": check.optional(lambda v, f: check.drifts(v, f, n)),
@@ -180,13 +192,13 @@ class _Checker:
             self.fail(name, f"must be an object (got {_show(value)})")
         return value
 
-    def layers(self, value) -> dict[str, list[int]]:
-        self.mapping(value, "layers")
+    def layers(self, value, name: str = "layers") -> dict[str, list[int]]:
+        self.mapping(value, name)
         for layer, shape in value.items():
             if not isinstance(shape, list) or not 1 <= len(shape) <= 2:
-                self.fail(f"layers.{layer}", f"must be a shape of 1 or 2 sizes (got {_show(shape)})")
+                self.fail(f"{name}.{layer}", f"must be a shape of 1 or 2 sizes (got {_show(shape)})")
             for size in shape:
-                self.integer(size, f"layers.{layer}", minimum=1)
+                self.integer(size, f"{name}.{layer}", minimum=1)
         return value
 
     def fingerprint(self, value, name: str) -> dict | None:
@@ -241,18 +253,18 @@ class _Checker:
             self.fail(name, f"holds an invalid setting: {exc}")
         return value
 
-    def concepts(self, value, name: str, tokens: list[str]) -> list[dict]:
+    def concepts(self, value, name: str, tokens: list[str], count: int) -> list[dict]:
         from .config import ConceptSpec
 
-        if not isinstance(value, list) or len(value) != len(tokens):
-            self.fail(name, f"must be a list of {len(tokens)} concept description(s) (got {_show(value)})")
+        if not isinstance(value, list) or len(value) != count:
+            self.fail(name, f"must be a list of {count} concept description(s) (got {_show(value)})")
         for i, item in enumerate(value):
             self.mapping(item, f"{name}[{i}]")
             try:
                 spec = ConceptSpec.from_dict(item)
             except (ClassDiffusionError, TypeError, ValueError) as exc:
                 self.fail(f"{name}[{i}]", f"is not a valid concept description: {exc}")
-            if spec.token != tokens[i]:
+            if tokens and spec.token != tokens[i]:
                 self.fail(f"{name}[{i}].token", f"is {spec.token!r} but the file's token {i} is {tokens[i]!r}")
         return value
 

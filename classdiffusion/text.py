@@ -147,6 +147,14 @@ class TransformersTextEncoder:
         rows = self.injector.base.weight[torch.tensor(known, device=self.injector.base.weight.device)]
         return rows.float().mean(0).detach().clone()
 
+    def word_ids(self, word: str) -> list[int]:
+        """The token ids ``word`` is split into, as it appears inside a prompt."""
+        return list(self.tokenizer(word, add_special_tokens=False).input_ids)
+
+    def token_ids(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[B, T] ids of the prompts exactly as :meth:`encode` feeds them to the model."""
+        return self._tokenize(prompts)[0]
+
     def _tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(ids, first EOS position, highest-id position, length up to the last prompt's EOS),
         cached per prompt list."""

@@ -1,10 +1,11 @@
-"""The ClassDiffusion training loop, written against the small TrainingHost interface.
+"""The training loop, written against the small TrainingHost interface.
 
-One readable loop: cached latents → noise → UNet with K/V deltas → masked ε-MSE, plus the
-semantic preservation loss on the EOS features of "a photo of a <sks> dog" vs "a photo of a dog"
-(and optionally prior preservation on class images). Only the K/V deltas and the new token rows
-are trained. Randomness is drawn per step from (seed, step), so a resumed run continues exactly
-like an uninterrupted one.
+One readable loop: cached latents → noise → UNet with the method's trained tensors attached →
+the method's losses → AdamW. The method (``classdiffusion.methods``) decides what is trained:
+ClassDiffusion's K/V deltas and new token rows with the semantic preservation loss on the EOS
+features of "a photo of a <sks> dog" vs "a photo of a dog" (the default), or Infusion's value
+residuals at the class word. Randomness is drawn per step from (seed, step), so a resumed run
+continues exactly like an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -19,18 +20,18 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from torch import nn
 
 from . import __version__
 from .concept import Concept, load_concept
 from .config import ConceptSpec, TrainConfig, check_concepts
-from .data import LatentBank, as_pil_images, draw_placement, load_images
+from .data import (LatentBank, alpha_masks, as_pil_images, as_pil_masks, draw_placement, load_images,
+                   load_masks_for)
 from .errors import InvalidInputError, TrainingCancelled, TrainingDivergedError
-from .evaluation.drift import DriftProbe
 from .hosts.base import SD15_CONTEXT_DIM, TrainingHost
-from .kv import base_fingerprint, zero_deltas
-from .losses import masked_mse, prior_mse, semantic_preservation_loss
+from .kv import base_fingerprint
 from .meta import ConceptMeta
+from .methods import method_class
+from .methods.base import Losses
 
 logger = logging.getLogger("classdiffusion")
 
@@ -74,20 +75,6 @@ class Batch:
     mask: torch.Tensor  #: [B, 1, h, w] valid latent cells of the concept rows
     prompts: list[str]  #: the concept rows' training phrases
     prior_owners: list[int] = field(default_factory=list)  #: concept index of each class row
-
-
-@dataclass
-class Losses:
-    total: torch.Tensor
-    recon: torch.Tensor
-    spl: torch.Tensor
-    cosines: list[torch.Tensor]
-    prior: torch.Tensor | None = None
-
-    def values(self) -> list[float]:
-        """[total, recon, spl, cos..., (prior)] as floats, with one device sync."""
-        scalars = [self.total, self.recon, self.spl, *self.cosines] + ([self.prior] if self.prior is not None else [])
-        return torch.stack([s.detach().float() for s in scalars]).tolist()
 
 
 class TrainCallbacks:
@@ -162,6 +149,8 @@ class ConceptData:
     spec: ConceptSpec
     images: Sequence[Any] | None = None
     class_images: Sequence[Any] | None = None
+    #: Subject masks (Infusion's loss weights): ComfyUI MASK [B, H, W] / PIL "L" images, one per image.
+    masks: Sequence[Any] | None = None
 
     def load_images(self) -> list:
         return as_pil_images(self.images) if self.images is not None else load_images(self.spec.images)
@@ -170,6 +159,20 @@ class ConceptData:
         if self.class_images is not None and len(self.class_images):
             return as_pil_images(self.class_images, "class")
         return load_images(self.spec.class_images, "class") if self.spec.class_images else []
+
+    def load_masks(self, images: Sequence[Any]) -> list:
+        """One soft subject mask (PIL "L") or None per training image: given masks, else the spec's
+        mask files, else the images' alpha channels."""
+        if self.masks is not None and len(self.masks):
+            masks = as_pil_masks(self.masks)
+            if len(masks) == 1 and len(images) > 1:
+                masks = masks * len(images)
+            if len(masks) != len(images):
+                raise InvalidInputError(f"{len(masks)} masks for {len(images)} images: give one mask per image.")
+            return masks
+        if self.spec.images:
+            return load_masks_for(self.spec.images, self.spec.masks)
+        return alpha_masks(self.images if self.images is not None else [])
 
     @property
     def has_class_images(self) -> bool:
@@ -190,8 +193,10 @@ def concept_data(concepts: Sequence[ConceptSpec | ConceptData], images=None, cla
 
 
 class TrainingRun:
-    """One run of the method: everything prepared once (cached latents, tokens, zero deltas,
-    constants, optimizer), then ``step()`` = ``sample_batch`` → ``losses`` → ``optimize``."""
+    """One run of a method: everything prepared once (cached latents, the method's trained tensors
+    and constants, the optimizer), then ``step()`` = per micro-batch ``sample_batch`` →
+    ``method.losses`` → backward, then ``optimizer_step``. What is trained and how it is attached
+    is the method's (``classdiffusion.methods``); the rest is shared."""
 
     def __init__(self, host: TrainingHost, concepts: Sequence[ConceptSpec | ConceptData], config: TrainConfig,
                  images=None, class_images=None):
@@ -202,46 +207,35 @@ class TrainingRun:
         self.warnings: list[str] = []
         if host.text_dim != SD15_CONTEXT_DIM:
             raise InvalidInputError(f"The text encoder is {host.text_dim} wide; SD1.5 needs {SD15_CONTEXT_DIM}.")
+        method_type = method_class(config.method)
         per_concept = [d.load_images() for d in self.data]
+        subject_masks = None
+        if method_type.uses_subject_masks:
+            subject_masks = [m for d, imgs in zip(self.data, per_concept) for m in d.load_masks(imgs)]
         self.with_prior = any(d.has_class_images for d in self.data)
-        self._init_tokens()
-        base = host.cross_attention_weights(config.train_mode)
+        base = host.cross_attention_weights(method_type.weights_mode(config))
         self.fingerprint = base_fingerprint(base)
-        self.base_weights = base  # read-only views, for the official weight decay (optimize())
-        self.deltas = zero_deltas(base, self.device)
+        self.base_weights = base  # read-only views (the official weight decay reads them)
+        self.method = method_type(self)
+        self.method.setup()
         host.configure_training(config)
         self.image_concept = [k for k, imgs in enumerate(per_concept) for _ in imgs]
-        self.bank = LatentBank(host, [img for imgs in per_concept for img in imgs], self.image_concept, config)
-        self._init_constants()
+        self.bank = LatentBank(host, [img for imgs in per_concept for img in imgs], self.image_concept, config,
+                               subject_masks=subject_masks)
+        if subject_masks is not None and not any(m is not None for m in subject_masks):
+            self._warn("No subject masks given (alpha channel, mask images or a MASK input): the loss weighs "
+                       "the whole image, background included.")
+        self._init_class_bank()
+        self.method.setup_constants()
         self._init_optimizer()
         self._perms: dict[int, list[int]] = {}
 
-    def _init_tokens(self) -> None:
-        """Add the tokens; each starts from its initializer word's embedding."""
-        self.host.add_tokens([spec.token for spec in self.concepts])
-        vectors = []
-        for spec in self.concepts:
-            pieces = self.host.word_token_count(spec.class_word)
-            if pieces != 1:
-                self._warn(f"The class word {spec.class_word!r} is split into {pieces} tokens; it still "
-                           "works (SPL uses the EOS feature), but a single common word is better.")
-            init_word = spec.initializer_word
-            if self.host.word_token_count(init_word) != 1:
-                self._warn(f"The initializer {init_word!r} is {self.host.word_token_count(init_word)} tokens; "
-                           "the token starts from their mean embedding.")
-            vectors.append(self.host.word_embedding(init_word).to(self.device, torch.float32))
-        self.token_vectors = nn.Parameter(torch.stack(vectors))
-        self.tokens = [spec.token for spec in self.concepts]
+    @property
+    def lr(self) -> float:
+        return self.method.learning_rate
 
-    def _init_constants(self) -> None:
-        """Computed once: the class phrases' SPL features and contexts, and the class-image latents."""
-        config, host = self.config, self.host
-        with torch.no_grad(), _autocast(self.device, config.mixed_precision):
-            class_text = host.encode_text([spec.class_phrase() for spec in self.concepts], {})
-        class_features = class_text.eos if config.spl_feature == "eos" else class_text.max_id
-        self.class_features = [class_features[k:k + 1].float() for k in range(len(self.concepts))]
-        self.spl_prompts = [spec.train_phrase() for spec in self.concepts]
-        self.class_context = class_text.context.detach()
+    def _init_class_bank(self) -> None:
+        """Class-image latents for prior preservation, encoded once."""
         self.class_bank = None
         if self.with_prior:
             class_pils, owners = [], []
@@ -249,23 +243,34 @@ class TrainingRun:
                 pil = data.load_class_images()
                 class_pils += pil
                 owners += [k] * len(pil)
-            prior_config = TrainConfig.from_dict({**config.to_dict(), "augment": False})
-            self.class_bank = LatentBank(host, class_pils, owners, prior_config)
+            prior_config = TrainConfig.from_dict({**self.config.to_dict(), "augment": False})
+            self.class_bank = LatentBank(self.host, class_pils, owners, prior_config)
             self.class_owner = owners
 
     def _init_optimizer(self) -> None:
         config = self.config
-        self.lr = config.effective_learning_rate(self.with_prior)
-        self.params = list(self.deltas.values()) + [self.token_vectors]
+        groups = self.method.param_groups()
+        self.params = [p for group in groups for p in group["params"]]
         self.optimizer = torch.optim.AdamW(
-            # The deltas' weight decay is applied to the full weight in optimize(), as officially.
-            [{"params": list(self.deltas.values()), "weight_decay": 0.0}, {"params": [self.token_vectors]}],
-            lr=self.lr, betas=(config.adam_beta1, config.adam_beta2),
+            groups, lr=self.lr, betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.weight_decay, eps=config.adam_epsilon,
-            fused=self.device.type == "cuda",  # one kernel for all 32 deltas instead of a loop
+            fused=self.device.type == "cuda",  # one kernel for all trained tensors instead of a loop
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(
             config.mixed_precision == "fp16" and self.device.type == "cuda"))
+
+    # ClassDiffusion's tensors, kept as attributes of the run for scripts and benchmarks.
+    @property
+    def deltas(self) -> dict[str, torch.Tensor]:
+        return getattr(self.method, "deltas", {})
+
+    @property
+    def token_vectors(self) -> torch.Tensor | None:
+        return getattr(self.method, "token_vectors", None)
+
+    @property
+    def tokens(self) -> list[str]:
+        return list(getattr(self.method, "tokens", []))
 
     def _warn(self, message: str) -> None:
         logger.warning(message)
@@ -280,24 +285,24 @@ class TrainingRun:
             self._perms = {epoch: torch.randperm(n, generator=gen).tolist()}
         return self._perms[epoch][position]
 
-    def token_dict(self) -> dict[str, torch.Tensor]:
-        return {token: self.token_vectors[k] for k, token in enumerate(self.tokens)}
-
-    def sample_batch(self, step: int) -> Batch:
-        """The step's inputs, drawn from (seed, step) alone: placements of cached latents, the
-        latent sample, noise, timesteps and prompts (plus class latents with prior preservation)."""
+    def sample_batch(self, step: int, micro: int = 0) -> Batch:
+        """The inputs of micro-batch ``micro`` of a step, drawn from (seed, step, micro) alone:
+        placements of cached latents, the latent sample, noise, timesteps and prompts (plus class
+        latents with prior preservation). Without accumulation the draw is (seed, step)'s."""
         config, host, device = self.config, self.host, self.device
         batch = config.batch_size
-        cpu_rng = torch.Generator().manual_seed(derive_seed(config.seed, "step", step))
-        noise_rng = torch.Generator(device=device).manual_seed(derive_seed(config.seed, "noise", step))
+        key = (step,) if config.gradient_accumulation == 1 else (step, micro)
+        cpu_rng = torch.Generator().manual_seed(derive_seed(config.seed, "step", *key))
+        noise_rng = torch.Generator(device=device).manual_seed(derive_seed(config.seed, "noise", *key))
 
         means, stds, masks, prompts = [], [], [], []
+        first = (step * config.gradient_accumulation + micro) * batch
         for b in range(batch):
-            image = self._image_for(step * batch + b)
+            image = self._image_for(first + b)
             place = draw_placement(self.bank, image, cpu_rng)
             mean, std, mask = self.bank.compose(place.image, place.flip, place.size, place.top, place.left)
             means.append(mean), stds.append(std), masks.append(mask)
-            prompts.append(self.concepts[self.bank.concept_of_image[image]].train_phrase(place.prefix))
+            prompts.append(self.method.phrase(self.bank.concept_of_image[image], place.prefix, cpu_rng))
         prior_owners: list[int] = []
         if self.class_bank is not None:
             picks = torch.randint(0, self.class_bank.num_images, (batch,), generator=cpu_rng).tolist()
@@ -318,121 +323,83 @@ class TrainingRun:
                      prompts=prompts, prior_owners=prior_owners)
 
     def losses(self, batch: Batch) -> Losses:
-        """ClassDiffusion's loss on one batch, as the official code reduces it:
-        L = L_recon + λ·L_spl (+ w·L_prior with class images; the official code drops SPL then)."""
-        config, n = self.config, len(batch.prompts)
-        official_spl = config.spl_feature == "official"
-        with _autocast(self.device, config.mixed_precision):
-            if official_spl:  # the official SPL encoder differs from the UNet's: its own pass
-                text = self.host.encode_text(batch.prompts, self.token_dict())
-                spl_text = self.host.encode_text(self.spl_prompts, self.token_dict(),
-                                                 tokens_without_position=True)
-                token_features = spl_text.max_id
-            else:  # one text pass for the UNet contexts and the SPL phrases
-                text = self.host.encode_text(batch.prompts + self.spl_prompts, self.token_dict())
-                token_features = text.eos[n:]
-            context = text.context[:n]
-            if batch.prior_owners:
-                context = torch.cat([context, self.class_context[batch.prior_owners].to(context.dtype)])
-            pred = self.host.predict_noise(batch.noisy, batch.timesteps, context)
-        recon = masked_mse(pred[:n], batch.noise[:n], batch.mask)
-        token_features = [token_features[k:k + 1] for k in range(len(self.concepts))]
-        spl, cosines = semantic_preservation_loss(token_features, self.class_features)
-        total = recon + config.spl_weight * spl
-        prior = None
-        if batch.prior_owners:
-            prior = prior_mse(pred[n:], batch.noise[n:])
-            total = total + config.prior_weight * prior
-        return Losses(total=total, recon=recon, spl=spl, cosines=cosines, prior=prior)
+        """The method's loss terms on one batch."""
+        return self.method.losses(batch)
 
-    def optimize(self, loss: torch.Tensor) -> None:
-        """Backward, gradient clipping at the official max norm, one AdamW step."""
+    def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
+
+    def optimizer_step(self) -> None:
+        """Gradient clipping (if on), the method's pre-step work, one AdamW step."""
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-        self._decay_trained_weights()
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.method.before_optimizer_step()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
-    @torch.no_grad()
-    def _decay_trained_weights(self) -> None:
-        """AdamW's decoupled weight decay where the official code applies it: on the full trained
-        weight W = base + Δ, towards zero (``W ← W·(1 − lr·wd)``, before the Adam update), i.e.
-        ``Δ ← Δ − lr·wd·(base + Δ)``. Decaying Δ alone would pull towards the base instead."""
-        factor = self.lr * self.config.weight_decay
-        if factor == 0.0:
-            return
-        if self.scaler.is_enabled():  # fp16: the scaler skips steps with inf/NaN gradients; so do we
-            grads = [p.grad for p in self.deltas.values() if p.grad is not None]
-            if grads and not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
-                return
-        for name, delta in self.deltas.items():
-            delta.sub_(self.base_weights[name].to(delta.device, delta.dtype) + delta, alpha=factor)
+    def optimize(self, loss: torch.Tensor) -> None:
+        """Backward and one optimizer step (one micro-batch per step)."""
+        self.backward(loss)
+        self.optimizer_step()
 
     def step(self, step: int) -> StepRecord:
         start = time.perf_counter()
-        losses = self.losses(self.sample_batch(step))
-        values = losses.values()  # one sync per step
-        if not all(math.isfinite(v) for v in values):
-            raise TrainingDivergedError(
-                f"The loss became {values[0]} at step {step + 1}; training stopped before that step "
-                "changed any weight. Lower the learning rate or use bf16 instead of fp16."
-            )
-        self.optimize(losses.total)
-        n = len(self.concepts)
+        accumulation = self.config.gradient_accumulation
+        totals: list[float] | None = None
+        n_cos = 0
+        has_prior = False
+        for micro in range(accumulation):
+            losses = self.losses(self.sample_batch(step, micro))
+            values = losses.values()  # one sync per micro-batch
+            if not all(math.isfinite(v) for v in values):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise TrainingDivergedError(
+                    f"The loss became {values[0]} at step {step + 1}; training stopped before that step "
+                    "changed any weight. Lower the learning rate or use bf16 instead of fp16."
+                )
+            self.backward(losses.total / accumulation if accumulation > 1 else losses.total)
+            n_cos, has_prior = len(losses.cosines), losses.prior is not None
+            totals = values if totals is None else [a + b for a, b in zip(totals, values)]
+        self.optimizer_step()
+        values = [v / accumulation for v in totals] if accumulation > 1 else totals
         return StepRecord(
-            step=step + 1, loss=values[0], recon=values[1], spl=values[2], cos=values[3:3 + n],
-            lr=self.lr, prior=values[3 + n] if losses.prior is not None else None,
+            step=step + 1, loss=values[0], recon=values[1], spl=values[2], cos=values[3:3 + n_cos],
+            lr=self.lr, prior=values[3 + n_cos] if has_prior else None,
             seconds=time.perf_counter() - start,
         )
 
-    def _encode_no_grad(self, prompts, vectors, **options):
-        with torch.no_grad(), _autocast(self.device, self.config.mixed_precision):
-            return self.host.encode_text(prompts, vectors, **options)
-
     def drift(self) -> list[dict]:
-        """Each token's semantic drift now (cosine to its class phrase, rank among the paper's
-        adjective phrases); the phrases without tokens are encoded once."""
-        if not hasattr(self, "_probes"):
-            self._probes = [DriftProbe(self._encode_no_grad, spec.class_word, prompt=spec.prompt)
-                            for spec in self.concepts]
-        return [probe.measure(token, self.token_vectors[k].detach()).to_dict()
-                for k, (probe, token) in enumerate(zip(self._probes, self.tokens))]
+        return self.method.drift()
 
     def restore(self, checkpoint: Concept) -> None:
-        """Continue from a resumable checkpoint: its deltas, token vectors and optimizer state
-        (the rest of the run is a function of (seed, step), so the result equals an uninterrupted run)."""
+        """Continue from a resumable checkpoint: its trained tensors and optimizer state (the rest
+        of the run is a function of (seed, step), so the result equals an uninterrupted run)."""
         _check_resume(checkpoint, self.concepts, self.config)
         checkpoint.check_against(self.base_weights, what="the base model given for resuming")
-        with torch.no_grad():
-            for name, delta in self.deltas.items():
-                if name not in checkpoint.deltas:
-                    raise InvalidInputError(f"The checkpoint lacks the layer {name}.")
-                delta.copy_(checkpoint.deltas[name])
-            self.token_vectors.copy_(checkpoint.token_vectors)
+        self.method.load_state(checkpoint)
         _restore_optimizer(self.optimizer, checkpoint.optimizer_tensors)
 
     def concept(self, step: int, history: list[dict], meta_extra: dict, with_optimizer: bool) -> Concept:
         extra = dict(meta_extra)
         known = {name: extra.pop(name) for name in ("base_name", "eos_cosine_initial", "eos_cosine_final",
                                                      "drift_initial", "drift_final") if name in extra}
+        fields = self.method.concept_fields()
+        with_tokens = bool(fields["tokens"])
         meta = ConceptMeta(
-            step=step, history=history, train_mode=self.config.train_mode, config=self.config.to_dict(),
-            concepts=[spec.to_dict() for spec in self.concepts],
-            initializers=[spec.initializer_word for spec in self.concepts],
+            step=step, history=history, train_mode=self.method.weights_mode(self.config),
+            config=self.config.to_dict(), concepts=[spec.to_dict() for spec in self.concepts],
+            initializers=[spec.initializer_word for spec in self.concepts] if with_tokens else None,
             prompts=[spec.prompt for spec in self.concepts], base_fingerprint=self.fingerprint,
-            warnings=list(self.warnings), **known,
+            warnings=list(self.warnings), method=self.method.name, **known,
             extra={"text_dim": self.host.text_dim, "layer_naming": "diffusers", "effective_learning_rate": self.lr,
                    "created_by": f"classdiffusion {__version__}", "torch_version": torch.__version__, **extra},
         )
         return Concept(
-            deltas={name: p.detach().clone().cpu() for name, p in self.deltas.items()},
-            token_vectors=self.token_vectors.detach().clone().cpu(),
-            tokens=list(self.tokens),
-            class_words=[spec.class_word for spec in self.concepts],
-            meta=meta,
+            class_words=[spec.class_word for spec in self.concepts], meta=meta,
             optimizer_tensors=_flatten_optimizer(self.optimizer) if with_optimizer else None,
+            **fields,
         )
 
 
@@ -442,10 +409,13 @@ def _check_resume(checkpoint: Concept, concepts: Sequence[ConceptSpec], config: 
             "That concept file holds no optimizer state, so training cannot resume from it exactly. "
             "Resume from a checkpoint written with --save-every (NAME-stepNNNNN.safetensors)."
         )
-    if checkpoint.tokens != [c.token for c in concepts] or checkpoint.class_words != [c.class_word for c in concepts]:
+    if checkpoint.method != config.method:
+        raise InvalidInputError(f"The checkpoint was trained with the {checkpoint.method} method, not {config.method}.")
+    tokens = [c.token for c in concepts] if method_class(config.method).has_tokens else []
+    if checkpoint.tokens != tokens or checkpoint.class_words != [c.class_word for c in concepts]:
         raise InvalidInputError(
             f"The checkpoint trains {checkpoint.tokens} / {checkpoint.class_words}, not "
-            f"{[c.token for c in concepts]} / {[c.class_word for c in concepts]}."
+            f"{tokens} / {[c.class_word for c in concepts]}."
         )
     if not checkpoint.meta.concepts:
         raise InvalidInputError(
@@ -503,7 +473,7 @@ def train(
         extra["eos_cosine_initial"] = checkpoint.meta.eos_cosine_initial or extra["eos_cosine_initial"]
         extra["drift_initial"] = checkpoint.meta.drift_initial or initial_drift
     extra.update(meta_extra or {})
-    detach = host.attach_deltas(run.deltas)
+    detach = run.method.attach()
     try:
         start = checkpoint.step if checkpoint is not None else 0
         written, last_drift = _run_steps(run, start, history, extra, out, callbacks)

@@ -15,6 +15,7 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
+from ..classdiffusion.residual import ConditionRegistry, RegistryPositions, add_residual
 from ..classdiffusion.train import TrainCallbacks
 from .glue import TOKEN_MARKER, rewrite_prompt
 
@@ -130,3 +131,71 @@ class ComfyCallbacks(TrainCallbacks):
     def should_stop(self) -> bool:
         comfy.model_management.throw_exception_if_processing_interrupted()
         return False
+
+
+#: Every prompt the CLIPs of Infusion concepts encoded: features → token ids (weakly held).
+INFUSION_REGISTRY = ConditionRegistry()
+
+
+def word_ids_for(clip, word: str) -> list[int]:
+    """The token ids ``word`` becomes inside a prompt, by this CLIP's own tokenizer."""
+    inner = clip.tokenizer.clip_l
+    ids = inner.tokenizer(word)["input_ids"]
+    return [int(i) for i in ids[getattr(inner, "tokens_start", 1):-1]]
+
+
+def _chunk_ids(chunks) -> torch.Tensor:
+    """ComfyUI's token chunks (lists of (token, weight[, word id])) → one row of ids; an embedding
+    (a tensor in place of an id) becomes -1."""
+    ids = [int(item[0]) if isinstance(item[0], int) else -1 for chunk in chunks for item in chunk]
+    return torch.tensor(ids, dtype=torch.long)[None]
+
+
+def clip_recording_prompts(clip):
+    """A clone of ``clip`` whose encodings are registered in INFUSION_REGISTRY (an object patch on
+    its text model's ``encode_token_weights``, so clones made later by other nodes keep it)."""
+    out = clip.clone()
+    if "encode_token_weights" in out.patcher.object_patches:
+        return out  # already recording (another Infusion concept is loaded)
+    model = out.cond_stage_model
+    original = type(model).encode_token_weights.__get__(model)
+
+    def encode_token_weights(token_weight_pairs):
+        result = original(token_weight_pairs)
+        chunks = token_weight_pairs.get("l") if isinstance(token_weight_pairs, dict) else None
+        if chunks:
+            try:
+                INFUSION_REGISTRY.register(result[0], _chunk_ids(chunks))
+            except Exception as exc:  # never break text encoding over the registry
+                logger.warning("Infusion: could not record a prompt's tokens (%s).", exc)
+        return result
+
+    out.patcher.add_object_patch("encode_token_weights", encode_token_weights)
+    return out
+
+
+def model_with_residuals(model, residuals: dict[str, torch.Tensor], to_comfy: dict[str, str],
+                         word_ids: list[int], strength: float):
+    """A clone of ``model`` whose value (and key) projections add the residuals where the concept
+    word stands in the prompt (object patches on their ``forward``, stacked over earlier ones).
+    A context row that matches no recorded prompt, or lacks the word, is returned untouched."""
+    import comfy.utils
+
+    out = model.clone()
+    positions = RegistryPositions(INFUSION_REGISTRY, word_ids)
+    for name, residual in residuals.items():
+        module_key = "diffusion_model." + to_comfy[f"{name}.weight"].rpartition(".")[0]
+        key = module_key + ".forward"
+        previous = out.object_patches.get(key)
+        if previous is None:
+            module = comfy.utils.get_attr(out.model, module_key)
+            previous = type(module).forward.__get__(module)
+
+        def forward(x, *args, _previous=previous, _residual=residual.float(), **kwargs):
+            result = _previous(x, *args, **kwargs)
+            if x.ndim != 3:
+                return result
+            return add_residual(result, positions.for_context(x), _residual.to(result.device), strength)
+
+        out.add_object_patch(key, forward)
+    return out

@@ -21,8 +21,8 @@ from ..classdiffusion.plot import plot_drift_map, plot_history
 from ..classdiffusion.summary import drift_line, summary_line
 from ..classdiffusion.train import ConceptData, precision_dtype, train
 from .comfy_glue import (
-    CONCEPT_FOLDER, ComfyCallbacks, clip_with_tokens, concept_dir, embeddings_dir, loras_dir,
-    model_with_deltas, register_folders, training_patcher,
+    CONCEPT_FOLDER, ComfyCallbacks, clip_recording_prompts, clip_with_tokens, concept_dir, embeddings_dir,
+    loras_dir, model_with_deltas, model_with_residuals, register_folders, training_patcher, word_ids_for,
 )
 from .comfy_host import ComfyHost, check_sd15, default_text_dtype, diffusers_to_comfy_map, text_encoder_from_clip
 from .glue import diff_file_tensors, sanitize_name, training_precision
@@ -141,6 +141,9 @@ class TrainConceptNode(io.ComfyNode):
                 setting_input(io.Combo, "spl_feature", optional=True, **_advanced()),
                 setting_input(io.Boolean, "channels_last", optional=True, **_advanced()),
                 setting_input(io.Boolean, "compile", optional=True, **_advanced()),
+                setting_input(io.Combo, "method", optional=True),
+                io.Mask.Input("masks", optional=True, tooltip="Infusion: one subject mask per image (white = subject) "
+                              "weighting its loss. Load Image's MASK marks the transparent part: invert it."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL"),
@@ -155,17 +158,19 @@ class TrainConceptNode(io.ComfyNode):
     def execute(cls, model, clip, vae, images, token, class_word, prompt_template, steps, learning_rate,
                 spl_weight, batch_size, seed, resolution, mixed_precision, initializer,
                 gradient_checkpointing, save_name, class_images=None, concept_2=None, concept_3=None,
-                spl_feature="eos", channels_last=False, compile=False) -> io.NodeOutput:
+                spl_feature="eos", channels_last=False, compile=False, method="classdiffusion",
+                masks=None) -> io.NodeOutput:
         name = sanitize_name(save_name)
         check_sd15(model)
-        data = [ConceptData(ConceptSpec(token=token.strip(), class_word=class_word, prompt=prompt_template,
-                                        initializer=initializer), images, class_images)]
+        data = [ConceptData(ConceptSpec(token=token.strip() or "<unused>", class_word=class_word,
+                                        prompt=prompt_template, initializer=initializer), images, class_images,
+                            masks=masks)]
         for extra in (concept_2, concept_3):
             if extra is not None:  # copies: ComfyUI caches the Concept node's output for the next run
                 data.append(dataclasses.replace(extra, spec=dataclasses.replace(extra.spec, prompt=prompt_template)))
         specs = [d.spec for d in data]
-        config = TrainConfig(
-            steps=steps, batch_size=batch_size, learning_rate=learning_rate, spl_weight=spl_weight,
+        config = TrainConfig.for_method(
+            method, steps=steps, batch_size=batch_size, learning_rate=learning_rate, spl_weight=spl_weight,
             resolution=resolution, seed=seed, mixed_precision=_mixed_precision(mixed_precision, model),
             gradient_checkpointing=gradient_checkpointing, drift_every=max(1, steps // 25),
             spl_feature=spl_feature, channels_last=channels_last, compile=compile,
@@ -184,12 +189,27 @@ class TrainConceptNode(io.ComfyNode):
                 host.close()
                 del patcher
         concept = result.concept
-        concept.save(concept_dir() / f"{name}.safetensors")
+        path = concept.save(concept_dir() / f"{name}.safetensors")
+        logger.info("Saved %s (%.1f KB, %s).", path, path.stat().st_size / 1024, concept.method)
         save_embeddings(concept, name)
-        to_comfy = diffusers_to_comfy_map(model)
-        out_model = model_with_deltas(model, concept.deltas, to_comfy, 1.0)
-        out_clip = clip_with_tokens(clip, concept.tokens, concept.token_vectors)
+        out_model, out_clip = apply_concept_to_comfy(model, clip, concept, 1.0, 1.0)
         return io.NodeOutput(out_model, out_clip, concept, history_payload(concept))
+
+
+def apply_concept_to_comfy(model, clip, concept: Concept, strength_model: float, strength_clip: float):
+    """(MODEL, CLIP) with the concept: K/V weight patches and token embeddings (ClassDiffusion), or
+    residuals at the class word plus a CLIP that records its prompts' tokens (Infusion)."""
+    to_comfy = diffusers_to_comfy_map(model)
+    if concept.residuals:
+        out_clip = clip_recording_prompts(clip)
+        out_model = model
+        for word in concept.class_words:
+            out_model = model_with_residuals(out_model, concept.residuals, to_comfy, word_ids_for(clip, word),
+                                             strength_model)
+        return out_model, out_clip
+    out_model = model_with_deltas(model, concept.deltas, to_comfy, strength_model)
+    out_clip = clip_with_tokens(clip, concept.tokens, concept.token_vectors, strength_clip)
+    return out_model, out_clip
 
 
 def history_payload(concept: Concept) -> dict:
@@ -234,7 +254,9 @@ class LoadConceptNode(io.ComfyNode):
             node_id="ClassDiffusionLoadConcept",
             display_name="Load Concept K/V",
             category=CATEGORY,
-            description="Applies a ClassDiffusion concept: K/V weight patches on the MODEL, the token(s) on the CLIP. Several stack.",
+            description=("Applies a concept: ClassDiffusion's K/V weight patches on the MODEL and token(s) on the CLIP, "
+                         "or an Infusion concept's residuals where its class word stands in a prompt encoded by the "
+                         "returned CLIP (other prompts are untouched). Several stack."),
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.5 model the concept was trained on."),
                 io.Clip.Input("clip", tooltip="Its CLIP; the returned CLIP understands the concept's token(s)."),
@@ -258,9 +280,7 @@ class LoadConceptNode(io.ComfyNode):
         check_sd15(model)
         concept.check_against(model_base_weights(model, concept.train_mode), what="this MODEL",
                               strict=not allow_other_base)
-        to_comfy = diffusers_to_comfy_map(model)
-        out_model = model_with_deltas(model, concept.deltas, to_comfy, strength_model)
-        out_clip = clip_with_tokens(clip, concept.tokens, concept.token_vectors, strength_clip)
+        out_model, out_clip = apply_concept_to_comfy(model, clip, concept, strength_model, strength_clip)
         return io.NodeOutput(out_model, out_clip, concept)
 
 
@@ -325,6 +345,13 @@ class DriftReportNode(io.ComfyNode):
     @classmethod
     def execute(cls, clip, concept, map) -> io.NodeOutput:
         import comfy.model_management
+
+        if not concept.tokens:
+            from ..classdiffusion.errors import InvalidInputError
+
+            raise InvalidInputError("This is an Infusion concept: it adds no token, so its text features cannot "
+                                    "drift (prompts encode exactly as before). The report is for ClassDiffusion "
+                                    "concepts.")
         from ..classdiffusion.text import TransformersTextEncoder
 
         device = comfy.model_management.text_encoder_device()
@@ -359,6 +386,11 @@ class ExportDiffNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, concept, save_name) -> io.NodeOutput:
+        if concept.residuals:
+            from ..classdiffusion.errors import InvalidInputError
+
+            raise InvalidInputError("An Infusion concept acts at the class word's positions only, which a LoRA "
+                                    "(whole-weight differences) cannot express; use Load Concept K/V instead.")
         tensors = diff_file_tensors(concept.deltas, diffusers_to_comfy_map(model))
         path = loras_dir() / f"{sanitize_name(save_name)}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)

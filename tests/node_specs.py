@@ -51,7 +51,7 @@ def _stub_modules() -> dict[str, types.ModuleType]:
         Schema=_Schema, ComfyNode=object, NodeOutput=lambda *a, **k: (a, k), Custom=_io_type,
         Hidden=types.SimpleNamespace(unique_id="UNIQUE_ID", prompt="PROMPT", extra_pnginfo="EXTRA_PNGINFO"),
         **{name: _io_type(t) for name, t in {
-            "Image": "IMAGE", "Model": "MODEL", "Clip": "CLIP", "Vae": "VAE", "String": "STRING",
+            "Image": "IMAGE", "Mask": "MASK", "Model": "MODEL", "Clip": "CLIP", "Vae": "VAE", "String": "STRING",
             "Int": "INT", "Float": "FLOAT", "Boolean": "BOOLEAN", "Combo": "COMBO"}.items()},
     )
     latest = types.ModuleType("comfy_api.latest")

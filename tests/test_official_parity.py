@@ -158,7 +158,7 @@ def _parity(host, tiny_base, *, spl_weight, mask_kind, feature="eos", with_class
         detach()
 
     official = OfficialStep(tiny_base, run)
-    total, recon, spl, prior = official.loss(batch, run.spl_prompts[0], run.concepts[0].class_phrase(),
+    total, recon, spl, prior = official.loss(batch, run.method.spl_prompts[0], run.concepts[0].class_phrase(),
                                                 spl_weight, feature)
     total.backward()
     kv_grads, token_grad = official.grads()
@@ -226,7 +226,7 @@ def test_optimizer_step_equals_the_official_adamw_step(host, tiny_base):
     finally:
         detach()
 
-    total, *_ = official.loss(batch, run.spl_prompts[0], run.concepts[0].class_phrase(), 1.0, "eos")
+    total, *_ = official.loss(batch, run.method.spl_prompts[0], run.concepts[0].class_phrase(), 1.0, "eos")
     total.backward()
     with torch.no_grad():  # official: zero every other row's gradient, clip, step
         keep = torch.arange(official.embedding.shape[0]) == official.token_id

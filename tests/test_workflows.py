@@ -14,7 +14,7 @@ PACK = pack_object_info()
 
 
 def test_the_four_workflows_ship():
-    assert set(WORKFLOWS) == {"train_concept", "use_concept", "multi_concept", "video_animatediff"}
+    assert set(WORKFLOWS) == {"train_concept", "train_infusion", "use_concept", "multi_concept", "video_animatediff"}
 
 
 @pytest.mark.parametrize("name", sorted(WORKFLOWS))
@@ -53,6 +53,17 @@ def test_train_workflow_uses_paper_settings():
     multi_wf = WORKFLOWS["multi_concept"]
     multi = next(n for n in multi_wf["nodes"] if n["type"] == "ClassDiffusionTrainConcept")
     assert ui_to_api({"nodes": [multi], "links": multi_wf["links"]}, PACK)[str(multi["id"])]["inputs"]["steps"] == 800
+
+
+def test_infusion_workflow_uses_its_recipe():
+    workflow = WORKFLOWS["train_infusion"]
+    train = next(n for n in workflow["nodes"] if n["type"] == "ClassDiffusionTrainConcept")
+    inputs = ui_to_api({"nodes": [train], "links": workflow["links"]}, PACK)[str(train["id"])]["inputs"]
+    assert inputs["method"] == "infusion" and inputs["batch_size"] == 4 and inputs["steps"] == 500
+    sampler = next(n for n in workflow["nodes"] if n["type"] == "KSampler")
+    assert sampler["widgets_values"][2:4] == [50, 8.0]  # steps, guidance as in Infusion's inference
+    prompt = next(n for n in workflow["nodes"] if n.get("title") == "Prompt")
+    assert "dog" in prompt["widgets_values"][0] and "<" not in prompt["widgets_values"][0]
 
 
 def test_a_changed_node_input_is_caught():

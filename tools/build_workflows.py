@@ -267,7 +267,42 @@ def video_animatediff(info) -> dict:
     return wf.to_json()
 
 
-BUILDERS = {"train_concept": train_concept, "use_concept": use_concept, "multi_concept": multi_concept,
+INFUSION_NOTE = """Train an Infusion concept (arXiv 2404.14007): value residuals at the class word, ~50 KB.
+
+No new token: the class word itself (dog) becomes the concept, and only where it stands in a prompt.
+Prompts without the word sample exactly like the base model, so everything else is left untouched.
+1. Load Checkpoint: an SD1.5 checkpoint. Load Image: 3-20 photos of the concept.
+2. Train ClassDiffusion Concept with method = infusion: its recipe is built in (residual learning rate 0.01,
+   4 micro-batches accumulated per step, flips, 11 prompt templates with the class word). batch_size 4 is the
+   paper's; lower it on small GPUs. learning_rate, spl_weight, token and initializer are not used by Infusion.
+   Optional: a subject mask per image on the masks input (white = subject; Load Image's MASK marks the
+   transparent part, so put Invert Mask between).
+3. Sample with the returned MODEL and CLIP: "a photo of a dog ..." shows your dog. Paper: guidance 8.0, DDIM 50.
+   Later, Load Concept K/V applies models/classdiffusion/my_dog_infusion.safetensors the same way.
+Pick ClassDiffusion instead when the concept must live beside its class (your dog AND other dogs)."""
+
+
+def train_infusion(info) -> dict:
+    wf = Workflow(info)
+    wf.node("Note", (20, 20), size=(460, 330), title="Read me", text=INFUSION_NOTE)
+    ckpt = wf.node("CheckpointLoaderSimple", (20, 380), {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}, size=(320, 100))
+    images = image_batch(wf, ["concept_01.png", "concept_02.png", "concept_03.png"], 500, 20)
+    train = wf.node("ClassDiffusionTrainConcept", (900, 20), {"save_name": "my_dog_infusion", "method": "infusion",
+                                                             "batch_size": 4}, size=(360, 600))
+    wf.link(ckpt, "MODEL", train, "model")
+    wf.link(ckpt, "CLIP", train, "clip")
+    wf.link(ckpt, "VAE", train, "vae")
+    wf.link(images, "IMAGE", train, "images")
+    monitor = wf.node("ClassDiffusionLossMonitor", (1300, 20), size=(520, 420))
+    wf.link(train, "history", monitor, "history")
+    decode, prefix = sampler_chain(wf, train, "MODEL", train, "CLIP", ckpt, "a photo of a dog wearing headphones",
+                                   1300, 480, steps=50, cfg=8.0, save_prefix="classdiffusion/my_dog_infusion")
+    save = wf.node("SaveImage", (2560, 480), {"filename_prefix": prefix}, size=(400, 420))
+    wf.link(decode, "IMAGE", save, "images")
+    return wf.to_json()
+
+
+BUILDERS = {"train_concept": train_concept, "train_infusion": train_infusion, "use_concept": use_concept, "multi_concept": multi_concept,
             "video_animatediff": video_animatediff}
 
 

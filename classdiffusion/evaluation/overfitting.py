@@ -74,6 +74,21 @@ class FisherReport:
 
 
 @torch.no_grad()
+def _attach_residuals(host, concepts, prompt: str) -> list:
+    from ..residual import ResidualPositions, word_positions
+
+    detachers = []
+    ids = host.token_ids([prompt]) if concepts else None
+    for concept in concepts:
+        for word in concept.class_words:
+            positions = ResidualPositions()
+            mask = word_positions(ids, host.word_ids(word)).to(host.device)
+            positions.mask = mask if bool(mask.any()) else None
+            residuals = {name: r.to(host.device, torch.float32) for name, r in concept.residuals.items()}
+            detachers.append(host.attach_residuals(residuals, positions))
+    return detachers
+
+
 def latent_fisher_divergence(
     host: TrainingHost,
     deltas: Mapping[str, torch.Tensor],
@@ -84,11 +99,14 @@ def latent_fisher_divergence(
     seeds: Sequence[int] = (0,),
     latent_size: int = 64,
     weighting: str = "eps",
+    residual_concepts: Sequence = (),
 ) -> FisherReport:
     """Infusion's concept-agnostic overfitting metric (see the module docstring for the choices).
 
     ``deltas`` are the concept's K/V deltas (what makes the tuned model); ``prompts`` must not
     mention the concept's ``tokens``. ``latent_size`` is the latent side (64 = 512 px for SD1.5).
+    ``residual_concepts``: Infusion concepts of the tuned model, their residuals attached at their
+    class word's positions in each prompt (a prompt without the word gives exactly 0 for them).
     """
     if weighting not in ("eps", "score"):
         raise InvalidInputError("weighting must be 'eps' or 'score'.")
@@ -116,11 +134,12 @@ def latent_fisher_divergence(
             for index, t in enumerate(timesteps):
                 t_batch = torch.full((1,), t, device=device, dtype=torch.long)
                 eps_base = host.predict_noise(x, t_batch, context).double()
-                detach = host.attach_deltas(deltas)
+                detachers = [host.attach_deltas(deltas)] + _attach_residuals(host, residual_concepts, prompt)
                 try:
                     eps_tuned = host.predict_noise(x, t_batch, context).double()
                 finally:
-                    detach()
+                    for detach in detachers:
+                        detach()
                 value = float(((eps_base - eps_tuned) ** 2).mean())
                 if weighting == "score":
                     value /= float(1.0 - alphas[t])

@@ -9,6 +9,7 @@ those models are given, and the Wasserstein metric on their features (else on th
 from __future__ import annotations
 
 import json
+import re
 import logging
 import math
 import textwrap
@@ -84,6 +85,7 @@ def evaluate(
     host = DiffusersHost(tokenizer, text_encoder, unet, vae, scheduler, device)
     size = size or int(unet.config.sample_size) * 8
     report: dict = {"base": str(base), "concepts": [str(p) for p in concept_paths], "drift": [],
+                    "methods": [c.method for c in concepts],
                     "settings": {"steps": steps, "guidance": guidance, "size": size, "seed": seed,
                                  "num_images": num_images, "map_method": map_method}}
     maps: list[Image.Image] = []
@@ -105,7 +107,8 @@ def evaluate(
     all_tokens = [t for c in concepts for t in c.tokens]
     fisher_prompts = _read_prompts(fisher_prompts_file) if fisher_prompts_file else list(GENERIC_PROMPTS)
     fisher = latent_fisher_divergence(host, _combined_deltas(concepts), fisher_prompts, tokens=all_tokens,
-                                      steps=fisher_steps, seeds=(seed,), latent_size=size // 8)
+                                      steps=fisher_steps, seeds=(seed,), latent_size=size // 8,
+                                      residual_concepts=[c for c in concepts if c.residuals])
     report["latent_fisher_divergence"] = fisher.to_dict()
     host.close()
 
@@ -140,8 +143,9 @@ def _image_metrics(tokenizer, text_encoder, unet, vae, scheduler, device, concep
     if prompts_file:
         tuned_prompts = _read_prompts(prompts_file)
     else:
-        tuned_prompts = [p for c in concepts for t, w in zip(c.tokens, c.class_words)
-                         for p in dreambooth_prompts(t, w, subject_kind)]
+        # Infusion concepts have no token: their prompts say the class word alone ("a dog in the jungle").
+        tuned_prompts = [p for c in concepts for t, w in zip(c.tokens or [""] * len(c.class_words), c.class_words)
+                         for p in _concept_prompts(t, w, subject_kind)]
     base_prompts = [replace_token(p, tokens) for p in tuned_prompts]
 
     def run(prompts: list[str], folder: str) -> tuple[list[Image.Image], torch.Tensor]:
@@ -191,6 +195,10 @@ def _image_metrics(tokenizer, text_encoder, unet, vae, scheduler, device, concep
         result["wasserstein"] = wasserstein_metric(features[1], features[2], features[0]).to_dict()
     result["thumbnails"] = [str(Path("images_tuned") / f"{i:03d}-00.png") for i in range(min(6, len(tuned_prompts)))]
     return result
+
+
+def _concept_prompts(token: str, class_word: str, kind: str) -> list[str]:
+    return [re.sub(r"\s+", " ", p).strip() for p in dreambooth_prompts(token, class_word, kind)]
 
 
 def _references(concepts: Sequence[Concept], given) -> list[Image.Image]:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..kv import attach_deltas_with_hooks
+from ..residual import attach_residuals_with_hooks
 from ..text import TextFeatures, TransformersTextEncoder
 
 if TYPE_CHECKING:
@@ -75,6 +76,16 @@ class TrainingHost(Protocol):
         ``eos`` is used (the host may skip the positions after the last EOS).
         """
 
+    def word_ids(self, word: str) -> list[int]:
+        """The token ids ``word`` becomes inside a prompt (Infusion finds its positions with them)."""
+
+    def token_ids(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[B, T] token ids of the prompts as ``encode_text`` runs them."""
+
+    def attach_residuals(self, residuals: Mapping[str, torch.Tensor], positions) -> Callable[[], None]:
+        """Add each residual (canonical module name → vector) to its projection's output where
+        ``positions.for_context(context)`` says. Returns the function that removes them."""
+
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """VAE-encode images in [-1, 1], [B, 3, H, W] → (mean, std) of the scaled latent
         distribution, float32 [B, 4, H/8, W/8]. Called once per image variant, never per step."""
@@ -127,6 +138,12 @@ class HostBase:
     def word_embedding(self, word: str) -> torch.Tensor:
         return self.text.word_embedding(word)
 
+    def word_ids(self, word: str) -> list[int]:
+        return self.text.word_ids(word)
+
+    def token_ids(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.text.token_ids(prompts)
+
     def encode_text(self, prompts: Sequence[str], token_vectors: Mapping[str, torch.Tensor], *,
                     tokens_without_position: bool = False, eos_only: bool = False) -> TextFeatures:
         return self.text.encode(prompts, token_vectors, tokens_without_position=tokens_without_position,
@@ -139,6 +156,10 @@ class HostBase:
 
     def attach_deltas(self, deltas: Mapping[str, torch.Tensor]) -> Callable[[], None]:
         return attach_deltas_with_hooks(self.delta_modules(list(deltas)), deltas)
+
+    def attach_residuals(self, residuals: Mapping[str, torch.Tensor], positions) -> Callable[[], None]:
+        modules = self.delta_modules([f"{name}.weight" for name in residuals])
+        return attach_residuals_with_hooks(modules, residuals, positions)
 
     # -- options -----------------------------------------------------------------------------
     def configure_training(self, config: "TrainConfig") -> None:

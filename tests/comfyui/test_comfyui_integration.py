@@ -93,7 +93,7 @@ def test_nodes_are_registered_with_their_inputs(server):
     assert train["required"]["steps"][1]["default"] == 500
     assert train["required"]["spl_weight"][1]["default"] == 1.0
     assert list(train["optional"]) == ["class_images", "concept_2", "concept_3", "spl_feature", "channels_last",
-                                      "compile"]  # new ones last
+                                      "compile", "method", "masks"]  # new ones last
     spl_feature = train["optional"]["spl_feature"]
     assert spl_feature[1]["default"] == "eos" and spl_feature[1].get("advanced") is True
     outputs = info["ClassDiffusionTrainConcept"]["output"]
@@ -277,3 +277,65 @@ def test_bad_inputs_give_readable_errors(server, trained):
     assert "truncated or corrupt" in (error_message(entry) or "")
     broken.unlink()
     assert server.get("/system_stats")  # still serving
+
+
+@pytest.fixture(scope="module")
+def infusion_trained(server):
+    entry = server.run({**loader(), **image_batch(),
+                        **train_node("dog_infusion", steps=3, method="infusion", batch_size=1)})
+    assert_success(entry)
+    return entry
+
+
+def _load_concept_node(name, model=("ckpt", 0), clip=("ckpt", 1), node="load", strength=1.0):
+    return {node: {"class_type": "ClassDiffusionLoadConcept", "inputs": {
+        "model": list(model), "clip": list(clip), "concept_name": name, "strength_model": strength,
+        "strength_clip": 1.0, "allow_other_base": False}}}
+
+
+def test_infusion_concept_changes_only_prompts_with_its_word(server, infusion_trained):
+    """Stock CLIPTextEncode + KSampler: with the Infusion concept loaded, a prompt without the class
+    word samples bit-identically to the base model; one with it does not (nor does the Train node's
+    own MODEL/CLIP output, which is applied the same way)."""
+    from classdiffusion.concept import load_concept
+
+    path = server.base_dir / "models" / "classdiffusion" / "dog_infusion.safetensors"
+    concept = load_concept(path)
+    assert concept.method == "infusion" and concept.tokens == [] and concept.class_words == ["dog"]
+    assert concept.step == 3 and all(float(r.abs().max()) > 0 for r in concept.residuals.values())
+    print(f"\nInfusion concept on the host's SD1.5-shaped checkpoint: {path.stat().st_size / 1024:.1f} KB")
+    # Three steps move the residuals by ~0.03, which 2 sampling steps and 8-bit pixels may not show:
+    # the same concept, scaled up, makes "differs" a test of the mechanism rather than of rounding.
+    with torch.no_grad():
+        for residual in concept.residuals.values():
+            residual.mul_(300)
+    concept.save(path.with_name("dog_infusion_strong.safetensors"))
+    load = _load_concept_node("dog_infusion_strong.safetensors")
+    runs = {}
+    for label, graph in {
+        "base_cat": {**loader(), **sampler(("ckpt", 0), ("ckpt", 1), "a photo of a cat on a sofa", "inf_base_cat")},
+        "tuned_cat": {**loader(), **load, **sampler(("load", 0), ("load", 1), "a photo of a cat on a sofa", "inf_cat")},
+        "base_dog": {**loader(), **sampler(("ckpt", 0), ("ckpt", 1), "a photo of a dog on a sofa", "inf_base_dog")},
+        "tuned_dog": {**loader(), **load, **sampler(("load", 0), ("load", 1), "a photo of a dog on a sofa", "inf_dog")},
+        "trained_dog": {**loader(), **image_batch(),
+                        **train_node("dog_infusion", steps=3, method="infusion", batch_size=1),
+                        **sampler(("train", 0), ("train", 1), "a photo of a dog on a sofa", "inf_train_dog")},
+    }.items():
+        entry = server.run(graph)
+        assert_success(entry)
+        runs[label] = _pixels(server, entry)
+    assert np.array_equal(runs["tuned_cat"], runs["base_cat"])
+    assert not np.array_equal(runs["tuned_dog"], runs["base_dog"])
+    # the Train node's own MODEL/CLIP are the saved concept applied by Load Concept K/V
+    entry = server.run({**loader(), **_load_concept_node("dog_infusion.safetensors"),
+                        **sampler(("load", 0), ("load", 1), "a photo of a dog on a sofa", "inf_loaded_dog")})
+    assert_success(entry)
+    assert np.array_equal(runs["trained_dog"], _pixels(server, entry))
+
+
+def test_infusion_concept_refuses_lora_export_and_drift(server, infusion_trained):
+    load = _load_concept_node("dog_infusion.safetensors")
+    entry = server.run({**loader(), **load, "export": {"class_type": "ClassDiffusionExportDiff", "inputs": {
+        "model": ["ckpt", 0], "concept": ["load", 2], "save_name": "inf_lora"}}})
+    assert entry["status"]["status_str"] == "error"
+    assert "Infusion concept" in error_message(entry) and "Traceback" not in error_message(entry)

@@ -73,6 +73,16 @@ def test_train_use_and_multi_concept_workflows_run(host):
     assert load_concept(server.base_dir / "models" / "classdiffusion" / "duo.safetensors").tokens == ["<my-dog>", "<my-cat>"]
 
 
+def test_infusion_workflow_runs(host):
+    server, info = host
+    entry = _run(server, info, "train_infusion")
+    from classdiffusion.concept import load_concept
+
+    concept = load_concept(server.base_dir / "models" / "classdiffusion" / "my_dog_infusion.safetensors")
+    assert concept.method == "infusion" and concept.tokens == [] and concept.class_words == ["dog"]
+    assert any("images" in out for out in entry["outputs"].values())
+
+
 def test_video_workflow_writes_an_animation_with_every_frame(host):
     if VIDEO_PACKS_MISSING:
         pytest.skip(VIDEO_PACKS_MISSING)

@@ -1,0 +1,115 @@
+"""Infusion (arXiv 2404.14007, github zwl666666/infusion): one zero-initialised residual vector per
+cross-attention value projection (optionally also the key), added to the projection's output only
+at the class word's token positions; the text encoder and every weight stay frozen, no token is
+added ("a photo of a cat" is the training prompt). Loss: ε-MSE weighted by a soft subject mask.
+
+What its code computes, and how this differs: its UNet doubles the batch ("dual stream"); the
+first half gets the residuals, the second half's cross-attention uses the *first* half's queries
+with the original keys and values, and only the first half's output is returned. No operation
+mixes rows of a batch (GroupNorm, attention and convolutions are per sample), so the returned
+half equals a single UNet pass with the residuals — the discarded stream costs compute but
+cannot change the loss or the gradient. We run the single pass; ``tests/test_infusion.py``
+checks the equality on a tiny UNet by running their dual-stream computation next to ours.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..config import DEFAULT_PROMPT
+from ..errors import InvalidInputError
+from ..losses import infusion_mse
+from ..residual import ResidualPositions, word_positions, zero_residuals
+from .base import Losses, TrainingMethod
+
+#: The prompt templates of Infusion's dataset (infusion/dataset.py), the class word in the {}.
+INFUSION_TEMPLATES = (
+    "a photo of a {}", "a good photo of a {}", "the photo of a {}", "a good photo of the {}", "image of a {}",
+    "image of the {}", "A photograph of {}", "A {} shown in a photo ", "A photo of {}", "A {}", "{}",
+)
+
+
+class InfusionMethod(TrainingMethod):
+    name = "infusion"
+    base_mode = "kv"
+    uses_subject_masks = True
+    supports_class_images = False
+    has_tokens = False
+
+    def setup(self) -> None:
+        if len(self.concepts) != 1:
+            raise InvalidInputError(
+                "Infusion trains one concept per run (its concept word is the class word itself); train "
+                "each concept separately and load the files together."
+            )
+        if self.run.with_prior:
+            raise InvalidInputError("Infusion uses no class images (prior preservation); remove them, or use "
+                                    "--method classdiffusion.")
+        spec = self.concepts[0]
+        self.word_ids = self.host.word_ids(spec.class_word)
+        if not self.word_ids:
+            raise InvalidInputError(f"The class word {spec.class_word!r} gives no tokens; use a real word.")
+        if len(self.word_ids) > 1:
+            self.run._warn(f"The class word {spec.class_word!r} is {len(self.word_ids)} tokens; the residuals go "
+                           "on all of them. A single common word is better.")
+        self.residuals = zero_residuals(self.run.base_weights, self.config.residual_target, self.device)
+        self.positions = ResidualPositions()
+        self._contexts: dict[str, torch.Tensor] = {}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        # AdamW's own decoupled decay on the vectors (their optimizer: torch's AdamW defaults).
+        return [{"params": list(self.residuals.values()), "lr": self.config.residual_lr,
+                 "weight_decay": self.config.weight_decay}]
+
+    @property
+    def learning_rate(self) -> float:
+        return self.config.residual_lr
+
+    def phrase(self, concept: int, prefix: str, rng: torch.Generator) -> str:
+        spec = self.concepts[concept]
+        if spec.prompt != DEFAULT_PROMPT:  # the user's own template
+            return prefix + spec.class_phrase()
+        template = INFUSION_TEMPLATES[int(torch.randint(len(INFUSION_TEMPLATES), (1,), generator=rng))]
+        return prefix + template.format(spec.class_word)
+
+    def attach(self) -> Callable[[], None]:
+        return self.host.attach_residuals(self.residuals, self.positions)
+
+    def _context(self, prompts: list[str]) -> torch.Tensor:
+        """The frozen text encoder's features, computed once per distinct prompt."""
+        from ..train import _autocast
+
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._contexts]
+        if missing:
+            with torch.no_grad(), _autocast(self.device, self.config.mixed_precision):
+                context = self.host.encode_text(missing, {}).context
+            for prompt, row in zip(missing, context):
+                self._contexts[prompt] = row
+        return torch.stack([self._contexts[p] for p in prompts])
+
+    def losses(self, batch) -> Losses:
+        from ..train import _autocast
+
+        mask = word_positions(self.host.token_ids(batch.prompts), self.word_ids).to(self.device)
+        if not bool(mask.any(dim=1).all()):
+            raise InvalidInputError(f"A training prompt lacks the class word {self.concepts[0].class_word!r}: "
+                                    "the prompt template must contain {}.")
+        self.positions.mask = mask
+        with _autocast(self.device, self.config.mixed_precision):
+            pred = self.host.predict_noise(batch.noisy, batch.timesteps, self._context(batch.prompts))
+        recon = infusion_mse(pred, batch.noise, batch.mask)
+        zero = recon.new_zeros(())
+        return Losses(total=recon, recon=recon, spl=zero, cosines=[])
+
+    def load_state(self, checkpoint) -> None:
+        with torch.no_grad():
+            for name, residual in self.residuals.items():
+                if name not in checkpoint.residuals:
+                    raise InvalidInputError(f"The checkpoint lacks the residual of {name}.")
+                residual.copy_(checkpoint.residuals[name])
+
+    def concept_fields(self) -> dict[str, Any]:
+        return {"deltas": {}, "token_vectors": torch.zeros(0, self.host.text_dim), "tokens": [],
+                "residuals": {name: p.detach().clone().cpu() for name, p in self.residuals.items()}}
