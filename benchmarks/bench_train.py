@@ -76,6 +76,8 @@ VARIANTS = {
     "ours-fast": {"channels_last": True, "compile": True},
     "floor": {},
     "reference": {},
+    # Infusion's method at the same batch, one micro-batch per step (its recipe accumulates 4: ×4 per step)
+    "infusion": {"method": "infusion"},
 }
 
 
@@ -92,7 +94,9 @@ def run_ours(args, components, device, after_warmup) -> dict:
             clock.tick()
 
     options = VARIANTS[args.variant]
-    config = TrainConfig(steps=args.steps + args.warmup, resolution=args.resolution, batch_size=args.batch_size,
+    config = TrainConfig.for_method(
+                         options.get("method", "classdiffusion"), gradient_accumulation=1,
+                         steps=args.steps + args.warmup, resolution=args.resolution, batch_size=args.batch_size,
                          mixed_precision=args.mixed_precision,
                          gradient_checkpointing=args.gradient_checkpointing or options.get("gradient_checkpointing", False),
                          channels_last=options.get("channels_last", False), compile=options.get("compile", False))

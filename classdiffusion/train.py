@@ -10,7 +10,6 @@ continues exactly like an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import math
@@ -30,6 +29,7 @@ from .errors import InvalidInputError, TrainingCancelled, TrainingDivergedError
 from .hosts.base import SD15_CONTEXT_DIM, TrainingHost
 from .kv import base_fingerprint
 from .meta import ConceptMeta
+from .precision import autocast as _autocast, precision_dtype  # noqa: F401  (precision_dtype: public here)
 from .methods import method_class
 from .methods.base import Losses
 
@@ -107,18 +107,6 @@ def derive_seed(seed: int, *parts: Any) -> int:
 
 def checkpoint_path(out: Path, step: int) -> Path:
     return out.with_name(f"{out.stem}-step{step:05d}{out.suffix or '.safetensors'}")
-
-
-def precision_dtype(mixed_precision: str) -> torch.dtype:
-    """The dtype a mixed-precision setting computes in; frozen models are best stored in it, since
-    autocast keeps a converted copy of every other-dtype weight for the backward pass."""
-    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
-
-
-def _autocast(device: torch.device, mixed_precision: str):
-    if mixed_precision == "no":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=precision_dtype(mixed_precision))
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
-
-if TYPE_CHECKING:
-    from ..concept import Concept
-    from ..train import Batch, TrainingRun
 
 
 @dataclass
@@ -51,7 +47,7 @@ class TrainingMethod:
     #: Whether the method adds each concept's token to the text encoder (its file lists them).
     has_tokens: ClassVar[bool] = True
 
-    def __init__(self, run: "TrainingRun"):
+    def __init__(self, run: Any):
         self.run = run
         self.host = run.host
         self.config = run.config
@@ -85,7 +81,7 @@ class TrainingMethod:
         """Attach the trained tensors to the host's UNet; returns the detach function."""
         raise NotImplementedError
 
-    def losses(self, batch: "Batch") -> Losses:
+    def losses(self, batch: Any) -> Losses:
         raise NotImplementedError
 
     def before_optimizer_step(self) -> None:
@@ -96,7 +92,7 @@ class TrainingMethod:
         """Each token's drift now (methods without tokens: none)."""
         return []
 
-    def load_state(self, checkpoint: "Concept") -> None:
+    def load_state(self, checkpoint: Any) -> None:
         """Copy a checkpoint's trained tensors into this run's (resume)."""
         raise NotImplementedError
 

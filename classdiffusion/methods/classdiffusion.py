@@ -11,6 +11,7 @@ from torch import nn
 
 from ..kv import zero_deltas
 from ..losses import masked_mse, prior_mse, semantic_preservation_loss
+from ..precision import autocast
 from .base import Losses, TrainingMethod
 
 
@@ -46,10 +47,8 @@ class ClassDiffusionMethod(TrainingMethod):
 
     def setup_constants(self) -> None:
         """The class phrases' SPL features and contexts, computed once."""
-        from ..train import _autocast
-
         config, host = self.config, self.host
-        with torch.no_grad(), _autocast(self.device, config.mixed_precision):
+        with torch.no_grad(), autocast(self.device, config.mixed_precision):
             class_text = host.encode_text([spec.class_phrase() for spec in self.concepts], {})
         class_features = class_text.eos if config.spl_feature == "eos" else class_text.max_id
         self.class_features = [class_features[k:k + 1].float() for k in range(len(self.concepts))]
@@ -77,11 +76,9 @@ class ClassDiffusionMethod(TrainingMethod):
     def losses(self, batch) -> Losses:
         """ClassDiffusion's loss on one batch, as the official code reduces it:
         L = L_recon + λ·L_spl (+ w·L_prior with class images; the official code drops SPL then)."""
-        from ..train import _autocast
-
         config, n = self.config, len(batch.prompts)
         official_spl = config.spl_feature == "official"
-        with _autocast(self.device, config.mixed_precision):
+        with autocast(self.device, config.mixed_precision):
             if official_spl:  # the official SPL encoder differs from the UNet's: its own pass
                 text = self.host.encode_text(batch.prompts, self.token_dict())
                 spl_text = self.host.encode_text(self.spl_prompts, self.token_dict(),
@@ -121,9 +118,7 @@ class ClassDiffusionMethod(TrainingMethod):
             delta.sub_(base[name].to(delta.device, delta.dtype) + delta, alpha=factor)
 
     def _encode_no_grad(self, prompts, vectors, **options):
-        from ..train import _autocast
-
-        with torch.no_grad(), _autocast(self.device, self.config.mixed_precision):
+        with torch.no_grad(), autocast(self.device, self.config.mixed_precision):
             return self.host.encode_text(prompts, vectors, **options)
 
     def drift(self) -> list[dict]:

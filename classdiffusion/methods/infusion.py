@@ -22,6 +22,7 @@ from ..config import DEFAULT_PROMPT
 from ..errors import InvalidInputError
 from ..losses import infusion_mse
 from ..residual import ResidualPositions, word_positions, zero_residuals
+from ..precision import autocast
 from .base import Losses, TrainingMethod
 
 #: The prompt templates of Infusion's dataset (infusion/dataset.py), the class word in the {}.
@@ -79,25 +80,21 @@ class InfusionMethod(TrainingMethod):
 
     def _context(self, prompts: list[str]) -> torch.Tensor:
         """The frozen text encoder's features, computed once per distinct prompt."""
-        from ..train import _autocast
-
         missing = [p for p in dict.fromkeys(prompts) if p not in self._contexts]
         if missing:
-            with torch.no_grad(), _autocast(self.device, self.config.mixed_precision):
+            with torch.no_grad(), autocast(self.device, self.config.mixed_precision):
                 context = self.host.encode_text(missing, {}).context
             for prompt, row in zip(missing, context):
                 self._contexts[prompt] = row
         return torch.stack([self._contexts[p] for p in prompts])
 
     def losses(self, batch) -> Losses:
-        from ..train import _autocast
-
         mask = word_positions(self.host.token_ids(batch.prompts), self.word_ids).to(self.device)
         if not bool(mask.any(dim=1).all()):
             raise InvalidInputError(f"A training prompt lacks the class word {self.concepts[0].class_word!r}: "
                                     "the prompt template must contain {}.")
         self.positions.mask = mask
-        with _autocast(self.device, self.config.mixed_precision):
+        with autocast(self.device, self.config.mixed_precision):
             pred = self.host.predict_noise(batch.noisy, batch.timesteps, self._context(batch.prompts))
         recon = infusion_mse(pred, batch.noise, batch.mask)
         zero = recon.new_zeros(())
