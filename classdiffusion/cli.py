@@ -85,6 +85,37 @@ def check_device(name: str | None) -> str | None:
     return name
 
 
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Every option's default in its help, unless the help says it already or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or isinstance(action, argparse._HelpAction)):
+            return text
+        return f"{text} (default: {action.default})".strip()
+
+
+def _phase_bars(enabled: bool):
+    """progress(phase, total) for evaluate(): one tqdm bar per phase on stderr."""
+
+    def phase(name: str, total: int):
+        if not enabled or total <= 0:
+            return lambda: None
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=name, unit="step", leave=True)
+
+        def advance() -> None:
+            bar.update(1)
+            if bar.n >= bar.total:
+                bar.close()
+
+        return advance
+
+    return phase
+
+
 def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
     """One option per TrainConfig setting that has a flag, with the help, type and choices
     written on the field (config.setting). Unset options stay None: the config's default or, when
@@ -218,7 +249,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     class_images = [load_images(spec.class_images, "class") if spec.class_images else None for spec in concepts]
     host = load_host(args.base, base_config=args.base_config, device=args.device,
                      dtype=precision_dtype(config.mixed_precision))
-    callbacks = TqdmCallbacks(enabled=not args.quiet)
+    callbacks = TqdmCallbacks(enabled=not args.quiet, description="Infusion" if config.method == "infusion"
+                              else "ClassDiffusion")
     stop = lambda *_: setattr(callbacks, "stop_requested", True)  # noqa: E731  (Ctrl-C and SIGTERM alike)
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -250,7 +282,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     paths = generate(args.base, args.concept, args.prompt, args.out, steps=args.steps, guidance=args.guidance,
                      eta=args.eta, seed=args.seed, num_images=args.num_images, size=args.size,
                      strength=args.strength, strict=not args.force, base_config=args.base_config,
-                     negative_prompt=args.negative_prompt)
+                     negative_prompt=args.negative_prompt, progress=not args.quiet)
     for path in paths:
         print(path)
     return 0
@@ -276,13 +308,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_output_folder(args.out, "--out")
     check_device(args.device)
 
-    report = evaluate(
-        args.base, args.concept, args.out, base_config=args.base_config, device=args.device, clip=args.clip,
-        dino=args.dino, reference_images=args.reference_images, prompts_file=args.prompts,
-        subject_kind=args.subject_kind, num_images=args.num_images, steps=args.steps, guidance=args.guidance,
-        size=args.size, seed=args.seed, fisher_prompts_file=args.fisher_prompts, fisher_steps=args.fisher_steps,
-        map_method=args.map, images=not args.no_images, strict=not args.force,
-    )
+    def run(concepts, out):
+        return evaluate(
+            args.base, concepts, out, base_config=args.base_config, device=args.device, clip=args.clip,
+            dino=args.dino, reference_images=args.reference_images, prompts_file=args.prompts,
+            subject_kind=args.subject_kind, num_images=args.num_images, steps=args.steps, guidance=args.guidance,
+            size=args.size, seed=args.seed, fisher_prompts_file=args.fisher_prompts, fisher_steps=args.fisher_steps,
+            map_method=args.map, images=not args.no_images, strict=not args.force,
+            progress=_phase_bars(not args.quiet),
+            say=(lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr)),
+        )
+
+    if args.separately:
+        return _eval_side_by_side(args, run)
+    report = run(args.concept, args.out)
     for drift in report["drift"]:
         print(drift["summary"])
     print(f"Latent Fisher divergence: {report['latent_fisher_divergence']['value']:.6g}")
@@ -292,6 +331,48 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if "wasserstein" in report:
         print(f"Wasserstein-2 ({report['wasserstein']['features']}): {report['wasserstein']['value']:.5g}")
     print(f"report: {Path(args.out) / 'report.json'}, summary: {Path(args.out) / 'summary.png'}")
+    return 0
+
+
+def _eval_side_by_side(args: argparse.Namespace, run) -> int:
+    """Each concept evaluated alone (OUT/<n>-<name>/), then one table and comparison.json: e.g. a
+    ClassDiffusion and an Infusion concept of the same images, on Infusion's own metrics."""
+    from .concept import read_metadata
+
+    rows = []
+    for k, path in enumerate(args.concept):
+        out = Path(args.out) / f"{k + 1}-{Path(path).stem}"
+        report = run([path], out)
+        meta = read_metadata(path)
+        drift = report["drift"][0] if report["drift"] else None
+        images = report.get("images", {})
+        rows.append({
+            "concept": str(path), "method": meta.method, "file_kb": round(Path(path).stat().st_size / 1024, 1),
+            "latent_fisher_divergence": report["latent_fisher_divergence"]["value"],
+            "wasserstein": report.get("wasserstein", {}).get("value"),
+            "drift_rank": None if drift is None else [drift["before"]["rank"], drift["after"]["rank"],
+                                                      drift["after"]["total"]],
+            **{key: value for key, value in images.items() if isinstance(value, float)},
+            "report": str(out / "report.json"),
+        })
+    keys = ["method", "file_kb", "latent_fisher_divergence", "wasserstein", "drift_rank"]
+    keys += sorted({key for row in rows for key in row} - set(keys) - {"concept", "report"})
+
+    def cell(value):
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.5g}"
+        if isinstance(value, list):
+            return f"{value[0]} → {value[1]}/{value[2]}"
+        return str(value)
+
+    print("| concept | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for row in rows:
+        print(f"| {Path(row['concept']).name} | " + " | ".join(cell(row.get(key)) for key in keys) + " |")
+    (Path(args.out) / "comparison.json").write_text(json.dumps(rows, indent=2))
+    print(f"comparison: {Path(args.out) / 'comparison.json'}")
     return 0
 
 
@@ -368,8 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a concept: ClassDiffusion (token + K/V deltas, SPL) or --method "
-                           "infusion (value residuals at the class word)")
+    train = sub.add_parser("train", formatter_class=_DefaultsHelp,
+        help="train a concept: ClassDiffusion (token + K/V deltas, SPL) or --method infusion (value "
+             "residuals at the class word)")
     train.add_argument("--base", required=True, help="SD1.5 diffusers folder or single-file .safetensors")
     train.add_argument("--base-config", help="diffusers config folder for a single-file base (offline)")
     train.add_argument("--images", nargs="+", help="image files or folders of the concept (3–20 images)")
@@ -389,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
-    gen = sub.add_parser("generate", help="sample images with one or more concepts applied")
+    gen = sub.add_parser("generate", formatter_class=_DefaultsHelp,
+        help="sample images with one or more concepts applied")
     gen.add_argument("--base", required=True)
     gen.add_argument("--base-config")
     gen.add_argument("--concept", nargs="+", required=True, help="concept file(s)")
@@ -399,19 +482,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=_positive_int, default=100, help="sampling steps (paper: 100)")
     gen.add_argument("--guidance", type=_finite, default=6.0, help="classifier-free guidance (paper: 6.0)")
     gen.add_argument("--eta", type=_finite, default=1.0, help="DDIM eta (official README: 1.0)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--num-images", type=_positive_int, default=1)
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--num-images", type=_positive_int, default=1, help="images for the prompt")
     gen.add_argument("--size", type=_image_size, help="image size, a multiple of 8 (default: the model's)")
     gen.add_argument("--strength", type=_finite, default=1.0, help="K/V delta (Infusion: residual) strength")
     gen.add_argument("--force", action="store_true", help="apply a concept trained on another base")
+    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
 
-    ins = sub.add_parser("inspect", help="print a concept file's metadata as JSON")
+    ins = sub.add_parser("inspect", formatter_class=_DefaultsHelp,
+        help="print a concept file's metadata as JSON")
     ins.add_argument("file")
     ins.add_argument("--history", action="store_true", help="include the per-step loss history")
     ins.set_defaults(func=cmd_inspect)
 
-    ev = sub.add_parser("eval", help="measure drift, overfitting and image metrics of concepts; JSON + PNG report")
+    ev = sub.add_parser("eval", formatter_class=_DefaultsHelp,
+        help="measure drift, overfitting and image metrics of concepts; JSON + PNG report")
     ev.add_argument("--base", required=True)
     ev.add_argument("--base-config")
     ev.add_argument("--concept", nargs="+", required=True, help="concept file(s)")
@@ -423,26 +509,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--subject-kind", choices=["auto", "live", "object"], default="auto",
                     help="which DreamBooth prompt set (auto: live for animals and people)")
     ev.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt (papers: 4–20)")
-    ev.add_argument("--steps", type=_positive_int, default=50, help="sampling steps")
-    ev.add_argument("--guidance", type=_finite, default=6.0)
+    ev.add_argument("--steps", type=_positive_int, help="sampling steps (default: 50 for an SD1.5-sized base, 10 for "
+                    "small test bases such as the demo's)")
+    ev.add_argument("--guidance", type=_finite, default=6.0, help="classifier-free guidance (paper: 6.0)")
     ev.add_argument("--size", type=_image_size, help="image size, a multiple of 8 (default: the model's)")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=int, default=0, help="seed of image 0 of each prompt (image j: seed + j)")
     ev.add_argument("--fisher-prompts", help="prompts without the concept for the Fisher divergence (file)")
     ev.add_argument("--fisher-steps", type=_positive_int, default=20, help="DDIM timesteps of the Fisher divergence")
     ev.add_argument("--map", choices=["pca", "tsne"], default="pca", help="2-D map of the drift view")
     ev.add_argument("--no-images", action="store_true", help="drift and Fisher divergence only (fast)")
+    ev.add_argument("--separately", action="store_true", help="evaluate each concept alone and print them side by "
+                    "side (e.g. a ClassDiffusion and an Infusion concept of the same images)")
     ev.add_argument("--force", action="store_true", help="evaluate a concept trained on another base")
-    ev.add_argument("--device")
+    ev.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    ev.add_argument("-q", "--quiet", action="store_true", help="no plan and no progress bars")
     ev.set_defaults(func=cmd_eval)
 
-    comp = sub.add_parser("compress", help="store a concept's K/V deltas as truncated-SVD factors (smaller file)")
+    comp = sub.add_parser("compress", formatter_class=_DefaultsHelp,
+        help="store a concept's K/V deltas as truncated-SVD factors (smaller file)")
     comp.add_argument("file")
     comp.add_argument("out")
     comp.add_argument("--rank", type=_positive_int, help="keep this many singular values per layer")
     comp.add_argument("--energy", type=_share, help="keep the fewest singular values holding this share of the energy (0–1]")
     comp.set_defaults(func=cmd_compress)
 
-    imp = sub.add_parser("import-diffusers", help="a concept from diffusers' Custom Diffusion output (official ClassDiffusion code)")
+    imp = sub.add_parser("import-diffusers", formatter_class=_DefaultsHelp,
+        help="a concept from diffusers' Custom Diffusion output (official ClassDiffusion code)")
     imp.add_argument("--base", required=True, help="the base the weights were trained on")
     imp.add_argument("--base-config")
     imp.add_argument("--weights", required=True, help="the output folder (pytorch_custom_diffusion_weights.* + <new1>.*) or the weights file")
@@ -452,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True)
     imp.set_defaults(func=cmd_import_diffusers)
 
-    exp = sub.add_parser("export-diffusers", help="write a concept in diffusers' Custom Diffusion format")
+    exp = sub.add_parser("export-diffusers", formatter_class=_DefaultsHelp,
+        help="write a concept in diffusers' Custom Diffusion format")
     exp.add_argument("--base", required=True)
     exp.add_argument("--base-config")
     exp.add_argument("--concept", required=True)
@@ -460,13 +553,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--force", action="store_true", help="export although the base differs from the concept's")
     exp.set_defaults(func=cmd_export_diffusers)
 
-    demo = sub.add_parser("demo", help="train on a tiny random base and synthetic images (no weights needed)")
-    demo.add_argument("--out", required=True)
-    demo.add_argument("--steps", type=_positive_int, default=60)
-    demo.add_argument("--spl-weight", type=_finite, default=1.0)
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", formatter_class=_DefaultsHelp,
+        help="train on a tiny random base and synthetic images (no weights needed)")
+    demo.add_argument("--out", required=True, help="output folder (base/, concept.safetensors, images)")
+    demo.add_argument("--steps", type=_positive_int, default=60, help="training steps on the tiny base")
+    demo.add_argument("--spl-weight", type=_finite, default=1.0, help="λ of the semantic preservation loss")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the base, the images and training")
     demo.add_argument("--no-sample", action="store_true", help="skip the sample image")
-    demo.add_argument("-q", "--quiet", action="store_true")
+    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -46,9 +46,12 @@ def generate(
     strict: bool = True,
     base_config=None,
     negative_prompt: str | None = None,
+    progress: bool = False,
 ) -> list[Path]:
-    """Generate ``num_images`` images for ``prompt`` with the concepts applied; returns the files."""
+    """Generate ``num_images`` images for ``prompt`` with the concepts applied; returns the files.
+    ``progress``: a bar over the sampling steps (stderr)."""
     pipe = build_pipeline(base, base_config=base_config)
+    pipe.set_progress_bar_config(disable=not progress, desc=f"sampling {num_images} image(s)")
     for path in concept_paths:
         concept = load_concept(path)
         apply_concept(pipe.unet, concept, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,

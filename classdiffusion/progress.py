@@ -8,8 +8,9 @@ from pathlib import Path
 class TqdmCallbacks:
     """A tqdm bar with loss and SPL; Ctrl-C cancels cleanly between steps."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, description: str = "ClassDiffusion"):
         self.enabled = enabled
+        self.description = description
         self.bar = None
         self.stop_requested = False
 
@@ -19,10 +20,13 @@ class TqdmCallbacks:
         if self.bar is None:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=record.step - 1, desc="ClassDiffusion", unit="step")
+            self.bar = tqdm(total=total_steps, initial=record.step - 1, desc=self.description, unit="step")
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{record.loss:.4f}", spl=f"{record.spl:.5f}",
-                             cos=",".join(f"{c:.4f}" for c in record.cos))
+        if record.cos:  # ClassDiffusion: SPL and each token's EOS cosine
+            self.bar.set_postfix(loss=f"{record.loss:.4f}", spl=f"{record.spl:.5f}",
+                                 cos=",".join(f"{c:.4f}" for c in record.cos))
+        else:  # a method without tokens (Infusion)
+            self.bar.set_postfix(loss=f"{record.loss:.4f}")
         if record.step >= total_steps:
             self.bar.close()
 

@@ -155,10 +155,11 @@ def clip_recording_prompts(clip):
     """A clone of ``clip`` whose encodings are registered in INFUSION_REGISTRY (an object patch on
     its text model's ``encode_token_weights``, so clones made later by other nodes keep it)."""
     out = clip.clone()
-    if "encode_token_weights" in out.patcher.object_patches:
+    existing = out.patcher.object_patches.get("encode_token_weights")
+    if getattr(existing, "classdiffusion_records_prompts", False):
         return out  # already recording (another Infusion concept is loaded)
     model = out.cond_stage_model
-    original = type(model).encode_token_weights.__get__(model)
+    original = existing or type(model).encode_token_weights.__get__(model)  # chain on another pack's patch
 
     def encode_token_weights(token_weight_pairs):
         result = original(token_weight_pairs)
@@ -170,6 +171,7 @@ def clip_recording_prompts(clip):
                 logger.warning("Infusion: could not record a prompt's tokens (%s).", exc)
         return result
 
+    encode_token_weights.classdiffusion_records_prompts = True
     out.patcher.add_object_patch("encode_token_weights", encode_token_weights)
     return out
 

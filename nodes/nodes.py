@@ -162,7 +162,8 @@ class TrainConceptNode(io.ComfyNode):
                 masks=None) -> io.NodeOutput:
         name = sanitize_name(save_name)
         check_sd15(model)
-        data = [ConceptData(ConceptSpec(token=token.strip() or "<unused>", class_word=class_word,
+        token = token.strip() or ("<unused>" if method == "infusion" else "")  # Infusion adds no token
+        data = [ConceptData(ConceptSpec(token=token, class_word=class_word,
                                         prompt=prompt_template, initializer=initializer), images, class_images,
                             masks=masks)]
         for extra in (concept_2, concept_3):

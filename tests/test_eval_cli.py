@@ -98,3 +98,38 @@ def test_eval_without_images_and_bad_inputs(trained, tiny_base, other_base, tmp_
     assert main(["eval", "--base", str(tiny_base), "--concept", str(concept_path), "--out", str(tmp_path / "y"),
                  "--no-images", "--fisher-prompts", str(bad)]) == 2
     assert "mentions the concept token" in capsys.readouterr().err
+
+
+def test_eval_says_its_plan_and_shows_progress_per_phase(trained, tiny_base, tmp_path, capsys):
+    """A new user's first eval: the plan with an estimate comes before the work, each phase has a
+    bar, and the small demo base gets few sampling steps by default."""
+    concept_path, _ = trained
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a <sks> dog in the snow\n")
+    out = tmp_path / "planned"
+    assert main(["eval", "--base", str(tiny_base), "--concept", str(concept_path), "--out", str(out),
+                 "--prompts", str(prompts), "--size", "64", "--fisher-steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "eval plan" in err and "1 prompts × 1 image(s) × 10 steps" in err and "--no-images" in err
+    assert "≈" in err
+    for phase in ("Latent Fisher divergence", "images (base)", "images (tuned)"):
+        assert phase in err, phase
+    assert json.loads((out / "report.json").read_text())["settings"]["steps"] == 10
+    assert main(["eval", "--base", str(tiny_base), "--concept", str(concept_path), "--out", str(tmp_path / "q"),
+                 "--no-images", "--fisher-steps", "2", "--size", "64", "-q"]) == 0
+    assert "eval plan" not in capsys.readouterr().err
+
+
+def test_every_subcommand_shows_its_defaults_in_help(capsys):
+    from classdiffusion.cli import build_parser
+
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, sub in subcommands.choices.items():
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            default = action.default
+            if not action.option_strings or default is None or default is False or action.dest == "help":
+                continue
+            assert action.help, (name, action.option_strings)
+            assert "default" in formatter._get_help_string(action), (name, action.option_strings)

@@ -4,6 +4,7 @@ the class word bit-identical, resume, masks, the dual-stream equivalence, and th
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,3 +267,60 @@ def test_cli_trains_inspects_and_explains_compress_and_export(tiny_base, image_d
     assert "Infusion concept" in capsys.readouterr().out and not (tmp_path / "c.safetensors").exists()
     assert main(["export-diffusers", "--concept", str(out), "--base", str(tiny_base), "--out", str(tmp_path / "exp")]) == 2
     assert "Infusion concept" in capsys.readouterr().err
+
+
+def test_eval_separately_reports_both_methods_side_by_side(tiny_base, image_dir, tmp_path, capsys):
+    """Infusion's own metrics for a ClassDiffusion and an Infusion concept of the same images: the
+    Fisher divergence on prompts without the concept is exactly 0 for Infusion (they never reach it)."""
+    paths = []
+    for method, extra in (("classdiffusion", ["--token", "<sks>"]), ("infusion", [])):
+        out = tmp_path / f"{method}.safetensors"
+        assert main(["train", "--base", str(tiny_base), "--images", str(image_dir), "--class-word", "dog",
+                     "--method", method, "--steps", "2", "--resolution", "64", "--batch-size", "1",
+                     "--out", str(out), "-q", *extra]) == 0
+        paths.append(str(out))
+    capsys.readouterr()
+    report = tmp_path / "side"
+    assert main(["eval", "--base", str(tiny_base), "--concept", *paths, "--out", str(report), "--separately",
+                 "--num-images", "2", "--steps", "2", "--size", "64", "--fisher-steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "| classdiffusion.safetensors | classdiffusion |" in printed
+    assert "| infusion.safetensors | infusion |" in printed
+    rows = json.loads((report / "comparison.json").read_text())
+    by_method = {row["method"]: row for row in rows}
+    assert by_method["infusion"]["latent_fisher_divergence"] == 0.0
+    assert by_method["classdiffusion"]["latent_fisher_divergence"] > 0
+    assert by_method["infusion"]["drift_rank"] is None and by_method["classdiffusion"]["drift_rank"]
+    for row in rows:
+        assert row["wasserstein"] is not None and row["wasserstein"] >= 0
+        assert (tmp_path / "side" / Path(row["report"]).parent.name / "summary.png").exists()
+    infusion_report = json.loads(Path(by_method["infusion"]["report"]).read_text())
+    assert all("dog" in p and "<" not in p for p in infusion_report["prompts"])
+
+
+def test_cli_generate_with_an_infusion_concept(tiny_base, tmp_path):
+    out = tmp_path / "inf.safetensors"
+    train(load_host(tiny_base, device="cpu"), [cat()], infusion_config(steps=2), images=[make_images(2)], out=out)
+    assert main(["generate", "--base", str(tiny_base), "--concept", str(out), "--prompt", "a photo of a dog",
+                 "--out", str(tmp_path / "gen"), "--steps", "2", "--size", "64"]) == 0
+    assert len(list((tmp_path / "gen").glob("*.png"))) == 1
+
+
+def test_node_masks_and_alpha_channels_become_subject_masks():
+    from classdiffusion.config import ConceptSpec
+    from classdiffusion.train import ConceptData
+
+    spec = ConceptSpec(token="<unused>", class_word="dog")
+    images = torch.rand(2, 40, 40, 3)
+    masks = torch.zeros(2, 40, 40)
+    masks[:, :, :20] = 1.0
+    loaded = ConceptData(spec, images, masks=masks).load_masks(ConceptData(spec, images).load_images())
+    assert len(loaded) == 2 and loaded[0].mode == "L" and loaded[0].getpixel((5, 5)) == 255
+    assert loaded[0].getpixel((30, 5)) == 0
+    assert ConceptData(spec, images).load_masks([None, None]) == [None, None]  # IMAGE tensors have no alpha
+    rgba = Image.new("RGBA", (16, 16), (10, 20, 30, 0))
+    rgba.paste((10, 20, 30, 255), (0, 0, 8, 16))
+    alpha = ConceptData(spec, [rgba]).load_masks([rgba])[0]
+    assert alpha.getpixel((2, 2)) == 255 and alpha.getpixel((12, 2)) == 0
+    with pytest.raises(InvalidInputError, match="one mask per image"):
+        ConceptData(spec, images, masks=masks[:1].repeat(3, 1, 1)).load_masks([None, None])

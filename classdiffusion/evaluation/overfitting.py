@@ -100,6 +100,7 @@ def latent_fisher_divergence(
     latent_size: int = 64,
     weighting: str = "eps",
     residual_concepts: Sequence = (),
+    progress: Callable[[], None] | None = None,
 ) -> FisherReport:
     """Infusion's concept-agnostic overfitting metric (see the module docstring for the choices).
 
@@ -107,6 +108,7 @@ def latent_fisher_divergence(
     mention the concept's ``tokens``. ``latent_size`` is the latent side (64 = 512 px for SD1.5).
     ``residual_concepts``: Infusion concepts of the tuned model, their residuals attached at their
     class word's positions in each prompt (a prompt without the word gives exactly 0 for them).
+    ``progress`` is called after each (prompt, seed, timestep), len(prompts)·len(seeds)·steps times.
     """
     if weighting not in ("eps", "score"):
         raise InvalidInputError("weighting must be 'eps' or 'score'.")
@@ -145,6 +147,8 @@ def latent_fisher_divergence(
                     value /= float(1.0 - alphas[t])
                 values.append(value)
                 per_t_sum[t] += value
+                if progress is not None:
+                    progress()
                 # One DDIM (η = 0) step of the *base* model: x_t stays on p_t^base.
                 a_t = alphas[t]
                 a_prev = alphas[timesteps[index + 1]] if index + 1 < len(timesteps) else torch.tensor(1.0, dtype=torch.float64)

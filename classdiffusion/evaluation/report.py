@@ -14,7 +14,7 @@ import logging
 import math
 import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -61,7 +61,7 @@ def evaluate(
     prompts_file: str | Path | None = None,
     subject_kind: str = "auto",
     num_images: int = 1,
-    steps: int = 50,
+    steps: int | None = None,
     guidance: float = 6.0,
     size: int | None = None,
     seed: int = 0,
@@ -70,12 +70,19 @@ def evaluate(
     map_method: str = "pca",
     images: bool = True,
     strict: bool = True,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
+    say: Callable[[str], None] = logger.info,
 ) -> dict:
     """Evaluate concepts on their base; writes ``report.json``, ``summary.png``, the drift maps
-    and the generated images to ``out_dir`` and returns the report."""
+    and the generated images to ``out_dir`` and returns the report.
+
+    ``steps=None`` picks a count for the model at hand (50 for SD1.5-sized UNets, 10 for small test
+    bases). Before the work starts, ``say`` gets the plan with a time estimate measured on this
+    machine; ``progress(phase, total)`` returns the function to call after each unit of a phase."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if num_images < 1 or steps < 1:
+    progress = progress or (lambda phase, total: (lambda: None))
+    if num_images < 1 or (steps is not None and steps < 1):
         raise InvalidInputError("num_images and steps must be at least 1.")
     concepts = [load_concept(p) for p in concept_paths]
     if not concepts:
@@ -84,6 +91,11 @@ def evaluate(
     tokenizer, text_encoder, unet, vae, scheduler = load_components(base, base_config=base_config)
     host = DiffusersHost(tokenizer, text_encoder, unet, vae, scheduler, device)
     size = size or int(unet.config.sample_size) * 8
+    if steps is None:
+        steps = default_sampling_steps(unet)
+    fisher_prompts = _read_prompts(fisher_prompts_file) if fisher_prompts_file else list(GENERIC_PROMPTS)
+    image_prompts = len(_tuned_prompts(concepts, prompts_file, subject_kind)) if images else 0
+    say(_plan(host, size, concepts, steps, num_images, image_prompts, len(fisher_prompts), fisher_steps))
     report: dict = {"base": str(base), "concepts": [str(p) for p in concept_paths], "drift": [],
                     "methods": [c.method for c in concepts],
                     "settings": {"steps": steps, "guidance": guidance, "size": size, "seed": seed,
@@ -105,10 +117,10 @@ def evaluate(
 
     # 2. Concept-agnostic overfitting: Latent Fisher divergence on prompts without the concept.
     all_tokens = [t for c in concepts for t in c.tokens]
-    fisher_prompts = _read_prompts(fisher_prompts_file) if fisher_prompts_file else list(GENERIC_PROMPTS)
     fisher = latent_fisher_divergence(host, _combined_deltas(concepts), fisher_prompts, tokens=all_tokens,
                                       steps=fisher_steps, seeds=(seed,), latent_size=size // 8,
-                                      residual_concepts=[c for c in concepts if c.residuals])
+                                      residual_concepts=[c for c in concepts if c.residuals],
+                                      progress=progress("Latent Fisher divergence", len(fisher_prompts) * fisher_steps))
     report["latent_fisher_divergence"] = fisher.to_dict()
     host.close()
 
@@ -117,7 +129,7 @@ def evaluate(
         report.update(_image_metrics(tokenizer, text_encoder, unet, vae, scheduler, device, concepts, out_dir,
                                      clip=clip, dino=dino, reference_images=reference_images,
                                      prompts_file=prompts_file, subject_kind=subject_kind, num_images=num_images,
-                                     steps=steps, guidance=guidance, size=size, seed=seed))
+                                     steps=steps, guidance=guidance, size=size, seed=seed, progress=progress))
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=_jsonable))
     summary_image(report, maps).save(out_dir / "summary.png")
     return report
@@ -129,8 +141,55 @@ def _jsonable(value):
     raise TypeError(type(value).__name__)
 
 
+def default_sampling_steps(unet) -> int:
+    """50 DDIM steps for an SD1.5-sized UNet; 10 for small test bases (the demo's), whose images
+    only show the mechanics and whose 50-step runs would take minutes for nothing."""
+    parameters = sum(p.numel() for p in unet.parameters())
+    return 50 if parameters > 100_000_000 else 10
+
+
+def _tuned_prompts(concepts, prompts_file, subject_kind) -> list[str]:
+    if prompts_file:
+        return _read_prompts(prompts_file)
+    # Infusion concepts have no token: their prompts say the class word alone ("a dog in the jungle").
+    return [p for c in concepts for t, w in zip(c.tokens or [""] * len(c.class_words), c.class_words)
+            for p in _concept_prompts(t, w, subject_kind)]
+
+
+def _plan(host, size: int, concepts, steps: int, num_images: int, image_prompts: int, fisher_prompts: int,
+          fisher_steps: int) -> str:
+    """What eval will do and how long it should take here (one UNet call timed on this device)."""
+    import time
+
+    latent = torch.zeros(2, 4, size // 8, size // 8, device=host.device)
+    context = host.encode_text(["", "a photo"], {}).context
+    with torch.no_grad():
+        host.predict_noise(latent, torch.tensor([500, 500], device=host.device), context)  # warm-up
+        start = time.perf_counter()
+        host.predict_noise(latent, torch.tensor([500, 500], device=host.device), context)
+        if host.device.type == "cuda":
+            torch.cuda.synchronize()
+        per_call = time.perf_counter() - start
+    image_calls = image_prompts * num_images * steps * 2  # base and tuned, one CFG batch per step
+    fisher_calls = fisher_prompts * fisher_steps * 2
+    total = (image_calls + fisher_calls) * per_call
+
+    def minutes(seconds: float) -> str:
+        return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+    lines = [f"eval plan ({len(concepts)} concept(s), {size} px, one UNet call ≈ {per_call * 1000:.0f} ms here):",
+             f"  drift of each token; Latent Fisher divergence: {fisher_prompts} prompts × {fisher_steps} steps"]
+    if image_prompts:
+        lines.append(f"  images: {image_prompts} prompts × {num_images} image(s) × {steps} steps, base and tuned")
+        lines.append(f"  ≈ {minutes(total)} in all; --no-images for drift and Fisher only (≈ {minutes(fisher_calls * per_call)})")
+    else:
+        lines.append(f"  ≈ {minutes(total)} in all (no images)")
+    return "\n".join(lines)
+
+
 def _image_metrics(tokenizer, text_encoder, unet, vae, scheduler, device, concepts, out_dir, *, clip, dino,
-                   reference_images, prompts_file, subject_kind, num_images, steps, guidance, size, seed) -> dict:
+                   reference_images, prompts_file, subject_kind, num_images, steps, guidance, size, seed,
+                   progress=None) -> dict:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
@@ -140,16 +199,13 @@ def _image_metrics(tokenizer, text_encoder, unet, vae, scheduler, device, concep
     ).to(device)
     pipe.set_progress_bar_config(disable=True)
     tokens = [t for c in concepts for t in c.tokens]
-    if prompts_file:
-        tuned_prompts = _read_prompts(prompts_file)
-    else:
-        # Infusion concepts have no token: their prompts say the class word alone ("a dog in the jungle").
-        tuned_prompts = [p for c in concepts for t, w in zip(c.tokens or [""] * len(c.class_words), c.class_words)
-                         for p in _concept_prompts(t, w, subject_kind)]
+    tuned_prompts = _tuned_prompts(concepts, prompts_file, subject_kind)
     base_prompts = [replace_token(p, tokens) for p in tuned_prompts]
 
     def run(prompts: list[str], folder: str) -> tuple[list[Image.Image], torch.Tensor]:
         (out_dir / folder).mkdir(exist_ok=True)
+        advance = (progress or (lambda phase, total: (lambda: None)))(
+            f"images ({folder.removeprefix('images_')})", len(prompts) * num_images)
         pictures, latents = [], []
         for i, prompt in enumerate(prompts):
             for j in range(num_images):
@@ -162,6 +218,7 @@ def _image_metrics(tokenizer, text_encoder, unet, vae, scheduler, device, concep
                 picture.save(out_dir / folder / f"{i:03d}-{j:02d}.png")
                 pictures.append(picture)
                 latents.append(latent.float().cpu().flatten())
+                advance()
         return pictures, torch.stack(latents)
 
     base_pictures, base_latents = run(base_prompts, "images_base")
