@@ -289,9 +289,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .concept import read_metadata
+    from .concept import checkpoint_table, read_metadata, run_files
 
     meta = read_metadata(args.file).to_dict()
+    if run_files(args.file)[1]:  # the run saved step checkpoints: list them to pick the best step
+        meta["run_checkpoints"] = checkpoint_table(args.file)
     if not args.history:
         history = meta.pop("history", [])
         meta["history_steps"] = len(history)
@@ -491,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     ins = sub.add_parser("inspect", formatter_class=_DefaultsHelp,
-        help="print a concept file's metadata as JSON")
+        help="print a concept file's metadata as JSON (with its run's step checkpoints, if any)")
     ins.add_argument("file")
     ins.add_argument("--history", action="store_true", help="include the per-step loss history")
     ins.set_defaults(func=cmd_inspect)

@@ -28,6 +28,7 @@ read with safetensors only: nothing is ever unpickled.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import math
 import os
 import re
@@ -201,6 +202,23 @@ class Concept:
         return load_concept(path, device=device)
 
 
+_STEP_FILE = re.compile(r"(?P<stem>.+)-step(?P<step>\d{5,})")
+
+
+def run_files(path: str | Path) -> tuple[Path, list[tuple[int, Path]]]:
+    """A run's final file and its step checkpoints ``STEM-stepNNNNN.safetensors`` (sorted by step),
+    given the final file or any of its checkpoints; the final file may not exist (a cancelled run)."""
+    path = Path(path)
+    match = _STEP_FILE.fullmatch(path.stem)
+    final = path.with_name(f"{match['stem']}{path.suffix}") if match else path
+    steps = []
+    for candidate in final.parent.glob(f"{glob.escape(final.stem)}-step*{final.suffix}"):
+        found = _STEP_FILE.fullmatch(candidate.stem)
+        if found and found["stem"] == final.stem and candidate.is_file():
+            steps.append((int(found["step"]), candidate))
+    return final, sorted(steps)
+
+
 #: A temporary file of ours older than this is a leftover of a killed save (SIGKILL, power loss).
 STALE_TEMP_SECONDS = 60.0
 
@@ -248,6 +266,27 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def checkpoint_table(path: str | Path) -> list[dict[str, Any]]:
+    """One row per step checkpoint of ``path``'s run (and the final file): step, loss (raw and
+    smoothed as the monitor draws it), the drift rank where it was logged, the file. Headers only."""
+    from .summary import ema
+
+    final, steps = run_files(path)
+    files = steps + ([(None, final)] if final.is_file() else [])
+    rows = []
+    for step, file in files:
+        meta = read_metadata(file)
+        history = meta.history
+        if not history:
+            continue
+        smoothed = ema([h["loss"] for h in history])
+        last = history[-1]
+        rows.append({"step": last.get("step", step), "file": file.name, "loss": last["loss"],
+                     "loss_smoothed": smoothed[-1], "drift_rank": last.get("drift_rank"),
+                     "final": step is None})
+    return rows
 
 
 def read_metadata(path: str | Path) -> ConceptMeta:

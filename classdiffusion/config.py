@@ -245,7 +245,12 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the UNet (slow first step; pays off over hundreds of steps on a "
                             "GPU).", cli="--compile")
     seed: int = setting(0, "Seed: same inputs and seed give the same concept.", min=0, max=0xFFFFFFFF, cli="--seed")
-    save_every: int = setting(0, "Write a resumable checkpoint every N steps (0 = off).", min=0, cli="--save-every")
+    save_every: int = setting(0, "Also save NAME-stepNNNNN.safetensors every N steps beside the concept (0 = off), to "
+                              "pick the best step (Load Concept K/V and Compare Concept Steps list them; `classdiffusion "
+                              "inspect` shows their losses) or to resume.", min=0, max=20000, cli="--save-every")
+    checkpoint_optimizer: bool = setting(True, "Checkpoints hold the optimizer state, so training can resume from "
+                                         "them exactly; off: concept-only files, a third of the size.",
+                                         cli="--no-checkpoint-optimizer")
     drift_every: int = setting(0, "Log each token's drift rank every N steps (0 = only before and after).", min=0,
                                cli="--drift-every")
 

@@ -18,7 +18,7 @@ COSINE_COLORS = [(148, 103, 189), (255, 127, 14), (23, 190, 207)]
 
 
 def _panel(draw: ImageDraw.ImageDraw, box, series: dict[str, tuple[list[float], list[float], tuple]],
-           title: str, font, steps: list[int]) -> None:
+           title: str, font, steps: list[int], marks: Sequence[int] = ()) -> None:
     left, top, right, bottom = box
     draw.rectangle(box, outline=(180, 180, 180), fill=(255, 255, 255))
     draw.text((left + 6, top + 4), title, fill=(0, 0, 0), font=font)
@@ -40,6 +40,12 @@ def _panel(draw: ImageDraw.ImageDraw, box, series: dict[str, tuple[list[float], 
         y = y1 - frac * (y1 - y0)
         draw.line([(x0, y), (x1, y)], fill=(235, 235, 235))
         draw.text((left + 4, y - 6), f"{value:.4g}", fill=(90, 90, 90), font=font)
+    for mark in marks:  # saved checkpoints: dashed verticals
+        if s0 <= mark <= s1:
+            x = xy(mark, lo)[0]
+            for y in range(int(y0), int(y1), 6):
+                draw.line([(x, y), (x, min(y + 3, y1))], fill=(120, 120, 120))
+            draw.text((x + 2, y0), f"@{mark}", fill=(120, 120, 120), font=font)
     draw.text((x0, y1 + 2), str(s0), fill=(90, 90, 90), font=font)
     draw.text((x1 - 30, y1 + 2), str(steps[-1]), fill=(90, 90, 90), font=font)
     legend_x = x1 - 10
@@ -57,32 +63,37 @@ def _panel(draw: ImageDraw.ImageDraw, box, series: dict[str, tuple[list[float], 
 
 
 def plot_history(history: Sequence[dict], width: int = 768, height: int | None = None,
-                 tokens: Sequence[str] = ()) -> Image.Image:
+                 tokens: Sequence[str] = (), checkpoints: Sequence[int] = ()) -> Image.Image:
     """Panels: losses (total, recon, SPL, prior), EOS cosine per concept, and — when the run
-    logged it (``drift_every``) — each token's drift rank among the adjective phrases."""
+    logged it (``drift_every``) — each token's drift rank among the adjective phrases. A run
+    without tokens (Infusion) has the loss panel only. ``checkpoints``: steps marked in each panel."""
     font = ImageFont.load_default()
     drift = [h for h in history if h.get("drift_rank")]
-    panels = 3 if drift else 2
+    n = len(history[0].get("cos", [])) if history else 0
+    panels = 1 if n == 0 else 3 if drift else 2
     height = height or 256 * panels
     image = Image.new("RGB", (width, height), (248, 248, 248))
     draw = ImageDraw.Draw(image)
     steps = [h["step"] for h in history]
     losses = {}
     for key in ("loss", "recon", "spl", "prior"):
+        if key == "spl" and n == 0:  # a method without SPL
+            continue
         if history and key in history[0] and history[0][key] is not None:
             raw = [h[key] for h in history]
             losses[key] = (raw, ema(raw), COLORS[key])
     size = height // panels
     boxes = [(4, 4 + i * size, width - 4, (i + 1) * size - 2) for i in range(panels)]
-    _panel(draw, boxes[0], losses, "loss per step (faint: raw, bold: smoothed)", font, steps)
-    n = len(history[0].get("cos", [])) if history else 0
+    _panel(draw, boxes[0], losses, "loss per step (faint: raw, bold: smoothed)", font, steps, checkpoints)
+    if n == 0:
+        return image
     labels = [tokens[k] if k < len(tokens) else f"concept {k + 1}" for k in range(n)]
     cos_series = {}
     for k in range(n):
         raw = [h["cos"][k] for h in history]
         cos_series[labels[k]] = (raw, raw, COSINE_COLORS[k % len(COSINE_COLORS)])
     _panel(draw, boxes[1], cos_series, "EOS cosine: token phrase vs class phrase (higher = closer to class)",
-           font, steps)
+           font, steps, checkpoints)
     if drift:
         rank_series = {}
         for k in range(n):
@@ -90,7 +101,7 @@ def plot_history(history: Sequence[dict], width: int = 768, height: int | None =
             rank_series[labels[k]] = (raw, raw, COSINE_COLORS[k % len(COSINE_COLORS)])
         _panel(draw, boxes[2], rank_series,
                "drift rank of 'a <token> <class>' among 'a <adjective> <class>' (1 = closest to class)",
-               font, [h["step"] for h in drift])
+               font, [h["step"] for h in drift], checkpoints)
     return image
 
 

@@ -36,7 +36,7 @@ from .methods.base import Losses
 logger = logging.getLogger("classdiffusion")
 
 #: Settings that may change when resuming without changing the result.
-RESUME_MAY_CHANGE = {"steps", "save_every", "drift_every"}
+RESUME_MAY_CHANGE = {"steps", "save_every", "drift_every", "checkpoint_optimizer"}
 
 
 @dataclass
@@ -500,6 +500,7 @@ def _run_steps(run: TrainingRun, start: int, history: list[dict], extra: dict, o
         history.append(record.to_dict())
         callbacks.on_step(record, config.steps)
         if out is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
-            written.append(run.concept(done, history, extra, with_optimizer=True).save(checkpoint_path(out, done)))
+            snapshot = run.concept(done, history, extra, with_optimizer=config.checkpoint_optimizer)
+            written.append(snapshot.save(checkpoint_path(out, done)))
             callbacks.on_checkpoint(written[-1])
     return written, last_drift

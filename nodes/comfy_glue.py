@@ -114,6 +114,7 @@ class ComfyCallbacks(TrainCallbacks):
         self.total = total_steps
         self.tokens = tokens or []
         self.history: list[dict] = []
+        self.checkpoints: list[int] = []
         self.preview_every = max(1, total_steps // 20)
 
     def on_step(self, record, total_steps: int) -> None:
@@ -122,7 +123,8 @@ class ComfyCallbacks(TrainCallbacks):
         if record.step % self.preview_every == 0 or record.step == total_steps:
             from ..classdiffusion.plot import plot_history
 
-            preview = ("JPEG", plot_history(self.history, width=512, height=384, tokens=self.tokens), 512)
+            preview = ("JPEG", plot_history(self.history, width=512, height=384, tokens=self.tokens,
+                                            checkpoints=self.checkpoints), 512)
         self.bar.update_absolute(record.step, total_steps, preview)
         if record.step % 25 == 0 or record.step == total_steps:
             logger.info("ClassDiffusion step %d/%d: loss %.4f, SPL %.5f, cos %s", record.step, total_steps,
@@ -131,6 +133,11 @@ class ComfyCallbacks(TrainCallbacks):
     def should_stop(self) -> bool:
         comfy.model_management.throw_exception_if_processing_interrupted()
         return False
+
+    def on_checkpoint(self, path: Path) -> None:
+        if self.history:
+            self.checkpoints.append(self.history[-1]["step"])
+        logger.info("ClassDiffusion: saved %s", path)
 
 
 #: Every prompt the CLIPs of Infusion concepts encoded: features → token ids (weakly held).

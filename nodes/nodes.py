@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from typing_extensions import override
 
+import comfy.samplers
 import folder_paths
 from comfy_api.latest import ComfyExtension, io, ui
 
-from ..classdiffusion.concept import Concept, atomic_save_file, load_concept
+from ..classdiffusion.concept import Concept, atomic_save_file, load_concept, run_files
 from ..classdiffusion.config import ConceptSpec, TrainConfig, setting_info
 from ..classdiffusion.kv import trained_names
 from ..classdiffusion.evaluation.drift import concept_drifts, summary as drift_summary
@@ -144,6 +145,7 @@ class TrainConceptNode(io.ComfyNode):
                 setting_input(io.Combo, "method", optional=True),
                 io.Mask.Input("masks", optional=True, tooltip="Infusion: one subject mask per image (white = subject) "
                               "weighting its loss. Load Image's MASK marks the transparent part: invert it."),
+                setting_input(io.Int, "save_every", optional=True),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL"),
@@ -159,7 +161,7 @@ class TrainConceptNode(io.ComfyNode):
                 spl_weight, batch_size, seed, resolution, mixed_precision, initializer,
                 gradient_checkpointing, save_name, class_images=None, concept_2=None, concept_3=None,
                 spl_feature="eos", channels_last=False, compile=False, method="classdiffusion",
-                masks=None) -> io.NodeOutput:
+                masks=None, save_every=0) -> io.NodeOutput:
         name = sanitize_name(save_name)
         check_sd15(model)
         token = token.strip() or ("<unused>" if method == "infusion" else "")  # Infusion adds no token
@@ -175,26 +177,30 @@ class TrainConceptNode(io.ComfyNode):
             resolution=resolution, seed=seed, mixed_precision=_mixed_precision(mixed_precision, model),
             gradient_checkpointing=gradient_checkpointing, drift_every=max(1, steps // 25),
             spl_feature=spl_feature, channels_last=channels_last, compile=compile,
+            save_every=save_every, checkpoint_optimizer=False,  # step files to compare, not to resume
         )
         with torch.inference_mode(False), torch.enable_grad():
             patcher = training_patcher(model)
             text_dtype = precision_dtype(config.mixed_precision) if config.mixed_precision != "no" else None
             host = ComfyHost(patcher, clip, vae, text_dtype=text_dtype)
+            out = concept_dir() / f"{name}.safetensors"
             try:
                 result = train(
-                    host, data, config,
+                    host, data, config, out=out,
                     callbacks=ComfyCallbacks(steps, cls.hidden.unique_id, [spec.token for spec in specs]),
                     meta_extra={"base_name": "ComfyUI MODEL", "host": "comfyui"},
                 )
             finally:
                 host.close()
                 del patcher
-        concept = result.concept
-        path = concept.save(concept_dir() / f"{name}.safetensors")
+        concept, path = result.concept, result.path
         logger.info("Saved %s (%.1f KB, %s).", path, path.stat().st_size / 1024, concept.method)
+        for _, stale in run_files(path)[1]:  # step files of an earlier run under this name
+            if stale not in result.checkpoints:
+                stale.unlink(missing_ok=True)
         save_embeddings(concept, name)
         out_model, out_clip = apply_concept_to_comfy(model, clip, concept, 1.0, 1.0)
-        return io.NodeOutput(out_model, out_clip, concept, history_payload(concept))
+        return io.NodeOutput(out_model, out_clip, concept, history_payload(concept, path))
 
 
 def apply_concept_to_comfy(model, clip, concept: Concept, strength_model: float, strength_clip: float):
@@ -213,10 +219,12 @@ def apply_concept_to_comfy(model, clip, concept: Concept, strength_model: float,
     return out_model, out_clip
 
 
-def history_payload(concept: Concept) -> dict:
-    """What flows on a history wire: the per-step records plus the drift before and after."""
+def history_payload(concept: Concept, path=None) -> dict:
+    """What flows on a history wire: the per-step records, the drift before and after, and the
+    steps of the run's saved checkpoints (the monitor marks them)."""
     return {"history": concept.history, "tokens": list(concept.tokens),
-            "drift_initial": concept.meta.drift_initial, "drift_final": concept.meta.drift_final}
+            "drift_initial": concept.meta.drift_initial, "drift_final": concept.meta.drift_final,
+            "checkpoints": [step for step, _ in run_files(path)[1]] if path is not None else []}
 
 
 def save_embeddings(concept: Concept, name: str) -> list[str]:
@@ -285,6 +293,88 @@ class LoadConceptNode(io.ComfyNode):
         return io.NodeOutput(out_model, out_clip, concept)
 
 
+def _label(image: torch.Tensor, text: str) -> torch.Tensor:
+    """``text`` on a white strip above an IMAGE tile [1, H, W, 3]."""
+    from PIL import Image, ImageDraw
+
+    array = (image[0].clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    tile = Image.fromarray(array)
+    canvas = Image.new("RGB", (tile.width, tile.height + 18), (255, 255, 255))
+    canvas.paste(tile, (0, 18))
+    ImageDraw.Draw(canvas).text((4, 3), text, fill=(0, 0, 0))
+    return _image_tensor(canvas)
+
+
+class CompareConceptStepsNode(io.ComfyNode):
+    """One prompt sampled with each saved step of a training run, side by side."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ClassDiffusionCompareSteps",
+            display_name="Compare Concept Steps",
+            category=CATEGORY,
+            is_output_node=True,
+            description=("Samples one prompt with every checkpoint of a run (NAME-stepNNNNN.safetensors, written with "
+                         "save_every) and the final concept, same seed, into one grid labelled with step, smoothed "
+                         "loss and drift rank: pick the step that keeps identity without losing the prompt."),
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.5 model the concept was trained on."),
+                io.Clip.Input("clip", tooltip="Its CLIP."),
+                io.Vae.Input("vae", tooltip="Its VAE, to decode the samples."),
+                io.Combo.Input("concept_name", options=folder_paths.get_filename_list(CONCEPT_FOLDER),
+                               tooltip="Any file of the run (the final one or a step file)."),
+                io.String.Input("prompt", default="a photo of a <sks> dog wearing headphones", multiline=True,
+                                tooltip="With the token (ClassDiffusion) or the class word (Infusion)."),
+                io.String.Input("negative", default="", multiline=True, tooltip="Negative prompt."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="The same seed for every step."),
+                io.Int.Input("steps", default=30, min=1, max=200, tooltip="Sampling steps."),
+                io.Float.Input("cfg", default=6.0, min=0.0, max=30.0, step=0.1, tooltip="Guidance (paper: 6.0)."),
+                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="ddim"),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="ddim_uniform"),
+                io.Int.Input("size", default=512, min=64, max=1024, step=64, tooltip="Width and height."),
+            ],
+            outputs=[io.Image.Output(display_name="grid"), io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, concept_name, prompt, negative, seed, steps, cfg, sampler_name, scheduler,
+                size) -> io.NodeOutput:
+        import comfy.model_management
+        import comfy.sample
+        import comfy.utils
+        from ..classdiffusion.summary import ema
+
+        path = folder_paths.get_full_path_or_raise(CONCEPT_FOLDER, concept_name)
+        final, step_files = run_files(path)
+        files = [file for _, file in step_files] + ([final] if final.is_file() else [])
+        bar = comfy.utils.ProgressBar(len(files))
+        tiles, lines = [], []
+        check_sd15(model)
+        for index, file in enumerate(files):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            concept = load_concept(file)
+            concept.check_against(model_base_weights(model, concept.train_mode), what="this MODEL")
+            tuned_model, tuned_clip = apply_concept_to_comfy(model, clip, concept, 1.0, 1.0)
+            positive = tuned_clip.encode_from_tokens_scheduled(tuned_clip.tokenize(prompt))
+            negative_cond = tuned_clip.encode_from_tokens_scheduled(tuned_clip.tokenize(negative))
+            latent = torch.zeros(1, 4, size // 8, size // 8)
+            noise = comfy.sample.prepare_noise(latent, seed)
+            samples = comfy.sample.sample(tuned_model, noise, steps, cfg, sampler_name, scheduler, positive,
+                                          negative_cond, latent, seed=seed, disable_pbar=True)
+            image = vae.decode(samples)[..., :3].float()
+            loss = ema([h["loss"] for h in concept.history])[-1] if concept.history else float("nan")
+            rank = concept.history[-1].get("drift_rank") if concept.history else None
+            label = f"step {concept.step}  loss~{loss:.4f}" + (f"  drift {rank}" if rank else "")
+            tiles.append(_label(image[:1], label))
+            lines.append(f"{file.name}: {label}")
+            bar.update_absolute(index + 1, len(files))
+        if not tiles:
+            raise ValueError(f"No file of the run {final.name} was found.")
+        grid = torch.cat(tiles, dim=2)  # side by side
+        return io.NodeOutput(grid, "\n".join(lines), ui=ui.PreviewImage(grid, cls=cls))
+
+
 class LossMonitorNode(io.ComfyNode):
     """Plot a training history: losses (smoothed) and the EOS cosine of each token phrase to its class phrase."""
 
@@ -308,17 +398,25 @@ class LossMonitorNode(io.ComfyNode):
         if history is None:
             if not concept_name or concept_name == "(none)":
                 raise ValueError("Connect a training history or choose a concept file.")
-            history = history_payload(load_concept(folder_paths.get_full_path_or_raise(CONCEPT_FOLDER, concept_name)))
+            path = folder_paths.get_full_path_or_raise(CONCEPT_FOLDER, concept_name)
+            history = history_payload(load_concept(path), path)
         if isinstance(history, list):  # a bare list of step records
             history = {"history": history, "tokens": []}
         records = history["history"]
         if not records:
             raise ValueError("The history is empty: no training step was recorded.")
-        image = _image_tensor(plot_history(records, tokens=history.get("tokens", [])))
+        image = _image_tensor(plot_history(records, tokens=history.get("tokens", []),
+                                           checkpoints=history.get("checkpoints", [])))
         summary = summary_line(records)
         drift = drift_line(history.get("drift_initial"), history.get("drift_final"))
         if drift:
             summary += "\n" + drift
+        if history.get("checkpoints"):
+            from ..classdiffusion.summary import ema
+
+            smoothed = dict(zip([r["step"] for r in records], ema([r["loss"] for r in records])))
+            marks = [f"{step} (loss~{smoothed[step]:.4f})" for step in history["checkpoints"] if step in smoothed]
+            summary += "\ncheckpoints at steps " + ", ".join(marks)
         return io.NodeOutput(image, summary, ui=ui.PreviewImage(image, cls=cls))
 
 
@@ -406,7 +504,8 @@ class ClassDiffusionExtension(ComfyExtension):
 
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [TrainConceptNode, ConceptSpecNode, LoadConceptNode, LossMonitorNode, DriftReportNode, ExportDiffNode]
+        return [TrainConceptNode, ConceptSpecNode, LoadConceptNode, LossMonitorNode, DriftReportNode, ExportDiffNode,
+                CompareConceptStepsNode]
 
 
 async def comfy_entrypoint() -> ClassDiffusionExtension:

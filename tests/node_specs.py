@@ -61,9 +61,11 @@ def _stub_modules() -> dict[str, types.ModuleType]:
     folder_paths.models_dir, folder_paths.folder_names_and_paths = "/nonexistent", {}
     modules = {"comfy_api": types.ModuleType("comfy_api"), "comfy_api.latest": latest, "folder_paths": folder_paths,
                "comfy": types.ModuleType("comfy")}
-    for name in ("model_management", "model_sampling", "utils"):
+    for name in ("model_management", "model_sampling", "utils", "samplers"):
         modules[f"comfy.{name}"] = types.ModuleType(f"comfy.{name}")
         setattr(modules["comfy"], name, modules[f"comfy.{name}"])
+    modules["comfy.samplers"].KSampler = types.SimpleNamespace(SAMPLERS=["euler", "ddim"],
+                                                               SCHEDULERS=["normal", "ddim_uniform"])
     return modules
 
 
@@ -91,7 +93,8 @@ def pack_object_info() -> dict:
     nodes_module = load_pack_with_stubs()
     info = {}
     for cls in (nodes_module.TrainConceptNode, nodes_module.ConceptSpecNode, nodes_module.LoadConceptNode,
-                nodes_module.LossMonitorNode, nodes_module.DriftReportNode, nodes_module.ExportDiffNode):
+                nodes_module.LossMonitorNode, nodes_module.DriftReportNode, nodes_module.ExportDiffNode,
+                nodes_module.CompareConceptStepsNode):
         schema = cls.define_schema()
         entry = {"required": {}, "optional": {}}
         for item in schema.inputs:

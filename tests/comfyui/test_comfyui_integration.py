@@ -85,7 +85,8 @@ def trained(server):
 def test_nodes_are_registered_with_their_inputs(server):
     info = server.get("/object_info")
     for node in ("ClassDiffusionTrainConcept", "ClassDiffusionLoadConcept", "ClassDiffusionLossMonitor",
-                 "ClassDiffusionConcept", "ClassDiffusionExportDiff", "ClassDiffusionDriftReport"):
+                 "ClassDiffusionConcept", "ClassDiffusionExportDiff", "ClassDiffusionDriftReport",
+                 "ClassDiffusionCompareSteps"):
         assert node in info, node
         assert info[node]["category"] == "ClassDiffusion"
     train = info["ClassDiffusionTrainConcept"]["input"]
@@ -93,7 +94,7 @@ def test_nodes_are_registered_with_their_inputs(server):
     assert train["required"]["steps"][1]["default"] == 500
     assert train["required"]["spl_weight"][1]["default"] == 1.0
     assert list(train["optional"]) == ["class_images", "concept_2", "concept_3", "spl_feature", "channels_last",
-                                      "compile", "method", "masks"]  # new ones last
+                                      "compile", "method", "masks", "save_every"]  # new ones last
     spl_feature = train["optional"]["spl_feature"]
     assert spl_feature[1]["default"] == "eos" and spl_feature[1].get("advanced") is True
     outputs = info["ClassDiffusionTrainConcept"]["output"]
@@ -339,3 +340,26 @@ def test_infusion_concept_refuses_lora_export_and_drift(server, infusion_trained
         "model": ["ckpt", 0], "concept": ["load", 2], "save_name": "inf_lora"}}})
     assert entry["status"]["status_str"] == "error"
     assert "Infusion concept" in error_message(entry) and "Traceback" not in error_message(entry)
+
+
+def test_step_checkpoints_are_listed_compared_and_marked(server):
+    """save_every on the Train node: step files beside the concept, listed by Load Concept K/V,
+    sampled side by side by Compare Concept Steps, marked by the monitor."""
+    entry = server.run({**loader(), **image_batch(), **train_node("stepped", steps=4, save_every=2),
+                        "monitor": {"class_type": "ClassDiffusionLossMonitor", "inputs": {"history": ["train", 3]}}})
+    assert_success(entry)
+    folder = server.base_dir / "models" / "classdiffusion"
+    assert (folder / "stepped-step00002.safetensors").exists() and not (folder / "stepped-step00004.safetensors").exists()
+    options = server.get("/object_info/ClassDiffusionLoadConcept")["ClassDiffusionLoadConcept"]["input"]["required"]
+    choices = options["concept_name"][1].get("options") or options["concept_name"][0]
+    assert "stepped-step00002.safetensors" in choices
+    assert entry["outputs"]["monitor"]["images"]
+    compare = {**loader(), "compare": {"class_type": "ClassDiffusionCompareSteps", "inputs": {
+        "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "concept_name": "stepped.safetensors",
+        "prompt": "a photo of a <sks> dog", "negative": "", "seed": 0, "steps": 2, "cfg": 6.0,
+        "sampler_name": "euler", "scheduler": "normal", "size": 64}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["compare", 0], "filename_prefix": "compare"}}}
+    entry = server.run(compare)
+    assert_success(entry)
+    grid = _pixels(server, entry)
+    assert grid.shape == (64 + 18, 2 * 64, 3)  # step 2 and the final step 4, labelled
