@@ -208,6 +208,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_device(args.device)
 
     overrides = setting_overrides(args)
+    if args.validation_prompt:
+        overrides["validation_prompts"] = list(args.validation_prompt)
 
     if args.resume:
         meta = read_metadata(args.resume)
@@ -271,6 +273,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     size = result.path.stat().st_size
     print(f"saved {result.path} ({size / 1024:.1f} KB, {result.concept.method})")
     print(summary_line(result.concept.history))
+    if result.validation_grid is not None:
+        share = result.validation_seconds / max(result.seconds, 1e-9)
+        print(f"validation: {100 * share:.0f} % of the run time ({result.validation_seconds:.1f} s); previews in "
+              f"{Path(args.out).parent / 'validation'}")
     return 0
 
 
@@ -467,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--concepts", help="JSON list of concepts for multi-concept training")
     train.add_argument("--out", required=True, help="output concept file (.safetensors)")
     add_setting_arguments(train)
+    train.add_argument("--validation-prompt", action="append", metavar="PROMPT",
+                       help="a validation prompt (repeat for more; default: the training phrase and the same "
+                       "'... wearing headphones'); used with --validation-every")
     train.add_argument("--resume", help="continue from a checkpoint written with --save-every")
     train.add_argument("--plot", help="also write a loss plot (PNG)")
     train.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")

@@ -251,6 +251,17 @@ class TrainConfig:
     checkpoint_optimizer: bool = setting(True, "Checkpoints hold the optimizer state, so training can resume from "
                                          "them exactly; off: concept-only files, a third of the size.",
                                          cli="--no-checkpoint-optimizer")
+    validation_every: int = setting(0, "Sample the validation prompts every N steps (and before the first) into a "
+                                    "grid of previews (0 = off).", min=0, max=20000, cli="--validation-every")
+    validation_steps: int = setting(25, "Sampling steps of each validation preview.", min=1, max=200,
+                                    cli="--validation-steps")
+    validation_seed: int = setting(0, "Seed of the first validation prompt (prompt k: seed + k); the same at every "
+                                   "validation, so the columns are comparable.", min=0, max=0xFFFFFFFF,
+                                   cli="--validation-seed")
+    validation_guidance: float = setting(6.0, "Classifier-free guidance of the validation previews (paper: 6.0).",
+                                         min=0.0, max=30.0, step=0.1, cli="--validation-guidance")
+    #: Validation prompts; empty: each concept's training phrase and "... wearing headphones".
+    validation_prompts: list = field(default_factory=list)
     drift_every: int = setting(0, "Log each token's drift rank every N steps (0 = only before and after).", min=0,
                                cli="--drift-every")
 
@@ -281,6 +292,9 @@ class TrainConfig:
             raise InvalidInputError("gradient_accumulation must be at least 1.")
         if not self.residual_lr > 0:
             raise InvalidInputError(f"residual_lr must be positive (got {self.residual_lr}).")
+        if not isinstance(self.validation_prompts, list) or not all(
+                isinstance(p, str) and p.strip() for p in self.validation_prompts):
+            raise InvalidInputError("validation_prompts must be a list of non-empty prompts.")
         if self.max_grad_norm < 0:
             raise InvalidInputError("max_grad_norm must be 0 (off) or positive.")
         if self.train_mode not in ("kv", "crossattn"):

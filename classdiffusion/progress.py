@@ -33,6 +33,10 @@ class TqdmCallbacks:
     def should_stop(self) -> bool:
         return self.stop_requested
 
+    def on_validation(self, step: int, images, grid, path) -> None:
+        if self.enabled and path is not None:
+            (self.bar.write if self.bar else print)(f"validation at step {step}: {path}")
+
     def on_checkpoint(self, path: Path) -> None:
         if self.enabled:
             (self.bar.write if self.bar else print)(f"checkpoint: {path}")

@@ -61,8 +61,12 @@ class ResidualPositions:
 
     def __init__(self):
         self.mask: torch.Tensor | None = None  #: bool [B, T], or None = nowhere
+        #: while set (validation sampling), positions are looked up by content instead
+        self.lookup: "RegistryPositions | None" = None
 
     def for_context(self, context: torch.Tensor) -> torch.Tensor | None:
+        if self.lookup is not None:
+            return self.lookup.for_context(context)
         return self.mask
 
 

@@ -36,7 +36,8 @@ from .methods.base import Losses
 logger = logging.getLogger("classdiffusion")
 
 #: Settings that may change when resuming without changing the result.
-RESUME_MAY_CHANGE = {"steps", "save_every", "drift_every", "checkpoint_optimizer"}
+RESUME_MAY_CHANGE = {"steps", "save_every", "drift_every", "checkpoint_optimizer", "validation_every",
+                     "validation_steps", "validation_seed", "validation_guidance", "validation_prompts"}
 
 
 @dataclass
@@ -90,6 +91,9 @@ class TrainCallbacks:
     def on_checkpoint(self, path: Path) -> None:
         """Called after an intermediate checkpoint was written."""
 
+    def on_validation(self, step: int, images: list, grid, path: Path | None) -> None:
+        """Called after each validation: the step's images (PIL), the grid so far, its file if saved."""
+
 
 @dataclass
 class TrainResult:
@@ -97,6 +101,10 @@ class TrainResult:
     path: Path | None = None
     checkpoints: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: the validation previews (rows = prompts, columns = steps), when validation was on
+    validation_grid: Any = None
+    validation_seconds: float = 0.0
+    seconds: float = 0.0
 
 
 def derive_seed(seed: int, *parts: Any) -> int:
@@ -434,14 +442,17 @@ def train(
     resume: str | Path | Concept | None = None,
     callbacks: TrainCallbacks | None = None,
     meta_extra: Mapping[str, Any] | None = None,
+    validation_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train one or more concepts jointly and return (and, with ``out``, save) the concept.
 
     ``images[k]`` overrides concept k's image paths (PIL images or ComfyUI IMAGE tensors).
     With ``config.save_every`` > 0 and ``out``, resumable checkpoints ``OUT-stepNNNNN`` are
     written along the way. ``resume`` continues from such a checkpoint, giving the same result as
-    an uninterrupted run with the same seed.
+    an uninterrupted run with the same seed. With ``config.validation_every``, previews are sampled
+    along the way into ``validation_dir`` (default: ``OUT's folder/validation``).
     """
+    started = time.perf_counter()
     specs = [c.spec if isinstance(c, ConceptData) else c for c in concepts]
     check_concepts(specs)
     callbacks = callbacks or TrainCallbacks()
@@ -461,27 +472,60 @@ def train(
         extra["eos_cosine_initial"] = checkpoint.meta.eos_cosine_initial or extra["eos_cosine_initial"]
         extra["drift_initial"] = checkpoint.meta.drift_initial or initial_drift
     extra.update(meta_extra or {})
+    validation = None
+    if config.validation_every:
+        from .validation import ValidationLog, default_prompts
+
+        prompts = list(config.validation_prompts) or default_prompts(specs, run.method.has_tokens)
+        folder = Path(validation_dir) if validation_dir is not None else (out.parent / "validation" if out else None)
+        validation = _Validation(ValidationLog(prompts), folder, out.stem if out is not None else "concept")
     detach = run.method.attach()
     try:
         start = checkpoint.step if checkpoint is not None else 0
-        written, last_drift = _run_steps(run, start, history, extra, out, callbacks)
+        written, last_drift = _run_steps(run, start, history, extra, out, callbacks, validation)
     finally:
         detach()
 
     extra["drift_final"] = last_drift if last_drift is not None else run.drift()
     extra["eos_cosine_final"] = [d["cosine"] for d in extra["drift_final"]]
+    seconds = time.perf_counter() - started
+    if validation is not None:
+        share = validation.log.seconds / max(seconds, 1e-9)
+        extra["validation"] = {"prompts": validation.log.prompts, "steps": [c[0] for c in validation.log.columns],
+                               "seconds": round(validation.log.seconds, 3), "share_of_run": round(share, 4)}
+        logger.info("validation: %.0f %% of the run time (%.1f s of %.1f s)", 100 * share, validation.log.seconds,
+                    seconds)
     concept = run.concept(config.steps, history, extra, with_optimizer=False)
     path = concept.save(out) if out is not None else None
-    return TrainResult(concept=concept, path=path, checkpoints=written, warnings=run.warnings)
+    return TrainResult(concept=concept, path=path, checkpoints=written, warnings=run.warnings,
+                       validation_grid=validation.log.grid() if validation and validation.log.columns else None,
+                       validation_seconds=validation.log.seconds if validation else 0.0, seconds=seconds)
+
+
+@dataclass
+class _Validation:
+    log: Any  # validation.ValidationLog
+    folder: Path | None
+    stem: str
+
+    def run(self, run: "TrainingRun", step: int, callbacks: TrainCallbacks) -> None:
+        from .validation import save_column, validate
+
+        images = validate(run, step, self.log, should_stop=callbacks.should_stop)
+        path = save_column(self.folder, self.stem, step, images, self.log) if self.folder is not None else None
+        callbacks.on_validation(step, images, self.log.grid(), path)
 
 
 def _run_steps(run: TrainingRun, start: int, history: list[dict], extra: dict, out: Path | None,
-               callbacks: TrainCallbacks) -> tuple[list[Path], list[dict] | None]:
+               callbacks: TrainCallbacks, validation: "_Validation | None" = None
+               ) -> tuple[list[Path], list[dict] | None]:
     """Steps ``start``..``config.steps``: cancel check, step, drift log, callbacks, checkpoints.
     Returns the checkpoints written and the drift measured after the last step (if it was logged)."""
     config = run.config
     written: list[Path] = []
     last_drift = None
+    if validation is not None and start == 0:
+        validation.run(run, 0, callbacks)  # the starting point: the base (and initial token) at work
     for step in range(start, config.steps):
         if callbacks.should_stop():
             raise TrainingCancelled(
@@ -499,6 +543,8 @@ def _run_steps(run: TrainingRun, start: int, history: list[dict], extra: dict, o
             record.drift_rank = [d["rank"] for d in last_drift]
         history.append(record.to_dict())
         callbacks.on_step(record, config.steps)
+        if validation is not None and (done % config.validation_every == 0 or done == config.steps):
+            validation.run(run, done, callbacks)
         if out is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
             snapshot = run.concept(done, history, extra, with_optimizer=config.checkpoint_optimizer)
             written.append(snapshot.save(checkpoint_path(out, done)))

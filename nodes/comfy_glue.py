@@ -134,6 +134,11 @@ class ComfyCallbacks(TrainCallbacks):
         comfy.model_management.throw_exception_if_processing_interrupted()
         return False
 
+    def on_validation(self, step: int, images, grid, path) -> None:
+        """The grid so far replaces the preview until the next loss plot (and stays in the output)."""
+        self.bar.update_absolute(step, self.total, ("JPEG", grid, 768))
+        logger.info("ClassDiffusion validation at step %d%s", step, f": {path}" if path else "")
+
     def on_checkpoint(self, path: Path) -> None:
         if self.history:
             self.checkpoints.append(self.history[-1]["step"])

@@ -140,6 +140,30 @@ class ComfyHost(HostBase):
         mean = (mean - self._shift) * self._scale
         return mean.to(self.device), (std * self._scale).to(self.device)
 
+    def sample_images(self, context, uncond, *, seeds, steps, guidance, size, mixed_precision="no",
+                      should_stop=lambda: False) -> torch.Tensor:
+        """ComfyUI's own sampler (DDIM, ddim_uniform) on the training patcher, whose modules carry
+        the trained tensors' hooks; one prompt at a time with its own seed."""
+        import comfy.sample
+
+        from ..classdiffusion.errors import TrainingCancelled
+
+        def poll(*_):
+            if should_stop():
+                raise TrainingCancelled("Training was cancelled during a validation; no concept file was written.")
+
+        negative = [[uncond.detach().float().cpu(), {}]]
+        images = []
+        for row, seed in zip(context, seeds):
+            latent = torch.zeros(1, 4, size // 8, size // 8)
+            noise = comfy.sample.prepare_noise(latent, int(seed))
+            positive = [[row[None].detach().float().cpu(), {}]]
+            samples = comfy.sample.sample(self.model_patcher, noise, steps, guidance, "ddim", "ddim_uniform",
+                                          positive, negative, latent, seed=int(seed), callback=poll,
+                                          disable_pbar=True)
+            images.append(self.vae.decode(samples)[..., :3].float().permute(0, 3, 1, 2).cpu())
+        return torch.cat(images).clamp(0, 1)
+
     def predict_noise(self, noisy_latents, timesteps, context) -> torch.Tensor:
         dtype = self.unet_dtype
         return self._forward(noisy_latents.to(dtype), timesteps.float(), context=context.to(dtype))

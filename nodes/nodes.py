@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,6 +70,14 @@ def _mixed_precision(choice: str, model) -> str:
         logger.warning("Training a %s UNet with %s autocast keeps a converted copy of its weights for the "
                        "backward pass; 'auto' avoids that.", unet_dtype, precision)
     return precision
+
+
+def _note_image(text: str):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (256, 64), (255, 255, 255))
+    ImageDraw.Draw(image).text((6, 26), text, fill=(90, 90, 90))
+    return image
 
 
 def _image_tensor(image) -> torch.Tensor:
@@ -146,12 +155,20 @@ class TrainConceptNode(io.ComfyNode):
                 io.Mask.Input("masks", optional=True, tooltip="Infusion: one subject mask per image (white = subject) "
                               "weighting its loss. Load Image's MASK marks the transparent part: invert it."),
                 setting_input(io.Int, "save_every", optional=True),
+                setting_input(io.Int, "validation_every", optional=True),
+                io.String.Input("validation_prompts", default="", multiline=True, optional=True,
+                                tooltip="One prompt per line (empty: the training phrase and the same '... wearing "
+                                "headphones'). Sampled with ComfyUI's DDIM at fixed seeds every validation_every "
+                                "steps; the grid streams to this node's preview and is the validation output."),
+                setting_input(io.Int, "validation_steps", optional=True),
+                setting_input(io.Int, "validation_seed", optional=True),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL"),
                 io.Clip.Output(display_name="CLIP"),
                 ConceptType.Output(display_name="concept"),
                 HistoryType.Output(display_name="history"),
+                io.Image.Output(display_name="validation"),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -161,7 +178,8 @@ class TrainConceptNode(io.ComfyNode):
                 spl_weight, batch_size, seed, resolution, mixed_precision, initializer,
                 gradient_checkpointing, save_name, class_images=None, concept_2=None, concept_3=None,
                 spl_feature="eos", channels_last=False, compile=False, method="classdiffusion",
-                masks=None, save_every=0) -> io.NodeOutput:
+                masks=None, save_every=0, validation_every=0, validation_prompts="", validation_steps=25,
+                validation_seed=0) -> io.NodeOutput:
         name = sanitize_name(save_name)
         check_sd15(model)
         token = token.strip() or ("<unused>" if method == "infusion" else "")  # Infusion adds no token
@@ -178,6 +196,8 @@ class TrainConceptNode(io.ComfyNode):
             gradient_checkpointing=gradient_checkpointing, drift_every=max(1, steps // 25),
             spl_feature=spl_feature, channels_last=channels_last, compile=compile,
             save_every=save_every, checkpoint_optimizer=False,  # step files to compare, not to resume
+            validation_every=validation_every, validation_steps=validation_steps, validation_seed=validation_seed,
+            validation_prompts=[line.strip() for line in validation_prompts.splitlines() if line.strip()],
         )
         with torch.inference_mode(False), torch.enable_grad():
             patcher = training_patcher(model)
@@ -189,6 +209,7 @@ class TrainConceptNode(io.ComfyNode):
                     host, data, config, out=out,
                     callbacks=ComfyCallbacks(steps, cls.hidden.unique_id, [spec.token for spec in specs]),
                     meta_extra={"base_name": "ComfyUI MODEL", "host": "comfyui"},
+                    validation_dir=Path(folder_paths.get_output_directory()) / "classdiffusion" / "validation",
                 )
             finally:
                 host.close()
@@ -200,7 +221,13 @@ class TrainConceptNode(io.ComfyNode):
                 stale.unlink(missing_ok=True)
         save_embeddings(concept, name)
         out_model, out_clip = apply_concept_to_comfy(model, clip, concept, 1.0, 1.0)
-        return io.NodeOutput(out_model, out_clip, concept, history_payload(concept, path))
+        if result.validation_grid is not None:
+            grid = _image_tensor(result.validation_grid)
+            logger.info("ClassDiffusion validation: %.0f %% of the run time.",
+                        100 * result.validation_seconds / max(result.seconds, 1e-9))
+        else:
+            grid = _image_tensor(_note_image("validation off (validation_every = 0)"))
+        return io.NodeOutput(out_model, out_clip, concept, history_payload(concept, path), grid)
 
 
 def apply_concept_to_comfy(model, clip, concept: Concept, strength_model: float, strength_clip: float):

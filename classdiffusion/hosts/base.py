@@ -103,6 +103,13 @@ class TrainingHost(Protocol):
         """Make the UNet compute with ``base + delta`` for each named weight, with gradients
         reaching the deltas. Returns a function that detaches them again."""
 
+    def sample_images(self, context: torch.Tensor, uncond: torch.Tensor, *, seeds: Sequence[int], steps: int,
+                      guidance: float, size: int, mixed_precision: str = "no",
+                      should_stop: Callable[[], bool] = lambda: False) -> torch.Tensor:
+        """Sample one image per context row [P, T, D] with classifier-free guidance against ``uncond``
+        [1, T, D] and the trained tensors as attached; row k's noise from ``seeds[k]``. Pixels
+        [P, 3, size, size] in [0, 1]. ``should_stop`` is polled between steps (cancel)."""
+
     def configure_training(self, config: "TrainConfig") -> None:
         """Switch the run's memory/speed options on the frozen models before the first step
         (gradient checkpointing, attention, channels-last, torch.compile — hooks attached later by
@@ -160,6 +167,40 @@ class HostBase:
     def attach_residuals(self, residuals: Mapping[str, torch.Tensor], positions) -> Callable[[], None]:
         modules = self.delta_modules([f"{name}.weight" for name in residuals])
         return attach_residuals_with_hooks(modules, residuals, positions)
+
+    # -- sampling (validation previews) -------------------------------------------------------
+    def sample_images(self, context: torch.Tensor, uncond: torch.Tensor, *, seeds: Sequence[int], steps: int,
+                      guidance: float, size: int, mixed_precision: str = "no",
+                      should_stop: Callable[[], bool] = lambda: False) -> torch.Tensor:
+        """DDIM (η = 0, SD1.5's "leading" spacing) with classifier-free guidance, through
+        ``predict_noise``; the host decodes (``decode_latents``)."""
+        from ..errors import TrainingCancelled
+        from ..evaluation.overfitting import ddim_timesteps
+        from ..precision import autocast
+
+        alphas = self._alphas_cumprod.double()
+        latents = torch.stack([torch.randn(4, size // 8, size // 8, generator=torch.Generator().manual_seed(int(s)))
+                               for s in seeds]).to(self.device)
+        rows = latents.shape[0]
+        both = torch.cat([uncond.expand(rows, -1, -1), context])
+        timesteps = ddim_timesteps(self.num_train_timesteps, steps)
+        for index, t in enumerate(timesteps):
+            if should_stop():
+                raise TrainingCancelled("Training was cancelled during a validation; no concept file was written.")
+            t_batch = torch.full((2 * rows,), t, device=self.device, dtype=torch.long)
+            with autocast(self.device, mixed_precision):
+                eps = self.predict_noise(torch.cat([latents, latents]), t_batch, both).double()
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+            a_t = alphas[t]
+            a_prev = alphas[timesteps[index + 1]] if index + 1 < len(timesteps) else torch.tensor(1.0, dtype=torch.float64)
+            x0 = (latents.double() - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+            latents = (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps).float()
+        return self.decode_latents(latents)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents → pixels [B, 3, H, W] in [0, 1]."""
+        raise NotImplementedError
 
     # -- options -----------------------------------------------------------------------------
     def configure_training(self, config: "TrainConfig") -> None:

@@ -49,6 +49,11 @@ class DiffusersHost(HostBase):
             dist.std.float() * self._scaling_factor,
         )
 
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        pixels = self.vae.decode((latents / self._scaling_factor).to(self.device, self.vae.dtype)).sample
+        return ((pixels.float() + 1) / 2).clamp(0, 1)
+
     def predict_noise(self, noisy_latents, timesteps, context) -> torch.Tensor:
         return self._forward(noisy_latents, timesteps, encoder_hidden_states=context).sample
 

@@ -87,6 +87,23 @@ class TrainingMethod:
     def before_optimizer_step(self) -> None:
         """After the gradients are final (unscaled, clipped), before AdamW's step."""
 
+    # -- validation previews -----------------------------------------------------------------
+    def validation_contexts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(contexts [P, T, D] of the prompts with the trained text inputs, the empty prompt's [1, T, D]),
+        and whatever the attached tensors need to act on them during sampling."""
+        from ..precision import autocast
+
+        with torch.no_grad(), autocast(self.device, self.config.mixed_precision):
+            return (self.host.encode_text(prompts, self.text_vectors()).context,
+                    self.host.encode_text([""], {}).context)
+
+    def text_vectors(self) -> dict[str, torch.Tensor]:
+        """The trained token vectors to inject into prompts (none for methods without tokens)."""
+        return {}
+
+    def end_validation(self) -> None:
+        """Undo what ``validation_contexts`` set up."""
+
     # -- reporting and files ---------------------------------------------------------------
     def drift(self) -> list[dict]:
         """Each token's drift now (methods without tokens: none)."""

@@ -67,6 +67,9 @@ class ClassDiffusionMethod(TrainingMethod):
     def token_dict(self) -> dict[str, torch.Tensor]:
         return {token: self.token_vectors[k] for k, token in enumerate(self.tokens)}
 
+    def text_vectors(self) -> dict[str, torch.Tensor]:
+        return {token: vector.detach() for token, vector in self.token_dict().items()}
+
     def phrase(self, concept: int, prefix: str, rng: torch.Generator) -> str:
         return self.concepts[concept].train_phrase(prefix)
 

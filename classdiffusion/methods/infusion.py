@@ -100,6 +100,21 @@ class InfusionMethod(TrainingMethod):
         zero = recon.new_zeros(())
         return Losses(total=recon, recon=recon, spl=zero, cosines=[])
 
+    def validation_contexts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sampler batches rows its own way, so during validation the residual hooks find the
+        class word by content (as at inference), not from a training batch's positions."""
+        from ..residual import ConditionRegistry, RegistryPositions
+
+        context, uncond = super().validation_contexts(prompts)
+        registry = ConditionRegistry()
+        registry.register(context, self.host.token_ids(prompts))
+        self.positions.mask = None
+        self.positions.lookup = RegistryPositions(registry, self.word_ids)
+        return context, uncond
+
+    def end_validation(self) -> None:
+        self.positions.lookup = None
+
     def load_state(self, checkpoint) -> None:
         with torch.no_grad():
             for name, residual in self.residuals.items():

@@ -94,11 +94,12 @@ def test_nodes_are_registered_with_their_inputs(server):
     assert train["required"]["steps"][1]["default"] == 500
     assert train["required"]["spl_weight"][1]["default"] == 1.0
     assert list(train["optional"]) == ["class_images", "concept_2", "concept_3", "spl_feature", "channels_last",
-                                      "compile", "method", "masks", "save_every"]  # new ones last
+                                      "compile", "method", "masks", "save_every", "validation_every",
+                                      "validation_prompts", "validation_steps", "validation_seed"]  # new ones last
     spl_feature = train["optional"]["spl_feature"]
     assert spl_feature[1]["default"] == "eos" and spl_feature[1].get("advanced") is True
     outputs = info["ClassDiffusionTrainConcept"]["output"]
-    assert outputs == ["MODEL", "CLIP", "CLASSDIFFUSION_CONCEPT", "CLASSDIFFUSION_HISTORY"]
+    assert outputs == ["MODEL", "CLIP", "CLASSDIFFUSION_CONCEPT", "CLASSDIFFUSION_HISTORY", "IMAGE"]
 
 
 def test_train_then_sample_with_the_token(server, trained):
@@ -363,3 +364,19 @@ def test_step_checkpoints_are_listed_compared_and_marked(server):
     assert_success(entry)
     grid = _pixels(server, entry)
     assert grid.shape == (64 + 18, 2 * 64, 3)  # step 2 and the final step 4, labelled
+
+
+def test_validation_previews_stream_and_come_out_as_a_grid(server):
+    """validation_every on the Train node: ComfyUI's sampler on the patched model at fixed seeds; the
+    grid (rows = prompts, columns = steps 0, 1, 2) is the node's last output and its files are saved."""
+    entry = server.run({**loader(), **image_batch(),
+                        **train_node("validated", steps=2, validation_every=1, validation_steps=2,
+                                     validation_prompts="a photo of a <sks> dog\na <sks> dog on the beach"),
+                        "save": {"class_type": "SaveImage", "inputs": {"images": ["train", 4], "filename_prefix": "val"}}})
+    assert_success(entry)
+    grid = _pixels(server, entry)
+    assert grid.shape == (16 + 2 * 192 + 16, 220 + 3 * 192, 3)
+    folder = server.base_dir / "output" / "classdiffusion" / "validation"
+    assert sorted(p.name for p in folder.glob("validated-step*.png")) == [
+        f"validated-step{s:05d}-{k:02d}.png" for s in (0, 1, 2) for k in (0, 1)]
+    assert "validation:" in server.log() and "of the run time" in server.log()
