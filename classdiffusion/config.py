@@ -238,6 +238,12 @@ class TrainConfig:
     mixed_precision: MixedPrecision = setting("no", "Autocast dtype; frozen models are stored in it, trained tensors "
                                               "stay fp32.", choices=("no", "fp16", "bf16"), cli="--mixed-precision")
     gradient_checkpointing: bool = setting(False, "Less memory, slower steps.", cli="--gradient-checkpointing")
+    memory: str = setting("check", "Memory planner: before the run, estimate its peak from the model's shapes and "
+                          "compare with the free memory. check: report (and refuse what cannot fit); auto: also switch "
+                          "on gradient checkpointing, then trade batch for gradient accumulation, to fit; off: skip.",
+                          choices=("auto", "check", "off"), cli="--memory")
+    memory_limit_mib: int = setting(0, "Plan for at most this much memory in MiB (0 = the device's free memory); "
+                                    "e.g. to leave room for other work.", min=0, max=1 << 24, cli="--memory-limit-mib")
     attention: Literal["sdpa", "eager"] = setting("sdpa", "UNet attention implementation.", choices=("sdpa", "eager"),
                                                   cli="--attention")
     channels_last: bool = setting(False, "UNet activations in channels-last layout (faster convolutions on recent "
@@ -260,8 +266,10 @@ class TrainConfig:
                                    cli="--validation-seed")
     validation_guidance: float = setting(6.0, "Classifier-free guidance of the validation previews (paper: 6.0).",
                                          min=0.0, max=30.0, step=0.1, cli="--validation-guidance")
-    #: Validation prompts; empty: each concept's training phrase and "... wearing headphones".
-    validation_prompts: list = field(default_factory=list)
+    validation_prompts: list = field(default_factory=list, metadata={
+        "help": "Validation prompts, one per line (CLI: --validation-prompt, repeatable); empty: each concept's "
+                "training phrase and the same '... wearing headphones'. Sampled at fixed seeds every validation_every "
+                "steps into a grid."})
     drift_every: int = setting(0, "Log each token's drift rank every N steps (0 = only before and after).", min=0,
                                cli="--drift-every")
 
@@ -295,6 +303,8 @@ class TrainConfig:
         if not isinstance(self.validation_prompts, list) or not all(
                 isinstance(p, str) and p.strip() for p in self.validation_prompts):
             raise InvalidInputError("validation_prompts must be a list of non-empty prompts.")
+        if self.memory not in ("auto", "check", "off"):
+            raise InvalidInputError("memory must be 'auto', 'check' or 'off'.")
         if self.max_grad_norm < 0:
             raise InvalidInputError("max_grad_norm must be 0 (off) or positive.")
         if self.train_mode not in ("kv", "crossattn"):

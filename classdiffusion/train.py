@@ -36,7 +36,8 @@ from .methods.base import Losses
 logger = logging.getLogger("classdiffusion")
 
 #: Settings that may change when resuming without changing the result.
-RESUME_MAY_CHANGE = {"steps", "save_every", "drift_every", "checkpoint_optimizer", "validation_every",
+RESUME_MAY_CHANGE = {"steps", "save_every", "drift_every", "checkpoint_optimizer", "memory", "memory_limit_mib",
+                     "validation_every",
                      "validation_steps", "validation_seed", "validation_guidance", "validation_prompts"}
 
 
@@ -209,6 +210,9 @@ class TrainingRun:
         if method_type.uses_subject_masks:
             subject_masks = [m for d, imgs in zip(self.data, per_concept) for m in d.load_masks(imgs)]
         self.with_prior = any(d.has_class_images for d in self.data)
+        self.memory_plan = None
+        if config.memory != "off":
+            self.config = config = self._plan_memory(config, method_type, sum(len(i) for i in per_concept))
         base = host.cross_attention_weights(method_type.weights_mode(config))
         self.fingerprint = base_fingerprint(base)
         self.base_weights = base  # read-only views (the official weight decay reads them)
@@ -225,6 +229,25 @@ class TrainingRun:
         self.method.setup_constants()
         self._init_optimizer()
         self._perms: dict[int, list[int]] = {}
+
+    def _plan_memory(self, config: TrainConfig, method_type, images: int) -> TrainConfig:
+        """The memory planner (classdiffusion.memory): log the estimate; with memory="auto" return the
+        settings that fit; refuse (InvalidInputError) what cannot fit, before any image is encoded."""
+        from .memory import available_bytes, estimate, plan
+
+        class_images = sum(len(d.load_class_images()) for d in self.data) if self.with_prior else 0
+        memory_plan = plan(lambda c: estimate(self.host, c, method_type, images=images, class_images=class_images,
+                                              concepts=len(self.concepts)),
+                           config, available_bytes(self.device, config.memory_limit_mib))
+        self.memory_plan = memory_plan
+        message = f"memory plan: {memory_plan.describe()}"
+        if not memory_plan.fits:
+            self._warn(message + " (--memory auto adapts the settings; lower the resolution or batch)")
+        elif memory_plan.changes:
+            self._warn(message)
+        else:
+            logger.info(message)
+        return memory_plan.config
 
     @property
     def lr(self) -> float:

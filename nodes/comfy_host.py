@@ -140,6 +140,9 @@ class ComfyHost(HostBase):
         mean = (mean - self._shift) * self._scale
         return mean.to(self.device), (std * self._scale).to(self.device)
 
+    def _vae_module(self):
+        return getattr(self.vae, "first_stage_model", None)
+
     def sample_images(self, context, uncond, *, seeds, steps, guidance, size, mixed_precision="no",
                       should_stop=lambda: False) -> torch.Tensor:
         """ComfyUI's own sampler (DDIM, ddim_uniform) on the training patcher, whose modules carry

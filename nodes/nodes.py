@@ -111,6 +111,41 @@ class ConceptSpecNode(io.ComfyNode):
         return io.NodeOutput(ConceptData(spec, images, class_images))
 
 
+#: Image inputs of the Concept Images node.
+CONCEPT_IMAGE_INPUTS = 8
+
+
+class ConceptImagesNode(io.ComfyNode):
+    """A concept's photos as one IMAGE batch, without distorting them."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ClassDiffusionImages",
+            display_name="Concept Images",
+            category=CATEGORY,
+            description=("Batches up to 8 images (or image batches) of a concept for the Train node: each is "
+                         "center-cropped to a square and resized to one size, as the trainer crops squares anyway "
+                         "(core Batch Images would stretch every image to the first one's shape)."),
+            inputs=[io.Image.Input("image_1", tooltip="A photo of the concept (or a batch of them).")]
+            + [io.Image.Input(f"image_{k}", optional=True, tooltip="Another photo of the concept.")
+               for k in range(2, CONCEPT_IMAGE_INPUTS + 1)]
+            + [io.Int.Input("size", default=512, min=64, max=2048, step=8, optional=True,
+                            tooltip="Side of the squares (at least the training resolution).")],
+            outputs=[io.Image.Output(display_name="images")],
+        )
+
+    @classmethod
+    def execute(cls, image_1, size=512, **more) -> io.NodeOutput:
+        import comfy.utils
+
+        batches = [image_1] + [more[f"image_{k}"] for k in range(2, CONCEPT_IMAGE_INPUTS + 1)
+                               if more.get(f"image_{k}") is not None]
+        squares = [comfy.utils.common_upscale(b[..., :3].movedim(-1, 1), size, size, "bicubic", "center")
+                   .movedim(1, -1).clamp(0, 1) for b in batches]
+        return io.NodeOutput(torch.cat(squares))
+
+
 class TrainConceptNode(io.ComfyNode):
     """Train a ClassDiffusion concept on the loaded SD1.5 model."""
 
@@ -157,11 +192,11 @@ class TrainConceptNode(io.ComfyNode):
                 setting_input(io.Int, "save_every", optional=True),
                 setting_input(io.Int, "validation_every", optional=True),
                 io.String.Input("validation_prompts", default="", multiline=True, optional=True,
-                                tooltip="One prompt per line (empty: the training phrase and the same '... wearing "
-                                "headphones'). Sampled with ComfyUI's DDIM at fixed seeds every validation_every "
-                                "steps; the grid streams to this node's preview and is the validation output."),
+                                tooltip=setting_info("validation_prompts")["help"]),
                 setting_input(io.Int, "validation_steps", optional=True),
                 setting_input(io.Int, "validation_seed", optional=True),
+                io.Combo.Input("memory", options=list(setting_info("memory")["choices"]), default="auto", optional=True,
+                               tooltip=setting_info("memory")["help"] + " The node's default is auto."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL"),
@@ -179,7 +214,7 @@ class TrainConceptNode(io.ComfyNode):
                 gradient_checkpointing, save_name, class_images=None, concept_2=None, concept_3=None,
                 spl_feature="eos", channels_last=False, compile=False, method="classdiffusion",
                 masks=None, save_every=0, validation_every=0, validation_prompts="", validation_steps=25,
-                validation_seed=0) -> io.NodeOutput:
+                validation_seed=0, memory="auto") -> io.NodeOutput:
         name = sanitize_name(save_name)
         check_sd15(model)
         token = token.strip() or ("<unused>" if method == "infusion" else "")  # Infusion adds no token
@@ -198,6 +233,7 @@ class TrainConceptNode(io.ComfyNode):
             save_every=save_every, checkpoint_optimizer=False,  # step files to compare, not to resume
             validation_every=validation_every, validation_steps=validation_steps, validation_seed=validation_seed,
             validation_prompts=[line.strip() for line in validation_prompts.splitlines() if line.strip()],
+            memory=memory,
         )
         with torch.inference_mode(False), torch.enable_grad():
             patcher = training_patcher(model)
@@ -531,8 +567,8 @@ class ClassDiffusionExtension(ComfyExtension):
 
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [TrainConceptNode, ConceptSpecNode, LoadConceptNode, LossMonitorNode, DriftReportNode, ExportDiffNode,
-                CompareConceptStepsNode]
+        return [TrainConceptNode, ConceptImagesNode, ConceptSpecNode, LoadConceptNode, LossMonitorNode,
+                DriftReportNode, ExportDiffNode, CompareConceptStepsNode]
 
 
 async def comfy_entrypoint() -> ClassDiffusionExtension:

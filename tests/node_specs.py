@@ -94,7 +94,7 @@ def pack_object_info() -> dict:
     info = {}
     for cls in (nodes_module.TrainConceptNode, nodes_module.ConceptSpecNode, nodes_module.LoadConceptNode,
                 nodes_module.LossMonitorNode, nodes_module.DriftReportNode, nodes_module.ExportDiffNode,
-                nodes_module.CompareConceptStepsNode):
+                nodes_module.CompareConceptStepsNode, nodes_module.ConceptImagesNode):
         schema = cls.define_schema()
         entry = {"required": {}, "optional": {}}
         for item in schema.inputs:

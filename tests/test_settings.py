@@ -44,7 +44,10 @@ def test_cli_options_set_the_config_fields():
 def test_train_node_inputs_match_the_config_fields():
     node = pack_object_info()["ClassDiffusionTrainConcept"]["input"]
     inputs = {**node["required"], **node.get("optional", {})}
-    shared = [name for name in inputs if name in FIELDS and name != "mixed_precision"]  # the node adds "auto"
+    # the node adds "auto" to mixed_precision, defaults memory to "auto" (the CLI: "check") and takes the
+    # validation prompts as lines of text (the config: a list)
+    shared = [name for name in inputs if name in FIELDS
+              and name not in ("mixed_precision", "memory", "validation_prompts")]
     assert {"steps", "learning_rate", "spl_weight", "batch_size", "seed", "resolution", "gradient_checkpointing",
             "spl_feature"} <= set(shared)
     for name in shared:
@@ -58,3 +61,6 @@ def test_train_node_inputs_match_the_config_fields():
         if "choices" in meta:
             assert options["options"] == list(meta["choices"]), name
     assert inputs["mixed_precision"][1]["tooltip"].startswith(FIELDS["mixed_precision"].metadata["help"])
+    assert inputs["memory"][1]["tooltip"].startswith(FIELDS["memory"].metadata["help"])
+    assert inputs["memory"][1]["default"] == "auto"
+    assert inputs["validation_prompts"][1]["tooltip"] == FIELDS["validation_prompts"].metadata["help"]

@@ -4,11 +4,14 @@ against a real host in tests/comfyui/test_workflows_on_host.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from node_specs import pack_object_info
 from workflow_tools import FRONTEND_ONLY, check_workflow, load_workflows, ui_to_api
 
+REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = load_workflows()
 PACK = pack_object_info()
 
@@ -64,6 +67,31 @@ def test_infusion_workflow_uses_its_recipe():
     assert sampler["widgets_values"][2:4] == [50, 8.0]  # steps, guidance as in Infusion's inference
     prompt = next(n for n in workflow["nodes"] if n.get("title") == "Prompt")
     assert "dog" in prompt["widgets_values"][0] and "<" not in prompt["widgets_values"][0]
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_layout_has_no_overlaps_no_stored_view_and_a_thumbnail(name):
+    import sys
+
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from build_workflows import boxes_overlap
+
+    workflow = WORKFLOWS[name]
+    nodes = workflow["nodes"]
+    overlapping = [(a["id"], b["id"]) for i, a in enumerate(nodes) for b in nodes[i + 1:] if boxes_overlap(a, b)]
+    assert overlapping == []
+    assert "ds" not in workflow.get("extra", {})  # ComfyUI fits the graph to the window instead
+    assert not any(node["type"] == "ImageBatch" for node in nodes)  # "Batch Images (DEPRECATED)"
+    sources = {link[1] for link in workflow["links"]}
+    targets = {link[3] for link in workflow["links"]}
+    by_id = {node["id"]: node for node in nodes}
+    for _, source, _, target, _, _ in workflow["links"]:  # left to right
+        assert by_id[source]["pos"][0] < by_id[target]["pos"][0], (by_id[source]["type"], by_id[target]["type"])
+    assert sources and targets
+    with Image.open(REPO / "example_workflows" / f"{name}.jpg") as thumbnail:
+        assert thumbnail.format == "JPEG" and min(thumbnail.size) >= 128
 
 
 def test_a_changed_node_input_is_caught():

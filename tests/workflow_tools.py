@@ -112,6 +112,8 @@ def check_workflow(workflow: dict, object_info: dict, types: set[str] | None = N
         if node["type"] not in object_info:
             problems.append(f"node {node['id']}: unknown node type {node['type']!r}")
             continue
+        if object_info[node["type"]].get("deprecated"):
+            problems.append(f"node {node['id']}: {node['type']} is deprecated on this host")
         problems += check_node(node, object_info[node["type"]])
     for link_id, source, source_slot, target, target_slot, link_type in workflow["links"]:
         src, dst = nodes[source], nodes[target]

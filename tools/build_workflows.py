@@ -22,6 +22,37 @@ PACKS = {"ClassDiffusion": ("comfyui-classdiffusion", "0.1.0"), "ADE_": ("comfyu
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 
 
+#: LiteGraph draws a node's title bar above its position; the layout keeps it clear of other nodes.
+TITLE_HEIGHT, GAP, MARGIN = 30, 40, 20
+#: Nodes whose body shows an image or a preview below their widgets.
+PREVIEW_NODES = {"LoadImage": 260, "SaveImage": 320, "ClassDiffusionLossMonitor": 320, "ClassDiffusionDriftReport": 320,
+                 "ClassDiffusionCompareSteps": 320, "ClassDiffusionTrainConcept": 320, "VHS_VideoCombine": 300,
+                 "SaveAnimatedWEBP": 300}
+
+
+def min_size(node: dict) -> tuple[int, int]:
+    """At least what the frontend draws: socket rows, one row per widget (multiline text: more),
+    and the image preview of nodes that show one."""
+    if node["type"] in FRONTEND_ONLY:
+        return 300, 120
+    sockets = max(len(node["inputs"]), len(node["outputs"]))
+    values = node.get("widgets_values") or []
+    widget_rows = len(values) if isinstance(values, list) else len(values)
+    multiline = sum(1 for v in (values if isinstance(values, list) else values.values())
+                    if isinstance(v, str) and ("\n" in v or len(v) > 40))
+    height = 10 + 22 * sockets + 26 * widget_rows + 60 * multiline + PREVIEW_NODES.get(node["type"], 0)
+    return 300, height
+
+
+def boxes_overlap(a: dict, b: dict) -> bool:
+    """Whether two nodes' drawn boxes (title bar included) intersect."""
+    ax0, ay0 = a["pos"][0], a["pos"][1] - TITLE_HEIGHT
+    bx0, by0 = b["pos"][0], b["pos"][1] - TITLE_HEIGHT
+    ax1, ay1 = a["pos"][0] + a["size"][0], a["pos"][1] + a["size"][1]
+    bx1, by1 = b["pos"][0] + b["size"][0], b["pos"][1] + b["size"][1]
+    return ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1
+
+
 def input_type(spec) -> str:
     return "COMBO" if isinstance(spec[0], list) else spec[0]
 
@@ -66,6 +97,8 @@ class Workflow:
             self.nodes.append(node)
             return node
         info = self.info[node_type]
+        if info.get("deprecated"):
+            raise ValueError(f"{node_type} is deprecated on this ComfyUI; use its successor")
         widgets = dict(widgets or {})
         for group in ("required", "optional"):
             for name, spec in info["input"].get(group, {}).items():
@@ -100,9 +133,35 @@ class Workflow:
         target["inputs"][in_slot]["link"] = link_id
 
     def to_json(self) -> dict:
+        """The workflow with a left-to-right layout: each node in the column of its longest path
+        from a source, columns side by side, nodes stacked without overlap; no stored view, so
+        ComfyUI fits the graph to the window when it opens it."""
+        self._layout()
         return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
-                "links": self.links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
-                "version": 0.4}
+                "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+    def _layout(self) -> None:
+        sources: dict[int, list[int]] = {node["id"]: [] for node in self.nodes}
+        for _, source, _, target, _, _ in self.links:
+            sources[target].append(source)
+        depth: dict[int, int] = {}
+
+        def column(node_id: int) -> int:
+            if node_id not in depth:
+                depth[node_id] = 1 + max((column(s) for s in sources[node_id]), default=-1)
+            return depth[node_id]
+
+        columns: dict[int, list[dict]] = {}
+        for node in self.nodes:
+            node["size"] = [max(node["size"][0], min_size(node)[0]), max(node["size"][1], min_size(node)[1])]
+            columns.setdefault(column(node["id"]), []).append(node)
+        x = MARGIN
+        for index in sorted(columns):
+            y = MARGIN + TITLE_HEIGHT
+            for node in columns[index]:
+                node["pos"] = [x, y]
+                y += node["size"][1] + TITLE_HEIGHT + GAP
+            x += max(node["size"][0] for node in columns[index]) + GAP
 
 
 def sampler_chain(wf: Workflow, model, model_out, clip, clip_out, vae, positive: str, x: int, y: int,
@@ -127,14 +186,12 @@ def sampler_chain(wf: Workflow, model, model_out, clip, clip_out, vae, positive:
 
 
 def image_batch(wf: Workflow, names: list[str], x: int, y: int):
-    loads = [wf.node("LoadImage", (x, y + 340 * i), {"image": name}, size=(300, 320)) for i, name in enumerate(names)]
-    batch = loads[0]
-    out = "IMAGE"
-    for i, load in enumerate(loads[1:]):
-        joined = wf.node("ImageBatch", (x + 330, y + 120 * i), size=(200, 50))
-        wf.link(batch, out, joined, "image1")
-        wf.link(load, "IMAGE", joined, "image2")
-        batch, out = joined, "IMAGE"
+    """Load Image per photo into the pack's Concept Images node (core ImageBatch is deprecated, its
+    successor needs a newer ComfyUI than the oldest this pack supports, and both stretch images)."""
+    batch = wf.node("ClassDiffusionImages", (x + 330, y), size=(260, 80))
+    for i, name in enumerate(names):
+        load = wf.node("LoadImage", (x, y + 340 * i), {"image": name}, size=(300, 320))
+        wf.link(load, "IMAGE", batch, f"image_{i + 1}")
     return batch
 
 
@@ -184,7 +241,7 @@ def train_concept(info) -> dict:
     wf.link(ckpt, "MODEL", train, "model")
     wf.link(ckpt, "CLIP", train, "clip")
     wf.link(ckpt, "VAE", train, "vae")
-    wf.link(images, "IMAGE", train, "images")
+    wf.link(images, "images", train, "images")
     monitor = wf.node("ClassDiffusionLossMonitor", (1300, 20), size=(520, 420))
     wf.link(train, "history", monitor, "history")
     drift = wf.node("ClassDiffusionDriftReport", (1850, 20), {"map": "pca"}, size=(520, 420))
@@ -220,13 +277,13 @@ def multi_concept(info) -> dict:
     dogs = image_batch(wf, ["dog_01.png", "dog_02.png"], 500, 20)
     cats = image_batch(wf, ["cat_01.png", "cat_02.png"], 500, 720)
     second = wf.node("ClassDiffusionConcept", (900, 720), {"token": "<my-cat>", "class_word": "cat"}, size=(340, 180))
-    wf.link(cats, "IMAGE", second, "images")
+    wf.link(cats, "images", second, "images")
     train = wf.node("ClassDiffusionTrainConcept", (900, 20),
                     {"token": "<my-dog>", "class_word": "dog", "steps": 800, "save_name": "duo"}, size=(360, 560))
     wf.link(ckpt, "MODEL", train, "model")
     wf.link(ckpt, "CLIP", train, "clip")
     wf.link(ckpt, "VAE", train, "vae")
-    wf.link(dogs, "IMAGE", train, "images")
+    wf.link(dogs, "images", train, "images")
     wf.link(second, "concept", train, "concept_2")
     monitor = wf.node("ClassDiffusionLossMonitor", (1300, 20), size=(520, 420))
     wf.link(train, "history", monitor, "history")
@@ -292,7 +349,7 @@ def train_infusion(info) -> dict:
     wf.link(ckpt, "MODEL", train, "model")
     wf.link(ckpt, "CLIP", train, "clip")
     wf.link(ckpt, "VAE", train, "vae")
-    wf.link(images, "IMAGE", train, "images")
+    wf.link(images, "images", train, "images")
     monitor = wf.node("ClassDiffusionLossMonitor", (1300, 20), size=(520, 420))
     wf.link(train, "history", monitor, "history")
     decode, prefix = sampler_chain(wf, train, "MODEL", train, "CLIP", ckpt, "a photo of a dog wearing headphones",

@@ -38,6 +38,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from ..sampling import ddim_timesteps  # noqa: F401  (used here and re-exported)
 from ..errors import InvalidInputError
 from ..hosts.base import TrainingHost
 
@@ -48,14 +49,6 @@ def fisher_divergence(score_p: Score, score_q: Score, samples: torch.Tensor) -> 
     """Monte-Carlo Fisher divergence E_{x∼p} ‖s_p(x) − s_q(x)‖² from samples of p ([N, ...])."""
     diff = (score_p(samples) - score_q(samples)).double().flatten(1)
     return float((diff ** 2).sum(1).mean())
-
-
-def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
-    """Descending timesteps with diffusers' default "leading" spacing and steps_offset 1 (SD1.5)."""
-    if steps < 1:
-        raise InvalidInputError("The Fisher divergence needs at least one timestep.")
-    ratio = num_train_timesteps // steps
-    return [min(num_train_timesteps - 1, i * ratio + 1) for i in reversed(range(steps))]
 
 
 @dataclass

@@ -168,6 +168,23 @@ class HostBase:
         modules = self.delta_modules([f"{name}.weight" for name in residuals])
         return attach_residuals_with_hooks(modules, residuals, positions)
 
+    # -- memory planning ------------------------------------------------------------------------
+    def unet_config(self) -> dict:
+        """The UNet's configuration in diffusers' terms (the memory planner rebuilds it on ``meta``)."""
+        from ..memory import SD15_UNET
+
+        config = getattr(self._unet, "config", None)
+        return dict(config) if config is not None and "block_out_channels" in config else dict(SD15_UNET)
+
+    def resident_bytes(self) -> int:
+        """Bytes of the frozen models on the training device."""
+        from ..memory import tensor_bytes
+
+        return tensor_bytes(self._unet, self.text.model, self._vae_module(), device=self.device)
+
+    def _vae_module(self):
+        return None
+
     # -- sampling (validation previews) -------------------------------------------------------
     def sample_images(self, context: torch.Tensor, uncond: torch.Tensor, *, seeds: Sequence[int], steps: int,
                       guidance: float, size: int, mixed_precision: str = "no",
@@ -175,7 +192,7 @@ class HostBase:
         """DDIM (η = 0, SD1.5's "leading" spacing) with classifier-free guidance, through
         ``predict_noise``; the host decodes (``decode_latents``)."""
         from ..errors import TrainingCancelled
-        from ..evaluation.overfitting import ddim_timesteps
+        from ..sampling import ddim_timesteps
         from ..precision import autocast
 
         alphas = self._alphas_cumprod.double()

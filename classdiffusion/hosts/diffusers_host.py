@@ -49,6 +49,9 @@ class DiffusersHost(HostBase):
             dist.std.float() * self._scaling_factor,
         )
 
+    def _vae_module(self):
+        return self.vae
+
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         pixels = self.vae.decode((latents / self._scaling_factor).to(self.device, self.vae.dtype)).sample
