@@ -13,39 +13,33 @@ the caching allocator's rounding and fragmentation (a few per cent to ~20 % on t
 from __future__ import annotations
 
 import gc
+import sys
 import warnings
-import weakref
+from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from classdiffusion.memory import LiveBytes  # noqa: E402
 
 
-class LiveTensorMemory(TorchDispatchMode):
-    """``with LiveTensorMemory() as memory: ...`` then ``memory.peak_bytes``."""
+class LiveTensorMemory(LiveBytes):
+    """``with LiveTensorMemory() as memory: ...`` then ``memory.peak_bytes``: the planner's byte
+    counter (classdiffusion.memory.LiveBytes) restricted to one real device, with the tensors alive
+    at the start (weights, cached latents) as the baseline."""
 
     def __init__(self, device: str = "cpu"):
         super().__init__()
         self.device = torch.device(device)
-        self.live: dict[int, int] = {}  # storage data pointer -> bytes
-        self.current = 0
-        self.peak_bytes = 0
         self.baseline_bytes = 0
 
-    def _track(self, tensor: torch.Tensor) -> None:
-        if tensor.device != self.device or tensor.is_meta:
-            return
-        storage = tensor.untyped_storage()
-        pointer, size = storage.data_ptr(), storage.nbytes()
-        if size == 0 or pointer in self.live:
-            return
-        self.live[pointer] = size
-        self.current += size
-        self.peak_bytes = max(self.peak_bytes, self.current)
-        weakref.finalize(storage, self._free, pointer)
+    @property
+    def peak_bytes(self) -> int:
+        return self.peak
 
-    def _free(self, pointer: int) -> None:
-        self.current -= self.live.pop(pointer, 0)
+    def _track(self, tensor: torch.Tensor) -> None:
+        if tensor.device == self.device and not tensor.is_meta:
+            super()._track(tensor)
 
     def __enter__(self):
         gc.collect()
@@ -57,15 +51,8 @@ class LiveTensorMemory(TorchDispatchMode):
         self.baseline_bytes = self.current
         return super().__enter__()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for value in tree_flatten(out)[0]:
-            if isinstance(value, torch.Tensor):
-                self._track(value)
-        return out
-
     def reset_peak(self) -> None:
-        self.peak_bytes = self.current
+        self.peak = self.current
 
 
 class PeakMemory:

@@ -233,23 +233,30 @@ Output: an animated GIF/MP4 via Video Combine and an animated WEBP via the core 
 
 
 def train_concept(info) -> dict:
+    return _training_graph(info, TRAIN_NOTE, {"save_name": "my_dog"}, "a photo of embedding:my_dog dog wearing headphones",
+                           "classdiffusion/my_dog", drift_report=True)
+
+
+def _training_graph(info, note: str, train_widgets: dict, prompt: str, save_prefix: str, *, drift_report: bool,
+                    **sampler_settings) -> dict:
+    """Note, checkpoint, three photos → Concept Images → Train → monitor (and Drift Report) → sampler."""
     wf = Workflow(info)
-    wf.node("Note", (20, 20), size=(460, 330), title="Read me", text=TRAIN_NOTE)
+    wf.node("Note", (20, 20), size=(460, 330), title="Read me", text=note)
     ckpt = wf.node("CheckpointLoaderSimple", (20, 380), {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}, size=(320, 100))
     images = image_batch(wf, ["concept_01.png", "concept_02.png", "concept_03.png"], 500, 20)
-    train = wf.node("ClassDiffusionTrainConcept", (900, 20), {"save_name": "my_dog"}, size=(360, 560))
+    train = wf.node("ClassDiffusionTrainConcept", (900, 20), train_widgets, size=(360, 600))
     wf.link(ckpt, "MODEL", train, "model")
     wf.link(ckpt, "CLIP", train, "clip")
     wf.link(ckpt, "VAE", train, "vae")
     wf.link(images, "images", train, "images")
     monitor = wf.node("ClassDiffusionLossMonitor", (1300, 20), size=(520, 420))
     wf.link(train, "history", monitor, "history")
-    drift = wf.node("ClassDiffusionDriftReport", (1850, 20), {"map": "pca"}, size=(520, 420))
-    wf.link(ckpt, "CLIP", drift, "clip")
-    wf.link(train, "concept", drift, "concept")
-    decode, prefix = sampler_chain(wf, train, "MODEL", train, "CLIP", ckpt,
-                                   "a photo of embedding:my_dog dog wearing headphones", 1300, 480,
-                                   save_prefix="classdiffusion/my_dog")
+    if drift_report:
+        drift = wf.node("ClassDiffusionDriftReport", (1850, 20), {"map": "pca"}, size=(520, 420))
+        wf.link(ckpt, "CLIP", drift, "clip")
+        wf.link(train, "concept", drift, "concept")
+    decode, prefix = sampler_chain(wf, train, "MODEL", train, "CLIP", ckpt, prompt, 1300, 480,
+                                   save_prefix=save_prefix, **sampler_settings)
     save = wf.node("SaveImage", (2560, 480), {"filename_prefix": prefix}, size=(400, 420))
     wf.link(decode, "IMAGE", save, "images")
     return wf.to_json()
@@ -340,23 +347,9 @@ Pick ClassDiffusion instead when the concept must live beside its class (your do
 
 
 def train_infusion(info) -> dict:
-    wf = Workflow(info)
-    wf.node("Note", (20, 20), size=(460, 330), title="Read me", text=INFUSION_NOTE)
-    ckpt = wf.node("CheckpointLoaderSimple", (20, 380), {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}, size=(320, 100))
-    images = image_batch(wf, ["concept_01.png", "concept_02.png", "concept_03.png"], 500, 20)
-    train = wf.node("ClassDiffusionTrainConcept", (900, 20), {"save_name": "my_dog_infusion", "method": "infusion",
-                                                             "batch_size": 4}, size=(360, 600))
-    wf.link(ckpt, "MODEL", train, "model")
-    wf.link(ckpt, "CLIP", train, "clip")
-    wf.link(ckpt, "VAE", train, "vae")
-    wf.link(images, "images", train, "images")
-    monitor = wf.node("ClassDiffusionLossMonitor", (1300, 20), size=(520, 420))
-    wf.link(train, "history", monitor, "history")
-    decode, prefix = sampler_chain(wf, train, "MODEL", train, "CLIP", ckpt, "a photo of a dog wearing headphones",
-                                   1300, 480, steps=50, cfg=8.0, save_prefix="classdiffusion/my_dog_infusion")
-    save = wf.node("SaveImage", (2560, 480), {"filename_prefix": prefix}, size=(400, 420))
-    wf.link(decode, "IMAGE", save, "images")
-    return wf.to_json()
+    return _training_graph(info, INFUSION_NOTE, {"save_name": "my_dog_infusion", "method": "infusion", "batch_size": 4},
+                           "a photo of a dog wearing headphones", "classdiffusion/my_dog_infusion", drift_report=False,
+                           steps=50, cfg=8.0)
 
 
 BUILDERS = {"train_concept": train_concept, "train_infusion": train_infusion, "use_concept": use_concept, "multi_concept": multi_concept,
