@@ -115,13 +115,16 @@ class ConditionRegistry:
 
     def _match(self, row: torch.Tensor) -> torch.Tensor | None:
         length = row.shape[0]
+        row_keys: dict[int, torch.Tensor] = {}  # one device→host copy per prompt length, not per entry
         for entry in reversed(self._entries):
             ids = entry["ids"]
             size = ids.shape[0]
             if length % size:
                 continue
             # cheap filter: the last position's features depend on the whole prompt (causal CLIP)
-            if not torch.equal(row[size - 1, :8].float().cpu(), entry["key"].to(row.dtype).float()):
+            if size not in row_keys:
+                row_keys[size] = row[size - 1, :8].float().cpu()
+            if not torch.equal(row_keys[size], entry["key"].to(row.dtype).float()):
                 continue
             stored = entry["row"]
             key = (row.device, row.dtype)
