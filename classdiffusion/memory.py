@@ -138,16 +138,16 @@ def latent_bank_bytes(config: TrainConfig, images: int) -> int:
     return images * per_image + canvas
 
 
-def step_bytes(unet_config: dict, config: TrainConfig, trained_weights: dict[str, tuple[int, ...]],
-               text_config=None, *, text_rows: int = 0, residual_modules: list[str] | None = None,
-               class_rows: int = 0) -> int:
+def step_bytes(unet_config: dict, config: TrainConfig, *, train_mode: str | None = "kv",
+               residual_target: str | None = None, text_config=None, text_rows: int = 0, class_rows: int = 0) -> int:
     """Peak bytes of one training step beyond what is resident, from a meta-device dry run of the
     UNet (and the text encoder, where gradients flow into it) at the run's batch, resolution,
-    dtype and gradient checkpointing, with the method's trained tensors attached."""
+    dtype and gradient checkpointing, with the method's trained tensors attached: K/V deltas of
+    ``train_mode``, or Infusion's residuals of ``residual_target``."""
     from diffusers import UNet2DConditionModel
 
-    from .kv import attach_deltas_with_hooks
-    from .residual import ResidualPositions, attach_residuals_with_hooks
+    from .kv import attach_deltas_with_hooks, cross_attention_weights
+    from .residual import ResidualPositions, attach_residuals_with_hooks, residual_modules
 
     dtype = precision_dtype(config.mixed_precision)
     meta = torch.device("meta")
@@ -157,6 +157,9 @@ def step_bytes(unet_config: dict, config: TrainConfig, trained_weights: dict[str
         unet.enable_gradient_checkpointing()
         unet.train()
     modules = dict(unet.named_modules())
+    layer_weights = cross_attention_weights(unet, train_mode or "kv")
+    trained_weights = {} if residual_target else {n: tuple(w.shape) for n, w in layer_weights.items()}
+    residuals = residual_modules(list(layer_weights), residual_target) if residual_target else []
     text = None
     if text_config is not None and text_rows:
         from transformers import CLIPTextModel
@@ -164,17 +167,16 @@ def step_bytes(unet_config: dict, config: TrainConfig, trained_weights: dict[str
         with meta:
             text = torch.nn.Module.to(CLIPTextModel(text_config), dtype).requires_grad_(False)
     rows = config.batch_size + class_rows
-    residual_modules = residual_modules or []
     weights = [t for m in (unet, text) if m is not None for t in list(m.parameters()) + list(m.buffers())]
     with LiveBytes(known=weights) as live:
         start = live.current
         trained = [torch.zeros(shape, device=meta, requires_grad=True) for shape in trained_weights.values()]
-        if residual_modules:
+        if residuals:
             positions = ResidualPositions()
             positions.mask = torch.zeros(rows, 77, dtype=torch.bool, device=meta)
             detach = attach_residuals_with_hooks(
-                {m: modules[m] for m in residual_modules},
-                {m: torch.zeros(modules[m].out_features, device=meta, requires_grad=True) for m in residual_modules},
+                {m: modules[m] for m in residuals},
+                {m: torch.zeros(modules[m].out_features, device=meta, requires_grad=True) for m in residuals},
                 positions)
         else:
             detach = attach_deltas_with_hooks(
@@ -289,17 +291,16 @@ def estimate(host, config: TrainConfig, method, *, images: int, class_images: in
     from .residual import residual_modules
 
     unet_config = host.unet_config()
-    weights = host.cross_attention_weights(method.weights_mode(config))
+    mode = method.weights_mode(config)
+    weights = host.cross_attention_weights(mode)
     if method.has_tokens:
-        shapes = {name: tuple(weights[name].shape) for name in trained_names(weights, method.weights_mode(config))}
-        trained = sum(_numel(s) for s in shapes.values()) + concepts * host.text_dim
-        residuals = None
+        trained = sum(weights[name].numel() for name in trained_names(weights, mode)) + concepts * host.text_dim
+        residual_target = None
         text_rows = config.batch_size + concepts * (2 if config.spl_feature == "official" else 1)
         text_config = host.text.model.config
     else:
-        shapes = {}
-        residuals = residual_modules(list(weights), config.residual_target)
-        trained = sum(int(weights[f"{m}.weight"].shape[0]) for m in residuals)
+        residual_target = config.residual_target
+        trained = sum(int(weights[f"{m}.weight"].shape[0]) for m in residual_modules(list(weights), residual_target))
         text_rows, text_config = 0, None
     class_rows = config.batch_size if class_images else 0
     prior = dataclasses.replace(config, augment=False)
@@ -307,13 +308,7 @@ def estimate(host, config: TrainConfig, method, *, images: int, class_images: in
         resident=host.resident_bytes(),
         latents=latent_bank_bytes(config, images) + (latent_bank_bytes(prior, class_images) if class_images else 0),
         trained=2 * 4 * trained,
-        step=step_bytes(unet_config, config, shapes, text_config, text_rows=text_rows, residual_modules=residuals,
-                        class_rows=class_rows),
+        step=step_bytes(unet_config, config, train_mode=mode, residual_target=residual_target,
+                        text_config=text_config, text_rows=text_rows, class_rows=class_rows),
     )
 
-
-def _numel(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= int(size)
-    return count
