@@ -113,6 +113,17 @@ class TrainingMethod:
         """Copy a checkpoint's trained tensors into this run's (resume)."""
         raise NotImplementedError
 
+    @staticmethod
+    @torch.no_grad()
+    def copy_saved(trained: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], what: str) -> None:
+        """Copy each saved tensor into its trained one; a missing name is the checkpoint's fault."""
+        from ..errors import InvalidInputError
+
+        for name, tensor in trained.items():
+            if name not in saved:
+                raise InvalidInputError(f"The checkpoint lacks the {what} of {name}.")
+            tensor.copy_(saved[name])
+
     def concept_fields(self) -> dict[str, Any]:
         """The trained tensors as ``Concept`` fields (deltas, token_vectors, tokens, residuals), on the CPU."""
         raise NotImplementedError

@@ -136,13 +136,8 @@ class ClassDiffusionMethod(TrainingMethod):
                 for k, (probe, token) in enumerate(zip(self._probes, self.tokens))]
 
     def load_state(self, checkpoint) -> None:
-        from ..errors import InvalidInputError
-
+        self.copy_saved(self.deltas, checkpoint.deltas, "delta")
         with torch.no_grad():
-            for name, delta in self.deltas.items():
-                if name not in checkpoint.deltas:
-                    raise InvalidInputError(f"The checkpoint lacks the layer {name}.")
-                delta.copy_(checkpoint.deltas[name])
             self.token_vectors.copy_(checkpoint.token_vectors)
 
     def concept_fields(self) -> dict[str, Any]:

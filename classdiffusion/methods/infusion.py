@@ -116,11 +116,7 @@ class InfusionMethod(TrainingMethod):
         self.positions.lookup = None
 
     def load_state(self, checkpoint) -> None:
-        with torch.no_grad():
-            for name, residual in self.residuals.items():
-                if name not in checkpoint.residuals:
-                    raise InvalidInputError(f"The checkpoint lacks the residual of {name}.")
-                residual.copy_(checkpoint.residuals[name])
+        self.copy_saved(self.residuals, checkpoint.residuals, "residual")
 
     def concept_fields(self) -> dict[str, Any]:
         return {"deltas": {}, "token_vectors": torch.zeros(0, self.host.text_dim), "tokens": [],
