@@ -137,8 +137,23 @@ class TransformersTextEncoder:
     def word_token_count(self, word: str) -> int:
         return len(self.tokenizer(word, add_special_tokens=False).input_ids)
 
+    def initializer_ids(self, word: str) -> list[int]:
+        """The vocabulary rows a new token starts from, picked as the official code picks them.
+
+        The official code (diffusers' Custom Diffusion script) calls ``tokenizer.encode([word])``;
+        under transformers 4.x a list of strings is looked up piece by piece, so a word that is
+        one vocabulary piece gives that piece's row: "ktn" → id 42170 in the real CLIP vocabulary
+        (the piece without the end-of-word mark), not the ``k`` + ``tn</w>`` a prompt splits it
+        into. A word that is not one piece (the official code refuses it) is split as inside a
+        prompt, and the token starts from the mean of its pieces' rows."""
+        piece = self.tokenizer.get_vocab().get(word)
+        if piece is not None and piece not in self.injector.token_ids.values():
+            return [piece]
+        return self.word_ids(word)
+
     def word_embedding(self, word: str) -> torch.Tensor:
-        ids = self.tokenizer(word, add_special_tokens=False).input_ids
+        """A new token's starting vector: the mean of :meth:`initializer_ids`' rows."""
+        ids = self.initializer_ids(word)
         if not ids:
             raise InvalidInputError(f"The word {word!r} gives no tokens; use a real word.")
         known = [i for i in ids if i not in self.injector.token_ids.values()]

@@ -61,8 +61,12 @@ class TrainingHost(Protocol):
     def word_token_count(self, word: str) -> int:
         """How many tokens the tokenizer splits ``word`` into (1 for a known word)."""
 
+    def initializer_ids(self, word: str) -> list[int]:
+        """The vocabulary ids a new token starting from ``word`` takes its vector from: the one
+        piece ``word`` is, as the official code looks it up, else the pieces a prompt splits it into."""
+
     def word_embedding(self, word: str) -> torch.Tensor:
-        """The input embedding of ``word`` (mean over its tokens), float32 [D]: a token's start."""
+        """A token's start, float32 [D]: the mean input embedding of :meth:`initializer_ids`."""
 
     def encode_text(
         self, prompts: Sequence[str], token_vectors: Mapping[str, torch.Tensor], *,
@@ -141,6 +145,9 @@ class HostBase:
 
     def word_token_count(self, word: str) -> int:
         return self.text.word_token_count(word)
+
+    def initializer_ids(self, word: str) -> list[int]:
+        return self.text.initializer_ids(word)
 
     def word_embedding(self, word: str) -> torch.Tensor:
         return self.text.word_embedding(word)

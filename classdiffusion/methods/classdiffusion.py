@@ -38,8 +38,9 @@ class ClassDiffusionMethod(TrainingMethod):
                 self.run._warn(f"The class word {spec.class_word!r} is split into {pieces} tokens; it still "
                                "works (SPL uses the EOS feature), but a single common word is better.")
             init_word = spec.initializer_word
-            if self.host.word_token_count(init_word) != 1:
-                self.run._warn(f"The initializer {init_word!r} is {self.host.word_token_count(init_word)} tokens; "
+            init_pieces = len(self.host.initializer_ids(init_word))
+            if init_pieces != 1:
+                self.run._warn(f"The initializer {init_word!r} is {init_pieces} tokens; "
                                "the token starts from their mean embedding.")
             vectors.append(self.host.word_embedding(init_word).to(self.device, torch.float32))
         self.token_vectors = nn.Parameter(torch.stack(vectors))
