@@ -452,6 +452,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def configure_output(*, verbose: bool) -> None:
+    """What a run prints: our warnings, the memory plan as one plain line, progress bars.
+
+    Without ``-v``, the libraries' own notices are left out: transformers' and diffusers' loading
+    bars ("Loading weights", "Writing model shards"), diffusers' advice to install accelerate
+    (loading is not slower without it here: docs/development.md) and transformers' note that
+    torchvision is missing for image processors the trainer does not use. Their errors still show."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from .memory import PLAN_LOGGER
+
+    plan_logger = logging.getLogger(PLAN_LOGGER)
+    if not verbose and not plan_logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        plan_logger.addHandler(handler)
+        plan_logger.setLevel(logging.INFO)
+        plan_logger.propagate = False
+    if not verbose:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        for library in (diffusers_logging, transformers_logging):
+            library.set_verbosity_error()
+            library.disable_progress_bar()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="classdiffusion", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
@@ -486,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample images with one or more concepts applied")
     gen.add_argument("--base", required=True)
     gen.add_argument("--base-config")
-    gen.add_argument("--concept", nargs="+", required=True, help="concept file(s)")
+    gen.add_argument("--concept", nargs="*", default=[],
+                     help="concept file(s) to apply; none samples the base model alone (to compare)")
     gen.add_argument("--prompt", required=True, help="e.g. 'photo of a <sks> dog wearing headphones'")
     gen.add_argument("--negative-prompt")
     gen.add_argument("--out", required=True, help="output folder")
@@ -578,8 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    configure_output(verbose=args.verbose)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.func(args)

@@ -33,6 +33,8 @@ from .errors import InvalidInputError
 from .precision import precision_dtype
 
 logger = logging.getLogger("classdiffusion")
+#: The memory plan's one line goes to this logger: the command line shows it without ``-v``.
+PLAN_LOGGER = "classdiffusion.memory.plan"
 
 MIB = 2 ** 20
 #: Share of the free memory a plan may use (the rest: allocator slack, other processes' growth).

@@ -233,7 +233,7 @@ class TrainingRun:
     def _plan_memory(self, config: TrainConfig, method_type, images: int) -> TrainConfig:
         """The memory planner (classdiffusion.memory): log the estimate; with memory="auto" return the
         settings that fit; refuse (InvalidInputError) what cannot fit, before any image is encoded."""
-        from .memory import available_bytes, estimate, plan
+        from .memory import PLAN_LOGGER, available_bytes, estimate, plan
 
         class_images = sum(len(d.load_class_images()) for d in self.data) if self.with_prior else 0
         memory_plan = plan(lambda c: estimate(self.host, c, method_type, images=images, class_images=class_images,
@@ -246,7 +246,7 @@ class TrainingRun:
         elif memory_plan.changes:
             self._warn(message)
         else:
-            logger.info(message)
+            logging.getLogger(PLAN_LOGGER).info(message)
         return memory_plan.config
 
     @property

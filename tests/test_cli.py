@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+from PIL import Image
+
 from classdiffusion.cli import main
 from classdiffusion.concept import load_concept
 
@@ -43,6 +46,31 @@ def test_train_inspect_resume_generate(tiny_base, image_dir, tmp_path, capsys):
                  "a photo of a <sks> dog wearing headphones", "--out", str(tmp_path / "gen"),
                  "--steps", "2", "--size", "64", "--num-images", "2"]) == 0
     assert len(list((tmp_path / "gen").glob("*.png"))) == 2
+
+    # Without --concept: the base model alone, to compare (the same seed gives another picture).
+    assert main(["generate", "--base", str(tiny_base), "--prompt", "a photo of a dog wearing headphones",
+                 "--out", str(tmp_path / "base_only"), "--steps", "2", "--size", "64"]) == 0
+    base_only = np.asarray(Image.open(next((tmp_path / "base_only").glob("*.png"))), dtype=np.int16)
+    tuned = np.asarray(Image.open(sorted((tmp_path / "gen").glob("*.png"))[0]), dtype=np.int16)
+    assert base_only.shape == tuned.shape and np.abs(base_only - tuned).max() > 0
+
+
+def test_default_output_shows_the_memory_plan_and_no_library_notices(tiny_base, image_dir, tmp_path):
+    """A train run prints the plan as one line, and nothing of diffusers' accelerate advice or
+    transformers' loading bars (a new process: logging is configured once per process)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "classdiffusion", "train", "--base", str(tiny_base),
+                           "--images", str(image_dir), "--token", "<sks>", "--class-word", "dog",
+                           "--out", str(tmp_path / "dog.safetensors"), "--steps", "1", "--resolution", "64",
+                           "-q"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    output = done.stdout + done.stderr
+    plan_lines = [line for line in output.splitlines() if line.startswith("memory plan: ")]
+    assert len(plan_lines) == 1 and "fits as set" in plan_lines[0], output
+    for notice in ("accelerate", "Loading weights", "Writing model shards", "torchvision"):
+        assert notice not in output, output
 
 
 def test_multi_concept_json(tiny_base, image_dir, tmp_path):
