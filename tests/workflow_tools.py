@@ -43,6 +43,13 @@ def _linked_inputs(node: dict) -> set[str]:
     return {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
 
 
+def frontend_widget_count(spec: list) -> int:
+    """Values the frontend saves after an input's own: the seed's control ("fixed") and an image
+    input's upload button ("image")."""
+    options = _options(spec)
+    return int(bool(options.get("control_after_generate"))) + int(bool(options.get("image_upload")))
+
+
 def widget_values(node: dict, node_info: dict) -> dict:
     """{widget name: value} in the host's widget order (skipping the seed's control value)."""
     values = node.get("widgets_values", [])
@@ -55,8 +62,7 @@ def widget_values(node: dict, node_info: dict) -> dict:
             break
         out[name] = values[position]
         position += 1
-        if _options(spec).get("control_after_generate"):
-            position += 1
+        position += frontend_widget_count(spec)
     return out
 
 
@@ -67,7 +73,7 @@ def check_node(node: dict, node_info: dict) -> list[str]:
     values = node.get("widgets_values", [])
     widgets = widget_inputs(node_info, _linked_inputs(node))
     if isinstance(values, list):
-        expected = sum(2 if _options(spec).get("control_after_generate") else 1 for _, spec in widgets)
+        expected = sum(1 + frontend_widget_count(spec) for _, spec in widgets)
         if len(values) != expected:
             problems.append(f"{label}: {len(values)} widget values, the node has {expected} "
                             f"({[name for name, _ in widgets]})")

@@ -111,6 +111,8 @@ class Workflow:
             values.append(widgets.pop(name) if name in widgets else default_value(spec))
             if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("control_after_generate"):
                 values.append("fixed")
+            if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("image_upload"):
+                values.append("image")  # the upload button's value, saved as the frontend saves it
         if widgets:
             raise KeyError(f"{node_type} has no widgets {sorted(widgets)}")
         if node_type == "VHS_VideoCombine":  # VHS saves its widgets by name
