@@ -269,6 +269,7 @@ def test_cli_trains_inspects_and_explains_compress_and_export(tiny_base, image_d
     assert "Infusion concept" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two full evals (~40 s)
 def test_eval_separately_reports_both_methods_side_by_side(tiny_base, image_dir, tmp_path, capsys):
     """Infusion's own metrics for a ClassDiffusion and an Infusion concept of the same images: the
     Fisher divergence on prompts without the concept is exactly 0 for Infusion (they never reach it)."""

@@ -72,7 +72,9 @@ def _measure(model: str, resolution: int, base: Path, method: str = "classdiffus
     return json.loads(line[7:])
 
 
-CASES = [("tiny", 128), ("tiny", 256), ("tiny", 512), ("sd15", 128)] + (
+# The quick run (-m "not slow") keeps the smallest case; the larger ones take 15-45 s each.
+CASES = [("tiny", 128)] + [pytest.param(*case, marks=pytest.mark.slow)
+                           for case in [("tiny", 256), ("tiny", 512), ("sd15", 128)]] + (
     [("sd15", 256), ("sd15", 512)] if SLOW else [])
 
 

@@ -1,65 +1,64 @@
-"""Make example_workflows/<name>.jpg, the template browser's thumbnails, from each workflow's own
-output: every shipped workflow runs on the test host (tests/comfyui: random SD1.5-architecture
-checkpoint, small sizes and few steps) and its first saved image becomes the card's picture.
+"""Make example_workflows/<name>.jpg, the template browser's card pictures: each shipped workflow
+as ComfyUI's real frontend draws it, opened through Workflow → Open in headless Chromium.
 
     eval "$(bash tools/setup_comfyui_env.sh)"; python tools/make_thumbnails.py
 
-Random weights draw noise-like pictures: what a card shows is the workflow's real output path.
+The test host (tests/comfyui) serves the frontend; the concept images in the Load Image nodes are
+the demo's synthetic toy pictures, and the concept the use/video workflows load is trained first by
+the train workflow (small settings), so no node shows a missing file. A card shows the workflow, not
+a generated picture: on random test weights a generated picture would be noise.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from PIL import Image
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests" / "comfyui"), str(REPO / "tests"), str(REPO)]
 
-THUMBNAIL = 256
+#: The card picture's longest side.
+WIDTH = 1200
 
 
-def first_image(server, entry) -> Image.Image:
-    for output in entry["outputs"].values():
-        for key in ("images", "gifs"):
-            for item in output.get(key, []):
-                if item.get("type") != "output":
-                    continue
-                path = server.base_dir / "output" / item.get("subfolder", "") / item["filename"]
-                if path.suffix.lower() in (".png", ".jpg", ".webp", ".gif"):
-                    with Image.open(path) as image:
-                        return image.convert("RGB")
-    raise RuntimeError("the workflow saved no image")
+def _toy_concept_images(input_dir: Path) -> None:
+    """The demo's synthetic 'toy' in place of the test host's random-pixel concept images."""
+    from classdiffusion.demo import synthetic_images
+
+    made = synthetic_images(Path(tempfile.mkdtemp(prefix="toy_")), count=7, size=256)
+    names = ["concept_01", "concept_02", "concept_03", "dog_01", "dog_02", "cat_01", "cat_02"]
+    for source, name in zip(made, names):
+        shutil.copyfile(source, input_dir / f"{name}.png")
 
 
 def main() -> None:
-    from comfy_server import error_message, start_server
-    from test_workflows_on_host import SMALL
-    from workflow_tools import load_workflows, ui_to_api
+    from browser import Browser
+    from comfy_server import MOTION_MODULE, error_message, start_server
+    from frontend import graph_screenshot, open_comfyui, open_workflow, prepare_for_screenshot
+    from workflow_tools import WORKFLOW_DIR, load_workflows, ui_to_api
 
     server = start_server(Path(tempfile.mkdtemp(prefix="thumbnails_")), workflows=True)
     try:
-        info = server.get("/object_info")
-        for name, workflow in load_workflows().items():
-            if name == "use_concept" or name == "video_animatediff":  # they load train_concept's file
-                continue
-            _make(server, info, name, workflow, SMALL, error_message, ui_to_api)
-        for name in ("use_concept", "video_animatediff"):
-            _make(server, info, name, load_workflows()[name], SMALL, error_message, ui_to_api)
+        _toy_concept_images(server.base_dir / "input")
+        small = {"ClassDiffusionTrainConcept": {"steps": 2, "resolution": 64},
+                 "EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 1}}
+        entry = server.run(ui_to_api(load_workflows()["train_concept"], server.get("/object_info"), small), timeout=900)
+        if entry["status"]["status_str"] != "success":
+            raise RuntimeError(f"train_concept: {error_message(entry)}")
+        # The video workflow names the motion module users download; the picture shows it present.
+        motion = server.base_dir / "models" / "animatediff_models"
+        if (motion / MOTION_MODULE).exists():
+            shutil.copyfile(motion / MOTION_MODULE, motion / "mm_sd_v15_v2.ckpt")
+        with Browser(2000, 1500) as browser:
+            open_comfyui(browser, server.url)
+            for name in load_workflows():
+                open_workflow(browser, WORKFLOW_DIR / f"{name}.json")
+                prepare_for_screenshot(browser)
+                print(graph_screenshot(browser, WORKFLOW_DIR / f"{name}.jpg", width=WIDTH))
     finally:
         server.stop()
-
-
-def _make(server, info, name, workflow, small, error_message, ui_to_api) -> None:
-    entry = server.run(ui_to_api(workflow, info, small), timeout=900)
-    if entry["status"]["status_str"] != "success":
-        raise RuntimeError(f"{name}: {error_message(entry)}")
-    picture = first_image(server, entry).resize((THUMBNAIL, THUMBNAIL), Image.BICUBIC)
-    path = REPO / "example_workflows" / f"{name}.jpg"
-    picture.save(path, quality=88)
-    print(path)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ HOST_TESTS = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:  # every real-host test starts or shares a ComfyUI server: not for the quick run
+        if Path(str(item.fspath)).resolve().parent == HOST_TESTS:
+            item.add_marker(pytest.mark.slow)
     if not host_required() or not any(Path(str(item.fspath)).resolve().parent == HOST_TESTS for item in items):
         return
     reason = unavailable_reason()
