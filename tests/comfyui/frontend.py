@@ -32,6 +32,20 @@ def open_comfyui(browser: Browser, url: str, timeout: float = 180) -> None:
                      "Object.keys(LiteGraph.registered_node_types).length > 0 && "
                      "app.extensionManager && app.extensionManager.command ? 'ready' : ''", timeout=timeout)
     browser.send("Page.setInterceptFileChooserDialog", enabled=True)
+    # A new browser profile is a first visit: the frontend opens its template browser by itself.
+    browser.evaluate("app.extensionManager.setting.set('Comfy.TutorialCompleted', true).then(() => true)")
+    close_dialogs(browser)
+
+
+def close_dialogs(browser: Browser, timeout: float = 10) -> None:
+    """Escape, as a user closes a dialog, until none is open."""
+    deadline = time.time() + timeout
+    while browser.evaluate("document.querySelectorAll('[role=dialog]').length") and time.time() < deadline:
+        for kind in ("keyDown", "keyUp"):
+            browser.send("Input.dispatchKeyEvent", type=kind, key="Escape", code="Escape", windowsVirtualKeyCode=27)
+        time.sleep(0.3)
+    if browser.evaluate("document.querySelectorAll('[role=dialog]').length"):
+        raise RuntimeError("a dialog of the frontend does not close")
 
 
 def run_command(browser: Browser, command: str) -> None:
@@ -107,7 +121,7 @@ def listed_templates(browser: Browser, pack: str, timeout: float = 60) -> list[s
     browser.evaluate(f"({entry}).click(), true")
     browser.wait_for("document.querySelector('[role=dialog]').innerText.includes('Showing')", timeout=timeout)
     text = browser.evaluate("document.querySelector('[role=dialog]').innerText")
-    browser.evaluate("document.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape'})), true")
+    close_dialogs(browser)
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -118,16 +132,19 @@ def prepare_for_screenshot(browser: Browser) -> None:
       const settings = app.extensionManager.setting;
       for (const [key, value] of [['Comfy.Minimap.Visible', false], ['Comfy.Graph.CanvasMenu', false],
                                   ['Comfy.Graph.CanvasInfo', false],
-                                  ['LiteGraph.Canvas.LowQualityRenderingZoomThreshold', 0.05]]) {
+                                  ['LiteGraph.Canvas.LowQualityRenderingZoomThreshold', 0.05],
+                                  ['LiteGraph.Canvas.MinFontSizeForLOD', 1]]) {
         try { await settings.set(key, value) } catch (e) {}
       }
       try { app.extensionManager.toast.removeAll() } catch (e) {}
       return true })()""")
+    close_dialogs(browser)
     if not browser.evaluate("app.extensionManager.focusMode"):
         run_command(browser, "Workspace.ToggleFocusMode")
     run_command(browser, "Comfy.Canvas.FitView")
     browser.evaluate("app.canvas.setDirty(true, true), true")
     time.sleep(1.0)
+    browser.wait_for("app.canvas.low_quality === false", timeout=20)  # text drawn, not grey bars
 
 
 def graph_screenshot(browser: Browser, out: Path, *, width: int = 1200, quality: int = 88) -> Path:
