@@ -20,9 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def source_modules(root: Path) -> set[str]:
-    """Every module of the trainer package, as a path inside an installed tree."""
-    return {path.relative_to(root).as_posix() for path in (root / "classdiffusion").rglob("*.py")
-            if "__pycache__" not in path.parts}
+    """Every module of the trainer package and the data it ships (the toy world's weights), as
+    paths inside an installed tree."""
+    package = root / "classdiffusion"
+    files = list(package.rglob("*.py")) + list(package.glob("toyworld/weights/*"))
+    return {path.relative_to(root).as_posix() for path in files if "__pycache__" not in path.parts}
 
 
 def _tracked_copy(dest: Path) -> Path:

@@ -1,0 +1,86 @@
+"""The toy base: SD1.5's architecture classes at toy sizes, pretrained on the toy world.
+
+CLIPTextModel (768 wide, as the trainer's SD1.5 checks want) with a CLIP-format tokenizer of the
+world's words, AutoencoderKL with SD1.5's ×8 reduction (64 px pictures → 8×8×4 latents),
+UNet2DConditionModel with cross-attention on the text tower's last hidden states, SD1.5's noise
+schedule. :func:`component_configs` fixes the shapes; tools/pretrain_toyworld.py trains them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: Picture size of the toy base (the ×8 VAE gives 8×8 latents: cheap enough to pretrain on 2 CPU cores).
+RESOLUTION = 64
+
+
+def world_words() -> list[str]:
+    """Every word a toy-world caption or prompt uses (the tokenizer keeps each one whole)."""
+    from .world import ADDON_WORDS, CLASSES, COLOURS, PATTERNS, SCENES, SIZES
+
+    words = {"a", "photo", "of", "the", "ktn", "sks"} | set(CLASSES) | set(COLOURS) | set(PATTERNS) | set(SIZES)
+    for phrase in [s[3] for s in SCENES.values()] + list(ADDON_WORDS.values()):
+        words |= set(phrase.split())
+    return sorted(words)
+
+
+def build_world_tokenizer(out_dir: str | Path) -> Path:
+    from ..tiny import build_tokenizer
+
+    return build_tokenizer(out_dir, world_words())
+
+
+def make_components(tokenizer_dir: str | Path, seed: int = 0):
+    """(tokenizer, text_encoder, unet, vae, scheduler), freshly initialised at the toy sizes."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**make_components_text_config(tokenizer)))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION, layers_per_block=1,
+        block_out_channels=(16, 32, 64, 64), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    unet = UNet2DConditionModel(
+        sample_size=RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", clip_sample=False, steps_offset=1)
+    return tokenizer, text_encoder, unet, vae, scheduler
+
+
+def make_clip(tokenizer, text_encoder=None, seed: int = 0):
+    """The toy CLIP: ``text_encoder``'s tower (or a fresh one of the same shape) and a small ViT
+    on 64 px pictures, projected to one space (a transformers CLIPModel, so the evaluation code
+    loads it like a real CLIP)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    text = text_encoder.config.to_dict() if text_encoder is not None else make_components_text_config(tokenizer)
+    config = CLIPConfig(text_config=text, vision_config=dict(
+        image_size=64, patch_size=8, hidden_size=192, intermediate_size=384, num_hidden_layers=3,
+        num_attention_heads=4, projection_dim=256, hidden_act="quick_gelu"), projection_dim=256)
+    clip = CLIPModel(config)
+    if text_encoder is not None:
+        text_tower(clip).load_state_dict(text_tower(text_encoder).state_dict())
+    return clip
+
+
+def make_components_text_config(tokenizer) -> dict:
+    return dict(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=512, num_attention_heads=8,
+                num_hidden_layers=2, max_position_embeddings=77, projection_dim=256,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, hidden_act="quick_gelu")
+
+
+def text_tower(model):
+    """The text transformer inside a CLIPModel or a CLIPTextModel (transformers 4 nests it as
+    ``text_model``; 5 makes CLIPTextModel the tower itself)."""
+    return getattr(model, "text_model", model)

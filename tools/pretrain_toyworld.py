@@ -1,0 +1,298 @@
+"""Build the toy world's committed weights, deterministically, on the CPU.
+
+    python tools/pretrain_toyworld.py checker      # the independent checker (minutes on 2 cores)
+    python tools/pretrain_toyworld.py calibrate    # seconds per step of every stage, nothing written
+    python tools/pretrain_toyworld.py vae | clip | unet   # the toy base, in this order (not built yet)
+
+Each stage writes ``classdiffusion/toyworld/weights/<stage>.safetensors`` and records in
+``weights/MANIFEST.json`` the command, the seed, the time it took and the file's SHA-256, so that a
+test can tell the committed file is the one this script wrote. Every random choice comes from the
+stage's seed and runs use two threads and torch's deterministic algorithms; a rerun of the checker
+stage reproduced its logged losses at every 250 steps (byte identity across machines is not claimed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+WEIGHTS = REPO / "classdiffusion" / "toyworld" / "weights"
+OUT = WEIGHTS  # --out changes it (calibration runs write elsewhere)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def record(stage: str, path: Path, seconds: float, settings: dict) -> None:
+    import torch
+
+    manifest_path = OUT / "MANIFEST.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest[stage] = {
+        "file": path.relative_to(OUT).as_posix(), "sha256": sha256(path), "bytes": path.stat().st_size,
+        "command": f"python tools/pretrain_toyworld.py {stage}", "settings": settings,
+        "seconds": round(seconds, 1), "torch": torch.__version__, "machine": platform.machine(),
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def stage_checker(args) -> None:
+    from classdiffusion.toyworld.checker import Checker, accuracy, train_checker
+    from classdiffusion.toyworld.world import World
+
+    settings = {"steps": args.steps or 1500, "batch": 64, "seed": 0}
+    started = time.perf_counter()
+    checker = Checker(train_checker(**settings))
+    seconds = time.perf_counter() - started
+    path = OUT / "checker.safetensors"
+    checker.save(path)
+    record("checker", path, seconds, settings)
+    print(f"wrote {path} in {seconds:.0f} s")
+    print("accuracy on fresh pictures:", accuracy(checker, World(seed=99), seed=12345, count=600))
+
+
+def _pictures(world, start: int, count: int, size: int):
+    """Pretraining pictures ``start``..``start+count`` as [-1, 1] tensors, with their captions."""
+    import numpy as np
+    import torch
+
+    images, captions = [], []
+    for image, scene in world.pretraining_batch(start, count):
+        images.append(np.asarray(image, dtype=np.float32))
+        captions.append(scene.caption())
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1
+    return pixels, captions
+
+
+def stage_vae(args) -> None:
+    """The ×8 AutoencoderKL on 128 px pictures: L1 + MSE reconstruction and a small KL term."""
+    import torch
+    from torch.nn import functional as F
+
+    from classdiffusion.toyworld.base import RESOLUTION, build_world_tokenizer, make_components
+    from classdiffusion.toyworld.world import World
+
+    steps, batch = args.steps or 1500, 16
+    world = World(size=RESOLUTION, seed=1)
+    _, _, _, vae, _ = make_components(build_world_tokenizer(OUT / "tokenizer"), seed=1)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    started = time.perf_counter()
+    for step in range(steps):
+        pixels, _ = _pictures(world, step * batch, batch, RESOLUTION)
+        posterior = vae.encode(pixels).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        kl = posterior.kl().mean() / (4 * (RESOLUTION // 8) ** 2)
+        loss = F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels) + 1e-4 * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"vae step {step}: loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    with torch.no_grad():  # SD's scaling: latents of unit standard deviation
+        pixels, _ = _pictures(world, 10_000_000, 64, RESOLUTION)
+        std = float(vae.encode(pixels).latent_dist.mean.std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    seconds = time.perf_counter() - started
+    out = OUT / "vae"
+    vae.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    record("vae", out / "diffusion_pytorch_model.safetensors", seconds,
+           {"steps": steps, "batch": batch, "seed": 1, "scaling_factor": 1.0 / std})
+    print(f"wrote {out} in {seconds:.0f} s (scaling factor {1 / std:.4f})")
+
+
+def stage_clip(args) -> None:
+    """The toy CLIP: text tower and a small ViT, contrastive on (picture, caption) pairs."""
+    import torch
+    from torch.nn import functional as F
+
+    from classdiffusion.toyworld.base import build_world_tokenizer, make_clip
+    from classdiffusion.toyworld.world import World
+
+    steps, batch = args.steps or 1500, 64
+    world = World(size=64, seed=2)
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(build_world_tokenizer(OUT / "tokenizer")))
+    clip = make_clip(tokenizer, seed=2)
+    optimizer = torch.optim.AdamW(clip.parameters(), lr=5e-4, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-4, total_steps=steps, pct_start=0.05)
+    started = time.perf_counter()
+    for step in range(steps):
+        pixels, captions = _pictures(world, step * batch, batch, 64)
+        # Captions are under 20 tokens: 24 positions carry all of them and their end-of-text token.
+        ids = tokenizer(captions, padding="max_length", max_length=24, truncation=True, return_tensors="pt").input_ids
+        out = clip(input_ids=ids, pixel_values=pixels, return_loss=False)
+        logits = out.logits_per_image
+        # Pairs with the same caption are not negatives of each other.
+        same = torch.tensor([[a == b for b in captions] for a in captions])
+        targets = same.float() / same.float().sum(1, keepdim=True)
+        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets.t())) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"clip step {step}: loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    seconds = time.perf_counter() - started
+    out_dir = OUT / "clip"
+    clip.to(torch.float16).save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    record("clip", out_dir / "model.safetensors", seconds, {"steps": steps, "batch": batch, "seed": 2})
+    print(f"wrote {out_dir} in {seconds:.0f} s")
+
+
+def stage_unet(args) -> None:
+    """The UNet on VAE latents of pretraining pictures, conditioned on the frozen toy CLIP's text
+    tower (last hidden states, as SD1.5's), captions dropped 10 % of the time for guidance."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from torch.nn import functional as F
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from classdiffusion.toyworld.base import RESOLUTION, make_components
+    from classdiffusion.toyworld.world import World
+
+    steps, batch, pool = args.steps or 6000, 64, 32_768
+    tokenizer = CLIPTokenizer.from_pretrained(str(OUT / "clip"))
+    _, text_encoder, unet, _, scheduler = make_components(OUT / "tokenizer", seed=3)
+    clip = CLIPModel.from_pretrained(str(OUT / "clip"), torch_dtype=torch.float32)
+    from classdiffusion.toyworld.base import text_tower
+
+    text_tower(text_encoder).load_state_dict(text_tower(clip).state_dict())
+    text_encoder.requires_grad_(False).eval()
+    vae = AutoencoderKL.from_pretrained(str(OUT / "vae"), torch_dtype=torch.float32).eval()
+    world = World(size=RESOLUTION, seed=3)
+    started = time.perf_counter()
+    with torch.no_grad():  # the pictures' latent distributions and captions, once
+        means, stds, captions = [], [], []
+        for start in range(0, pool, 256):
+            pixels, caps = _pictures(world, start, 256, RESOLUTION)
+            dist = vae.encode(pixels).latent_dist
+            means.append(dist.mean.half())
+            stds.append(dist.std.half())
+            captions += caps
+        means, stds = torch.cat(means), torch.cat(stds)
+        unique = sorted(set(captions)) + [""]
+        features = {}
+        for start in range(0, len(unique), 128):
+            chunk = unique[start:start + 128]
+            ids = tokenizer(chunk, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            for caption, feature in zip(chunk, text_encoder(ids).last_hidden_state.half()):
+                features[caption] = feature
+    print(f"encoded {pool} pictures and {len(unique)} captions in {time.perf_counter() - started:.0f} s", flush=True)
+    scaling = vae.config.scaling_factor
+    alphas = scheduler.alphas_cumprod
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=4e-4, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=4e-4, total_steps=steps, pct_start=0.03)
+    rng = np.random.default_rng(3)
+    generator = torch.Generator().manual_seed(3)
+    for step in range(steps):
+        index = torch.from_numpy(rng.integers(0, pool, batch))
+        latents = (means[index].float() + stds[index].float() * torch.randn(batch, 4, RESOLUTION // 8, RESOLUTION // 8,
+                                                                             generator=generator)) * scaling
+        context = torch.stack([features["" if rng.random() < 0.1 else captions[i]] for i in index.tolist()]).float()
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, 1000, (batch,), generator=generator)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        loss = F.mse_loss(unet(noisy, t, context).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"unet step {step}: loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    seconds = time.perf_counter() - started
+    assemble(unet, text_encoder, vae, scheduler, tokenizer, OUT / "base")
+    record("unet", OUT / "base" / "unet" / "diffusion_pytorch_model.safetensors", seconds,
+           {"steps": steps, "batch": batch, "seed": 3, "pool": pool})
+    print(f"wrote {OUT / 'base'} in {seconds:.0f} s")
+
+
+def assemble(unet, text_encoder, vae, scheduler, tokenizer, out: Path) -> None:
+    """The base as a diffusers SD folder (what `load_host` and the pipelines read), in fp16."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from classdiffusion.tiny import portable_text_encoder_keys
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    portable_text_encoder_keys(out / "text_encoder")
+
+
+def stage_calibrate(args) -> None:
+    """Seconds per training step of each stage at its settings (2 warm-up steps, then 10 timed),
+    on random data of the right shapes: what a pretraining budget buys, measured before choosing."""
+    import torch
+    from torch.nn import functional as F
+
+    from classdiffusion.toyworld.base import RESOLUTION, build_world_tokenizer, make_clip, make_components
+    from classdiffusion.toyworld.checker import CheckerNet
+
+    import tempfile
+
+    tokenizer, text_encoder, unet, vae, _ = make_components(build_world_tokenizer(tempfile.mkdtemp()))
+    clip = make_clip(tokenizer)
+    latent = RESOLUTION // 8
+    steps = {
+        "checker (batch 64)": (CheckerNet(), lambda m: sum(v.sum() for v in m(torch.randn(64, 3, 64, 64)).values())),
+        "vae (batch 16)": (vae, lambda m: F.mse_loss(m(torch.randn(16, 3, RESOLUTION, RESOLUTION)).sample, torch.zeros(1))),
+        "clip (batch 64, 24 tokens)": (clip, lambda m: m(input_ids=torch.randint(0, len(tokenizer), (64, 24)),
+                                                         pixel_values=torch.randn(64, 3, 64, 64)).logits_per_image.sum()),
+        "unet (batch 64)": (unet, lambda m: m(torch.randn(64, 4, latent, latent), torch.randint(0, 1000, (64,)),
+                                              torch.randn(64, 77, 768)).sample.square().mean()),
+        "unet (batch 32)": (unet, lambda m: m(torch.randn(32, 4, latent, latent), torch.randint(0, 1000, (32,)),
+                                              torch.randn(32, 77, 768)).sample.square().mean()),
+    }
+    for name, (model, loss_of) in steps.items():
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        for k in range(12):
+            if k == 2:
+                started = time.perf_counter()
+            loss = loss_of(model)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        per_step = (time.perf_counter() - started) / 10
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"{name:28s} {params:6.2f} M parameters  {per_step:6.3f} s/step  "
+              f"{int(3600 / per_step):6d} steps/hour", flush=True)
+
+
+STAGES = {"checker": stage_checker, "vae": stage_vae, "clip": stage_clip, "unet": stage_unet,
+          "calibrate": stage_calibrate}
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=sorted(STAGES))
+    parser.add_argument("--steps", type=int, help="override the stage's number of steps (calibration only)")
+    parser.add_argument("--out", type=Path, default=WEIGHTS, help="where to write (calibration runs: elsewhere)")
+    args = parser.parse_args()
+    global OUT
+    OUT = args.out
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    STAGES[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()
