@@ -72,17 +72,45 @@ def _pictures(world, start: int, count: int, size: int):
     return pixels, captions
 
 
+def vae_fidelity(vae, count: int = 256, seed: int = 123) -> dict:
+    """What the latent space keeps: the checker's accuracy on the VAE's reconstructions of fresh
+    pictures (through the latent mean). A base cannot draw better than its VAE reconstructs."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from classdiffusion.toyworld.base import RESOLUTION
+    from classdiffusion.toyworld.checker import Checker, HEADS, example_scene, labels_of
+    from classdiffusion.toyworld.world import World
+
+    checker = Checker.load(WEIGHTS / "checker.safetensors")
+    world = World(size=RESOLUTION, seed=seed)
+    rng = np.random.default_rng(seed)
+    scenes = [example_scene(world, rng) for _ in range(count)]
+    pixels = torch.from_numpy(np.stack([np.asarray(world.render(s, rng), dtype=np.float32) for s in scenes]))
+    with torch.no_grad():
+        x = pixels.permute(0, 3, 1, 2) / 127.5 - 1
+        recon = vae.float().decode(vae.float().encode(x).latent_dist.mean).sample
+    images = [Image.fromarray(((r.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()) for r in recon]
+    readings = checker.read(images)
+    result = {name: float(np.mean([labels_of(s)[name] == HEADS[name].index(r[name]) for s, r in zip(scenes, readings)]))
+              for name in HEADS}
+    result["scene"] = float(np.mean([r["scene"] == s.scene for s, r in zip(scenes, readings)]))
+    return result
+
+
 def stage_vae(args) -> None:
     """The ×8 AutoencoderKL on 128 px pictures: L1 + MSE reconstruction and a small KL term."""
     import torch
     from torch.nn import functional as F
 
-    from classdiffusion.toyworld.base import RESOLUTION, build_world_tokenizer, make_components
+    from classdiffusion.toyworld.base import RESOLUTION, VAE_CHANNELS, build_world_tokenizer, make_components
     from classdiffusion.toyworld.world import World
 
     steps, batch = args.steps or 1500, 16
+    channels = tuple(int(c) for c in args.vae_channels.split(",")) if args.vae_channels else VAE_CHANNELS
     world = World(size=RESOLUTION, seed=1)
-    _, _, _, vae, _ = make_components(build_world_tokenizer(OUT / "tokenizer"), seed=1)
+    _, _, _, vae, _ = make_components(build_world_tokenizer(OUT / "tokenizer"), seed=1, vae_channels=channels)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.05)
     started = time.perf_counter()
@@ -103,10 +131,13 @@ def stage_vae(args) -> None:
         std = float(vae.encode(pixels).latent_dist.mean.std())
     vae.register_to_config(scaling_factor=1.0 / std)
     seconds = time.perf_counter() - started
+    fidelity = vae_fidelity(vae)
+    print("checker on reconstructions:", {k: round(v, 3) for k, v in fidelity.items()}, flush=True)
     out = OUT / "vae"
     vae.to(torch.float16).save_pretrained(out, safe_serialization=True)
     record("vae", out / "diffusion_pytorch_model.safetensors", seconds,
-           {"steps": steps, "batch": batch, "seed": 1, "scaling_factor": 1.0 / std})
+           {"steps": steps, "batch": batch, "seed": 1, "channels": list(channels), "scaling_factor": 1.0 / std,
+            "checker_on_reconstructions": fidelity})
     print(f"wrote {out} in {seconds:.0f} s (scaling factor {1 / std:.4f})")
 
 
@@ -285,10 +316,12 @@ def main() -> None:
     parser.add_argument("stage", choices=sorted(STAGES))
     parser.add_argument("--steps", type=int, help="override the stage's number of steps (calibration only)")
     parser.add_argument("--out", type=Path, default=WEIGHTS, help="where to write (calibration runs: elsewhere)")
+    parser.add_argument("--vae-channels", help="the VAE's four widths, e.g. 32,64,128,128 (calibration)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (2 = the committed runs)")
     args = parser.parse_args()
     global OUT
     OUT = args.out
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     OUT.mkdir(parents=True, exist_ok=True)
     STAGES[args.stage](args)

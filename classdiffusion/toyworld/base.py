@@ -30,8 +30,13 @@ def build_world_tokenizer(out_dir: str | Path) -> Path:
     return build_tokenizer(out_dir, world_words())
 
 
-def make_components(tokenizer_dir: str | Path, seed: int = 0):
-    """(tokenizer, text_encoder, unet, vae, scheduler), freshly initialised at the toy sizes."""
+#: The VAE's channels per level (four levels: SD1.5's ×8 reduction).
+VAE_CHANNELS = (16, 32, 64, 64)
+
+
+def make_components(tokenizer_dir: str | Path, seed: int = 0, *, vae_channels=VAE_CHANNELS):
+    """(tokenizer, text_encoder, unet, vae, scheduler), freshly initialised at the toy sizes
+    (``vae_channels``: another VAE width, for calibration runs)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -41,7 +46,7 @@ def make_components(tokenizer_dir: str | Path, seed: int = 0):
     text_encoder = CLIPTextModel(CLIPTextConfig(**make_components_text_config(tokenizer)))
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION, layers_per_block=1,
-        block_out_channels=(16, 32, 64, 64), norm_num_groups=8,
+        block_out_channels=tuple(vae_channels), norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     unet = UNet2DConditionModel(
         sample_size=RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=1,
