@@ -102,3 +102,26 @@ def test_instance_score_tells_the_instance_from_its_class(checker):
     others = [world.render(world.instance_scene(inst.name, rng), rng) for inst in INSTANCES[1:]]
     assert min(checker.instance_score(own, target.name)) > 0.8
     assert max(checker.instance_score(ordinary + others, target.name)) < 0.2
+
+
+@pytest.mark.slow  # three stages, a few steps each (~20 s)
+def test_pretraining_stages_run_end_to_end_and_the_host_loads_the_base(tmp_path):
+    """tools/pretrain_toyworld.py's vae → clip → unet, a few steps each, write a base that the
+    trainer's diffusers host loads (the stages' real runs are documented in docs/toyworld.md)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "pretrain_toyworld.py"
+    for stage, extra in (("vae", []), ("clip", []), ("unet", ["--pool", "128"])):
+        done = subprocess.run([sys.executable, str(script), stage, "--steps", "2", "--out", str(tmp_path), *extra],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "MANIFEST.json").read_text())
+    assert set(manifest) == {"vae", "clip", "unet"}
+    assert set(manifest["vae"]["settings"]["checker_on_reconstructions"]) >= {"cls", "colour", "scene"}
+
+    from classdiffusion.hosts.diffusers_host import load_host
+
+    host = load_host(tmp_path / "base", device="cpu")
+    assert host.text_dim == 768
+    assert host.initializer_ids("star") and len(host.word_ids("star")) == 1  # a world word is one token

@@ -59,6 +59,29 @@ def stage_checker(args) -> None:
     print("accuracy on fresh pictures:", accuracy(checker, World(seed=99), seed=12345, count=600))
 
 
+def optimize(name: str, params, steps: int, lr: float, loss_at, *, weight_decay: float = 0.0,
+             warmup: float = 0.05, clip_grad: float | None = None) -> float:
+    """AdamW with a one-cycle schedule over ``steps``, ``loss_at(step)`` giving each step's loss;
+    logs every 100 steps; returns the seconds it took."""
+    import torch
+
+    params = list(params)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=warmup)
+    started = time.perf_counter()
+    for step in range(steps):
+        loss = loss_at(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"{name} step {step}: loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    return time.perf_counter() - started
+
+
 def _pictures(world, start: int, count: int, size: int):
     """Pretraining pictures ``start``..``start+count`` as [-1, 1] tensors, with their captions."""
     import numpy as np
@@ -80,7 +103,7 @@ def vae_fidelity(vae, count: int = 256, seed: int = 123) -> dict:
     from PIL import Image
 
     from classdiffusion.toyworld.base import RESOLUTION
-    from classdiffusion.toyworld.checker import Checker, HEADS, example_scene, labels_of
+    from classdiffusion.toyworld.checker import Checker, agreement, example_scene
     from classdiffusion.toyworld.world import World
 
     checker = Checker.load(WEIGHTS / "checker.safetensors")
@@ -92,15 +115,11 @@ def vae_fidelity(vae, count: int = 256, seed: int = 123) -> dict:
         x = pixels.permute(0, 3, 1, 2) / 127.5 - 1
         recon = vae.float().decode(vae.float().encode(x).latent_dist.mean).sample
     images = [Image.fromarray(((r.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()) for r in recon]
-    readings = checker.read(images)
-    result = {name: float(np.mean([labels_of(s)[name] == HEADS[name].index(r[name]) for s, r in zip(scenes, readings)]))
-              for name in HEADS}
-    result["scene"] = float(np.mean([r["scene"] == s.scene for s, r in zip(scenes, readings)]))
-    return result
+    return agreement(checker, scenes, images)
 
 
 def stage_vae(args) -> None:
-    """The ×8 AutoencoderKL on 128 px pictures: L1 + MSE reconstruction and a small KL term."""
+    """The ×8 AutoencoderKL on 64 px pictures: L1 + MSE reconstruction and a small KL term."""
     import torch
     from torch.nn import functional as F
 
@@ -111,21 +130,15 @@ def stage_vae(args) -> None:
     channels = tuple(int(c) for c in args.vae_channels.split(",")) if args.vae_channels else VAE_CHANNELS
     world = World(size=RESOLUTION, seed=1)
     _, _, _, vae, _ = make_components(build_world_tokenizer(OUT / "tokenizer"), seed=1, vae_channels=channels)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.05)
-    started = time.perf_counter()
-    for step in range(steps):
+    def loss_at(step):
         pixels, _ = _pictures(world, step * batch, batch, RESOLUTION)
         posterior = vae.encode(pixels).latent_dist
         recon = vae.decode(posterior.sample()).sample
         kl = posterior.kl().mean() / (4 * (RESOLUTION // 8) ** 2)
-        loss = F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels) + 1e-4 * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 100 == 0 or step == steps - 1:
-            print(f"vae step {step}: loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+        return F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels) + 1e-4 * kl
+
+    started = time.perf_counter()
+    optimize("vae", vae.parameters(), steps, 1e-3, loss_at)
     with torch.no_grad():  # SD's scaling: latents of unit standard deviation
         pixels, _ = _pictures(world, 10_000_000, 64, RESOLUTION)
         std = float(vae.encode(pixels).latent_dist.mean.std())
@@ -155,26 +168,18 @@ def stage_clip(args) -> None:
 
     tokenizer = CLIPTokenizer.from_pretrained(str(build_world_tokenizer(OUT / "tokenizer")))
     clip = make_clip(tokenizer, seed=2)
-    optimizer = torch.optim.AdamW(clip.parameters(), lr=5e-4, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-4, total_steps=steps, pct_start=0.05)
-    started = time.perf_counter()
-    for step in range(steps):
+
+    def loss_at(step):
         pixels, captions = _pictures(world, step * batch, batch, 64)
         # Captions are under 20 tokens: 24 positions carry all of them and their end-of-text token.
         ids = tokenizer(captions, padding="max_length", max_length=24, truncation=True, return_tensors="pt").input_ids
-        out = clip(input_ids=ids, pixel_values=pixels, return_loss=False)
-        logits = out.logits_per_image
+        logits = clip(input_ids=ids, pixel_values=pixels, return_loss=False).logits_per_image
         # Pairs with the same caption are not negatives of each other.
-        same = torch.tensor([[a == b for b in captions] for a in captions])
-        targets = same.float() / same.float().sum(1, keepdim=True)
-        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets.t())) / 2
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 100 == 0 or step == steps - 1:
-            print(f"clip step {step}: loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
-    seconds = time.perf_counter() - started
+        same = torch.tensor([[a == b for b in captions] for a in captions]).float()
+        targets = same / same.sum(1, keepdim=True)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets.t())) / 2
+
+    seconds = optimize("clip", clip.parameters(), steps, 5e-4, loss_at, weight_decay=0.05)
     out_dir = OUT / "clip"
     clip.to(torch.float16).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
@@ -194,7 +199,7 @@ def stage_unet(args) -> None:
     from classdiffusion.toyworld.base import RESOLUTION, make_components
     from classdiffusion.toyworld.world import World
 
-    steps, batch, pool = args.steps or 6000, 64, 32_768
+    steps, batch, pool = args.steps or 8000, 64, args.pool
     tokenizer = CLIPTokenizer.from_pretrained(str(OUT / "clip"))
     _, text_encoder, unet, _, scheduler = make_components(OUT / "tokenizer", seed=3)
     clip = CLIPModel.from_pretrained(str(OUT / "clip"), torch_dtype=torch.float32)
@@ -224,27 +229,20 @@ def stage_unet(args) -> None:
     print(f"encoded {pool} pictures and {len(unique)} captions in {time.perf_counter() - started:.0f} s", flush=True)
     scaling = vae.config.scaling_factor
     alphas = scheduler.alphas_cumprod
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=4e-4, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=4e-4, total_steps=steps, pct_start=0.03)
     rng = np.random.default_rng(3)
     generator = torch.Generator().manual_seed(3)
-    for step in range(steps):
+
+    def loss_at(step):
         index = torch.from_numpy(rng.integers(0, pool, batch))
-        latents = (means[index].float() + stds[index].float() * torch.randn(batch, 4, RESOLUTION // 8, RESOLUTION // 8,
-                                                                             generator=generator)) * scaling
+        noise_shape = (batch, 4, RESOLUTION // 8, RESOLUTION // 8)
+        latents = (means[index].float() + stds[index].float() * torch.randn(noise_shape, generator=generator)) * scaling
         context = torch.stack([features["" if rng.random() < 0.1 else captions[i]] for i in index.tolist()]).float()
         noise = torch.randn(latents.shape, generator=generator)
         t = torch.randint(0, 1000, (batch,), generator=generator)
         a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(noisy, t, context).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 100 == 0 or step == steps - 1:
-            print(f"unet step {step}: loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+        return F.mse_loss(unet(a.sqrt() * latents + (1 - a).sqrt() * noise, t, context).sample, noise)
+
+    optimize("unet", unet.parameters(), steps, 4e-4, loss_at, weight_decay=0.01, warmup=0.03, clip_grad=1.0)
     seconds = time.perf_counter() - started
     assemble(unet, text_encoder, vae, scheduler, tokenizer, OUT / "base")
     record("unet", OUT / "base" / "unet" / "diffusion_pytorch_model.safetensors", seconds,
@@ -318,6 +316,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=WEIGHTS, help="where to write (calibration runs: elsewhere)")
     parser.add_argument("--vae-channels", help="the VAE's four widths, e.g. 32,64,128,128 (calibration)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (2 = the committed runs)")
+    parser.add_argument("--pool", type=int, default=32_768, help="unet: pretraining pictures encoded once")
     args = parser.parse_args()
     global OUT
     OUT = args.out

@@ -173,13 +173,9 @@ class Checker:
         return [float(p) for p in self.probabilities(images)["instance"][:, column]]
 
 
-def accuracy(checker: Checker, world: World, seed: int, count: int = 500, degrade: bool = False) -> dict[str, float]:
-    """The checker's accuracy per attribute on freshly rendered pictures (scene by its rule)."""
-    rng = np.random.default_rng(seed)
-    scenes = [example_scene(world, rng) for _ in range(count)]
-    images = [world.render(scene, rng) for scene in scenes]
-    if degrade:
-        images = [_degrade(image, rng) for image in images]
+def agreement(checker: Checker, scenes: Sequence, images: Sequence[Image.Image]) -> dict[str, float]:
+    """Per attribute, the share of ``images`` in which the checker reads what ``scenes`` (their
+    ground truth) say."""
     readings = checker.read(images)
     result = {name: float(np.mean([labels_of(s)[name] == HEADS[name].index(r[name]) for s, r in zip(scenes, readings)]))
               for name in HEADS}
@@ -187,4 +183,14 @@ def accuracy(checker: Checker, world: World, seed: int, count: int = 500, degrad
     return result
 
 
-__all__ = ["Checker", "CheckerNet", "HEADS", "accuracy", "scene_of", "train_checker"]
+def accuracy(checker: Checker, world: World, seed: int, count: int = 500, degrade: bool = False) -> dict[str, float]:
+    """The checker's accuracy per attribute on freshly rendered pictures (scene by its rule)."""
+    rng = np.random.default_rng(seed)
+    scenes = [example_scene(world, rng) for _ in range(count)]
+    images = [world.render(scene, rng) for scene in scenes]
+    if degrade:
+        images = [_degrade(image, rng) for image in images]
+    return agreement(checker, scenes, images)
+
+
+__all__ = ["Checker", "CheckerNet", "HEADS", "accuracy", "agreement", "scene_of", "train_checker"]
