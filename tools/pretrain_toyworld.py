@@ -192,19 +192,17 @@ def stage_unet(args) -> None:
     tower (last hidden states, as SD1.5's), captions dropped 10 % of the time for guidance."""
     import numpy as np
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers import AutoencoderKL
     from torch.nn import functional as F
     from transformers import CLIPModel, CLIPTokenizer
 
-    from classdiffusion.toyworld.base import RESOLUTION, make_components
+    from classdiffusion.toyworld.base import RESOLUTION, make_components, text_tower
     from classdiffusion.toyworld.world import World
 
     steps, batch, pool = args.steps or 8000, 64, args.pool
     tokenizer = CLIPTokenizer.from_pretrained(str(OUT / "clip"))
     _, text_encoder, unet, _, scheduler = make_components(OUT / "tokenizer", seed=3)
     clip = CLIPModel.from_pretrained(str(OUT / "clip"), torch_dtype=torch.float32)
-    from classdiffusion.toyworld.base import text_tower
-
     text_tower(text_encoder).load_state_dict(text_tower(clip).state_dict())
     text_encoder.requires_grad_(False).eval()
     vae = AutoencoderKL.from_pretrained(str(OUT / "vae"), torch_dtype=torch.float32).eval()

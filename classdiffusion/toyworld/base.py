@@ -43,7 +43,7 @@ def make_components(tokenizer_dir: str | Path, seed: int = 0, *, vae_channels=VA
 
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**make_components_text_config(tokenizer)))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer)))
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION, layers_per_block=1,
         block_out_channels=tuple(vae_channels), norm_num_groups=8,
@@ -68,7 +68,7 @@ def make_clip(tokenizer, text_encoder=None, seed: int = 0):
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
-    text = text_encoder.config.to_dict() if text_encoder is not None else make_components_text_config(tokenizer)
+    text = text_encoder.config.to_dict() if text_encoder is not None else text_config(tokenizer)
     config = CLIPConfig(text_config=text, vision_config=dict(
         image_size=64, patch_size=8, hidden_size=192, intermediate_size=384, num_hidden_layers=3,
         num_attention_heads=4, projection_dim=256, hidden_act="quick_gelu"), projection_dim=256)
@@ -78,7 +78,7 @@ def make_clip(tokenizer, text_encoder=None, seed: int = 0):
     return clip
 
 
-def make_components_text_config(tokenizer) -> dict:
+def text_config(tokenizer) -> dict:
     return dict(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=512, num_attention_heads=8,
                 num_hidden_layers=2, max_position_embeddings=77, projection_dim=256,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -15,7 +15,7 @@ Pictures are drawn at 4× the target size and reduced with a box filter, so edge
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -261,10 +261,6 @@ def composition_prompts(cls: str) -> list[tuple[str, dict]]:
         ("a photo of a {} on the grass wearing a hat", {"scene": "grass", "addon": "hat"}),
         ("a photo of a {} on a table next to a red ball", {"scene": "table", "addon": "ball"}),
     ]
-
-
-def with_attributes(scene: Scene, **changes) -> Scene:
-    return replace(scene, **changes)
 
 
 def sample_grid(columns: int = 8, rows: int = 3, seed: int = 0, scale: int = 2) -> Image.Image:

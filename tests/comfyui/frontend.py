@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from browser import Browser
+from workflow_tools import check_node
 
 #: Widgets the frontend adds to a node beside its schema's inputs.
 FRONTEND_WIDGETS = {"control_after_generate", "control_before_generate", "upload"}
@@ -87,6 +88,9 @@ def check_loaded_workflow(workflow: dict, loaded: list[dict], object_info: dict)
         spec = object_info.get(node["type"])
         if spec is None:
             continue  # a frontend-only node (Note, MarkdownNote, Reroute, PrimitiveNode)
+        # Count, order, types and ranges of the values as loaded: the static check's rules.
+        problems += check_node({**node, "widgets_values": live["widgets_values"] or []}, spec)
+        # What only a live frontend shows: widgets the node lacks here, files this server lacks.
         inputs = {**spec["input"].get("required", {}), **spec["input"].get("optional", {})}
         for widget in live["widgets"]:
             name, value = widget["name"], widget["value"]
@@ -94,21 +98,8 @@ def check_loaded_workflow(workflow: dict, loaded: list[dict], object_info: dict)
                 continue
             if name not in inputs:
                 problems.append(f"{label}: widget {name!r} is not an input of the node on this server")
-                continue
-            kind, options = inputs[name][0], (inputs[name][1] if len(inputs[name]) > 1 else {}) or {}
-            if isinstance(kind, list) or kind == "COMBO":
-                offered = kind if isinstance(kind, list) else options.get("options", [])
-                if value not in offered:
-                    problems.append(f"{label}: {name} = {value!r} is not offered (choices: {offered[:8]})")
-            elif kind in ("INT", "FLOAT"):
-                if not isinstance(value, (int, float)) or isinstance(value, bool):
-                    problems.append(f"{label}: {name} = {value!r} is not a number")
-                elif not options.get("min", -float("inf")) <= value <= options.get("max", float("inf")):
-                    problems.append(f"{label}: {name} = {value} outside [{options.get('min')}, {options.get('max')}]")
-            elif kind == "BOOLEAN" and not isinstance(value, bool):
-                problems.append(f"{label}: {name} = {value!r} is not a boolean")
-            elif kind == "STRING" and not isinstance(value, str):
-                problems.append(f"{label}: {name} = {value!r} is not text")
+            elif widget["options"] is not None and value not in widget["options"]:
+                problems.append(f"{label}: {name} = {value!r} is not offered (choices: {widget['options'][:8]})")
     return problems
 
 
