@@ -1,7 +1,7 @@
 """The toy base's validity gate: prompted with the held-out (class, colour, scene) combinations it
 never saw in pretraining, does it draw the prompted class, colour and scene?
 
-    python benchmarks/toyworld_validity.py --base BASE_DIR [--images 4] [--json F]
+    python benchmarks/toyworld_validity.py [--base BASE_DIR] [--images 4] [--json F] [--grid F.png]
 
 Every held-out triple is prompted as its caption ("a photo of a blue star on the beach") with
 ``--images`` seeds; the independent checker (classdiffusion/toyworld/checker.py, committed
@@ -54,7 +54,7 @@ def measure(pipe, checker, prompts, images: int, steps: int, guidance: float, se
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", required=True, help="the toy base (a diffusers SD folder)")
+    parser.add_argument("--base", help="a toy base (a diffusers SD folder; default: the committed one)")
     parser.add_argument("--images", type=int, default=4, help="pictures per prompt (one seed each)")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
     parser.add_argument("--guidance", type=float, default=5.0)
@@ -72,7 +72,9 @@ def main() -> int:
 
     torch.set_num_threads(2)
     started = time.perf_counter()
-    pipe = build_pipeline(args.base, device="cpu")
+    from classdiffusion.toyworld.base import base_path
+
+    pipe = build_pipeline(args.base or base_path(), device="cpu")
     checker = Checker.load(REPO / "classdiffusion" / "toyworld" / "weights" / "checker.safetensors")
     held_out = held_out_triples()
     rng = np.random.default_rng(args.seed)

@@ -446,8 +446,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     check_output_folder(args.out, "--out")
     print(DISCLAIMER)
     summary = run_demo(args.out, steps=args.steps, spl_weight=args.spl_weight, seed=args.seed,
-                       generate_sample=not args.no_sample, progress=not args.quiet)
-    print(json.dumps(summary, indent=2))
+                       instance=args.instance, method=args.method, progress=not args.quiet)
+    print(f"identity (the checker's instance score) {summary['identity_before']:.2f} before training → "
+          f"{summary['identity_after']:.2f} after; composition {summary['composition_after']:.0%} "
+          f"(the base on the class prompt: {summary['composition_base']:.0%}); {summary['summary']}; "
+          f"{summary['seconds']:.0f} s")
+    print("wrote " + ", ".join(summary["files"].values()))
     print(DISCLAIMER)
     return 0
 
@@ -477,6 +481,12 @@ def configure_output(*, verbose: bool) -> None:
         for library in (diffusers_logging, transformers_logging):
             library.set_verbosity_error()
             library.disable_progress_bar()
+
+
+def _toy_instances():
+    from .toyworld.world import INSTANCES
+
+    return INSTANCES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -549,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="which DreamBooth prompt set (auto: live for animals and people)")
     ev.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt (papers: 4–20)")
     ev.add_argument("--steps", type=_positive_int, help="sampling steps (default: 50 for an SD1.5-sized base, 10 for "
-                    "small test bases such as the demo's)")
+                    "small bases such as the toy base)")
     ev.add_argument("--guidance", type=_finite, default=6.0, help="classifier-free guidance (paper: 6.0)")
     ev.add_argument("--size", type=_image_size, help="image size, a multiple of 8 (default: the model's)")
     ev.add_argument("--seed", type=int, default=0, help="seed of image 0 of each prompt (image j: seed + j)")
@@ -593,12 +603,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=cmd_export_diffusers)
 
     demo = sub.add_parser("demo", formatter_class=_DefaultsHelp,
-        help="train on a tiny random base and synthetic images (no weights needed)")
-    demo.add_argument("--out", required=True, help="output folder (base/, concept.safetensors, images)")
-    demo.add_argument("--steps", type=_positive_int, default=60, help="training steps on the tiny base")
+        help="learn a held-out toy-world concept on the committed toy base and score it (no downloads)")
+    demo.add_argument("--out", required=True, help="output folder (grid.png, scores.json, concept.safetensors, images/)")
+    demo.add_argument("--steps", type=_positive_int, default=400, help="training steps")
     demo.add_argument("--spl-weight", type=_finite, default=1.0, help="λ of the semantic preservation loss")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the base, the images and training")
-    demo.add_argument("--no-sample", action="store_true", help="skip the sample image")
+    demo.add_argument("--method", choices=("classdiffusion", "infusion"), default="classdiffusion")
+    demo.add_argument("--instance", default="red_blue_star", choices=[i.name for i in _toy_instances()],
+                      help="which held-out toy-world instance to learn")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the pictures and of training")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -15,6 +15,9 @@ from .summary import ema
 
 COLORS = {"loss": (40, 40, 40), "recon": (31, 119, 180), "spl": (214, 39, 40), "prior": (44, 160, 44)}
 COSINE_COLORS = [(148, 103, 189), (255, 127, 14), (23, 190, 207)]
+#: Distinct colours for one point per method (matplotlib's tab10).
+POINT_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+                (227, 119, 194), (127, 127, 127)]
 
 
 def _panel(draw: ImageDraw.ImageDraw, box, series: dict[str, tuple[list[float], list[float], tuple]],
@@ -145,4 +148,37 @@ def plot_drift_map(drift_map, width: int = 640, height: int = 560, title: str | 
         draw.ellipse((x - 5, y - 5, x + 5, y + 5), fill=color)
         draw.text((x + 7, y - 6), f"token ({label})", fill=color, font=font)
         previous = (x, y)
+    return image
+
+
+def plot_tradeoff(points: dict[str, tuple[float, float, float, float]], *, x_label: str, y_label: str,
+                  title: str, width: int = 720, height: int = 540) -> Image.Image:
+    """One point per label with ±std bars: ``points[label] = (x, x_std, y, y_std)``, axes from 0 to 1
+    (the toy world's identity-vs-alignment plot)."""
+    font = ImageFont.load_default()
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 60, width - 230, 40, height - 50
+
+    def xy(x: float, y: float) -> tuple[float, float]:
+        return left + x * (right - left), bottom - y * (bottom - top)
+
+    draw.text((8, 8), title, fill=(0, 0, 0), font=font)
+    draw.rectangle((left, top, right, bottom), outline=(0, 0, 0))
+    for k in range(11):
+        gx, gy = xy(k / 10, k / 10)
+        draw.line([(gx, top), (gx, bottom)], fill=(232, 232, 232))
+        draw.line([(left, gy), (right, gy)], fill=(232, 232, 232))
+        draw.text((gx - 8, bottom + 5), f"{k / 10:.1f}", fill=(90, 90, 90), font=font)
+        draw.text((left - 28, gy - 6), f"{k / 10:.1f}", fill=(90, 90, 90), font=font)
+    draw.text(((left + right) / 2 - 80, bottom + 24), x_label, fill=(0, 0, 0), font=font)
+    draw.text((8, top - 16), y_label, fill=(0, 0, 0), font=font)
+    for k, (label, (x, dx, y, dy)) in enumerate(points.items()):
+        color = POINT_COLORS[k % len(POINT_COLORS)]
+        px, py = xy(x, y)
+        draw.line([xy(max(0.0, x - dx), y), xy(min(1.0, x + dx), y)], fill=color, width=1)
+        draw.line([xy(x, max(0.0, y - dy)), xy(x, min(1.0, y + dy))], fill=color, width=1)
+        draw.ellipse((px - 5, py - 5, px + 5, py + 5), fill=color)
+        draw.rectangle((right + 14, top + 18 * k + 2, right + 24, top + 18 * k + 12), fill=color)
+        draw.text((right + 30, top + 18 * k), label, fill=(0, 0, 0), font=font)
     return image

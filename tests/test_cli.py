@@ -11,16 +11,16 @@ from classdiffusion.cli import main
 from classdiffusion.concept import load_concept
 
 
-def test_demo_writes_base_images_concept_plot_and_sample(tmp_path, capsys):
+def test_demo_writes_images_concept_plot_grid_and_scores(tmp_path, capsys):
+    """The demo's files and its summary line (that it learns: tests/test_toy_base.py)."""
     assert main(["demo", "--out", str(tmp_path), "--steps", "4", "-q"]) == 0
     out = capsys.readouterr().out
-    assert "RANDOM weights" in out
-    summary = json.loads(out[out.index("{"): out.rindex("}") + 1])
-    assert (tmp_path / "base" / "unet").is_dir() and (tmp_path / "base" / "tokenizer" / "vocab.json").exists()
-    assert len(list((tmp_path / "images").glob("*.png"))) == 6
+    assert "toy base" in out and "identity (the checker's instance score)" in out
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert {"identity_before", "identity_after", "composition_after"} <= set(scores)
+    assert len(list((tmp_path / "images").glob("*.png"))) == 5
     assert load_concept(tmp_path / "concept.safetensors").step == 4
-    assert (tmp_path / "loss.png").stat().st_size > 1000
-    assert len(summary["samples"]) == 1
+    assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "grid.png").stat().st_size > 1000
 
 
 def test_train_inspect_resume_generate(tiny_base, image_dir, tmp_path, capsys):

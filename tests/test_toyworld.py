@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from classdiffusion.toyworld.checker import Checker, accuracy, scene_of
-from classdiffusion.toyworld.world import (CLASSES, COLOURS, INSTANCES, SCENES, World, composition_prompts,
+from classdiffusion.toyworld.world import (CLASSES, COLOURS, INSTANCES, PATTERNS, SCENES, World, composition_prompts,
                                            held_out_combination, held_out_triples)
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "classdiffusion" / "toyworld" / "weights"
@@ -57,7 +57,8 @@ def test_every_instance_looks_unlike_any_ordinary_object():
     world = World()
     for inst in INSTANCES:
         assert inst.cls in CLASSES
-        assert tuple(inst.body) not in [tuple(c) for c in COLOURS.values()]
+        # Two colours in a pattern no ordinary object has (ordinary objects: one colour, PATTERNS).
+        assert tuple(inst.body) != tuple(inst.accent) and inst.pattern not in PATTERNS
     pictures = [world.render(world.instance_scene(inst.name, np.random.default_rng(0))) for inst in INSTANCES]
     assert len({np.asarray(p).tobytes() for p in pictures}) == len(INSTANCES)
 

@@ -23,7 +23,7 @@ def source_modules(root: Path) -> set[str]:
     """Every module of the trainer package and the data it ships (the toy world's weights), as
     paths inside an installed tree."""
     package = root / "classdiffusion"
-    files = list(package.rglob("*.py")) + list(package.glob("toyworld/weights/*"))
+    files = list(package.rglob("*.py")) + [p for p in package.glob("toyworld/weights/**/*") if p.is_file()]
     return {path.relative_to(root).as_posix() for path in files if "__pycache__" not in path.parts}
 
 

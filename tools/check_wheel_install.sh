@@ -35,12 +35,17 @@ cd "$work"   # nowhere near the source tree
 "$venv/bin/python" -c "import classdiffusion, sys; sys.exit(0 if '/site-packages/' in classdiffusion.__file__ else 'imported ' + classdiffusion.__file__)"
 "$venv/bin/classdiffusion" demo --out "$work/demo" -q >"$work/demo.log" 2>&1 \
     || { cat "$work/demo.log"; say "FAILED: classdiffusion demo"; exit 1; }
-[[ -s $work/demo/concept.safetensors ]] || { say "FAILED: the demo wrote no concept"; exit 1; }
-"$venv/bin/classdiffusion" train --base "$work/demo/base" --images "$work/demo/images" --token "<sks>" \
-    --class-word toy --steps 3 --resolution 64 --out "$work/toy.safetensors" >"$work/train.log" 2>&1 \
+for name in concept.safetensors grid.png scores.json; do
+    [[ -s $work/demo/$name ]] || { say "FAILED: the demo wrote no $name"; exit 1; }
+done
+# The toy base ships inside the wheel: train on it from there.
+base=$("$venv/bin/python" -c "from classdiffusion.toyworld.base import base_path; print(base_path())")
+[[ $base == */site-packages/* ]] || { say "FAILED: the toy base is not the installed one ($base)"; exit 1; }
+"$venv/bin/classdiffusion" train --base "$base" --images "$work/demo/images" --token "<sks>" \
+    --class-word star --steps 3 --resolution 64 --out "$work/toy.safetensors" >"$work/train.log" 2>&1 \
     || { cat "$work/train.log"; say "FAILED: classdiffusion train"; exit 1; }
-"$venv/bin/classdiffusion" train --method infusion --base "$work/demo/base" --images "$work/demo/images" \
-    --class-word toy --steps 2 --resolution 64 --out "$work/toy_inf.safetensors" >>"$work/train.log" 2>&1 \
+"$venv/bin/classdiffusion" train --method infusion --base "$base" --images "$work/demo/images" \
+    --class-word star --steps 2 --resolution 64 --out "$work/toy_inf.safetensors" >>"$work/train.log" 2>&1 \
     || { cat "$work/train.log"; say "FAILED: classdiffusion train --method infusion"; exit 1; }
 "$venv/bin/classdiffusion" inspect "$work/toy.safetensors" >/dev/null
 say "wheel install: demo, train (both methods) and inspect ran from $(basename "$wheel")"

@@ -31,7 +31,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def record(stage: str, path: Path, seconds: float, settings: dict) -> None:
+def record(stage: str, path: Path, seconds: float, settings: dict, files: dict | None = None) -> None:
     import torch
 
     manifest_path = OUT / "MANIFEST.json"
@@ -41,6 +41,8 @@ def record(stage: str, path: Path, seconds: float, settings: dict) -> None:
         "command": f"python tools/pretrain_toyworld.py {stage}", "settings": settings,
         "seconds": round(seconds, 1), "torch": torch.__version__, "machine": platform.machine(),
     }
+    if files:
+        manifest[stage]["files"] = files
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
@@ -60,9 +62,9 @@ def stage_checker(args) -> None:
 
 
 def optimize(name: str, params, steps: int, lr: float, loss_at, *, weight_decay: float = 0.0,
-             warmup: float = 0.05, clip_grad: float | None = None) -> float:
+             warmup: float = 0.05, clip_grad: float | None = None, after_step=None) -> float:
     """AdamW with a one-cycle schedule over ``steps``, ``loss_at(step)`` giving each step's loss;
-    logs every 100 steps; returns the seconds it took."""
+    logs every 100 steps; calls ``after_step(step)`` if given; returns the seconds it took."""
     import torch
 
     params = list(params)
@@ -79,6 +81,8 @@ def optimize(name: str, params, steps: int, lr: float, loss_at, *, weight_decay:
         schedule.step()
         if step % 100 == 0 or step == steps - 1:
             print(f"{name} step {step}: loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+        if after_step is not None:
+            after_step(step)
     return time.perf_counter() - started
 
 
@@ -93,6 +97,15 @@ def _pictures(world, start: int, count: int, size: int):
         captions.append(scene.caption())
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1
     return pixels, captions
+
+
+def _codec_pictures(world, start: int, count: int):
+    """The VAE's pictures (``World.codec_batch``) as [-1, 1] tensors."""
+    import numpy as np
+    import torch
+
+    images = [np.asarray(image, dtype=np.float32) for image in world.codec_batch(start, count)]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1
 
 
 def vae_fidelity(vae, count: int = 256, seed: int = 123) -> dict:
@@ -126,12 +139,12 @@ def stage_vae(args) -> None:
     from classdiffusion.toyworld.base import RESOLUTION, VAE_CHANNELS, build_world_tokenizer, make_components
     from classdiffusion.toyworld.world import World
 
-    steps, batch = args.steps or 1500, 16
+    steps, batch = args.steps or 6000, 16
     channels = tuple(int(c) for c in args.vae_channels.split(",")) if args.vae_channels else VAE_CHANNELS
     world = World(size=RESOLUTION, seed=1)
     _, _, _, vae, _ = make_components(build_world_tokenizer(OUT / "tokenizer"), seed=1, vae_channels=channels)
     def loss_at(step):
-        pixels, _ = _pictures(world, step * batch, batch, RESOLUTION)
+        pixels = _codec_pictures(world, step * batch, batch)
         posterior = vae.encode(pixels).latent_dist
         recon = vae.decode(posterior.sample()).sample
         kl = posterior.kl().mean() / (4 * (RESOLUTION // 8) ** 2)
@@ -150,6 +163,7 @@ def stage_vae(args) -> None:
     vae.to(torch.float16).save_pretrained(out, safe_serialization=True)
     record("vae", out / "diffusion_pytorch_model.safetensors", seconds,
            {"steps": steps, "batch": batch, "seed": 1, "channels": list(channels), "scaling_factor": 1.0 / std,
+            "pictures": "World.codec_batch (half with random looks)",
             "checker_on_reconstructions": fidelity})
     print(f"wrote {out} in {seconds:.0f} s (scaling factor {1 / std:.4f})")
 
@@ -196,10 +210,10 @@ def stage_unet(args) -> None:
     from torch.nn import functional as F
     from transformers import CLIPModel, CLIPTokenizer
 
-    from classdiffusion.toyworld.base import RESOLUTION, make_components, text_tower
+    from classdiffusion.toyworld.base import CLIP_CONFIG_FILE, CLIP_EXTRA_FILE, RESOLUTION, make_components, split_clip, text_tower
     from classdiffusion.toyworld.world import World
 
-    steps, batch, pool = args.steps or 8000, 64, args.pool
+    steps, batch, pool = args.steps or 11_000, args.batch or 32, args.pool
     tokenizer = CLIPTokenizer.from_pretrained(str(OUT / "clip"))
     _, text_encoder, unet, _, scheduler = make_components(OUT / "tokenizer", seed=3)
     clip = CLIPModel.from_pretrained(str(OUT / "clip"), torch_dtype=torch.float32)
@@ -240,11 +254,23 @@ def stage_unet(args) -> None:
         a = alphas[t].view(-1, 1, 1, 1)
         return F.mse_loss(unet(a.sqrt() * latents + (1 - a).sqrt() * noise, t, context).sample, noise)
 
-    optimize("unet", unet.parameters(), steps, 4e-4, loss_at, weight_decay=0.01, warmup=0.03, clip_grad=1.0)
+    def snapshot(step):  # a look at the base while it trains (not part of the result)
+        if args.snapshot_every and (step + 1) % args.snapshot_every == 0 and step + 1 < steps:
+            import copy
+
+            # Copies: assemble casts to fp16 in place, and the training weights must stay fp32.
+            parts = [copy.deepcopy(m) for m in (unet, text_encoder, vae)]
+            assemble(parts[0], parts[1], parts[2], scheduler, tokenizer, OUT / "snapshot")
+
+    optimize("unet", unet.parameters(), steps, 4e-4, loss_at, weight_decay=0.01, warmup=0.03, clip_grad=1.0,
+             after_step=snapshot)
     seconds = time.perf_counter() - started
     assemble(unet, text_encoder, vae, scheduler, tokenizer, OUT / "base")
+    split_clip(clip, OUT)  # the evaluation CLIP: its image tower here, its text tower is the base's
+    files = sorted(p for p in (OUT / "base").rglob("*") if p.is_file()) + [OUT / CLIP_EXTRA_FILE, OUT / CLIP_CONFIG_FILE]
     record("unet", OUT / "base" / "unet" / "diffusion_pytorch_model.safetensors", seconds,
-           {"steps": steps, "batch": batch, "seed": 3, "pool": pool})
+           {"steps": steps, "batch": batch, "seed": 3, "pool": pool},
+           files={p.relative_to(OUT).as_posix(): sha256(p) for p in files})
     print(f"wrote {OUT / 'base'} in {seconds:.0f} s")
 
 
@@ -314,6 +340,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=WEIGHTS, help="where to write (calibration runs: elsewhere)")
     parser.add_argument("--vae-channels", help="the VAE's four widths, e.g. 32,64,128,128 (calibration)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (2 = the committed runs)")
+    parser.add_argument("--batch", type=int, help="unet: override the batch (calibration)")
+    parser.add_argument("--snapshot-every", type=int, default=0, help="unet: write OUT/snapshot every N steps")
     parser.add_argument("--pool", type=int, default=32_768, help="unet: pretraining pictures encoded once")
     args = parser.parse_args()
     global OUT

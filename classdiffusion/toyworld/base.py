@@ -89,3 +89,80 @@ def text_tower(model):
     """The text transformer inside a CLIPModel or a CLIPTextModel (transformers 4 nests it as
     ``text_model``; 5 makes CLIPTextModel the tower itself)."""
     return getattr(model, "text_model", model)
+
+
+#: Where the committed weights live (package data: a wheel install has them too).
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+#: The toy CLIP's parts other than its text tower (which is the base's text encoder, not stored twice).
+CLIP_EXTRA_FILE = "clip_image_tower.safetensors"
+CLIP_CONFIG_FILE = "clip_config.json"
+
+
+def base_path(weights: str | Path = WEIGHTS) -> Path:
+    """The committed toy base: a diffusers Stable Diffusion folder (fp16) that every host loads."""
+    path = Path(weights) / "base"
+    if not (path / "model_index.json").is_file():
+        from ..errors import BaseModelError
+
+        raise BaseModelError(f"The toy base is not at {path}: reinstall the package, or build it with "
+                             "`python tools/pretrain_toyworld.py vae|clip|unet` from a clone.")
+    return path
+
+
+def split_clip(clip, out_dir: str | Path) -> None:
+    """Store the toy CLIP without its text tower: the tower is the base's frozen text encoder."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in clip.state_dict().items()
+               if not k.startswith("text_model.")}
+    save_file(tensors, str(out_dir / CLIP_EXTRA_FILE))
+    (out_dir / CLIP_CONFIG_FILE).write_text(json.dumps(clip.config.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+class ToyClip:
+    """The toy CLIP as an evaluation scorer (CLIP-I, CLIP-T on the toy world), with the input
+    handling its pretraining used: 64 px pictures in [-1, 1], captions in the world tokenizer."""
+
+    def __init__(self, weights: str | Path = WEIGHTS, device: str = "cpu"):
+        import json
+
+        import torch
+        from safetensors.torch import load_file
+        from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
+
+        weights = Path(weights)
+        base = base_path(weights)
+        config = CLIPConfig.from_dict(json.loads((weights / CLIP_CONFIG_FILE).read_text()))
+        self.model = CLIPModel(config)
+        missing, unexpected = self.model.load_state_dict(load_file(str(weights / CLIP_EXTRA_FILE)), strict=False)
+        assert not unexpected and all(k.startswith("text_model.") for k in missing), (missing, unexpected)
+        text = CLIPTextModel.from_pretrained(str(base / "text_encoder"), torch_dtype=torch.float32)
+        text_tower(self.model).load_state_dict(text_tower(text).state_dict())
+        self.model = self.model.float().to(device).eval()
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(base / "tokenizer"))
+        self.device = device
+
+    def image_features(self, images):
+        import numpy as np
+        import torch
+
+        from ..evaluation.image_metrics import _as_tensor
+
+        arrays = [np.asarray(im.convert("RGB").resize((64, 64)), dtype=np.float32) for im in images]
+        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(self.device) / 127.5 - 1
+        with torch.no_grad():
+            return _as_tensor(self.model.get_image_features(pixel_values=pixels)).float().cpu()
+
+    def text_features(self, prompts):
+        import torch
+
+        from ..evaluation.image_metrics import _as_tensor
+
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=24, truncation=True,
+                             return_tensors="pt").input_ids.to(self.device)
+        with torch.no_grad():
+            return _as_tensor(self.model.get_text_features(input_ids=ids)).float().cpu()
