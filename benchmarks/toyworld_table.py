@@ -67,6 +67,9 @@ def other_captions(cls: str) -> list[str]:
             for k, other in enumerate(c for c in CLASSES if c != cls)]
 
 
+_BASE_SCORES: dict = {}  # per worker process: (instance, seed, weights) → the base's scores and features
+
+
 def run_one(job: dict) -> dict:
     """Train one (instance, seed, variant) and measure it; runs in a worker process."""
     import tempfile
@@ -116,8 +119,13 @@ def run_one(job: dict) -> dict:
         row["fisher"] = fisher.value
         host.close()
     with torch.no_grad():
-        base_pictures: dict = {}
-        base_scores = score(pipe, checker, clip, instance, cls, references, SAMPLING_SEEDS, keep=base_pictures)
+        key = (instance, seed, job["weights"])
+        if key not in _BASE_SCORES:  # the base's side depends on the instance and seed, not the variant
+            base_pictures: dict = {}
+            base_scores = score(pipe, checker, clip, instance, cls, references, SAMPLING_SEEDS, keep=base_pictures)
+            theirs = [im for im in base_pictures["concept"]] + [im for r in base_pictures["composition"] for im in r]
+            _BASE_SCORES[key] = (base_scores, clip.image_features(theirs))
+        base_scores, base_features = _BASE_SCORES[key]
         applied = apply_concept(pipe.unet, concept, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
         concept_pictures: dict = {}
         phrase = f"<sks> {cls}" if concept.tokens else cls  # Infusion is triggered by the class word
@@ -125,8 +133,7 @@ def run_one(job: dict) -> dict:
                          keep=concept_pictures).to_dict())
         applied.remove()
         mine = [im for im in concept_pictures["concept"]] + [im for r in concept_pictures["composition"] for im in r]
-        theirs = [im for im in base_pictures["concept"]] + [im for r in base_pictures["composition"] for im in r]
-        row["wasserstein"] = wasserstein_metric(clip.image_features(mine), clip.image_features(theirs)).value
+        row["wasserstein"] = wasserstein_metric(clip.image_features(mine), base_features).value
     row["base"] = base_scores.to_dict()
     row["train_seconds"], row["seconds"] = round(train_seconds, 1), round(time.perf_counter() - started, 1)
     return row

@@ -1,14 +1,18 @@
 """Build the toy world's committed weights, deterministically, on the CPU.
 
-    python tools/pretrain_toyworld.py checker      # the independent checker (minutes on 2 cores)
+    python tools/pretrain_toyworld.py checker      # the independent checker (~2.5 min on 2 cores)
     python tools/pretrain_toyworld.py calibrate    # seconds per step of every stage, nothing written
-    python tools/pretrain_toyworld.py vae | clip | unet   # the toy base, in this order (not built yet)
+    python tools/pretrain_toyworld.py vae          # then clip, then unet: the toy base (85 min in all)
 
-Each stage writes ``classdiffusion/toyworld/weights/<stage>.safetensors`` and records in
-``weights/MANIFEST.json`` the command, the seed, the time it took and the file's SHA-256, so that a
-test can tell the committed file is the one this script wrote. Every random choice comes from the
-stage's seed and runs use two threads and torch's deterministic algorithms; a rerun of the checker
-stage reproduced its logged losses at every 250 steps (byte identity across machines is not claimed).
+Each stage writes under ``classdiffusion/toyworld/weights/`` (``--out`` elsewhere) and records in
+``MANIFEST.json`` the command, the settings, the time it took and the SHA-256 of what it wrote;
+the unet stage assembles the base (``weights/base``, a diffusers SD folder in fp16) and the toy
+CLIP's image tower, and lists every committed file's hash, so a test can tell the committed files
+are the ones this script wrote. Every random choice comes from the stage's seed and runs use two
+threads and torch's deterministic algorithms; a rerun of the checker stage reproduced its logged
+losses (byte identity across machines is not claimed). The vae and clip stages leave their
+intermediate folders (``vae/``, ``clip/``, ``tokenizer/``) beside the weights: they are inputs of
+the unet stage, not package data.
 """
 
 from __future__ import annotations
