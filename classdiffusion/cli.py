@@ -607,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", required=True, help="output folder (grid.png, scores.json, concept.safetensors, images/)")
     demo.add_argument("--steps", type=_positive_int, default=400, help="training steps")
     demo.add_argument("--spl-weight", type=_finite, default=1.0, help="λ of the semantic preservation loss")
-    demo.add_argument("--method", choices=("classdiffusion", "infusion"), default="classdiffusion")
+    demo.add_argument("--method", choices=("classdiffusion", "infusion"), default="classdiffusion",
+                      help="the training method")
     demo.add_argument("--instance", default="red_blue_star", choices=[i.name for i in _toy_instances()],
                       help="which held-out toy-world instance to learn")
     demo.add_argument("--seed", type=int, default=0, help="seed of the pictures and of training")
