@@ -38,15 +38,29 @@ def open_comfyui(browser: Browser, url: str, timeout: float = 180) -> None:
     close_dialogs(browser)
 
 
-def close_dialogs(browser: Browser, timeout: float = 10) -> None:
-    """Escape, as a user closes a dialog, until none is open."""
+CLOSE_BUTTONS = ("[role=dialog] button[aria-label=Close], [role=dialog] .p-dialog-close-button, "
+                 "[role=dialog] button[aria-label=close]")
+
+
+def close_dialogs(browser: Browser, timeout: float = 30) -> None:
+    """Escape, as a user closes a dialog, until none is open; a dialog that ignores Escape gets
+    its close button clicked (a busy machine may open one late, or one that wants a click)."""
     deadline = time.time() + timeout
+    attempt = 0
     while browser.evaluate("document.querySelectorAll('[role=dialog]').length") and time.time() < deadline:
-        for kind in ("keyDown", "keyUp"):
-            browser.send("Input.dispatchKeyEvent", type=kind, key="Escape", code="Escape", windowsVirtualKeyCode=27)
-        time.sleep(0.3)
+        attempt += 1
+        if attempt % 4 == 0:
+            browser.evaluate(f"(() => {{ document.querySelectorAll({json.dumps(CLOSE_BUTTONS)})"
+                             ".forEach(b => b.click()); return true; }})()")
+        else:
+            for kind in ("keyDown", "keyUp"):
+                browser.send("Input.dispatchKeyEvent", type=kind, key="Escape", code="Escape",
+                             windowsVirtualKeyCode=27)
+        time.sleep(0.5)
     if browser.evaluate("document.querySelectorAll('[role=dialog]').length"):
-        raise RuntimeError("a dialog of the frontend does not close")
+        text = browser.evaluate("Array.from(document.querySelectorAll('[role=dialog]'))"
+                                ".map(d => d.innerText.slice(0, 200)).join(' | ')")
+        raise RuntimeError(f"a dialog of the frontend does not close: {text!r}")
 
 
 def run_command(browser: Browser, command: str) -> None:
