@@ -290,6 +290,10 @@ def assemble(unet, text_encoder, vae, scheduler, tokenizer, out: Path) -> None:
                                    requires_safety_checker=False)
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
     portable_text_encoder_keys(out / "text_encoder")
+    import shutil
+
+    for name in ("vocab.json", "merges.txt"):  # transformers 4.x's CLIPTokenizer reads these, not tokenizer.json
+        shutil.copy(OUT / "tokenizer" / name, out / "tokenizer" / name)
 
 
 def stage_calibrate(args) -> None:
