@@ -67,6 +67,11 @@ def other_captions(cls: str) -> list[str]:
             for k, other in enumerate(c for c in CLASSES if c != cls)]
 
 
+def every_picture(kept: dict) -> list:
+    """The pictures ``score`` kept: the concept prompt's and every composition prompt's."""
+    return list(kept["concept"]) + [image for row in kept["composition"] for image in row]
+
+
 _BASE_SCORES: dict = {}  # per worker process: (instance, seed, weights) → the base's scores and features
 
 
@@ -123,8 +128,7 @@ def run_one(job: dict) -> dict:
         if key not in _BASE_SCORES:  # the base's side depends on the instance and seed, not the variant
             base_pictures: dict = {}
             base_scores = score(pipe, checker, clip, instance, cls, references, SAMPLING_SEEDS, keep=base_pictures)
-            theirs = [im for im in base_pictures["concept"]] + [im for r in base_pictures["composition"] for im in r]
-            _BASE_SCORES[key] = (base_scores, clip.image_features(theirs))
+            _BASE_SCORES[key] = (base_scores, clip.image_features(every_picture(base_pictures)))
         base_scores, base_features = _BASE_SCORES[key]
         applied = apply_concept(pipe.unet, concept, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
         concept_pictures: dict = {}
@@ -132,8 +136,7 @@ def run_one(job: dict) -> dict:
         row.update(score(pipe, checker, clip, instance, phrase, references, SAMPLING_SEEDS,
                          keep=concept_pictures).to_dict())
         applied.remove()
-        mine = [im for im in concept_pictures["concept"]] + [im for r in concept_pictures["composition"] for im in r]
-        row["wasserstein"] = wasserstein_metric(clip.image_features(mine), base_features).value
+        row["wasserstein"] = wasserstein_metric(clip.image_features(every_picture(concept_pictures)), base_features).value
     row["base"] = base_scores.to_dict()
     row["train_seconds"], row["seconds"] = round(train_seconds, 1), round(time.perf_counter() - started, 1)
     return row

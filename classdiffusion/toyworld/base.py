@@ -147,13 +147,12 @@ class ToyClip:
         self.device = device
 
     def image_features(self, images):
-        import numpy as np
         import torch
 
         from ..evaluation.image_metrics import _as_tensor
+        from .checker import to_tensor
 
-        arrays = [np.asarray(im.convert("RGB").resize((64, 64)), dtype=np.float32) for im in images]
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(self.device) / 127.5 - 1
+        pixels = to_tensor(images, 64).to(self.device)  # [-1, 1], as the toy CLIP was trained
         with torch.no_grad():
             return _as_tensor(self.model.get_image_features(pixel_values=pixels)).float().cpu()
 
