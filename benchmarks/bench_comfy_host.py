@@ -42,7 +42,8 @@ def load_pack():
     sys.modules["classdiffusion_pack"] = package
     return types.SimpleNamespace(**{
         name.rpartition(".")[2]: importlib.import_module(f"classdiffusion_pack.{name}")
-        for name in ("nodes.comfy_glue", "nodes.comfy_host", "classdiffusion.train", "classdiffusion.config")
+        for name in ("nodes.comfy_glue", "nodes.comfy_host", "classdiffusion.train", "classdiffusion.config",
+                     "classdiffusion.precision")
     })
 
 
@@ -80,7 +81,7 @@ def main() -> None:
 
         with torch.inference_mode(False), torch.enable_grad():
             patcher = pack.comfy_glue.training_patcher(model)
-            text_dtype = pack.train.precision_dtype(args.mixed_precision) if args.mixed_precision != "no" else None
+            text_dtype = pack.precision.precision_dtype(args.mixed_precision) if args.mixed_precision != "no" else None
             host = pack.comfy_host.ComfyHost(patcher, clip, vae, text_dtype=text_dtype)
             try:
                 pack.train.train(host, [spec], config, images=[images], callbacks=Clock(config.steps, None, [spec.token]))

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from classdiffusion.train import precision_dtype  # noqa: E402
+from classdiffusion.precision import precision_dtype  # noqa: E402
 from live_memory import RUN_SETTINGS, PeakMemory, StepClock, add_run_arguments  # noqa: E402
 
 

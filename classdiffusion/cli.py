@@ -195,89 +195,88 @@ def _raise_terminated(signum, frame):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .concept import read_metadata
-    from .config import ConceptSpec, TrainConfig, load_concepts_json
     from .data import load_images
     from .hosts.diffusers_host import load_host
+    from .methods import method_class
+    from .precision import precision_dtype
     from .progress import TqdmCallbacks
-    from .train import RESUME_MAY_CHANGE, precision_dtype, train
+    from .train import train
 
     check_output_file(args.out, "--out", CONCEPT_SUFFIXES)  # checkpoints go beside it
     if args.plot:
         check_output_file(args.plot, "--plot", IMAGE_SUFFIXES)
     check_device(args.device)
-
-    overrides = setting_overrides(args)
-    if args.validation_prompt:
-        overrides["validation_prompts"] = list(args.validation_prompt)
-
-    if args.resume:
-        meta = read_metadata(args.resume)
-        if not meta.concepts:
-            raise InvalidInputError(f"{args.resume} does not record how it was trained (an imported or older "
-                                    "concept), so it cannot be resumed; start a new run instead.")
-        settings = {**meta.config, **{k: overrides[k] for k in RESUME_MAY_CHANGE if k in overrides}}
-        ignored = sorted(set(overrides) - set(RESUME_MAY_CHANGE))
-        if ignored:
-            logger.warning("Resuming uses the checkpoint's settings; ignoring %s.", ignored)
-        config = TrainConfig.from_dict(settings)
-        concepts = [ConceptSpec.from_dict(c) for c in meta.concepts]
-    else:
-        config = TrainConfig.for_method(overrides.pop("method", "classdiffusion"), **overrides)
-        if args.concepts:
-            concepts = load_concepts_json(args.concepts)
-        else:
-            token = args.token
-            if config.method == "infusion" and not token:  # Infusion adds no token: the class word is the trigger
-                token = "<unused>"
-            missing = [name for name, value in (("--token", token), ("--class-word", args.class_word),
-                                                ("--images", args.images)) if not value]
-            if missing:
-                raise InvalidInputError(f"train needs {', '.join(missing)} (or --concepts FILE)")
-            spec = dict(token=token, class_word=args.class_word, images=args.images,
-                        class_images=args.class_images or [], masks=args.masks or [])
-            if args.initializer:
-                spec["initializer"] = args.initializer
-            if args.prompt:
-                spec["prompt"] = args.prompt
-            concepts = [ConceptSpec.from_dict(spec)]
-        for spec in concepts:  # store absolute paths so a checkpoint can resume from anywhere
-            spec.images = [str(Path(p).resolve()) for p in spec.images]
-            spec.class_images = [str(Path(p).resolve()) for p in spec.class_images]
-            spec.masks = [str(Path(p).resolve()) for p in spec.masks]
+    config, concepts, checkpoint = _train_inputs(args)
 
     # The images are read (and refused, if bad) before any model loads.
     images = [load_images(spec.images) for spec in concepts]
     class_images = [load_images(spec.class_images, "class") if spec.class_images else None for spec in concepts]
     host = load_host(args.base, base_config=args.base_config, device=args.device,
                      dtype=precision_dtype(config.mixed_precision))
-    callbacks = TqdmCallbacks(enabled=not args.quiet, description="Infusion" if config.method == "infusion"
-                              else "ClassDiffusion")
+    callbacks = TqdmCallbacks(enabled=not args.quiet, description=method_class(config.method).label)
     stop = lambda *_: setattr(callbacks, "stop_requested", True)  # noqa: E731  (Ctrl-C and SIGTERM alike)
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         result = train(host, concepts, config, images=images,
                        class_images=class_images if any(c is not None for c in class_images) else None,
-                       out=args.out, resume=args.resume, callbacks=callbacks,
+                       out=args.out, resume=checkpoint, callbacks=callbacks,
                        meta_extra={"base_name": Path(args.base).name})
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    _report_training(args, result)
+    return 0
+
+
+def _train_inputs(args: argparse.Namespace):
+    """(settings, concepts, checkpoint or None) of ``train``: from the checkpoint with --resume,
+    else from the flags (or --concepts FILE) under the method's recipe."""
+    from .concept import load_concept
+    from .config import ConceptSpec, TrainConfig, load_concepts_json
+    from .methods import DEFAULT_METHOD, method_class
+    from .resume import resume_settings
+
+    overrides = setting_overrides(args)
+    if args.validation_prompt:
+        overrides["validation_prompts"] = list(args.validation_prompt)
+    if args.resume:
+        checkpoint = load_concept(args.resume)
+        return (*resume_settings(checkpoint, overrides), checkpoint)
+    config = TrainConfig.for_method(overrides.pop("method", DEFAULT_METHOD), **overrides)
+    if args.concepts:
+        concepts = load_concepts_json(args.concepts)
+    else:
+        token = method_class(config.method).concept_token(args.token)
+        missing = [name for name, value in (("--token", token), ("--class-word", args.class_word),
+                                            ("--images", args.images)) if not value]
+        if missing:
+            raise InvalidInputError(f"train needs {', '.join(missing)} (or --concepts FILE)")
+        spec = dict(token=token, class_word=args.class_word, images=args.images,
+                    class_images=args.class_images or [], masks=args.masks or [])
+        spec.update({key: value for key, value in (("initializer", args.initializer), ("prompt", args.prompt))
+                     if value})
+        concepts = [ConceptSpec.from_dict(spec)]
+    for spec in concepts:  # store absolute paths so a checkpoint can resume from anywhere
+        for key in ("images", "class_images", "masks"):
+            setattr(spec, key, [str(Path(p).resolve()) for p in getattr(spec, key)])
+    return config, concepts, None
+
+
+def _report_training(args: argparse.Namespace, result) -> None:
+    from .summary import summary_line
+
     if args.plot:
         from .plot import plot_history
 
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         plot_history(result.concept.history, tokens=result.concept.tokens).save(args.plot)
-    from .summary import summary_line
-
     size = result.path.stat().st_size
-    print(f"saved {result.path} ({size / 1024:.1f} KB, {result.concept.method})")
+    print(f"saved {result.path} ({size / 1024:.1f} KB, {result.concept.method_label})")
     print(summary_line(result.concept.history))
     if result.validation_grid is not None:
         share = result.validation_seconds / max(result.seconds, 1e-9)
         print(f"validation: {100 * share:.0f} % of the run time ({result.validation_seconds:.1f} s); previews in "
               f"{Path(args.out).parent / 'validation'}")
-    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -296,8 +295,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .concept import checkpoint_table, read_metadata, run_files
+    from .methods import METHOD_CLASSES
 
-    meta = read_metadata(args.file).to_dict()
+    parsed = read_metadata(args.file)
+    meta = {**parsed.to_dict(), "method_label": METHOD_CLASSES[parsed.method].label}
     if run_files(args.file)[1]:  # the run saved step checkpoints: list them to pick the best step
         meta["run_checkpoints"] = checkpoint_table(args.file)
     if not args.history:
@@ -490,13 +491,14 @@ def _toy_instances():
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .methods import DEFAULT_METHOD, METHOD_CLASSES
+
     parser = argparse.ArgumentParser(prog="classdiffusion", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", formatter_class=_DefaultsHelp,
-        help="train a concept: ClassDiffusion (token + K/V deltas, SPL) or --method infusion (value "
-             "residuals at the class word)")
+        help="train a concept: " + ", ".join(f"{m.label} (--method {m.name})" for m in METHOD_CLASSES.values()))
     train.add_argument("--base", required=True, help="SD1.5 diffusers folder or single-file .safetensors")
     train.add_argument("--base-config", help="diffusers config folder for a single-file base (offline)")
     train.add_argument("--images", nargs="+", help="image files or folders of the concept (3–20 images)")
@@ -607,8 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", required=True, help="output folder (grid.png, scores.json, concept.safetensors, images/)")
     demo.add_argument("--steps", type=_positive_int, default=400, help="training steps")
     demo.add_argument("--spl-weight", type=_finite, default=1.0, help="λ of the semantic preservation loss")
-    demo.add_argument("--method", choices=("classdiffusion", "infusion"), default="classdiffusion",
-                      help="the training method")
+    demo.add_argument("--method", choices=list(METHOD_CLASSES), default=DEFAULT_METHOD, help="the training method")
     demo.add_argument("--instance", default="red_blue_star", choices=[i.name for i in _toy_instances()],
                       help="which held-out toy-world instance to learn")
     demo.add_argument("--seed", type=int, default=0, help="seed of the pictures and of training")

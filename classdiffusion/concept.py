@@ -45,6 +45,7 @@ from safetensors.torch import save_file
 from .errors import BaseMismatchError, ConceptFileError
 from .kv import base_fingerprint, compare_fingerprints, compress_deltas, trained_names
 from .meta import ConceptMeta
+from .methods import METHOD_CLASSES, InfusionMethod
 
 FORMAT = "classdiffusion.concept"
 FORMAT_VERSION = 4  #: newest version read; each file is written with the oldest version that holds it
@@ -91,13 +92,18 @@ class Concept:
                 {"tokens": list(self.tokens), "class_words": list(self.class_words),
                  "layers": {name: list(t.shape) for name, t in self.deltas.items()},
                  **({"residual_layers": {n: list(t.shape) for n, t in self.residuals.items()},
-                     "method": "infusion"} if self.residuals else {}), **self.meta},
+                     "method": InfusionMethod.name} if self.residuals else {}), **self.meta},
                 "the concept's metadata")
 
     @property
     def method(self) -> str:
-        """The training method: "classdiffusion" (token + K/V deltas) or "infusion" (residuals)."""
+        """The training method's name (``classdiffusion.methods``; "classdiffusion" for older files)."""
         return self.meta.method
+
+    @property
+    def method_label(self) -> str:
+        """The training method as people call it ("Textual Inversion")."""
+        return METHOD_CLASSES[self.meta.method].label
 
     def trained_shapes(self) -> list[tuple[int, ...]]:
         """Shapes of the trained tensors in the optimizer's order: deltas, residuals (each sorted by

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from .errors import InvalidInputError
+from .methods import DEFAULT_METHOD, METHOD_CLASSES, method_class, methods_help
 
 TrainMode = Literal["kv", "crossattn"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
@@ -17,17 +18,6 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 #: config, i.e. the position of the highest token id — the new token itself in "a photo of a <sks> dog".
 SplFeature = Literal["eos", "official"]
 SPL_FEATURES = ("eos", "official")
-#: What a run trains (classdiffusion.methods): ClassDiffusion's token + K/V deltas with SPL, or
-#: Infusion's value residuals at the class word's positions.
-METHODS = ("classdiffusion", "infusion")
-#: Infusion's recipe (arXiv 2404.14007 and its code's configs/infusion_cat.yaml) where it differs
-#: from ClassDiffusion's: batch 4 with 4-step accumulation, no rescaling augmentation (flips only),
-#: no gradient clipping (Lightning's default). Its residual learning rate is ``residual_lr``.
-METHOD_DEFAULTS = {
-    "classdiffusion": {},
-    "infusion": {"batch_size": 4, "gradient_accumulation": 4, "augment": False, "max_grad_norm": 0.0},
-}
-
 #: Custom Diffusion's (and the official ClassDiffusion scripts') initializer: a rare token.
 DEFAULT_INITIALIZER = "ktn"
 #: The official ClassDiffusion prompt: "a photo of a <new1> dog".
@@ -79,6 +69,24 @@ def _check_field_types(obj) -> None:
                                     f"(got {value!r}).")
 
 
+def _check_declared_ranges(obj) -> None:
+    """Each setting within what its ``setting()`` declares: one of its choices, at least its min,
+    at most its max, and for whole numbers with a step (resolution) a multiple of it. The CLI and
+    the node reach the same check, so both enforce one range."""
+    for f in dataclasses.fields(obj):
+        info, value = f.metadata, getattr(obj, f.name)
+        hint = f" {info['help']}" if info.get("help") else ""
+        if "choices" in info and value not in info["choices"]:
+            raise InvalidInputError(f"{f.name} must be one of {list(info['choices'])} (got {value!r}).")
+        if "min" in info and value < info["min"]:
+            raise InvalidInputError(f"{f.name} must be at least {info['min']} (got {value!r}).{hint}")
+        if "max" in info and value > info["max"]:
+            raise InvalidInputError(f"{f.name} must be at most {info['max']} (got {value!r}).{hint}")
+        if isinstance(f.default, int) and not isinstance(f.default, bool) and info.get("step", 1) > 1 \
+                and value % info["step"]:
+            raise InvalidInputError(f"{f.name} must be a multiple of {info['step']} (got {value!r}).{hint}")
+
+
 @dataclass
 class ConceptSpec:
     """One concept to learn: its new token, its class word and its images.
@@ -119,6 +127,11 @@ class ConceptSpec:
             paths = getattr(self, key)
             if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
                 raise InvalidInputError(f"{key} must be a list of file or folder paths (got {paths!r}).")
+
+    @property
+    def has_default_prompt(self) -> bool:
+        """The user kept the default template (methods with a template list of their own draw from it)."""
+        return self.prompt == DEFAULT_PROMPT
 
     @property
     def initializer_word(self) -> str:
@@ -196,10 +209,7 @@ class TrainConfig:
     2e-5 at batch 2.
     """
 
-    method: str = setting("classdiffusion", "classdiffusion: a new token + cross-attention K/V deltas with the "
-                          "semantic preservation loss (the default). infusion: one residual vector per attn2 value "
-                          "projection, added only where the class word stands; a ~50 KB concept that leaves every "
-                          "other prompt bit-identical.", choices=METHODS, cli="--method")
+    method: str = setting(DEFAULT_METHOD, methods_help(), choices=tuple(METHOD_CLASSES), cli="--method")
     steps: int = setting(500, "Training steps. Paper: 500 (800 for several concepts).", min=1, max=20000,
                          cli="--steps")
     batch_size: int = setting(2, "Images per step (paper: 2).", min=1, max=16, cli="--batch-size")
@@ -223,11 +233,11 @@ class TrainConfig:
     augment: bool = setting(True, "Random rescaling of the images, as the official code does.", cli="--no-augment")
     shrink_scales: int = setting(6, "Size bins an image is shrunk into (augmentation).", min=1)
     zoom_scales: int = setting(2, "Size bins an image is zoomed into (augmentation).", min=0)
-    adam_beta1: float = setting(0.9, "AdamW β1.")
-    adam_beta2: float = setting(0.999, "AdamW β2.")
-    weight_decay: float = setting(1e-2, "AdamW weight decay, on the full trained weight as officially.")
-    adam_epsilon: float = setting(1e-8, "AdamW ε.")
-    max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 = off).")
+    adam_beta1: float = setting(0.9, "AdamW β1.", min=0.0, max=0.99999)
+    adam_beta2: float = setting(0.999, "AdamW β2.", min=0.0, max=0.99999)
+    weight_decay: float = setting(1e-2, "AdamW weight decay, on the full trained weight as officially.", min=0.0)
+    adam_epsilon: float = setting(1e-8, "AdamW ε.", min=0.0)
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 = off).", min=0.0)
     gradient_accumulation: int = setting(1, "Micro-batches of batch_size per optimizer step (Infusion's recipe: "
                                          "4 × batch 4).", min=1, max=64, cli="--gradient-accumulation")
     residual_lr: float = setting(1e-2, "Infusion: AdamW learning rate of the residual vectors (its code: 0.01, "
@@ -275,57 +285,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_field_types(self)
-        if int(self.steps) <= 0:
-            raise InvalidInputError(f"steps must be at least 1 (got {self.steps}); the paper uses 500.")
-        if int(self.batch_size) <= 0:
-            raise InvalidInputError(f"batch_size must be at least 1 (got {self.batch_size}).")
-        if not self.learning_rate > 0:
-            raise InvalidInputError(f"learning_rate must be positive (got {self.learning_rate}).")
-        if self.spl_weight < 0 or self.prior_weight < 0:
-            raise InvalidInputError("spl_weight and prior_weight must not be negative.")
-        if self.resolution < 64 or self.resolution % 64:
-            raise InvalidInputError(
-                f"resolution must be a multiple of 64, at least 64 (got {self.resolution}); SD1.5 uses 512."
-            )
-        if self.spl_feature not in SPL_FEATURES:
-            raise InvalidInputError(
-                f"spl_feature must be 'eos' (the paper's end-of-text feature) or 'official' (the "
-                f"official code's pooler output); got {self.spl_feature!r}."
-            )
-        if self.method not in METHODS:
-            raise InvalidInputError(f"method must be one of {list(METHODS)} (got {self.method!r}).")
-        if self.residual_target not in ("v", "kv"):
-            raise InvalidInputError("residual_target must be 'v' (value only, the paper) or 'kv'.")
-        if self.gradient_accumulation < 1:
-            raise InvalidInputError("gradient_accumulation must be at least 1.")
-        if not self.residual_lr > 0:
-            raise InvalidInputError(f"residual_lr must be positive (got {self.residual_lr}).")
+        _check_declared_ranges(self)
         if not isinstance(self.validation_prompts, list) or not all(
                 isinstance(p, str) and p.strip() for p in self.validation_prompts):
             raise InvalidInputError("validation_prompts must be a list of non-empty prompts.")
-        if self.memory not in ("auto", "check", "off"):
-            raise InvalidInputError("memory must be 'auto', 'check' or 'off'.")
-        if self.max_grad_norm < 0:
-            raise InvalidInputError("max_grad_norm must be 0 (off) or positive.")
-        if self.train_mode not in ("kv", "crossattn"):
-            raise InvalidInputError("train_mode must be 'kv' (to_k/to_v) or 'crossattn' (all of attn2).")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise InvalidInputError("mixed_precision must be 'no', 'fp16' or 'bf16'.")
-        if self.attention not in ("sdpa", "eager"):
-            raise InvalidInputError("attention must be 'sdpa' or 'eager'.")
-        if self.drift_every < 0:
-            raise InvalidInputError("drift_every must be 0 (off) or a positive number of steps.")
-        if self.save_every < 0:
-            raise InvalidInputError("save_every must be 0 (off) or a positive number of steps.")
-        if self.shrink_scales < 1 or self.zoom_scales < 0:
-            raise InvalidInputError("shrink_scales must be ≥ 1 and zoom_scales ≥ 0.")
 
     @classmethod
     def for_method(cls, method: str, **settings: Any) -> "TrainConfig":
-        """A config with ``method``'s recipe (METHOD_DEFAULTS) under the given settings."""
-        if method not in METHODS:
-            raise InvalidInputError(f"method must be one of {list(METHODS)} (got {method!r}).")
-        return cls(**{**METHOD_DEFAULTS[method], **settings, "method": method})
+        """A config with ``method``'s recipe (its class's ``recipe``) under the given settings."""
+        return cls(**{**method_class(method).recipe, **settings, "method": method})
 
     def effective_learning_rate(self, with_prior: bool) -> float:
         lr = self.learning_rate

@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import TrainConfig
+from .config import ConceptSpec, TrainConfig
 from .errors import InvalidInputError
 
 logger = logging.getLogger("classdiffusion")
@@ -327,3 +327,54 @@ def draw_placement(bank: LatentBank, image: int, rng: torch.Generator) -> Placem
     elif size > bank.resolution:
         prefix = ZOOM_PREFIXES[int(u[3] * 2)]
     return Placement(image, flip, size, top, left, prefix)
+
+
+@dataclass
+class ConceptData:
+    """One concept to train: its spec and its images, given (PIL images or ComfyUI IMAGE
+    tensors) or else loaded from the spec's paths. The ClassDiffusion Concept node outputs one."""
+
+    spec: ConceptSpec
+    images: Sequence[Any] | None = None
+    class_images: Sequence[Any] | None = None
+    #: Subject masks (Infusion's loss weights): ComfyUI MASK [B, H, W] / PIL "L" images, one per image.
+    masks: Sequence[Any] | None = None
+
+    def load_images(self) -> list:
+        return as_pil_images(self.images) if self.images is not None else load_images(self.spec.images)
+
+    def load_class_images(self) -> list:
+        if self.class_images is not None and len(self.class_images):
+            return as_pil_images(self.class_images, "class")
+        return load_images(self.spec.class_images, "class") if self.spec.class_images else []
+
+    def load_masks(self, images: Sequence[Any]) -> list:
+        """One soft subject mask (PIL "L") or None per training image: given masks, else the spec's
+        mask files, else the images' alpha channels."""
+        if self.masks is not None and len(self.masks):
+            masks = as_pil_masks(self.masks)
+            if len(masks) == 1 and len(images) > 1:
+                masks = masks * len(images)
+            if len(masks) != len(images):
+                raise InvalidInputError(f"{len(masks)} masks for {len(images)} images: give one mask per image.")
+            return masks
+        if self.spec.images:
+            return load_masks_for(self.spec.images, self.spec.masks)
+        return alpha_masks(self.images if self.images is not None else [])
+
+    @property
+    def has_class_images(self) -> bool:
+        return bool(self.spec.class_images) or (self.class_images is not None and len(self.class_images) > 0)
+
+
+def concept_data(concepts: Sequence[ConceptSpec | ConceptData], images=None, class_images=None) -> list[ConceptData]:
+    """ConceptData for each concept; ``images[k]`` / ``class_images[k]`` override concept k's paths."""
+    out = []
+    for k, item in enumerate(concepts):
+        if isinstance(item, ConceptData):
+            out.append(item)
+            continue
+        given = images[k] if images is not None and k < len(images) else None
+        given_class = class_images[k] if class_images is not None and k < len(class_images) else None
+        out.append(ConceptData(item, given, given_class))
+    return out

@@ -232,6 +232,11 @@ def attach_deltas_with_hooks(
             return output + extra.to(output.dtype)
 
         handles.append(modules[module_name].register_forward_hook(hook))
+    return remover(handles)
+
+
+def remover(handles: list) -> Callable[[], None]:
+    """The detach function of a set of forward hooks: removes them all."""
 
     def detach() -> None:
         for handle in handles:

@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 from .errors import ClassDiffusionError, ConceptFileError
 from .kv import TRAINED_SUFFIXES
+from .methods import DEFAULT_METHOD, METHOD_CLASSES
 
 TRAIN_MODES = tuple(TRAINED_SUFFIXES)
-METHODS = ("classdiffusion", "infusion")
 
 
 class MetaError(ConceptFileError):
@@ -52,7 +52,7 @@ class ConceptMeta:
     drift_final: list[dict[str, Any]] | None = None
     compression: dict[str, Any] | None = None
     #: the training method (classdiffusion.methods); files before it existed are ClassDiffusion's
-    method: str = "classdiffusion"
+    method: str = DEFAULT_METHOD
     #: Infusion: module name → [size] of each residual vector
     residual_layers: dict[str, list[int]] | None = None
     warnings: list[str] = field(default_factory=list)
@@ -79,9 +79,10 @@ class ConceptMeta:
         for key in ("tokens", "class_words", "layers"):
             if key not in raw:
                 raise MetaError(f"{source}: metadata lacks {key!r}; the file is damaged.")
-        method = check.choice(raw.get("method", "classdiffusion"), "method", METHODS)
-        tokens = check.strings(raw["tokens"], "tokens", min_length=1 if method == "classdiffusion" else 0)
-        if method != "classdiffusion" and tokens:
+        method = check.choice(raw.get("method", DEFAULT_METHOD), "method", tuple(METHOD_CLASSES))
+        has_tokens = METHOD_CLASSES[method].has_tokens
+        tokens = check.strings(raw["tokens"], "tokens", min_length=1 if has_tokens else 0)
+        if not has_tokens and tokens:
             check.fail("tokens", f"must be empty for the {method} method, which adds no token")
         for i, token in enumerate(tokens):
             if any(ch.isspace() for ch in token):
@@ -219,11 +220,13 @@ class _Checker:
             self.mapping(record, where)
             if "step" in record:
                 self.integer(record["step"], f"{where}.step", minimum=0)
-            for key in ("loss", "recon", "spl", "lr", "prior", "seconds"):
-                if record.get(key) is not None:
-                    self.number(record[key], f"{where}.{key}")
-            if "cos" in record:
-                self.numbers(record["cos"], f"{where}.cos")
+            for key, item in record.items():  # loss terms and diagnostics are the method's: any names
+                if key in ("step", "drift_rank") or item is None:
+                    continue
+                if isinstance(item, list):
+                    self.numbers(item, f"{where}.{key}")
+                else:
+                    self.number(item, f"{where}.{key}")
             if record.get("drift_rank") is not None:
                 if not isinstance(record["drift_rank"], list):
                     self.fail(f"{where}.drift_rank", "must be a list of ranks")

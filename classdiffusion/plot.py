@@ -67,45 +67,46 @@ def _panel(draw: ImageDraw.ImageDraw, box, series: dict[str, tuple[list[float], 
 
 def plot_history(history: Sequence[dict], width: int = 768, height: int | None = None,
                  tokens: Sequence[str] = (), checkpoints: Sequence[int] = ()) -> Image.Image:
-    """Panels: losses (total, recon, SPL, prior), EOS cosine per concept, and — when the run
-    logged it (``drift_every``) — each token's drift rank among the adjective phrases. A run
-    without tokens (Infusion) has the loss panel only. ``checkpoints``: steps marked in each panel."""
+    """Panels: the total loss and each loss term the method recorded (ClassDiffusion: recon, SPL,
+    prior), one panel per per-concept diagnostic (ClassDiffusion: the EOS cosine) and — when the
+    run logged it (``drift_every``) — each token's drift rank among the adjective phrases.
+    ``checkpoints``: steps marked in each panel."""
+    from .summary import LABELS, diagnostics, loss_terms
+
     font = ImageFont.load_default()
     drift = [h for h in history if h.get("drift_rank")]
-    n = len(history[0].get("cos", [])) if history else 0
-    panels = 1 if n == 0 else 3 if drift else 2
+    per_concept = diagnostics(history)
+    panels = 1 + len(per_concept) + bool(drift)
     height = height or 256 * panels
     image = Image.new("RGB", (width, height), (248, 248, 248))
     draw = ImageDraw.Draw(image)
     steps = [h["step"] for h in history]
     losses = {}
-    for key in ("loss", "recon", "spl", "prior"):
-        if key == "spl" and n == 0:  # a method without SPL
-            continue
-        if history and key in history[0] and history[0][key] is not None:
-            raw = [h[key] for h in history]
-            losses[key] = (raw, ema(raw), COLORS[key])
+    for k, key in enumerate(["loss"] + loss_terms(history) if history else []):
+        raw = [h[key] for h in history]
+        losses[LABELS.get(key, key)] = (raw, ema(raw), COLORS.get(key, COSINE_COLORS[k % len(COSINE_COLORS)]))
     size = height // panels
     boxes = [(4, 4 + i * size, width - 4, (i + 1) * size - 2) for i in range(panels)]
     _panel(draw, boxes[0], losses, "loss per step (faint: raw, bold: smoothed)", font, steps, checkpoints)
-    if n == 0:
-        return image
+    n = max([len(history[0][key]) for key in per_concept] + [len(drift[0]["drift_rank"]) if drift else 0])
     labels = [tokens[k] if k < len(tokens) else f"concept {k + 1}" for k in range(n)]
-    cos_series = {}
-    for k in range(n):
-        raw = [h["cos"][k] for h in history]
-        cos_series[labels[k]] = (raw, raw, COSINE_COLORS[k % len(COSINE_COLORS)])
-    _panel(draw, boxes[1], cos_series, "EOS cosine: token phrase vs class phrase (higher = closer to class)",
-           font, steps, checkpoints)
+
+    def series(records, key):
+        return {labels[k]: ([float(h[key][k]) for h in records],) * 2 + (COSINE_COLORS[k % len(COSINE_COLORS)],)
+                for k in range(len(records[0][key]))}
+
+    for box, key in zip(boxes[1:], per_concept):
+        title = DIAGNOSTIC_TITLES.get(key, key)
+        _panel(draw, box, series(history, key), title, font, steps, checkpoints)
     if drift:
-        rank_series = {}
-        for k in range(n):
-            raw = [float(h["drift_rank"][k]) for h in drift]
-            rank_series[labels[k]] = (raw, raw, COSINE_COLORS[k % len(COSINE_COLORS)])
-        _panel(draw, boxes[2], rank_series,
+        _panel(draw, boxes[-1], series(drift, "drift_rank"),
                "drift rank of 'a <token> <class>' among 'a <adjective> <class>' (1 = closest to class)",
                font, [h["step"] for h in drift], checkpoints)
     return image
+
+
+#: Panel titles of the per-concept diagnostics a method records.
+DIAGNOSTIC_TITLES = {"cos": "EOS cosine: token phrase vs class phrase (higher = closer to class)"}
 
 
 def plot_drift_map(drift_map, width: int = 640, height: int = 560, title: str | None = None) -> Image.Image:

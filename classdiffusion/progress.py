@@ -1,14 +1,22 @@
-"""Progress on a terminal: a tqdm bar with loss, SPL and cosine; Ctrl-C/SIGTERM stop between steps."""
+"""Progress on a terminal: a tqdm bar with the loss and the method's terms; Ctrl-C/SIGTERM stop between steps."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
-class TqdmCallbacks:
-    """A tqdm bar with loss and SPL; Ctrl-C cancels cleanly between steps."""
+def step_postfix(record) -> dict[str, str]:
+    """The loss, each loss term and each per-concept diagnostic the method reported, formatted."""
+    postfix = {"loss": f"{record.loss:.4f}"}
+    postfix.update({name: f"{value:.5f}" for name, value in record.terms.items()})
+    postfix.update({name: ",".join(f"{v:.4f}" for v in values) for name, values in record.diagnostics.items()})
+    return postfix
 
-    def __init__(self, enabled: bool = True, description: str = "ClassDiffusion"):
+
+class TqdmCallbacks:
+    """A tqdm bar with the loss and the method's terms; Ctrl-C cancels cleanly between steps."""
+
+    def __init__(self, enabled: bool = True, description: str = "training"):
         self.enabled = enabled
         self.description = description
         self.bar = None
@@ -22,11 +30,7 @@ class TqdmCallbacks:
 
             self.bar = tqdm(total=total_steps, initial=record.step - 1, desc=self.description, unit="step")
         self.bar.update(1)
-        if record.cos:  # ClassDiffusion: SPL and each token's EOS cosine
-            self.bar.set_postfix(loss=f"{record.loss:.4f}", spl=f"{record.spl:.5f}",
-                                 cos=",".join(f"{c:.4f}" for c in record.cos))
-        else:  # a method without tokens (Infusion)
-            self.bar.set_postfix(loss=f"{record.loss:.4f}")
+        self.bar.set_postfix(step_postfix(record))
         if record.step >= total_steps:
             self.bar.close()
 

@@ -21,6 +21,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .kv import remover
+
 #: Name ending of the projections Infusion changes, per residual target.
 RESIDUAL_SUFFIXES = {"v": (".attn2.to_v",), "kv": (".attn2.to_k", ".attn2.to_v")}
 
@@ -185,12 +187,7 @@ def attach_residuals_with_hooks(modules: Mapping[str, nn.Module], residuals: Map
             return add_residual(output, positions.for_context(context), residual, strength)
 
         handles.append(modules[name].register_forward_hook(hook))
-
-    def detach() -> None:
-        for handle in handles:
-            handle.remove()
-
-    return detach
+    return remover(handles)
 
 
 def record_text_encodings(text_encoder: nn.Module, registry: ConditionRegistry,

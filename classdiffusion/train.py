@@ -2,9 +2,8 @@
 
 One readable loop: cached latents → noise → UNet with the method's trained tensors attached →
 the method's losses → AdamW. The method (``classdiffusion.methods``) decides what is trained:
-ClassDiffusion's K/V deltas and new token rows with the semantic preservation loss on the EOS
-features of "a photo of a <sks> dog" vs "a photo of a dog" (the default), or Infusion's value
-residuals at the class word. Randomness is drawn per step from (seed, step), so a resumed run
+ClassDiffusion's K/V deltas and new token rows with the semantic preservation loss (the default),
+Infusion's value residuals at the class word, or Textual Inversion's token rows. Randomness is drawn per step from (seed, step), so a resumed run
 continues exactly like an uninterrupted one.
 """
 
@@ -23,44 +22,35 @@ import torch
 from . import __version__
 from .concept import Concept, load_concept
 from .config import ConceptSpec, TrainConfig, check_concepts
-from .data import (LatentBank, alpha_masks, as_pil_images, as_pil_masks, draw_placement, load_images,
-                   load_masks_for)
+from .data import ConceptData, LatentBank, concept_data, draw_placement
 from .errors import InvalidInputError, TrainingCancelled, TrainingDivergedError
 from .hosts.base import SD15_CONTEXT_DIM, TrainingHost
 from .kv import base_fingerprint
 from .meta import ConceptMeta
-from .precision import autocast as _autocast, precision_dtype  # noqa: F401  (precision_dtype: public here)
-from .methods import method_class
-from .methods.base import Losses
+from .methods import Losses, MethodContext, method_class
+from .resume import check_resume
 
 logger = logging.getLogger("classdiffusion")
-
-#: Settings that may change when resuming without changing the result.
-RESUME_MAY_CHANGE = {"steps", "save_every", "drift_every", "checkpoint_optimizer", "memory", "memory_limit_mib",
-                     "validation_every",
-                     "validation_steps", "validation_seed", "validation_guidance", "validation_prompts"}
 
 
 @dataclass
 class StepRecord:
-    """What one optimisation step measured (also one entry of the saved loss history)."""
+    """What one optimisation step measured (also one entry of the saved loss history): the total,
+    the method's named loss terms and diagnostics (ClassDiffusion: recon, spl, prior / cos)."""
 
     step: int
     loss: float
-    recon: float
-    spl: float
-    cos: list[float]
+    terms: dict[str, float]
     lr: float
-    prior: float | None = None
+    diagnostics: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
     #: Each concept's drift rank among the adjective phrases (steps where it was measured).
     drift_rank: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"step": self.step, "loss": self.loss, "recon": self.recon, "spl": self.spl,
-               "cos": self.cos, "lr": self.lr}
-        if self.prior is not None:
-            out["prior"] = self.prior
+        """The history entry: ``{"step", "loss", <terms>, <diagnostics>, "lr"[, "drift_rank"]}``, the
+        layout concept files have always had (e.g. recon, spl, cos)."""
+        out = {"step": self.step, "loss": self.loss, **self.terms, **self.diagnostics, "lr": self.lr}
         if self.drift_rank is not None:
             out["drift_rank"] = self.drift_rank
         return out
@@ -138,57 +128,6 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, flat: Mapping[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
-@dataclass
-class ConceptData:
-    """One concept to train: its spec and its images, given (PIL images or ComfyUI IMAGE
-    tensors) or else loaded from the spec's paths. The ClassDiffusion Concept node outputs one."""
-
-    spec: ConceptSpec
-    images: Sequence[Any] | None = None
-    class_images: Sequence[Any] | None = None
-    #: Subject masks (Infusion's loss weights): ComfyUI MASK [B, H, W] / PIL "L" images, one per image.
-    masks: Sequence[Any] | None = None
-
-    def load_images(self) -> list:
-        return as_pil_images(self.images) if self.images is not None else load_images(self.spec.images)
-
-    def load_class_images(self) -> list:
-        if self.class_images is not None and len(self.class_images):
-            return as_pil_images(self.class_images, "class")
-        return load_images(self.spec.class_images, "class") if self.spec.class_images else []
-
-    def load_masks(self, images: Sequence[Any]) -> list:
-        """One soft subject mask (PIL "L") or None per training image: given masks, else the spec's
-        mask files, else the images' alpha channels."""
-        if self.masks is not None and len(self.masks):
-            masks = as_pil_masks(self.masks)
-            if len(masks) == 1 and len(images) > 1:
-                masks = masks * len(images)
-            if len(masks) != len(images):
-                raise InvalidInputError(f"{len(masks)} masks for {len(images)} images: give one mask per image.")
-            return masks
-        if self.spec.images:
-            return load_masks_for(self.spec.images, self.spec.masks)
-        return alpha_masks(self.images if self.images is not None else [])
-
-    @property
-    def has_class_images(self) -> bool:
-        return bool(self.spec.class_images) or (self.class_images is not None and len(self.class_images) > 0)
-
-
-def concept_data(concepts: Sequence[ConceptSpec | ConceptData], images=None, class_images=None) -> list[ConceptData]:
-    """ConceptData for each concept; ``images[k]`` / ``class_images[k]`` override concept k's paths."""
-    out = []
-    for k, item in enumerate(concepts):
-        if isinstance(item, ConceptData):
-            out.append(item)
-            continue
-        given = images[k] if images is not None and k < len(images) else None
-        given_class = class_images[k] if class_images is not None and k < len(class_images) else None
-        out.append(ConceptData(item, given, given_class))
-    return out
-
-
 class TrainingRun:
     """One run of a method: everything prepared once (cached latents, the method's trained tensors
     and constants, the optimizer), then ``step()`` = per micro-batch ``sample_batch`` →
@@ -205,18 +144,22 @@ class TrainingRun:
         if host.text_dim != SD15_CONTEXT_DIM:
             raise InvalidInputError(f"The text encoder is {host.text_dim} wide; SD1.5 needs {SD15_CONTEXT_DIM}.")
         method_type = method_class(config.method)
+        self.with_prior = any(d.has_class_images for d in self.data)
+        if self.with_prior and not method_type.supports_class_images:
+            raise InvalidInputError(f"{method_type.label} uses no class images (prior preservation); remove them, "
+                                    "or use a method that does (classdiffusion).")
         per_concept = [d.load_images() for d in self.data]
         subject_masks = None
         if method_type.uses_subject_masks:
             subject_masks = [m for d, imgs in zip(self.data, per_concept) for m in d.load_masks(imgs)]
-        self.with_prior = any(d.has_class_images for d in self.data)
         self.memory_plan = None
         if config.memory != "off":
             self.config = config = self._plan_memory(config, method_type, sum(len(i) for i in per_concept))
         base = host.cross_attention_weights(method_type.weights_mode(config))
         self.fingerprint = base_fingerprint(base)
         self.base_weights = base  # read-only views (the official weight decay reads them)
-        self.method = method_type(self)
+        self.method = method_type(MethodContext(host=host, config=config, concepts=self.concepts, device=self.device,
+                                                base_weights=base, with_prior=self.with_prior, warn=self._warn))
         self.method.setup()
         host.configure_training(config)
         self.image_concept = [k for k, imgs in enumerate(per_concept) for _ in imgs]
@@ -277,19 +220,6 @@ class TrainingRun:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(
             config.mixed_precision == "fp16" and self.device.type == "cuda"))
-
-    # ClassDiffusion's tensors, kept as attributes of the run for scripts and benchmarks.
-    @property
-    def deltas(self) -> dict[str, torch.Tensor]:
-        return getattr(self.method, "deltas", {})
-
-    @property
-    def token_vectors(self) -> torch.Tensor | None:
-        return getattr(self.method, "token_vectors", None)
-
-    @property
-    def tokens(self) -> list[str]:
-        return list(getattr(self.method, "tokens", []))
 
     def _warn(self, message: str) -> None:
         logger.warning(message)
@@ -353,10 +283,17 @@ class TrainingRun:
         self.scaler.unscale_(self.optimizer)
         if self.config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-        self.method.before_optimizer_step()
+        self.method.before_optimizer_step(self._grads_finite())
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _grads_finite(self) -> bool:
+        """False when the fp16 scaler will skip this step (an inf/NaN gradient); True without fp16."""
+        if not self.scaler.is_enabled():
+            return True
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
 
     def optimize(self, loss: torch.Tensor) -> None:
         """Backward and one optimizer step (one micro-batch per step)."""
@@ -366,26 +303,28 @@ class TrainingRun:
     def step(self, step: int) -> StepRecord:
         start = time.perf_counter()
         accumulation = self.config.gradient_accumulation
-        totals: list[float] | None = None
-        n_cos = 0
-        has_prior = False
+        measured = []
         for micro in range(accumulation):
             losses = self.losses(self.sample_batch(step, micro))
-            values = losses.values()  # one sync per micro-batch
-            if not all(math.isfinite(v) for v in values):
+            total, terms, diagnostics = losses.values()  # one sync per micro-batch
+            if not all(math.isfinite(v) for v in [total, *terms.values()]):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise TrainingDivergedError(
-                    f"The loss became {values[0]} at step {step + 1}; training stopped before that step "
+                    f"The loss became {total} at step {step + 1}; training stopped before that step "
                     "changed any weight. Lower the learning rate or use bf16 instead of fp16."
                 )
             self.backward(losses.total / accumulation if accumulation > 1 else losses.total)
-            n_cos, has_prior = len(losses.cosines), losses.prior is not None
-            totals = values if totals is None else [a + b for a, b in zip(totals, values)]
+            measured.append((total, terms, diagnostics))
         self.optimizer_step()
-        values = [v / accumulation for v in totals] if accumulation > 1 else totals
+
+        def mean(values):
+            return sum(values) / len(values)
+
         return StepRecord(
-            step=step + 1, loss=values[0], recon=values[1], spl=values[2], cos=values[3:3 + n_cos],
-            lr=self.lr, prior=values[3 + n_cos] if has_prior else None,
+            step=step + 1, loss=mean([m[0] for m in measured]), lr=self.lr,
+            terms={name: mean([m[1][name] for m in measured]) for name in measured[0][1]},
+            diagnostics={name: [mean(column) for column in zip(*(m[2][name] for m in measured))]
+                         for name in measured[0][2]},
             seconds=time.perf_counter() - start,
         )
 
@@ -393,9 +332,9 @@ class TrainingRun:
         return self.method.drift()
 
     def restore(self, checkpoint: Concept) -> None:
-        """Continue from a resumable checkpoint: its trained tensors and optimizer state (the rest
-        of the run is a function of (seed, step), so the result equals an uninterrupted run)."""
-        _check_resume(checkpoint, self.concepts, self.config)
+        """Continue from a resumable checkpoint (``resume.check_resume`` said it fits): its trained
+        tensors and optimizer state (the rest of the run is a function of (seed, step), so the
+        result equals an uninterrupted run)."""
         checkpoint.check_against(self.base_weights, what="the base model given for resuming")
         self.method.load_state(checkpoint)
         _restore_optimizer(self.optimizer, checkpoint.optimizer_tensors)
@@ -422,38 +361,6 @@ class TrainingRun:
         )
 
 
-def _check_resume(checkpoint: Concept, concepts: Sequence[ConceptSpec], config: TrainConfig) -> None:
-    if not checkpoint.resumable:
-        raise InvalidInputError(
-            "That concept file holds no optimizer state, so training cannot resume from it exactly. "
-            "Resume from a checkpoint written with --save-every (NAME-stepNNNNN.safetensors)."
-        )
-    if checkpoint.method != config.method:
-        raise InvalidInputError(f"The checkpoint was trained with the {checkpoint.method} method, not {config.method}.")
-    tokens = [c.token for c in concepts] if method_class(config.method).has_tokens else []
-    if checkpoint.tokens != tokens or checkpoint.class_words != [c.class_word for c in concepts]:
-        raise InvalidInputError(
-            f"The checkpoint trains {checkpoint.tokens} / {checkpoint.class_words}, not "
-            f"{tokens} / {[c.class_word for c in concepts]}."
-        )
-    if not checkpoint.meta.concepts:
-        raise InvalidInputError(
-            "That concept file does not record how it was trained (an imported or older concept), so it "
-            "cannot be resumed; start a new run instead."
-        )
-    saved = TrainConfig.from_dict(checkpoint.meta.config).to_dict()
-    changed = [k for k, v in config.to_dict().items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
-    if changed:
-        raise InvalidInputError(
-            f"Resuming needs the checkpoint's settings; these differ: {changed}. "
-            f"Only {', '.join(sorted(RESUME_MAY_CHANGE))} may change."
-        )
-    if config.steps <= checkpoint.step:
-        raise InvalidInputError(
-            f"The checkpoint is at step {checkpoint.step}; ask for more steps than that (got {config.steps})."
-        )
-
-
 def train(
     host: TrainingHost,
     concepts: Sequence[ConceptSpec | ConceptData],
@@ -471,9 +378,10 @@ def train(
 
     ``images[k]`` overrides concept k's image paths (PIL images or ComfyUI IMAGE tensors).
     With ``config.save_every`` > 0 and ``out``, resumable checkpoints ``OUT-stepNNNNN`` are
-    written along the way. ``resume`` continues from such a checkpoint, giving the same result as
-    an uninterrupted run with the same seed. With ``config.validation_every``, previews are sampled
-    along the way into ``validation_dir`` (default: ``OUT's folder/validation``).
+    written along the way. ``resume`` continues from such a checkpoint (``resume.resume_settings``
+    gives its settings), giving the same result as an uninterrupted run with the same seed. With
+    ``config.validation_every``, previews are sampled along the way into ``validation_dir``
+    (default: ``OUT's folder/validation``).
     """
     started = time.perf_counter()
     specs = [c.spec if isinstance(c, ConceptData) else c for c in concepts]
@@ -481,27 +389,14 @@ def train(
     callbacks = callbacks or TrainCallbacks()
     out = Path(out) if out is not None else None
     checkpoint = None
-    if resume is not None:  # checked before any image is encoded (restore() checks again for direct use)
+    if resume is not None:  # checked before any image is encoded
         checkpoint = resume if isinstance(resume, Concept) else load_concept(resume)
-        _check_resume(checkpoint, specs, config)
+        check_resume(checkpoint, specs, config)
 
     run = TrainingRun(host, concepts, config, images, class_images)
-    history: list[dict] = []
-    initial_drift = run.drift()  # its "cosine" is the EOS cosine of training vs class phrase
-    extra = {"eos_cosine_initial": [d["cosine"] for d in initial_drift], "drift_initial": initial_drift}
-    if checkpoint is not None:
-        run.restore(checkpoint)
-        history = list(checkpoint.history)
-        extra["eos_cosine_initial"] = checkpoint.meta.eos_cosine_initial or extra["eos_cosine_initial"]
-        extra["drift_initial"] = checkpoint.meta.drift_initial or initial_drift
+    history, extra = _start_record(run, checkpoint)
     extra.update(meta_extra or {})
-    validation = None
-    if config.validation_every:
-        from .validation import ValidationLog, default_prompts
-
-        prompts = list(config.validation_prompts) or default_prompts(specs, run.method.has_tokens)
-        folder = Path(validation_dir) if validation_dir is not None else (out.parent / "validation" if out else None)
-        validation = _Validation(ValidationLog(prompts), folder, out.stem if out is not None else "concept")
+    validation = _Validation.start(run, specs, out, validation_dir) if config.validation_every else None
     detach = run.method.attach()
     try:
         start = checkpoint.step if checkpoint is not None else 0
@@ -513,11 +408,7 @@ def train(
     extra["eos_cosine_final"] = [d["cosine"] for d in extra["drift_final"]]
     seconds = time.perf_counter() - started
     if validation is not None:
-        share = validation.log.seconds / max(seconds, 1e-9)
-        extra["validation"] = {"prompts": validation.log.prompts, "steps": [c[0] for c in validation.log.columns],
-                               "seconds": round(validation.log.seconds, 3), "share_of_run": round(share, 4)}
-        logger.info("validation: %.0f %% of the run time (%.1f s of %.1f s)", 100 * share, validation.log.seconds,
-                    seconds)
+        extra["validation"] = validation.summary(seconds)
     concept = run.concept(config.steps, history, extra, with_optimizer=False)
     path = concept.save(out) if out is not None else None
     return TrainResult(concept=concept, path=path, checkpoints=written, warnings=run.warnings,
@@ -525,11 +416,40 @@ def train(
                        validation_seconds=validation.log.seconds if validation else 0.0, seconds=seconds)
 
 
+def _start_record(run: TrainingRun, checkpoint: Concept | None) -> tuple[list[dict], dict[str, Any]]:
+    """The history so far and the metadata known at the start (the drift before training, kept
+    from the checkpoint when resuming); restores the checkpoint's state into the run."""
+    initial_drift = run.drift()  # its "cosine" is the EOS cosine of training vs class phrase
+    extra = {"eos_cosine_initial": [d["cosine"] for d in initial_drift], "drift_initial": initial_drift}
+    if checkpoint is None:
+        return [], extra
+    run.restore(checkpoint)
+    extra["eos_cosine_initial"] = checkpoint.meta.eos_cosine_initial or extra["eos_cosine_initial"]
+    extra["drift_initial"] = checkpoint.meta.drift_initial or initial_drift
+    return list(checkpoint.history), extra
+
+
 @dataclass
 class _Validation:
     log: Any  # validation.ValidationLog
     folder: Path | None
     stem: str
+
+    @classmethod
+    def start(cls, run: "TrainingRun", specs: Sequence[ConceptSpec], out: Path | None,
+              validation_dir: str | Path | None) -> "_Validation":
+        from .validation import ValidationLog, default_prompts
+
+        prompts = list(run.config.validation_prompts) or default_prompts(specs, run.method.has_tokens)
+        folder = Path(validation_dir) if validation_dir is not None else (out.parent / "validation" if out else None)
+        return cls(ValidationLog(prompts), folder, out.stem if out is not None else "concept")
+
+    def summary(self, run_seconds: float) -> dict[str, Any]:
+        share = self.log.seconds / max(run_seconds, 1e-9)
+        logger.info("validation: %.0f %% of the run time (%.1f s of %.1f s)", 100 * share, self.log.seconds,
+                    run_seconds)
+        return {"prompts": self.log.prompts, "steps": [c[0] for c in self.log.columns],
+                "seconds": round(self.log.seconds, 3), "share_of_run": round(share, 4)}
 
     def run(self, run: "TrainingRun", step: int, callbacks: TrainCallbacks) -> None:
         from .validation import save_column, validate

@@ -1,5 +1,6 @@
 """ComfyUI-side helpers shared by the nodes: folders, the training patcher, CLIP token wrapping,
-progress and cancel."""
+progress and cancel, applying a concept to a MODEL and CLIP, the MODEL's base weights, and the
+embedding files."""
 
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
+from ..classdiffusion.concept import Concept, atomic_save_file, run_files
+from ..classdiffusion.kv import trained_names
 from ..classdiffusion.residual import ConditionRegistry, RegistryPositions, add_residual
+from ..classdiffusion.progress import step_postfix
 from ..classdiffusion.train import TrainCallbacks
+from .comfy_host import diffusers_to_comfy_map
 from .glue import TOKEN_MARKER, rewrite_prompt
 
 logger = logging.getLogger("classdiffusion")
@@ -127,8 +132,8 @@ class ComfyCallbacks(TrainCallbacks):
                                             checkpoints=self.checkpoints), 512)
         self.bar.update_absolute(record.step, total_steps, preview)
         if record.step % 25 == 0 or record.step == total_steps:
-            logger.info("ClassDiffusion step %d/%d: loss %.4f, SPL %.5f, cos %s", record.step, total_steps,
-                        record.loss, record.spl, ", ".join(f"{c:.4f}" for c in record.cos))
+            logger.info("concept training step %d/%d: %s", record.step, total_steps,
+                        ", ".join(f"{name} {value}" for name, value in step_postfix(record).items()))
 
     def should_stop(self) -> bool:
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -137,12 +142,12 @@ class ComfyCallbacks(TrainCallbacks):
     def on_validation(self, step: int, images, grid, path) -> None:
         """The grid so far replaces the preview until the next loss plot (and stays in the output)."""
         self.bar.update_absolute(step, self.total, ("JPEG", grid, 768))
-        logger.info("ClassDiffusion validation at step %d%s", step, f": {path}" if path else "")
+        logger.info("concept training: validation at step %d%s", step, f": {path}" if path else "")
 
     def on_checkpoint(self, path: Path) -> None:
         if self.history:
             self.checkpoints.append(self.history[-1]["step"])
-        logger.info("ClassDiffusion: saved %s", path)
+        logger.info("concept training: saved %s", path)
 
 
 #: Every prompt the CLIPs of Infusion concepts encoded: features → token ids (weakly held).
@@ -213,3 +218,54 @@ def model_with_residuals(model, residuals: dict[str, torch.Tensor], to_comfy: di
 
         out.add_object_patch(key, forward)
     return out
+
+
+def apply_concept_to_comfy(model, clip, concept: Concept, strength_model: float, strength_clip: float):
+    """(MODEL, CLIP) with the concept: K/V weight patches and token embeddings (ClassDiffusion), or
+    residuals at the class word plus a CLIP that records its prompts' tokens (Infusion)."""
+    to_comfy = diffusers_to_comfy_map(model)
+    if concept.residuals:
+        out_clip = clip_recording_prompts(clip)
+        out_model = model
+        for word in concept.class_words:
+            out_model = model_with_residuals(out_model, concept.residuals, to_comfy, word_ids_for(clip, word),
+                                             strength_model)
+        return out_model, out_clip
+    out_model = model_with_deltas(model, concept.deltas, to_comfy, strength_model)
+    out_clip = clip_with_tokens(clip, concept.tokens, concept.token_vectors, strength_clip)
+    return out_model, out_clip
+
+
+def history_payload(concept: Concept, path=None) -> dict:
+    """What flows on a history wire: the per-step records, the drift before and after, and the
+    steps of the run's saved checkpoints (the monitor marks them)."""
+    return {"history": concept.history, "tokens": list(concept.tokens),
+            "drift_initial": concept.meta.drift_initial, "drift_final": concept.meta.drift_final,
+            "checkpoints": [step for step, _ in run_files(path)[1]] if path is not None else []}
+
+
+def save_embeddings(concept: Concept, name: str) -> list[str]:
+    """models/embeddings/NAME.safetensors ({"clip_l": [1, 768]}); several tokens → NAME_1, NAME_2 …"""
+    names = []
+    for k, vector in enumerate(concept.token_vectors):
+        stem = name if len(concept.tokens) == 1 else f"{name}_{k + 1}"
+        path = embeddings_dir() / f"{stem}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_file({"clip_l": vector[None].float().contiguous()}, path,
+                         {"classdiffusion_token": concept.tokens[k]})
+        names.append(stem)
+    return names
+
+
+def model_base_weights(model, train_mode: str) -> dict:
+    """The MODEL's *base* cross-attention weights by canonical name (ComfyUI keeps the originals
+    in ``backup`` while patches are applied)."""
+    to_comfy = diffusers_to_comfy_map(model)
+    params = dict(model.model.diffusion_model.named_parameters())
+    backup = getattr(model, "backup", {}) or {}
+    weights = {}
+    for name in trained_names(to_comfy, train_mode):
+        key = to_comfy[name]
+        saved = backup.get(f"diffusion_model.{key}")
+        weights[name] = saved.weight if saved is not None else params[key]
+    return weights

@@ -15,16 +15,18 @@ import comfy.samplers
 import folder_paths
 from comfy_api.latest import ComfyExtension, io, ui
 
-from ..classdiffusion.concept import Concept, atomic_save_file, load_concept, run_files
+from ..classdiffusion.concept import atomic_save_file, load_concept, run_files
 from ..classdiffusion.config import ConceptSpec, TrainConfig, setting_info
-from ..classdiffusion.kv import trained_names
+from ..classdiffusion.data import ConceptData
+from ..classdiffusion.methods import method_class
 from ..classdiffusion.evaluation.drift import concept_drifts, summary as drift_summary
 from ..classdiffusion.plot import plot_drift_map, plot_history
 from ..classdiffusion.summary import drift_line, summary_line
-from ..classdiffusion.train import ConceptData, precision_dtype, train
+from ..classdiffusion.precision import precision_dtype
+from ..classdiffusion.train import train
 from .comfy_glue import (
-    CONCEPT_FOLDER, ComfyCallbacks, clip_recording_prompts, clip_with_tokens, concept_dir, embeddings_dir,
-    loras_dir, model_with_deltas, model_with_residuals, register_folders, training_patcher, word_ids_for,
+    CONCEPT_FOLDER, ComfyCallbacks, apply_concept_to_comfy, concept_dir, history_payload, loras_dir,
+    model_base_weights, register_folders, save_embeddings, training_patcher,
 )
 from .comfy_host import ComfyHost, check_sd15, default_text_dtype, diffusers_to_comfy_map, text_encoder_from_clip
 from .glue import diff_file_tensors, sanitize_name, training_precision
@@ -217,8 +219,7 @@ class TrainConceptNode(io.ComfyNode):
                 validation_seed=0, memory="auto") -> io.NodeOutput:
         name = sanitize_name(save_name)
         check_sd15(model)
-        token = token.strip() or ("<unused>" if method == "infusion" else "")  # Infusion adds no token
-        data = [ConceptData(ConceptSpec(token=token, class_word=class_word,
+        data = [ConceptData(ConceptSpec(token=method_class(method).concept_token(token), class_word=class_word,
                                         prompt=prompt_template, initializer=initializer), images, class_images,
                             masks=masks)]
         for extra in (concept_2, concept_3):
@@ -251,7 +252,7 @@ class TrainConceptNode(io.ComfyNode):
                 host.close()
                 del patcher
         concept, path = result.concept, result.path
-        logger.info("Saved %s (%.1f KB, %s).", path, path.stat().st_size / 1024, concept.method)
+        logger.info("Saved %s (%.1f KB, %s).", path, path.stat().st_size / 1024, concept.method_label)
         for _, stale in run_files(path)[1]:  # step files of an earlier run under this name
             if stale not in result.checkpoints:
                 stale.unlink(missing_ok=True)
@@ -259,62 +260,19 @@ class TrainConceptNode(io.ComfyNode):
         out_model, out_clip = apply_concept_to_comfy(model, clip, concept, 1.0, 1.0)
         if result.validation_grid is not None:
             grid = _image_tensor(result.validation_grid)
-            logger.info("ClassDiffusion validation: %.0f %% of the run time.",
+            logger.info("Concept training: validation took %.0f %% of the run time.",
                         100 * result.validation_seconds / max(result.seconds, 1e-9))
         else:
             grid = _image_tensor(_note_image("validation off (validation_every = 0)"))
         return io.NodeOutput(out_model, out_clip, concept, history_payload(concept, path), grid)
 
 
-def apply_concept_to_comfy(model, clip, concept: Concept, strength_model: float, strength_clip: float):
-    """(MODEL, CLIP) with the concept: K/V weight patches and token embeddings (ClassDiffusion), or
-    residuals at the class word plus a CLIP that records its prompts' tokens (Infusion)."""
-    to_comfy = diffusers_to_comfy_map(model)
-    if concept.residuals:
-        out_clip = clip_recording_prompts(clip)
-        out_model = model
-        for word in concept.class_words:
-            out_model = model_with_residuals(out_model, concept.residuals, to_comfy, word_ids_for(clip, word),
-                                             strength_model)
-        return out_model, out_clip
-    out_model = model_with_deltas(model, concept.deltas, to_comfy, strength_model)
-    out_clip = clip_with_tokens(clip, concept.tokens, concept.token_vectors, strength_clip)
-    return out_model, out_clip
-
-
-def history_payload(concept: Concept, path=None) -> dict:
-    """What flows on a history wire: the per-step records, the drift before and after, and the
-    steps of the run's saved checkpoints (the monitor marks them)."""
-    return {"history": concept.history, "tokens": list(concept.tokens),
-            "drift_initial": concept.meta.drift_initial, "drift_final": concept.meta.drift_final,
-            "checkpoints": [step for step, _ in run_files(path)[1]] if path is not None else []}
-
-
-def save_embeddings(concept: Concept, name: str) -> list[str]:
-    """models/embeddings/NAME.safetensors ({"clip_l": [1, 768]}); several tokens → NAME_1, NAME_2 …"""
-    names = []
-    for k, vector in enumerate(concept.token_vectors):
-        stem = name if len(concept.tokens) == 1 else f"{name}_{k + 1}"
-        path = embeddings_dir() / f"{stem}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_file({"clip_l": vector[None].float().contiguous()}, path,
-                         {"classdiffusion_token": concept.tokens[k]})
-        names.append(stem)
-    return names
-
-
-def model_base_weights(model, train_mode: str) -> dict:
-    """The MODEL's *base* cross-attention weights by canonical name (ComfyUI keeps the originals
-    in ``backup`` while patches are applied)."""
-    to_comfy = diffusers_to_comfy_map(model)
-    params = dict(model.model.diffusion_model.named_parameters())
-    backup = getattr(model, "backup", {}) or {}
-    weights = {}
-    for name in trained_names(to_comfy, train_mode):
-        key = to_comfy[name]
-        saved = backup.get(f"diffusion_model.{key}")
-        weights[name] = saved.weight if saved is not None else params[key]
-    return weights
+def concept_file_inputs(clip_tooltip: str, file_tooltip: str, *between) -> list:
+    """model, clip, ``between``, concept_name: the inputs of the nodes that apply a concept file."""
+    return [io.Model.Input("model", tooltip="The SD1.5 model the concept was trained on."),
+            io.Clip.Input("clip", tooltip=clip_tooltip), *between,
+            io.Combo.Input("concept_name", options=folder_paths.get_filename_list(CONCEPT_FOLDER),
+                           tooltip=file_tooltip)]
 
 
 class LoadConceptNode(io.ComfyNode):
@@ -330,9 +288,8 @@ class LoadConceptNode(io.ComfyNode):
                          "or an Infusion concept's residuals where its class word stands in a prompt encoded by the "
                          "returned CLIP (other prompts are untouched). Several stack."),
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.5 model the concept was trained on."),
-                io.Clip.Input("clip", tooltip="Its CLIP; the returned CLIP understands the concept's token(s)."),
-                io.Combo.Input("concept_name", options=folder_paths.get_filename_list(CONCEPT_FOLDER), tooltip="A file in models/classdiffusion."),
+                *concept_file_inputs("Its CLIP; the returned CLIP understands the concept's token(s).",
+                                     "A file in models/classdiffusion."),
                 io.Float.Input("strength_model", default=1.0, min=-2.0, max=2.0, step=0.01, tooltip="Strength of the K/V patches."),
                 io.Float.Input("strength_clip", default=1.0, min=-2.0, max=2.0, step=0.01, tooltip="Scale of the token embedding(s)."),
                 io.Boolean.Input("allow_other_base", default=False, tooltip="Apply even if the concept was trained on another checkpoint (results may be poor)."),
@@ -382,11 +339,8 @@ class CompareConceptStepsNode(io.ComfyNode):
                          "save_every) and the final concept, same seed, into one grid labelled with step, smoothed "
                          "loss and drift rank: pick the step that keeps identity without losing the prompt."),
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.5 model the concept was trained on."),
-                io.Clip.Input("clip", tooltip="Its CLIP."),
-                io.Vae.Input("vae", tooltip="Its VAE, to decode the samples."),
-                io.Combo.Input("concept_name", options=folder_paths.get_filename_list(CONCEPT_FOLDER),
-                               tooltip="Any file of the run (the final one or a step file)."),
+                *concept_file_inputs("Its CLIP.", "Any file of the run (the final one or a step file).",
+                                     io.Vae.Input("vae", tooltip="Its VAE, to decode the samples.")),
                 io.String.Input("prompt", default="a photo of a <sks> dog wearing headphones", multiline=True,
                                 tooltip="With the token (ClassDiffusion) or the class word (Infusion)."),
                 io.String.Input("negative", default="", multiline=True, tooltip="Negative prompt."),
@@ -511,9 +465,9 @@ class DriftReportNode(io.ComfyNode):
         if not concept.tokens:
             from ..classdiffusion.errors import InvalidInputError
 
-            raise InvalidInputError("This is an Infusion concept: it adds no token, so its text features cannot "
-                                    "drift (prompts encode exactly as before). The report is for ClassDiffusion "
-                                    "concepts.")
+            raise InvalidInputError(f"This is a {concept.method_label} concept: it adds no token, so its text "
+                                    "features cannot drift (prompts encode exactly as before). The report is for "
+                                    "concepts with a token.")
         from ..classdiffusion.text import TransformersTextEncoder
 
         device = comfy.model_management.text_encoder_device()
@@ -548,11 +502,14 @@ class ExportDiffNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, concept, save_name) -> io.NodeOutput:
-        if concept.residuals:
-            from ..classdiffusion.errors import InvalidInputError
+        from ..classdiffusion.errors import InvalidInputError
 
-            raise InvalidInputError("An Infusion concept acts at the class word's positions only, which a LoRA "
-                                    "(whole-weight differences) cannot express; use Load Concept K/V instead.")
+        if concept.residuals:
+            raise InvalidInputError(f"A {concept.method_label} concept acts at the class word's positions only, which "
+                                    "a LoRA (whole-weight differences) cannot express; use Load Concept K/V instead.")
+        if not concept.deltas:
+            raise InvalidInputError(f"This {concept.method_label} concept changes no UNet weight, so there is no LoRA "
+                                    "to export: its token is the embedding file (embedding:NAME in a prompt).")
         tensors = diff_file_tensors(concept.deltas, diffusers_to_comfy_map(model))
         path = loras_dir() / f"{sanitize_name(save_name)}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)

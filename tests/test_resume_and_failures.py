@@ -149,7 +149,7 @@ def test_duplicate_tokens(host):
     ("batch_size", 0, "batch_size"),
     ("resolution", 100, "multiple of 64"),
     ("learning_rate", 0.0, "learning_rate"),
-    ("spl_weight", -1.0, "must not be negative"),
+    ("spl_weight", -1.0, "spl_weight must be at least 0"),
 ])
 def test_bad_settings(field, value, match):
     with pytest.raises(InvalidInputError, match=match):

@@ -42,7 +42,7 @@ def test_only_deltas_and_token_rows_change(host):
 
 def test_gradients_reach_only_trained_parameters(host):
     run = TrainingRun(host, [dog()], small_config(), [make_images()], None)
-    detach = host.attach_deltas(run.deltas)
+    detach = host.attach_deltas(run.method.deltas)
     try:
         frozen = [p for m in (host.unet, host.text_encoder, host.vae) for p in m.parameters()]
         assert not any(p.requires_grad for p in frozen)
@@ -51,15 +51,15 @@ def test_gradients_reach_only_trained_parameters(host):
         run.optimizer.zero_grad = lambda *a, **k: None
         run.step(0)
         assert all(p.grad is None for p in frozen)
-        assert run.token_vectors.grad is not None and run.token_vectors.grad.abs().sum() > 0
-        assert all(d.grad is not None and d.grad.abs().sum() > 0 for d in run.deltas.values())
+        assert run.method.token_vectors.grad is not None and run.method.token_vectors.grad.abs().sum() > 0
+        assert all(d.grad is not None and d.grad.abs().sum() > 0 for d in run.method.deltas.values())
     finally:
         detach()
 
 
 def test_kv_mode_trains_exactly_the_attn2_to_k_to_v_weights(host):
     run = TrainingRun(host, [dog()], small_config(), [make_images()], None)
-    names = sorted(run.deltas)
+    names = sorted(run.method.deltas)
     assert names and all(n.endswith((".attn2.to_k.weight", ".attn2.to_v.weight")) for n in names)
     attn2_linears = [n for n, _ in host.unet.named_modules() if n.endswith((".attn2.to_k", ".attn2.to_v"))]
     assert len(names) == len(attn2_linears)
@@ -67,7 +67,7 @@ def test_kv_mode_trains_exactly_the_attn2_to_k_to_v_weights(host):
 
 def test_crossattn_mode_trains_all_attn2_weights(host):
     run = TrainingRun(host, [dog()], small_config(train_mode="crossattn"), [make_images()], None)
-    kinds = {n.split("attn2.")[1] for n in run.deltas}
+    kinds = {n.split("attn2.")[1] for n in run.method.deltas}
     assert kinds == {"to_k.weight", "to_v.weight", "to_q.weight", "to_out.0.weight", "to_out.0.bias"}
     result = train(host, [dog()], small_config(steps=2, train_mode="crossattn"), images=[make_images()])
     assert result.concept.meta.train_mode == "crossattn"

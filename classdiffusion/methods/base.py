@@ -1,27 +1,53 @@
-"""The interface of a training method."""
+"""The interface of a training method, the narrow context it gets, and what its losses report."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
+from torch import nn
+
+#: The token a spec gets for a method that adds none (ConceptSpec needs one; nothing reads it).
+PLACEHOLDER_TOKEN = "<unused>"
+
+
+@dataclass
+class MethodContext:
+    """All a method may know of its run: the run hands this over and never itself (so a method
+    cannot reach into the loop's state)."""
+
+    host: Any  #: the TrainingHost (text encoder, UNet, sampler)
+    config: Any  #: the run's TrainConfig
+    concepts: list  #: ConceptSpec per concept
+    device: torch.device
+    #: canonical name → the base's cross-attention weights of ``weights_mode`` (read-only views)
+    base_weights: Mapping[str, torch.Tensor]
+    #: whether class images (prior preservation) are part of the batches
+    with_prior: bool
+    #: log a warning that is also saved in the concept file
+    warn: Callable[[str], None]
 
 
 @dataclass
 class Losses:
-    """One batch's loss terms; ``spl``/``cosines``/``prior`` are zero/empty/None where a method has none."""
+    """One batch's loss: the total that is optimized, its named terms (as the history, the
+    progress bars and the SPL Loss Monitor show them) and optional per-concept diagnostics."""
 
     total: torch.Tensor
-    recon: torch.Tensor
-    spl: torch.Tensor
-    cosines: list[torch.Tensor]
-    prior: torch.Tensor | None = None
+    terms: dict[str, torch.Tensor]
+    #: e.g. ``{"cos": [EOS cosine of concept k]}``: numbers per concept, not optimized
+    diagnostics: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
-    def values(self) -> list[float]:
-        """[total, recon, spl, cos..., (prior)] as floats, with one device sync."""
-        scalars = [self.total, self.recon, self.spl, *self.cosines] + ([self.prior] if self.prior is not None else [])
-        return torch.stack([s.detach().float() for s in scalars]).tolist()
+    def values(self) -> tuple[float, dict[str, float], dict[str, list[float]]]:
+        """(total, terms, diagnostics) as floats, with one device sync."""
+        scalars = [self.total, *self.terms.values(), *(t for ts in self.diagnostics.values() for t in ts)]
+        flat = torch.stack([s.detach().float().reshape(()) for s in scalars]).tolist()
+        terms = dict(zip(self.terms, flat[1:1 + len(self.terms)]))
+        rest, diagnostics = flat[1 + len(self.terms):], {}
+        for name, tensors in self.diagnostics.items():
+            diagnostics[name], rest = rest[:len(tensors)], rest[len(tensors):]
+        return flat[0], terms, diagnostics
 
 
 class TrainingMethod:
@@ -29,17 +55,19 @@ class TrainingMethod:
     that differs between methods. The run (``train.TrainingRun``) calls, in order: ``setup()``
     (before the images are encoded), ``setup_constants()``, ``param_groups()`` once, then per step
     ``phrase()`` for each row, ``losses()`` per micro-batch and ``before_optimizer_step()``;
-    ``attach()`` wraps the steps."""
+    ``attach()`` wraps the steps. Registering the class in ``methods/__init__.py`` is all it takes
+    for the CLI, the Train node, concept files and resume to offer it."""
 
-    #: The name saved in concept files and given to ``--method``.
+    #: The name saved in concept files and given to ``--method`` / the node's method input.
     name: ClassVar[str]
-    #: The base weights (train mode) the run fingerprints and the method reads.
+    #: The name people read (inspect, progress bars).
+    label: ClassVar[str]
+    #: One sentence for ``--method``'s help and the node's tooltip.
+    description: ClassVar[str]
+    #: TrainConfig defaults of this method where they differ from the fields' (its paper's recipe).
+    recipe: ClassVar[dict[str, Any]] = {}
+    #: The base weights (train mode) the run reads and fingerprints.
     base_mode: ClassVar[str] = "kv"
-
-    @classmethod
-    def weights_mode(cls, config) -> str:
-        """The train mode whose base weights the run reads and fingerprints."""
-        return cls.base_mode
     #: Whether subject masks (alpha channel / mask images) weight the loss.
     uses_subject_masks: ClassVar[bool] = False
     #: Whether class images (prior preservation) can be used.
@@ -47,12 +75,23 @@ class TrainingMethod:
     #: Whether the method adds each concept's token to the text encoder (its file lists them).
     has_tokens: ClassVar[bool] = True
 
-    def __init__(self, run: Any):
-        self.run = run
-        self.host = run.host
-        self.config = run.config
-        self.concepts = run.concepts
-        self.device = run.device
+    @classmethod
+    def weights_mode(cls, config) -> str:
+        """The train mode whose base weights the run reads and fingerprints."""
+        return cls.base_mode
+
+    @classmethod
+    def concept_token(cls, token: str) -> str:
+        """The spec's token from what the user typed: a method without tokens needs none."""
+        token = (token or "").strip()
+        return token if cls.has_tokens else token or PLACEHOLDER_TOKEN
+
+    def __init__(self, context: MethodContext):
+        self.context = context
+        self.host = context.host
+        self.config = context.config
+        self.concepts = context.concepts
+        self.device = context.device
 
     # -- set up ----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -84,8 +123,9 @@ class TrainingMethod:
     def losses(self, batch: Any) -> Losses:
         raise NotImplementedError
 
-    def before_optimizer_step(self) -> None:
-        """After the gradients are final (unscaled, clipped), before AdamW's step."""
+    def before_optimizer_step(self, grads_finite: bool) -> None:
+        """After the gradients are final (unscaled, clipped), before AdamW's step; ``grads_finite``
+        is False when the fp16 loss scaler will skip this step."""
 
     # -- validation previews -----------------------------------------------------------------
     def validation_contexts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,3 +170,53 @@ class TrainingMethod:
 
     def trained_parameters(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups() for p in group["params"]]
+
+
+class NewTokens:
+    """The concepts' new tokens, trained as rows of their own: added to the text encoder, each
+    started from its initializer word's embedding (the mean of its pieces). Shared by the methods
+    that train a token (ClassDiffusion, Textual Inversion)."""
+
+    def __init__(self, context: MethodContext):
+        host, self.context = context.host, context
+        host.add_tokens([spec.token for spec in context.concepts])
+        vectors = []
+        for spec in context.concepts:
+            pieces = len(host.initializer_ids(spec.initializer_word))
+            if pieces != 1:
+                context.warn(f"The initializer {spec.initializer_word!r} is {pieces} tokens; "
+                             "the token starts from their mean embedding.")
+            vectors.append(host.word_embedding(spec.initializer_word).to(context.device, torch.float32))
+        self.vectors = nn.Parameter(torch.stack(vectors))
+        self.tokens = [spec.token for spec in context.concepts]
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        """token → its row, with gradient (for the training prompts)."""
+        return {token: self.vectors[k] for k, token in enumerate(self.tokens)}
+
+    def detached(self) -> dict[str, torch.Tensor]:
+        return {token: vector.detach() for token, vector in self.trainable().items()}
+
+    def drift(self) -> list[dict]:
+        """Each token's semantic drift now (cosine to its class phrase, rank among the paper's
+        adjective phrases); the phrases without tokens are encoded once."""
+        from ..evaluation.drift import DriftProbe
+        from ..precision import autocast
+
+        context = self.context
+
+        def encode(prompts, vectors, **options):
+            with torch.no_grad(), autocast(context.device, context.config.mixed_precision):
+                return context.host.encode_text(prompts, vectors, **options)
+
+        if not hasattr(self, "_probes"):
+            self._probes = [DriftProbe(encode, spec.class_word, prompt=spec.prompt) for spec in context.concepts]
+        return [probe.measure(token, self.vectors[k].detach()).to_dict()
+                for k, (probe, token) in enumerate(zip(self._probes, self.tokens))]
+
+    @torch.no_grad()
+    def load(self, checkpoint: Any) -> None:
+        self.vectors.copy_(checkpoint.token_vectors)
+
+    def fields(self) -> dict[str, Any]:
+        return {"token_vectors": self.vectors.detach().clone().cpu(), "tokens": list(self.tokens)}

@@ -7,44 +7,33 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
 from ..kv import zero_deltas
 from ..losses import masked_mse, prior_mse, semantic_preservation_loss
 from ..precision import autocast
-from .base import Losses, TrainingMethod
+from .base import Losses, NewTokens, TrainingMethod
 
 
 class ClassDiffusionMethod(TrainingMethod):
     name = "classdiffusion"
+    label = "ClassDiffusion"
+    description = ("a new token + cross-attention K/V deltas with the semantic preservation loss (the default; "
+                   "spl_weight 0 = Custom Diffusion)")
 
     @classmethod
     def weights_mode(cls, config) -> str:
         return config.train_mode  # kv (the paper) or crossattn
 
     def setup(self) -> None:
-        run = self.run
-        self._init_tokens()
-        self.deltas = zero_deltas(run.base_weights, self.device)
-        self.lr = self.config.effective_learning_rate(run.with_prior)
-
-    def _init_tokens(self) -> None:
-        """Add the tokens; each starts from its initializer word's embedding."""
-        self.host.add_tokens([spec.token for spec in self.concepts])
-        vectors = []
         for spec in self.concepts:
             pieces = self.host.word_token_count(spec.class_word)
             if pieces != 1:
-                self.run._warn(f"The class word {spec.class_word!r} is split into {pieces} tokens; it still "
-                               "works (SPL uses the EOS feature), but a single common word is better.")
-            init_word = spec.initializer_word
-            init_pieces = len(self.host.initializer_ids(init_word))
-            if init_pieces != 1:
-                self.run._warn(f"The initializer {init_word!r} is {init_pieces} tokens; "
-                               "the token starts from their mean embedding.")
-            vectors.append(self.host.word_embedding(init_word).to(self.device, torch.float32))
-        self.token_vectors = nn.Parameter(torch.stack(vectors))
-        self.tokens = [spec.token for spec in self.concepts]
+                self.context.warn(f"The class word {spec.class_word!r} is split into {pieces} tokens; it still "
+                                  "works (SPL uses the EOS feature), but a single common word is better.")
+        self.new_tokens = NewTokens(self.context)
+        self.tokens, self.token_vectors = self.new_tokens.tokens, self.new_tokens.vectors
+        self.deltas = zero_deltas(self.context.base_weights, self.device)
+        self.lr = self.config.effective_learning_rate(self.context.with_prior)
 
     def setup_constants(self) -> None:
         """The class phrases' SPL features and contexts, computed once."""
@@ -66,10 +55,10 @@ class ClassDiffusionMethod(TrainingMethod):
         return self.lr
 
     def token_dict(self) -> dict[str, torch.Tensor]:
-        return {token: self.token_vectors[k] for k, token in enumerate(self.tokens)}
+        return self.new_tokens.trainable()
 
     def text_vectors(self) -> dict[str, torch.Tensor]:
-        return {token: vector.detach() for token, vector in self.token_dict().items()}
+        return self.new_tokens.detached()
 
     def phrase(self, concept: int, prefix: str, rng: torch.Generator) -> str:
         return self.concepts[concept].train_phrase(prefix)
@@ -103,44 +92,28 @@ class ClassDiffusionMethod(TrainingMethod):
         if batch.prior_owners:
             prior = prior_mse(pred[n:], batch.noise[n:])
             total = total + config.prior_weight * prior
-        return Losses(total=total, recon=recon, spl=spl, cosines=cosines, prior=prior)
+        terms = {"recon": recon, "spl": spl, **({"prior": prior} if prior is not None else {})}
+        return Losses(total=total, terms=terms, diagnostics={"cos": cosines})
 
     @torch.no_grad()
-    def before_optimizer_step(self) -> None:
+    def before_optimizer_step(self, grads_finite: bool) -> None:
         """AdamW's decoupled weight decay where the official code applies it: on the full trained
         weight W = base + Δ, towards zero (``W ← W·(1 − lr·wd)``, before the Adam update), i.e.
         ``Δ ← Δ − lr·wd·(base + Δ)``. Decaying Δ alone would pull towards the base instead."""
         factor = self.lr * self.config.weight_decay
-        if factor == 0.0:
+        if factor == 0.0 or not grads_finite:  # fp16: the scaler skips this step; so do we
             return
-        if self.run.scaler.is_enabled():  # fp16: the scaler skips steps with inf/NaN gradients; so do we
-            grads = [p.grad for p in self.deltas.values() if p.grad is not None]
-            if grads and not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
-                return
-        base = self.run.base_weights
+        base = self.context.base_weights
         for name, delta in self.deltas.items():
             delta.sub_(base[name].to(delta.device, delta.dtype) + delta, alpha=factor)
 
-    def _encode_no_grad(self, prompts, vectors, **options):
-        with torch.no_grad(), autocast(self.device, self.config.mixed_precision):
-            return self.host.encode_text(prompts, vectors, **options)
-
     def drift(self) -> list[dict]:
-        """Each token's semantic drift now (cosine to its class phrase, rank among the paper's
-        adjective phrases); the phrases without tokens are encoded once."""
-        from ..evaluation.drift import DriftProbe
-
-        if not hasattr(self, "_probes"):
-            self._probes = [DriftProbe(self._encode_no_grad, spec.class_word, prompt=spec.prompt)
-                            for spec in self.concepts]
-        return [probe.measure(token, self.token_vectors[k].detach()).to_dict()
-                for k, (probe, token) in enumerate(zip(self._probes, self.tokens))]
+        return self.new_tokens.drift()
 
     def load_state(self, checkpoint) -> None:
         self.copy_saved(self.deltas, checkpoint.deltas, "delta")
-        with torch.no_grad():
-            self.token_vectors.copy_(checkpoint.token_vectors)
+        self.new_tokens.load(checkpoint)
 
     def concept_fields(self) -> dict[str, Any]:
         return {"deltas": {name: p.detach().clone().cpu() for name, p in self.deltas.items()},
-                "token_vectors": self.token_vectors.detach().clone().cpu(), "tokens": list(self.tokens)}
+                **self.new_tokens.fields()}

@@ -18,7 +18,6 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import DEFAULT_PROMPT
 from ..errors import InvalidInputError
 from ..losses import infusion_mse
 from ..residual import ResidualPositions, word_positions, zero_residuals
@@ -34,7 +33,13 @@ INFUSION_TEMPLATES = (
 
 class InfusionMethod(TrainingMethod):
     name = "infusion"
-    base_mode = "kv"
+    label = "Infusion"
+    description = ("one residual vector per attn2 value projection, added only where the class word stands; a ~50 KB "
+                   "concept that leaves every other prompt bit-identical")
+    #: Its recipe (arXiv 2404.14007 and configs/infusion_cat.yaml) where it differs from the fields': batch 4
+    #: with 4-step accumulation, no rescaling augmentation (flips only), no gradient clipping (Lightning's
+    #: default). Its residual learning rate is ``residual_lr``.
+    recipe = {"batch_size": 4, "gradient_accumulation": 4, "augment": False, "max_grad_norm": 0.0}
     uses_subject_masks = True
     supports_class_images = False
     has_tokens = False
@@ -45,17 +50,14 @@ class InfusionMethod(TrainingMethod):
                 "Infusion trains one concept per run (its concept word is the class word itself); train "
                 "each concept separately and load the files together."
             )
-        if self.run.with_prior:
-            raise InvalidInputError("Infusion uses no class images (prior preservation); remove them, or use "
-                                    "--method classdiffusion.")
         spec = self.concepts[0]
         self.word_ids = self.host.word_ids(spec.class_word)
         if not self.word_ids:
             raise InvalidInputError(f"The class word {spec.class_word!r} gives no tokens; use a real word.")
         if len(self.word_ids) > 1:
-            self.run._warn(f"The class word {spec.class_word!r} is {len(self.word_ids)} tokens; the residuals go "
+            self.context.warn(f"The class word {spec.class_word!r} is {len(self.word_ids)} tokens; the residuals go "
                            "on all of them. A single common word is better.")
-        self.residuals = zero_residuals(self.run.base_weights, self.config.residual_target, self.device)
+        self.residuals = zero_residuals(self.context.base_weights, self.config.residual_target, self.device)
         self.positions = ResidualPositions()
         self._contexts: dict[str, torch.Tensor] = {}
 
@@ -70,7 +72,7 @@ class InfusionMethod(TrainingMethod):
 
     def phrase(self, concept: int, prefix: str, rng: torch.Generator) -> str:
         spec = self.concepts[concept]
-        if spec.prompt != DEFAULT_PROMPT:  # the user's own template
+        if not spec.has_default_prompt:  # the user's own template
             return prefix + spec.class_phrase()
         template = INFUSION_TEMPLATES[int(torch.randint(len(INFUSION_TEMPLATES), (1,), generator=rng))]
         return prefix + template.format(spec.class_word)
@@ -97,8 +99,7 @@ class InfusionMethod(TrainingMethod):
         with autocast(self.device, self.config.mixed_precision):
             pred = self.host.predict_noise(batch.noisy, batch.timesteps, self._context(batch.prompts))
         recon = infusion_mse(pred, batch.noise, batch.mask)
-        zero = recon.new_zeros(())
-        return Losses(total=recon, recon=recon, spl=zero, cosines=[])
+        return Losses(total=recon, terms={"recon": recon})
 
     def validation_contexts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The sampler batches rows its own way, so during validation the residual hooks find the
