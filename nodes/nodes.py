@@ -18,7 +18,7 @@ from comfy_api.latest import ComfyExtension, io, ui
 from ..classdiffusion.concept import atomic_save_file, load_concept, run_files
 from ..classdiffusion.config import ConceptSpec, TrainConfig, setting_info
 from ..classdiffusion.data import ConceptData
-from ..classdiffusion.methods import method_class
+from ..classdiffusion.methods import DEFAULT_METHOD, method_class
 from ..classdiffusion.evaluation.drift import concept_drifts, summary as drift_summary
 from ..classdiffusion.plot import plot_drift_map, plot_history
 from ..classdiffusion.summary import drift_line, summary_line
@@ -214,7 +214,7 @@ class TrainConceptNode(io.ComfyNode):
     def execute(cls, model, clip, vae, images, token, class_word, prompt_template, steps, learning_rate,
                 spl_weight, batch_size, seed, resolution, mixed_precision, initializer,
                 gradient_checkpointing, save_name, class_images=None, concept_2=None, concept_3=None,
-                spl_feature="eos", channels_last=False, compile=False, method="classdiffusion",
+                spl_feature="eos", channels_last=False, compile=False, method=DEFAULT_METHOD,
                 masks=None, save_every=0, validation_every=0, validation_prompts="", validation_steps=25,
                 validation_seed=0, memory="auto") -> io.NodeOutput:
         name = sanitize_name(save_name)
@@ -246,7 +246,7 @@ class TrainConceptNode(io.ComfyNode):
                     host, data, config, out=out,
                     callbacks=ComfyCallbacks(steps, cls.hidden.unique_id, [spec.token for spec in specs]),
                     meta_extra={"base_name": "ComfyUI MODEL", "host": "comfyui"},
-                    validation_dir=Path(folder_paths.get_output_directory()) / "classdiffusion" / "validation",
+                    validation_dir=Path(folder_paths.get_output_directory()) / CONCEPT_FOLDER / "validation",
                 )
             finally:
                 host.close()

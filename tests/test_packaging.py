@@ -81,3 +81,22 @@ def test_no_import_cycle_inside_the_trainer():
         if name not in state:
             visit(name, [name])
     assert "classdiffusion.train" in graph and graph["classdiffusion.train"]
+
+
+def test_methods_never_read_the_run_and_the_shared_code_names_no_method():
+    """A method gets a MethodContext, never the run; the loop, progress and nodes speak of loss
+    terms, not of a method (#24)."""
+    import re
+
+    import classdiffusion.methods as methods
+
+    for path in Path(methods.__file__).parent.glob("*.py"):
+        found = re.findall(r"run\._|run\.scaler|\.run\b", path.read_text())
+        assert not found, (path.name, found)
+    names = [cls.name for cls in methods.METHOD_CLASSES.values()] + ["<unused>"]
+    for relative in ("classdiffusion/progress.py", "classdiffusion/train.py", "classdiffusion/cli.py",
+                     "classdiffusion/config.py", "classdiffusion/meta.py", "nodes/nodes.py", "nodes/comfy_glue.py"):
+        text = re.sub(r'getLogger\("classdiffusion"\)|prog="classdiffusion"|CONCEPT_FOLDER = "classdiffusion"', "",
+                      (REPO / relative).read_text())  # the package's own name, not the method's
+        quoted = [name for name in names if f'"{name}"' in text or f"'{name}'" in text]
+        assert not quoted, (relative, quoted)

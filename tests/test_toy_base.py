@@ -43,7 +43,10 @@ def test_committed_base_is_what_the_script_wrote():
         assert hashlib.sha256((WEIGHTS / name).read_bytes()).hexdigest() == digest, name
     for stage in ("vae", "clip", "unet"):
         assert manifest[stage]["command"] == f"python tools/pretrain_toyworld.py {stage}"
-    total = sum((WEIGHTS / name).stat().st_size for name in files) + (WEIGHTS / "checker.safetensors").stat().st_size
+    repo = WEIGHTS.parents[2]
+    committed = {path for folder in ("classdiffusion", "tests") for path in (repo / folder).rglob("*.safetensors")}
+    assert {WEIGHTS / name for name in files if name.endswith(".safetensors")} <= committed
+    total = sum(path.stat().st_size for path in committed)  # the base, the checker, the old-file fixtures
     assert total <= 40e6, f"{total / 1e6:.1f} MB of weights: the budget is 40 MB"
 
 

@@ -1,0 +1,69 @@
+"""Concept files written before the method plug-in change (tests/fixtures/old_concepts, written
+by the code at 19ffd1a on the committed toy base) load, apply, plot and resume with today's code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from classdiffusion.concept import load_concept
+from classdiffusion.hosts.diffusers_host import load_host
+from classdiffusion.plot import plot_history
+from classdiffusion.resume import resume_settings
+from classdiffusion.summary import loss_terms, summary_line
+from classdiffusion.toyworld.base import base_path
+from classdiffusion.toyworld.evaluate import instance_pictures
+from classdiffusion.train import train
+
+OLD = Path(__file__).resolve().parent / "fixtures" / "old_concepts"
+
+
+def test_old_files_load_with_their_history():
+    classdiffusion = load_concept(OLD / "classdiffusion.safetensors")
+    assert classdiffusion.method == "classdiffusion" and classdiffusion.method_label == "ClassDiffusion"
+    assert classdiffusion.tokens == ["<sks>"] and classdiffusion.deltas and classdiffusion.step == 4
+    assert set(classdiffusion.history[-1]) >= {"loss", "recon", "spl", "cos", "lr"}
+    assert loss_terms(classdiffusion.history) == ["recon", "spl"]
+    assert "SPL" in summary_line(classdiffusion.history) and "EOS cos" in summary_line(classdiffusion.history)
+    assert plot_history(classdiffusion.history, tokens=classdiffusion.tokens).size == (768, 512)  # loss + cosine
+
+    infusion = load_concept(OLD / "infusion.safetensors")
+    assert infusion.method_label == "Infusion" and infusion.tokens == [] and infusion.residuals
+    assert infusion.history[-1]["spl"] == 0.0 and infusion.history[-1]["cos"] == []  # the old layout
+    assert loss_terms(infusion.history) == ["recon"]  # the always-zero SPL of old Infusion files is not shown
+    assert plot_history(infusion.history).size == (768, 256)
+
+
+def test_old_classdiffusion_concept_applies_to_the_toy_base():
+    from classdiffusion.apply import apply_concept
+    from classdiffusion.generate import build_pipeline
+
+    concept = load_concept(OLD / "classdiffusion.safetensors")
+    pipe = build_pipeline(base_path(), device="cpu")
+    name = next(iter(concept.deltas))
+    module = dict(pipe.unet.named_modules())[name.rsplit(".", 1)[0]]
+    before = module.weight.detach().clone()
+    handle = apply_concept(pipe.unet, concept, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    try:
+        assert torch.allclose(module.weight.float(), (before.float() + concept.deltas[name]).to(module.weight.dtype).float())
+        assert "<sks>" in pipe.tokenizer.get_vocab()
+    finally:
+        handle.remove()
+    assert torch.equal(module.weight, before)
+
+
+def test_old_infusion_checkpoint_resumes_to_the_old_final_file(tmp_path):
+    checkpoint = load_concept(OLD / "infusion-step00002.safetensors")
+    config, specs = resume_settings(checkpoint, {"steps": 4})
+    images = instance_pictures("red_blue_star", count=2)
+    resumed = train(load_host(base_path(), device="cpu"), specs, config, images=[images], resume=checkpoint,
+                    out=tmp_path / "resumed.safetensors")
+    old_final = load_concept(OLD / "infusion.safetensors")
+    for name, residual in old_final.residuals.items():
+        assert torch.allclose(resumed.concept.residuals[name], residual, atol=1e-6), name
+    assert [h["step"] for h in resumed.concept.history] == [1, 2, 3, 4]
+    new_steps = resumed.concept.history[2:]
+    for new, old in zip(new_steps, old_final.history[2:]):
+        assert abs(new["loss"] - old["loss"]) < 1e-5
+        assert "spl" not in new  # today's Infusion records only its own term
