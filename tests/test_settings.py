@@ -64,3 +64,29 @@ def test_train_node_inputs_match_the_config_fields():
     assert inputs["memory"][1]["tooltip"].startswith(FIELDS["memory"].metadata["help"])
     assert inputs["memory"][1]["default"] == "auto"
     assert inputs["validation_prompts"][1]["tooltip"] == FIELDS["validation_prompts"].metadata["help"]
+
+
+def test_every_declared_range_and_choice_is_enforced_by_the_config():
+    """TrainConfig refuses what a setting() declares out of range, so the CLI, the node and a
+    resumed file meet the same limits; each default lies inside its own range."""
+    import pytest
+
+    from classdiffusion.errors import InvalidInputError
+
+    checked = 0
+    for name, f in FIELDS.items():
+        info, default = f.metadata, f.default
+        assert "min" not in info or default >= info["min"], name
+        assert "max" not in info or default <= info["max"], name
+        bad = []
+        if "choices" in info:
+            bad.append("no-such-choice")
+        if "min" in info:
+            bad.append(type(default)(info["min"] - (1 if isinstance(default, int) else max(abs(info["min"]), 1e-6))))
+        if "max" in info:
+            bad.append(type(default)(info["max"] * 2 + 1))
+        for value in bad:
+            with pytest.raises(InvalidInputError, match=name):
+                TrainConfig(**{name: value})
+            checked += 1
+    assert checked >= 30

@@ -344,6 +344,40 @@ def test_infusion_concept_refuses_lora_export_and_drift(server, infusion_trained
     assert "Infusion concept" in error_message(entry) and "Traceback" not in error_message(entry)
 
 
+def test_textual_inversion_concept_is_an_embedding_and_loads_like_the_others(server):
+    """The Train node's method input trains Textual Inversion: a token-only concept plus
+    models/embeddings/NAME.safetensors; embedding:NAME on the untouched base samples exactly like
+    the Train node's and Load Concept K/V's outputs with the token, and the MODEL is unchanged."""
+    from classdiffusion.concept import load_concept
+
+    method = server.get("/object_info/ClassDiffusionTrainConcept")["ClassDiffusionTrainConcept"]["input"]["optional"]["method"]
+    assert "textual-inversion" in (method[1].get("options") or method[0])
+    train = train_node("dog_ti", steps=3, method="textual-inversion", batch_size=1, learning_rate=2e-3)
+    entry = server.run({**loader(), **image_batch(), **train,
+                        **sampler(("train", 0), ("train", 1), "a photo of a <sks> dog", "ti_train")})
+    assert_success(entry)
+    concept = load_concept(server.base_dir / "models" / "classdiffusion" / "dog_ti.safetensors")
+    assert concept.method_label == "Textual Inversion" and concept.deltas == {} and concept.tokens == ["<sks>"]
+    embedding = load_file(str(server.base_dir / "models" / "embeddings" / "dog_ti.safetensors"))
+    assert torch.equal(embedding["clip_l"][0], concept.token_vectors[0])
+    with_embedding = server.run({**loader(), **sampler(("ckpt", 0), ("ckpt", 1), "a photo of a embedding:dog_ti dog",
+                                                       "ti_emb")})
+    loaded = server.run({**loader(), **_load_concept_node("dog_ti.safetensors"),
+                         **sampler(("load", 0), ("load", 1), "a photo of a <sks> dog", "ti_load")})
+    base_text = server.run({**loader(), **sampler(("ckpt", 0), ("ckpt", 1), "a photo of a dog", "ti_base")})
+    untouched = server.run({**loader(), **_load_concept_node("dog_ti.safetensors"),
+                            **sampler(("load", 0), ("ckpt", 1), "a photo of a dog", "ti_model")})
+    for run in (with_embedding, loaded, base_text, untouched):
+        assert_success(run)
+    assert np.array_equal(_pixels(server, entry), _pixels(server, with_embedding))
+    assert np.array_equal(_pixels(server, loaded), _pixels(server, with_embedding))
+    assert np.array_equal(_pixels(server, untouched), _pixels(server, base_text))  # no UNet patch
+    export = server.run({**loader(), **_load_concept_node("dog_ti.safetensors"), "export": {
+        "class_type": "ClassDiffusionExportDiff", "inputs": {"model": ["ckpt", 0], "concept": ["load", 2],
+                                                             "save_name": "ti_lora"}}})
+    assert export["status"]["status_str"] == "error" and "embedding:NAME" in error_message(export)
+
+
 def test_step_checkpoints_are_listed_compared_and_marked(server):
     """save_every on the Train node: step files beside the concept, listed by Load Concept K/V,
     sampled side by side by Compare Concept Steps, marked by the monitor."""
