@@ -45,6 +45,7 @@ VARIANTS = (
     ("ClassDiffusion (λ=1)", "classdiffusion", 1.0),
     ("ClassDiffusion (λ=10)", "classdiffusion", 10.0),
     ("Infusion", "infusion", None),
+    ("Textual Inversion", "textual-inversion", None),
 )
 METRICS = ("identity", "clip_i", "composition", "composition_identity", "clip_t", "drift_rank", "fisher",
            "wasserstein")
@@ -107,8 +108,13 @@ def run_one(job: dict) -> dict:
         for k, picture in enumerate(references):
             picture.save(Path(tmp) / f"{k}.png")
         host = load_host(base, device="cpu")
-        steps = job["steps"] if method != "infusion" else max(1, job["steps"] // 8)
-        config = TrainConfig(method=method, steps=steps, seed=seed, spl_weight=spl_weight or 0.0, **TOY_RECIPE)
+        if method == "textual-inversion":  # its own recipe (rate, 1 × 4 micro-batches); the same images seen
+            steps = max(1, job["steps"] // 2)
+            config = TrainConfig.for_method(method, steps=steps, seed=seed, resolution=TOY_RECIPE["resolution"],
+                                            augment=False)
+        else:
+            steps = job["steps"] if method != "infusion" else max(1, job["steps"] // 8)
+            config = TrainConfig(method=method, steps=steps, seed=seed, spl_weight=spl_weight or 0.0, **TOY_RECIPE)
         concept = train(host, [ConceptSpec(token="<sks>", class_word=cls, images=[tmp])], config,
                         out=Path(tmp) / "concept.safetensors").concept
         train_seconds = time.perf_counter() - started
@@ -132,7 +138,8 @@ def run_one(job: dict) -> dict:
         base_scores, base_features = _BASE_SCORES[key]
         applied = apply_concept(pipe.unet, concept, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
         concept_pictures: dict = {}
-        phrase = f"<sks> {cls}" if concept.tokens else cls  # Infusion is triggered by the class word
+        # Infusion is triggered by the class word; Textual Inversion's token stands for the object alone
+        phrase = cls if not concept.tokens else "<sks>" if method == "textual-inversion" else f"<sks> {cls}"
         row.update(score(pipe, checker, clip, instance, phrase, references, SAMPLING_SEEDS,
                          keep=concept_pictures).to_dict())
         applied.remove()
@@ -201,6 +208,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--weights", type=Path, default=None, help="another toy-world weights folder")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="LABEL",
+                        help="run only the variants whose label contains one of these (e.g. 'Textual')")
+    parser.add_argument("--merge", type=Path, default=None,
+                        help="an earlier --json of the same settings: its rows of the variants not run now join the table")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
@@ -214,22 +225,29 @@ def main() -> int:
 
     steps = args.steps or inspect.signature(run_demo).parameters["steps"].default
     instances, seeds = (2, 1) if args.quick else (args.instances, args.seeds)
+    variants = [v for v in VARIANTS if not args.variants or any(part in v[0] for part in args.variants)]
     jobs = [{"instance": inst.name, "seed": seed, "variant": variant, "steps": steps, "threads": 1,
              "weights": str(args.weights or WEIGHTS)}
-            for inst in INSTANCES[:instances] for seed in range(seeds) for variant in VARIANTS]
+            for inst in INSTANCES[:instances] for seed in range(seeds) for variant in variants]
     started = time.perf_counter()
     rows = []
+    merged = []
+    if args.merge:
+        earlier = json.loads(args.merge.read_text())
+        if earlier["settings"]["steps"] != steps or earlier["settings"]["seeds"] != seeds:
+            parser.error(f"{args.merge} was run with other settings ({earlier['settings']})")
+        merged = [r for r in earlier["rows"] if r["variant"] not in {v[0] for v in variants}]
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         for row in pool.imap_unordered(run_one, jobs):
             rows.append(row)
             print(f"[{len(rows)}/{len(jobs)}] {row['variant']:24s} {row['instance']:16s} seed {row['seed']}: "
                   f"identity {row['identity']:.2f}, composition {row['composition']:.2f} "
                   f"({row['seconds']:.0f} s)", flush=True)
-    table = summarize(rows)
     seconds = time.perf_counter() - started
+    table = summarize(rows + merged)
     print(markdown(table))
     print(f"{len(jobs)} runs in {seconds / 60:.1f} min ({instances} instances × {seeds} seeds, {steps} steps)")
-    result = {"table": table, "rows": rows, "seconds": round(seconds, 1),
+    result = {"table": table, "rows": rows + merged, "seconds": round(seconds, 1),
               "settings": {"instances": [i.name for i in INSTANCES[:instances]], "seeds": seeds, "steps": steps,
                            "sampling_seeds": list(SAMPLING_SEEDS), "workers": args.workers}}
     if args.json:
