@@ -115,7 +115,9 @@ def run_one(job: dict) -> dict:
         else:
             steps = job["steps"] if method != "infusion" else max(1, job["steps"] // 8)
             config = TrainConfig(method=method, steps=steps, seed=seed, spl_weight=spl_weight or 0.0, **TOY_RECIPE)
-        concept = train(host, [ConceptSpec(token="<sks>", class_word=cls, images=[tmp])], config,
+        # Textual Inversion starts from the class word, as diffusers' recipe asks for an initializer word
+        initializer = "class" if method == "textual-inversion" else ConceptSpec.initializer
+        concept = train(host, [ConceptSpec(token="<sks>", class_word=cls, images=[tmp], initializer=initializer)], config,
                         out=Path(tmp) / "concept.safetensors").concept
         train_seconds = time.perf_counter() - started
         row = {"variant": label, "instance": instance, "seed": seed, "steps": steps}

@@ -27,7 +27,7 @@ from .errors import InvalidInputError, TrainingCancelled, TrainingDivergedError
 from .hosts.base import SD15_CONTEXT_DIM, TrainingHost
 from .kv import base_fingerprint
 from .meta import ConceptMeta
-from .methods import Losses, MethodContext, method_class
+from .methods import METHOD_CLASSES, Losses, MethodContext, method_class
 from .resume import check_resume
 
 logger = logging.getLogger("classdiffusion")
@@ -146,8 +146,9 @@ class TrainingRun:
         method_type = method_class(config.method)
         self.with_prior = any(d.has_class_images for d in self.data)
         if self.with_prior and not method_type.supports_class_images:
+            able = [m.name for m in METHOD_CLASSES.values() if m.supports_class_images]
             raise InvalidInputError(f"{method_type.label} uses no class images (prior preservation); remove them, "
-                                    "or use a method that does (classdiffusion).")
+                                    f"or use a method that does ({', '.join(able)}).")
         per_concept = [d.load_images() for d in self.data]
         subject_masks = None
         if method_type.uses_subject_masks:

@@ -149,7 +149,7 @@ class ConceptImagesNode(io.ComfyNode):
 
 
 class TrainConceptNode(io.ComfyNode):
-    """Train a ClassDiffusion concept on the loaded SD1.5 model."""
+    """Train a concept on the loaded SD1.5 model with one of the registered methods."""
 
     @classmethod
     def define_schema(cls):
@@ -160,7 +160,8 @@ class TrainConceptNode(io.ComfyNode):
             is_output_node=True,  # it saves the concept and embedding files, so it runs on its own
             description=(
                 "Learns a new token and the UNet's cross-attention K/V from a few images, with the "
-                "semantic preservation loss that keeps the concept composable (ClassDiffusion)."
+                "semantic preservation loss that keeps the concept composable (ClassDiffusion); the method "
+                "input picks another method (Infusion's residuals, Textual Inversion's token only)."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.5 model to personalize (from Load Checkpoint)."),
@@ -393,7 +394,7 @@ class CompareConceptStepsNode(io.ComfyNode):
 
 
 class LossMonitorNode(io.ComfyNode):
-    """Plot a training history: losses (smoothed) and the EOS cosine of each token phrase to its class phrase."""
+    """Plot a training history: the loss terms its method recorded (smoothed) and its per-concept diagnostics."""
 
     @classmethod
     def define_schema(cls):
@@ -402,7 +403,8 @@ class LossMonitorNode(io.ComfyNode):
             display_name="SPL Loss Monitor",
             category=CATEGORY,
             is_output_node=True,
-            description="Shows reconstruction loss, SPL and total loss per step (raw and smoothed) and how close each concept stays to its class.",
+            description=("Shows the total loss and each loss term the method recorded per step, raw and smoothed (ClassDiffusion: "
+                         "reconstruction and SPL), and how close each concept stays to its class (EOS cosine, drift rank)."),
             inputs=[
                 HistoryType.Input("history", optional=True, tooltip="The history output of Train ClassDiffusion Concept."),
                 io.Combo.Input("concept_name", options=["(none)"] + folder_paths.get_filename_list(CONCEPT_FOLDER), default="(none)", optional=True, tooltip="Or a saved concept file (it carries its history)."),
