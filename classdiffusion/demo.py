@@ -32,16 +32,18 @@ DEMO_SEEDS = (0, 1, 2, 3)
 
 
 def run_demo(out: str | Path, *, steps: int = 400, spl_weight: float = 1.0, seed: int = 0,
-             instance: str = DEMO_INSTANCE, method: str = "classdiffusion", progress: bool = True,
+             instance: str = DEMO_INSTANCE, method: str | None = None, progress: bool = True,
              weights: str | Path | None = None) -> dict:
     """Train ``instance`` on the toy base and score it; writes ``out``/{images/, concept.safetensors,
     loss.png, grid.png, scores.json} and returns the scores. ``weights``: another toy-world weights
-    folder than the committed one (tests, pretraining runs)."""
+    folder than the committed one (tests, pretraining runs); ``method``: a registered method (default:
+    ClassDiffusion)."""
     import torch
 
     from .config import ConceptSpec, TrainConfig
     from .generate import build_pipeline
     from .hosts.diffusers_host import load_host
+    from .methods import DEFAULT_METHOD, method_class
     from .plot import plot_history
     from .progress import TqdmCallbacks
     from .summary import drift_line, summary_line
@@ -51,6 +53,7 @@ def run_demo(out: str | Path, *, steps: int = 400, spl_weight: float = 1.0, seed
     from .toyworld.world import World
     from .train import train
 
+    method = method or DEFAULT_METHOD
     out = Path(out)
     started = time.perf_counter()
     base = base_path(weights or WEIGHTS)
@@ -65,7 +68,8 @@ def run_demo(out: str | Path, *, steps: int = 400, spl_weight: float = 1.0, seed
     config = TrainConfig(method=method, steps=steps, spl_weight=spl_weight, seed=seed,
                          drift_every=max(1, steps // 5), **TOY_RECIPE)
     result = train(host, [spec], config, out=out / "concept.safetensors",
-                   callbacks=TqdmCallbacks(enabled=progress), meta_extra={"base_name": "toy base"})
+                   callbacks=TqdmCallbacks(enabled=progress, description=method_class(method).label),
+                   meta_extra={"base_name": "toy base"})
     plot_history(result.concept.history, tokens=result.concept.tokens).save(out / "loss.png")
     trained_seconds = time.perf_counter() - started
 
