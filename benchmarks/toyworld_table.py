@@ -108,13 +108,15 @@ def run_one(job: dict) -> dict:
         for k, picture in enumerate(references):
             picture.save(Path(tmp) / f"{k}.png")
         host = load_host(base, device="cpu")
-        if method == "textual-inversion":  # its own recipe (rate, 1 × 4 micro-batches); the same images seen
-            steps = max(1, job["steps"] // 2)
+        if spl_weight is None:  # Infusion, Textual Inversion: their own recipes, the same number of pictures seen
+            recipe = TrainConfig.for_method(method)
+            pictures = job["steps"] * TrainConfig().batch_size  # what the K/V variants see
+            steps = max(1, pictures // (recipe.batch_size * recipe.gradient_accumulation))
             config = TrainConfig.for_method(method, steps=steps, seed=seed, resolution=TOY_RECIPE["resolution"],
                                             augment=False)
         else:
-            steps = job["steps"] if method != "infusion" else max(1, job["steps"] // 8)
-            config = TrainConfig(method=method, steps=steps, seed=seed, spl_weight=spl_weight or 0.0, **TOY_RECIPE)
+            steps = job["steps"]
+            config = TrainConfig(method=method, steps=steps, seed=seed, spl_weight=spl_weight, **TOY_RECIPE)
         # Textual Inversion starts from the class word, as diffusers' recipe asks for an initializer word
         initializer = "class" if method == "textual-inversion" else ConceptSpec.initializer
         concept = train(host, [ConceptSpec(token="<sks>", class_word=cls, images=[tmp], initializer=initializer)], config,
