@@ -145,7 +145,7 @@ def step_bytes(unet_config: dict, config: TrainConfig, *, train_mode: str | None
     """Peak bytes of one training step beyond what is resident, from a meta-device dry run of the
     UNet (and the text encoder, where gradients flow into it) at the run's batch, resolution,
     dtype and gradient checkpointing, with the method's trained tensors attached: K/V deltas of
-    ``train_mode``, or Infusion's residuals of ``residual_target``."""
+    ``train_mode`` (None: none), or Infusion's residuals of ``residual_target``."""
     from diffusers import UNet2DConditionModel
 
     from .kv import attach_deltas_with_hooks, cross_attention_weights
@@ -160,7 +160,7 @@ def step_bytes(unet_config: dict, config: TrainConfig, *, train_mode: str | None
         unet.train()
     modules = dict(unet.named_modules())
     layer_weights = cross_attention_weights(unet, train_mode or "kv")
-    trained_weights = {} if residual_target else {n: tuple(w.shape) for n, w in layer_weights.items()}
+    trained_weights = {} if residual_target or train_mode is None else {n: tuple(w.shape) for n, w in layer_weights.items()}
     residuals = residual_modules(list(layer_weights), residual_target) if residual_target else []
     text = None
     if text_config is not None and text_rows:
@@ -288,29 +288,18 @@ def plan(estimate_for: Callable[[TrainConfig], MemoryEstimate], config: TrainCon
 
 
 def estimate(host, config: TrainConfig, method, *, images: int, class_images: int, concepts: int) -> MemoryEstimate:
-    """The run's estimate on ``host`` (its models as loaded) for ``config`` and a method class."""
-    from .kv import trained_names
-    from .residual import residual_modules
-
+    """The run's estimate on ``host`` (its models as loaded) for ``config`` and a method class (what
+    it trains and attaches: ``method.memory_needs``)."""
+    needs = method.memory_needs(host, config, concepts)
     unet_config = host.unet_config()
-    mode = method.weights_mode(config)
-    weights = host.cross_attention_weights(mode)
-    if method.has_tokens:
-        trained = sum(weights[name].numel() for name in trained_names(weights, mode)) + concepts * host.text_dim
-        residual_target = None
-        text_rows = config.batch_size + concepts * (2 if config.spl_feature == "official" else 1)
-        text_config = host.text.model.config
-    else:
-        residual_target = config.residual_target
-        trained = sum(int(weights[f"{m}.weight"].shape[0]) for m in residual_modules(list(weights), residual_target))
-        text_rows, text_config = 0, None
     class_rows = config.batch_size if class_images else 0
     prior = dataclasses.replace(config, augment=False)
     return MemoryEstimate(
         resident=host.resident_bytes(),
         latents=latent_bank_bytes(config, images) + (latent_bank_bytes(prior, class_images) if class_images else 0),
-        trained=2 * 4 * trained,
-        step=step_bytes(unet_config, config, train_mode=mode, residual_target=residual_target,
-                        text_config=text_config, text_rows=text_rows, class_rows=class_rows),
+        trained=2 * 4 * needs.trained_values,
+        step=step_bytes(unet_config, config, train_mode=needs.kv_mode, residual_target=needs.residual_target,
+                        text_config=host.text.model.config if needs.text_rows else None, text_rows=needs.text_rows,
+                        class_rows=class_rows),
     )
 

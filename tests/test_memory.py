@@ -87,8 +87,11 @@ def test_estimate_is_within_15_percent_of_the_measured_peak(model, resolution, t
     assert error <= 0.15
 
 
-def test_estimate_for_infusion_is_within_15_percent(tiny_base):
-    result = _measure("tiny", 256, tiny_base, "infusion")
+@pytest.mark.parametrize("method", ["infusion", "textual-inversion"])
+def test_estimate_for_the_other_methods_is_within_15_percent(tiny_base, method):
+    """Each method says what a step trains and attaches (``memory_needs``); the planner dry-runs
+    that, e.g. no K/V hooks for Textual Inversion (with them its estimate was 16 % high)."""
+    result = _measure("tiny", 256, tiny_base, method)
     assert abs(result["estimate"] - result["measured"]) / result["measured"] <= 0.15
 
 

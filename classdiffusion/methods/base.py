@@ -30,6 +30,20 @@ class MethodContext:
 
 
 @dataclass
+class MemoryNeeds:
+    """What the memory planner (``classdiffusion.memory``) dry-runs for a method: how many values
+    are trained (AdamW keeps two moments of each) and what a step attaches and backpropagates."""
+
+    trained_values: int
+    #: the K/V train mode whose deltas are hooked into the UNet (None: no delta)
+    kv_mode: str | None = None
+    #: Infusion's residual target whose vectors are hooked in (None: no residual)
+    residual_target: str | None = None
+    #: prompts encoded with gradient per step (0: the text encoder runs without gradient)
+    text_rows: int = 0
+
+
+@dataclass
 class Losses:
     """One batch's loss: the total that is optimized, its named terms (as the history, the
     progress bars and the SPL Loss Monitor show them) and optional per-concept diagnostics."""
@@ -79,6 +93,11 @@ class TrainingMethod:
     def weights_mode(cls, config) -> str:
         """The train mode whose base weights the run reads and fingerprints."""
         return cls.base_mode
+
+    @classmethod
+    def memory_needs(cls, host: Any, config: Any, concepts: int) -> MemoryNeeds:
+        """What a step of this method trains, attaches and backpropagates, for the memory planner."""
+        raise NotImplementedError
 
     @classmethod
     def concept_token(cls, token: str) -> str:

@@ -8,10 +8,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..kv import zero_deltas
+from ..kv import trained_names, zero_deltas
 from ..losses import masked_mse, prior_mse, semantic_preservation_loss
 from ..precision import autocast
-from .base import Losses, NewTokens, TrainingMethod
+from .base import Losses, MemoryNeeds, NewTokens, TrainingMethod
 
 
 class ClassDiffusionMethod(TrainingMethod):
@@ -23,6 +23,16 @@ class ClassDiffusionMethod(TrainingMethod):
     @classmethod
     def weights_mode(cls, config) -> str:
         return config.train_mode  # kv (the paper) or crossattn
+
+    @classmethod
+    def memory_needs(cls, host, config, concepts: int) -> MemoryNeeds:
+        """The deltas and token rows; the batch's prompts and the SPL phrases (twice with the
+        official feature's own pass) go through the text encoder with gradient."""
+        mode = cls.weights_mode(config)
+        weights = host.cross_attention_weights(mode)
+        return MemoryNeeds(trained_values=sum(weights[n].numel() for n in trained_names(weights, mode))
+                           + concepts * host.text_dim, kv_mode=mode,
+                           text_rows=config.batch_size + concepts * (2 if config.spl_feature == "official" else 1))
 
     def setup(self) -> None:
         for spec in self.concepts:

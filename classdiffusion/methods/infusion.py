@@ -20,9 +20,9 @@ import torch
 
 from ..errors import InvalidInputError
 from ..losses import infusion_mse
-from ..residual import ResidualPositions, word_positions, zero_residuals
+from ..residual import ResidualPositions, residual_modules, word_positions, zero_residuals
 from ..precision import autocast
-from .base import Losses, TrainingMethod
+from .base import Losses, MemoryNeeds, TrainingMethod
 
 #: The prompt templates of Infusion's dataset (infusion/dataset.py), the class word in the {}.
 INFUSION_TEMPLATES = (
@@ -43,6 +43,14 @@ class InfusionMethod(TrainingMethod):
     uses_subject_masks = True
     supports_class_images = False
     has_tokens = False
+
+    @classmethod
+    def memory_needs(cls, host, config, concepts: int) -> MemoryNeeds:
+        """One vector per changed projection; the text encoder runs without gradient."""
+        weights = host.cross_attention_weights(cls.weights_mode(config))
+        return MemoryNeeds(trained_values=sum(int(weights[f"{m}.weight"].shape[0])
+                                              for m in residual_modules(list(weights), config.residual_target)),
+                           residual_target=config.residual_target)
 
     def setup(self) -> None:
         if len(self.concepts) != 1:

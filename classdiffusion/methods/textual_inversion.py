@@ -20,7 +20,7 @@ import torch
 
 from ..losses import masked_mse
 from ..precision import autocast
-from .base import Losses, NewTokens, TrainingMethod
+from .base import Losses, MemoryNeeds, NewTokens, TrainingMethod
 
 #: diffusers' ``imagenet_templates_small`` (examples/textual_inversion/textual_inversion.py).
 TEMPLATES = (
@@ -42,6 +42,11 @@ class TextualInversionMethod(TrainingMethod):
     recipe = {"steps": 3000, "batch_size": 1, "gradient_accumulation": 4, "learning_rate": 2e-3,
               "scale_lr": False, "augment": False, "max_grad_norm": 0.0}
     supports_class_images = False
+
+    @classmethod
+    def memory_needs(cls, host, config, concepts: int) -> MemoryNeeds:
+        """The token rows; the batch's prompts go through the text encoder with gradient."""
+        return MemoryNeeds(trained_values=concepts * host.text_dim, text_rows=config.batch_size)
 
     def setup(self) -> None:
         self.new_tokens = NewTokens(self.context)
