@@ -79,7 +79,11 @@ class ConceptMeta:
         for key in ("tokens", "class_words", "layers"):
             if key not in raw:
                 raise MetaError(f"{source}: metadata lacks {key!r}; the file is damaged.")
-        method = check.choice(raw.get("method", DEFAULT_METHOD), "method", tuple(METHOD_CLASSES))
+        method = raw.get("method", DEFAULT_METHOD)
+        if isinstance(method, str) and method not in METHOD_CLASSES and method.strip():
+            raise MetaError(f"{source} was trained with the {method!r} method, which this version of the pack does "
+                            f"not know (it knows {list(METHOD_CLASSES)}); update the pack to use it.")
+        method = check.choice(method, "method", tuple(METHOD_CLASSES))
         has_tokens = METHOD_CLASSES[method].has_tokens
         tokens = check.strings(raw["tokens"], "tokens", min_length=1 if has_tokens else 0)
         if not has_tokens and tokens:

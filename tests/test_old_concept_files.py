@@ -67,3 +67,23 @@ def test_old_infusion_checkpoint_resumes_to_the_old_final_file(tmp_path):
     for new, old in zip(new_steps, old_final.history[2:]):
         assert abs(new["loss"] - old["loss"]) < 1e-5
         assert "spl" not in new  # today's Infusion records only its own term
+
+
+def test_a_method_this_version_does_not_know_says_update_the_pack(tmp_path):
+    """The other direction: a file from a newer pack, with a method added after this one."""
+    import json
+
+    import pytest
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from classdiffusion.errors import ConceptFileError
+
+    source = OLD / "classdiffusion.safetensors"
+    with safe_open(str(source), "pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(header["classdiffusion"])
+    header["classdiffusion"] = json.dumps({**meta, "method": "some-later-method"})
+    save_file(tensors, str(tmp_path / "newer.safetensors"), header)
+    with pytest.raises(ConceptFileError, match="'some-later-method' method.*update the pack"):
+        load_concept(tmp_path / "newer.safetensors")
