@@ -196,6 +196,7 @@ def _raise_terminated(signum, frame):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import load_images
+    from .distributed import finish, from_environment
     from .hosts.diffusers_host import load_host
     from .methods import method_class
     from .precision import precision_dtype
@@ -207,24 +208,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_output_file(args.plot, "--plot", IMAGE_SUFFIXES)
     check_device(args.device)
     config, concepts, checkpoint = _train_inputs(args)
+    ranks, device = from_environment(args.device)  # under torchrun: data-parallel, rank 0 writes
 
     # The images are read (and refused, if bad) before any model loads.
     images = [load_images(spec.images) for spec in concepts]
     class_images = [load_images(spec.class_images, "class") if spec.class_images else None for spec in concepts]
-    host = load_host(args.base, base_config=args.base_config, device=args.device,
+    host = load_host(args.base, base_config=args.base_config, device=device,
                      dtype=precision_dtype(config.mixed_precision))
-    callbacks = TqdmCallbacks(enabled=not args.quiet, description=method_class(config.method).label)
+    callbacks = TqdmCallbacks(enabled=not args.quiet and ranks.is_main, description=method_class(config.method).label)
     stop = lambda *_: setattr(callbacks, "stop_requested", True)  # noqa: E731  (Ctrl-C and SIGTERM alike)
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         result = train(host, concepts, config, images=images,
                        class_images=class_images if any(c is not None for c in class_images) else None,
                        out=args.out, resume=checkpoint, callbacks=callbacks,
-                       meta_extra={"base_name": Path(args.base).name})
+                       meta_extra={"base_name": Path(args.base).name}, ranks=ranks)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    _report_training(args, result)
+        finish(ranks)
+    if ranks.is_main:
+        _report_training(args, result)
     return 0
 
 

@@ -27,6 +27,7 @@ from .errors import InvalidInputError, TrainingCancelled, TrainingDivergedError
 from .hosts.base import SD15_CONTEXT_DIM, TrainingHost
 from .kv import base_fingerprint
 from .meta import ConceptMeta
+from .distributed import SINGLE, Ranks
 from .methods import METHOD_CLASSES, Losses, MethodContext, method_class
 from .resume import check_resume
 
@@ -135,8 +136,8 @@ class TrainingRun:
     is the method's (``classdiffusion.methods``); the rest is shared."""
 
     def __init__(self, host: TrainingHost, concepts: Sequence[ConceptSpec | ConceptData], config: TrainConfig,
-                 images=None, class_images=None):
-        self.host, self.config = host, config
+                 images=None, class_images=None, ranks: Ranks = SINGLE):
+        self.host, self.config, self.ranks = host, config, ranks
         self.data = concept_data(concepts, images, class_images)
         self.concepts = [d.spec for d in self.data]
         self.device = host.device
@@ -235,18 +236,23 @@ class TrainingRun:
             self._perms = {epoch: torch.randperm(n, generator=gen).tolist()}
         return self._perms[epoch][position]
 
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per optimizer step over all ranks (accumulation × ranks)."""
+        return self.config.gradient_accumulation * self.ranks.world
+
     def sample_batch(self, step: int, micro: int = 0) -> Batch:
         """The inputs of micro-batch ``micro`` of a step, drawn from (seed, step, micro) alone:
         placements of cached latents, the latent sample, noise, timesteps and prompts (plus class
         latents with prior preservation). Without accumulation the draw is (seed, step)'s."""
         config, host, device = self.config, self.host, self.device
         batch = config.batch_size
-        key = (step,) if config.gradient_accumulation == 1 else (step, micro)
+        key = (step,) if self.micro_batches == 1 else (step, micro)
         cpu_rng = torch.Generator().manual_seed(derive_seed(config.seed, "step", *key))
         noise_rng = torch.Generator(device=device).manual_seed(derive_seed(config.seed, "noise", *key))
 
         means, stds, masks, prompts = [], [], [], []
-        first = (step * config.gradient_accumulation + micro) * batch
+        first = (step * self.micro_batches + micro) * batch
         for b in range(batch):
             image = self._image_for(first + b)
             place = draw_placement(self.bank, image, cpu_rng)
@@ -302,32 +308,38 @@ class TrainingRun:
         self.optimizer_step()
 
     def step(self, step: int) -> StepRecord:
+        """One optimizer step: this rank's micro-batches (all of them in a single process), the
+        gradients summed over the ranks, one AdamW step; the record averages every micro-batch."""
         start = time.perf_counter()
-        accumulation = self.config.gradient_accumulation
-        measured = []
-        for micro in range(accumulation):
+        total_micro = self.micro_batches
+        sums, names, diverged = None, None, None
+        for micro in self.ranks.micro_batches(self.config.gradient_accumulation):
             losses = self.losses(self.sample_batch(step, micro))
             total, terms, diagnostics = losses.values()  # one sync per micro-batch
             if not all(math.isfinite(v) for v in [total, *terms.values()]):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise TrainingDivergedError(
-                    f"The loss became {total} at step {step + 1}; training stopped before that step "
-                    "changed any weight. Lower the learning rate or use bf16 instead of fp16."
-                )
-            self.backward(losses.total / accumulation if accumulation > 1 else losses.total)
-            measured.append((total, terms, diagnostics))
+                diverged = total
+                break
+            self.backward(losses.total / total_micro if total_micro > 1 else losses.total)
+            flat = [total, *terms.values(), *(v for vs in diagnostics.values() for v in vs)]
+            sums = flat if sums is None else [a + b for a, b in zip(sums, flat)]
+            names = (list(terms), {name: len(vs) for name, vs in diagnostics.items()})
+        if self.ranks.any(diverged is not None, self.device):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDivergedError(
+                f"The loss became {diverged if diverged is not None else 'non-finite on another rank'} at step "
+                f"{step + 1}; training stopped before that step changed any weight. Lower the learning rate or "
+                "use bf16 instead of fp16."
+            )
+        self.ranks.sum_gradients(self.params)
         self.optimizer_step()
-
-        def mean(values):
-            return sum(values) / len(values)
-
-        return StepRecord(
-            step=step + 1, loss=mean([m[0] for m in measured]), lr=self.lr,
-            terms={name: mean([m[1][name] for m in measured]) for name in measured[0][1]},
-            diagnostics={name: [mean(column) for column in zip(*(m[2][name] for m in measured))]
-                         for name in measured[0][2]},
-            seconds=time.perf_counter() - start,
-        )
+        means = [v / total_micro for v in self.ranks.sum_values(sums, self.device)]
+        term_names, diagnostic_sizes = names
+        terms = dict(zip(term_names, means[1:1 + len(term_names)]))
+        rest, diagnostics = means[1 + len(term_names):], {}
+        for name, size in diagnostic_sizes.items():
+            diagnostics[name], rest = rest[:size], rest[size:]
+        return StepRecord(step=step + 1, loss=means[0], terms=terms, lr=self.lr, diagnostics=diagnostics,
+                          seconds=time.perf_counter() - start)
 
     def drift(self) -> list[dict]:
         return self.method.drift()
@@ -374,6 +386,7 @@ def train(
     callbacks: TrainCallbacks | None = None,
     meta_extra: Mapping[str, Any] | None = None,
     validation_dir: str | Path | None = None,
+    ranks: Ranks = SINGLE,
 ) -> TrainResult:
     """Train one or more concepts jointly and return (and, with ``out``, save) the concept.
 
@@ -382,22 +395,24 @@ def train(
     written along the way. ``resume`` continues from such a checkpoint (``resume.resume_settings``
     gives its settings), giving the same result as an uninterrupted run with the same seed. With
     ``config.validation_every``, previews are sampled along the way into ``validation_dir``
-    (default: ``OUT's folder/validation``).
+    (default: ``OUT's folder/validation``). ``ranks``: this process's place in a data-parallel run
+    (``distributed.from_environment``); only rank 0 writes files and samples previews.
     """
     started = time.perf_counter()
     specs = [c.spec if isinstance(c, ConceptData) else c for c in concepts]
     check_concepts(specs)
     callbacks = callbacks or TrainCallbacks()
-    out = Path(out) if out is not None else None
+    out = Path(out) if out is not None and ranks.is_main else None
     checkpoint = None
     if resume is not None:  # checked before any image is encoded
         checkpoint = resume if isinstance(resume, Concept) else load_concept(resume)
         check_resume(checkpoint, specs, config)
 
-    run = TrainingRun(host, concepts, config, images, class_images)
+    run = TrainingRun(host, concepts, config, images, class_images, ranks=ranks)
     history, extra = _start_record(run, checkpoint)
-    extra.update(meta_extra or {})
-    validation = _Validation.start(run, specs, out, validation_dir) if config.validation_every else None
+    extra.update({**(meta_extra or {}), **({"ranks": ranks.world} if ranks.world > 1 else {})})
+    previews = config.validation_every and ranks.is_main
+    validation = _Validation.start(run, specs, out, validation_dir) if previews else None
     detach = run.method.attach()
     try:
         start = checkpoint.step if checkpoint is not None else 0
@@ -471,7 +486,7 @@ def _run_steps(run: TrainingRun, start: int, history: list[dict], extra: dict, o
     if validation is not None and start == 0:
         validation.run(run, 0, callbacks)  # the starting point: the base (and initial token) at work
     for step in range(start, config.steps):
-        if callbacks.should_stop():
+        if run.ranks.any(callbacks.should_stop(), run.device):  # a stop on any rank stops them all
             raise TrainingCancelled(
                 f"Training was cancelled at step {step} of {config.steps}; no concept file was written"
                 + (f" (last checkpoint: {written[-1]})." if written else ".")
