@@ -283,6 +283,34 @@ def _report_training(args: argparse.Namespace, result) -> None:
               f"{Path(args.out).parent / 'validation'}")
 
 
+def cmd_queue(args: argparse.Namespace) -> int:
+    """Every job of JOBS.json, one per device at a time; a summary table at the end. Exit 1 if a
+    job failed (the others still ran)."""
+    import torch
+
+    from .jobs import load_jobs, run_queue, summary_table
+
+    jobs = load_jobs(args.jobs)
+    if args.devices:
+        devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+        for device in devices:
+            check_device(device)
+    elif torch.cuda.is_available():
+        devices = [f"cuda:{k}" for k in range(torch.cuda.device_count())]
+    else:
+        devices = ["cpu"]
+    if args.workers:
+        if devices != ["cpu"]:
+            raise InvalidInputError("--workers is for the CPU; with GPUs give --devices (one job per device).")
+        devices = ["cpu"] * args.workers
+    print(f"{len(jobs)} job(s) on {len(devices)} worker(s): {', '.join(devices)}", flush=True)
+    results = run_queue(jobs, devices, base=args.base,
+                        on_result=lambda r: print(f"{r.name}: {r.status}{': ' + r.message if r.message else ''}",
+                                                  flush=True))
+    print(summary_table(results))
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import generate
 
@@ -524,6 +552,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
+
+    queue = sub.add_parser("queue", formatter_class=_DefaultsHelp,
+        help="train a list of concepts, one job per device at a time; a rerun skips finished jobs and resumes "
+             "interrupted ones")
+    queue.add_argument("jobs", help="JOBS.json: a list of --concepts entries, each with \"out\" and optional "
+                                    "\"settings\" and \"base\" (docs/cli.md)")
+    queue.add_argument("--devices", help="comma-separated devices, e.g. cuda:0,cuda:1 (default: every GPU, else "
+                                         "the CPU)")
+    queue.add_argument("--workers", type=_positive_int, default=None,
+                       help="CPU worker processes (the CPU's cores are shared among them); default 1")
+    queue.add_argument("--base", help="the base of jobs that name none")
+    queue.set_defaults(func=cmd_queue)
 
     gen = sub.add_parser("generate", formatter_class=_DefaultsHelp,
         help="sample images with one or more concepts applied")
