@@ -351,6 +351,8 @@ BAD_COMMANDS = [
                                               "--out", str(o / "c.safetensors"), "-q"], "cannot be resumed"),
     ("train --steps 0", lambda i, o: _train(i, o / "c.safetensors", "--steps", "0"), "at least 1"),
     ("train --lr nan", lambda i, o: _train(i, o / "c.safetensors", "--lr", "nan"), "finite"),
+    ("queue missing jobs file", lambda i, o: ["queue", str(o / "jobs.json")], "does not exist"),
+    ("queue --workers 0", lambda i, o: ["queue", str(o / "jobs.json"), "--workers", "0"], "at least 1"),
     ("train --steps over the limit", lambda i, o: _train(i, o / "c.safetensors", "--steps", "30000"),
      "steps must be at most 20000"),
     ("train --lr over the limit", lambda i, o: _train(i, o / "c.safetensors", "--lr", "0.5"),
