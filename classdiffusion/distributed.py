@@ -71,6 +71,16 @@ class Ranks:
             return values
         return self._collective(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
+    def smallest(self, value: int, device: torch.device) -> int:
+        """The smallest of the ranks' values (free memory: every rank plans for the tightest device,
+        so all choose the same settings, or all refuse)."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        return int(self._collective(torch.tensor([float(value)], dtype=torch.float64, device=device),
+                                    dist.ReduceOp.MIN).item())
+
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every rank when it is True on any (a stop request, a diverged loss)."""
         if self.world == 1:

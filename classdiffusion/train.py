@@ -183,7 +183,8 @@ class TrainingRun:
         class_images = sum(len(d.load_class_images()) for d in self.data) if self.with_prior else 0
         memory_plan = plan(lambda c: estimate(self.host, c, method_type, images=images, class_images=class_images,
                                               concepts=len(self.concepts)),
-                           config, available_bytes(self.device, config.memory_limit_mib))
+                           config, self.ranks.smallest(available_bytes(self.device, config.memory_limit_mib),
+                                                       self.device))  # one plan on every rank
         self.memory_plan = memory_plan
         message = f"memory plan: {memory_plan.describe()}"
         if not memory_plan.fits:

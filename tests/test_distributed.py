@@ -79,6 +79,7 @@ def test_two_ranks_equal_one_process_with_accumulation_two(pictures, tmp_path):
     ("stop", "cancelled"),  # one rank asks to stop: every rank stops at the same step
     ("die", "exitcode  : 3"),  # a rank exits: torchrun ends the others and names it, no concept
     ("hang", "stopped answering"),  # a rank hangs: the others end after the timeout with a clear error
+    ("plan", "Not enough memory"),  # one rank's device is too small: every rank refuses, none waits
 ])
 def test_a_rank_that_stops_dies_or_hangs_ends_the_run_everywhere(tmp_path, mode, says):
     started = time.perf_counter()
@@ -91,3 +92,5 @@ def test_a_rank_that_stops_dies_or_hangs_ends_the_run_everywhere(tmp_path, mode,
     assert says in output, output[-3000:]
     if mode == "stop":
         assert output.count("cancelled: Training was cancelled at step 2") == 2, output[-3000:]
+    if mode == "plan":
+        assert output.count("refused: Not enough memory") == 2 and seconds < 60, output[-3000:]
