@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .concept import run_files
+from .config import ConceptSpec, TrainConfig
 from .errors import InvalidInputError
+from .train import TrainCallbacks
 
 #: Step checkpoints per job when its settings name none: what a rerun resumes from.
 CHECKPOINTS_PER_JOB = 10
@@ -53,8 +56,6 @@ class JobResult:
 def load_jobs(path: str | Path) -> list[Job]:
     """The jobs of a JOBS.json (a list of objects; relative paths are relative to the file). Each
     concept and its settings are checked here, before any worker starts."""
-    from .config import ConceptSpec, TrainConfig
-
     path = Path(path).resolve()
     try:
         raw = json.loads(path.read_text())
@@ -71,8 +72,7 @@ def load_jobs(path: str | Path) -> list[Job]:
         concept = {key: value for key, value in item.items() if key not in _JOB_KEYS}
         spec = ConceptSpec.from_dict(concept, base_dir=path.parent)  # refuses bad concepts with their key
         settings = item.get("settings", {})
-        TrainConfig.for_method(settings.get("method", TrainConfig.method), **{
-            key: value for key, value in settings.items() if key != "method"})  # refuses bad settings
+        job_config(settings)  # refuses bad settings
         out = Path(item["out"]) if Path(item["out"]).is_absolute() else path.parent / item["out"]
         base = item.get("base")
         if base is not None and not Path(base).is_absolute():
@@ -99,32 +99,36 @@ def _take_device(devices, workers: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+def job_config(settings: dict[str, Any]):
+    """A job's TrainConfig: its method's recipe under its settings."""
+    rest = {key: value for key, value in settings.items() if key != "method"}
+    return TrainConfig.for_method(settings.get("method", TrainConfig.method), **rest)
+
+
+class _LatestCheckpointOnly(TrainCallbacks):
+    """The queue's own checkpoints exist to resume from: each new one replaces the last."""
+
+    def on_checkpoint(self, path: Path) -> None:
+        for _, older in run_files(path)[1]:
+            if older != path:
+                older.unlink(missing_ok=True)
+
+
 def run_job(job: Job, default_base: str | None) -> JobResult:
     """Train one job on this worker's device; skip it if its file exists, resume it from its latest
     resumable checkpoint if one exists. Never raises: a failure is a result."""
     started = time.perf_counter()
     try:
-        from .concept import load_concept, run_files
-        from .config import ConceptSpec, TrainConfig
+        from .concept import load_concept, read_metadata
         from .hosts.diffusers_host import load_host
         from .precision import precision_dtype
         from .resume import resume_settings
-        from .train import TrainCallbacks, train
-
-        class _LatestCheckpointOnly(TrainCallbacks):
-            """The queue's own checkpoints exist to resume from: each new one replaces the last."""
-
-            def on_checkpoint(self, path: Path) -> None:
-                for _, older in run_files(path)[1]:
-                    if older != path:
-                        older.unlink(missing_ok=True)
+        from .train import train
 
         final, steps = run_files(job.out)
         if final.is_file():
-            return JobResult(job.name, "skipped (done)", final, steps=load_concept(final).step)
-        settings = dict(job.settings)
-        method = settings.pop("method", TrainConfig.method)
-        config = TrainConfig.for_method(method, **settings)
+            return JobResult(job.name, "skipped (done)", final, steps=read_metadata(final).step)
+        config = job_config(job.settings)
         own_checkpoints = "save_every" in job.settings  # else the queue's, for resuming only: the latest kept
         if not own_checkpoints:
             config = TrainConfig.from_dict({**config.to_dict(), "save_every": max(1, config.steps // CHECKPOINTS_PER_JOB)})

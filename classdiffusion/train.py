@@ -313,17 +313,15 @@ class TrainingRun:
         gradients summed over the ranks, one AdamW step; the record averages every micro-batch."""
         start = time.perf_counter()
         total_micro = self.micro_batches
-        sums, names, diverged = None, None, None
+        sums, losses, diverged = None, None, None
         for micro in self.ranks.micro_batches(self.config.gradient_accumulation):
             losses = self.losses(self.sample_batch(step, micro))
-            total, terms, diagnostics = losses.values()  # one sync per micro-batch
-            if not all(math.isfinite(v) for v in [total, *terms.values()]):
-                diverged = total
+            flat = losses.floats()  # one sync per micro-batch
+            if not all(math.isfinite(v) for v in flat[:1 + len(losses.terms)]):  # the total and its terms
+                diverged = flat[0]
                 break
             self.backward(losses.total / total_micro if total_micro > 1 else losses.total)
-            flat = [total, *terms.values(), *(v for vs in diagnostics.values() for v in vs)]
             sums = flat if sums is None else [a + b for a, b in zip(sums, flat)]
-            names = (list(terms), {name: len(vs) for name, vs in diagnostics.items()})
         if self.ranks.any(diverged is not None, self.device):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDivergedError(
@@ -333,13 +331,8 @@ class TrainingRun:
             )
         self.ranks.sum_gradients(self.params)
         self.optimizer_step()
-        means = [v / total_micro for v in self.ranks.sum_values(sums, self.device)]
-        term_names, diagnostic_sizes = names
-        terms = dict(zip(term_names, means[1:1 + len(term_names)]))
-        rest, diagnostics = means[1 + len(term_names):], {}
-        for name, size in diagnostic_sizes.items():
-            diagnostics[name], rest = rest[:size], rest[size:]
-        return StepRecord(step=step + 1, loss=means[0], terms=terms, lr=self.lr, diagnostics=diagnostics,
+        loss, terms, diagnostics = losses.read([v / total_micro for v in self.ranks.sum_values(sums, self.device)])
+        return StepRecord(step=step + 1, loss=loss, terms=terms, lr=self.lr, diagnostics=diagnostics,
                           seconds=time.perf_counter() - start)
 
     def drift(self) -> list[dict]:

@@ -53,10 +53,14 @@ class Losses:
     #: e.g. ``{"cos": [EOS cosine of concept k]}``: numbers per concept, not optimized
     diagnostics: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
-    def values(self) -> tuple[float, dict[str, float], dict[str, list[float]]]:
-        """(total, terms, diagnostics) as floats, with one device sync."""
+    def floats(self) -> list[float]:
+        """[total, *terms, *diagnostics] as floats, with one device sync; sums and means of such
+        lists (over micro-batches and ranks) read back with ``read``."""
         scalars = [self.total, *self.terms.values(), *(t for ts in self.diagnostics.values() for t in ts)]
-        flat = torch.stack([s.detach().float().reshape(()) for s in scalars]).tolist()
+        return torch.stack([s.detach().float().reshape(()) for s in scalars]).tolist()
+
+    def read(self, flat: list[float]) -> tuple[float, dict[str, float], dict[str, list[float]]]:
+        """(total, terms, diagnostics) from a list in ``floats``' layout."""
         terms = dict(zip(self.terms, flat[1:1 + len(self.terms)]))
         rest, diagnostics = flat[1 + len(self.terms):], {}
         for name, tensors in self.diagnostics.items():
@@ -186,9 +190,6 @@ class TrainingMethod:
     def concept_fields(self) -> dict[str, Any]:
         """The trained tensors as ``Concept`` fields (deltas, token_vectors, tokens, residuals), on the CPU."""
         raise NotImplementedError
-
-    def trained_parameters(self) -> list[torch.Tensor]:
-        return [p for group in self.param_groups() for p in group["params"]]
 
 
 class NewTokens:

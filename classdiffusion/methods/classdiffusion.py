@@ -41,7 +41,6 @@ class ClassDiffusionMethod(TrainingMethod):
                 self.context.warn(f"The class word {spec.class_word!r} is split into {pieces} tokens; it still "
                                   "works (SPL uses the EOS feature), but a single common word is better.")
         self.new_tokens = NewTokens(self.context)
-        self.tokens, self.token_vectors = self.new_tokens.tokens, self.new_tokens.vectors
         self.deltas = zero_deltas(self.context.base_weights, self.device)
         self.lr = self.config.effective_learning_rate(self.context.with_prior)
 
@@ -63,6 +62,15 @@ class ClassDiffusionMethod(TrainingMethod):
     @property
     def learning_rate(self) -> float:
         return self.lr
+
+    @property
+    def tokens(self) -> list[str]:
+        return self.new_tokens.tokens
+
+    @property
+    def token_vectors(self) -> torch.Tensor:
+        """The trained token rows [N, D] (the official code's embedding rows)."""
+        return self.new_tokens.vectors
 
     def token_dict(self) -> dict[str, torch.Tensor]:
         return self.new_tokens.trainable()
