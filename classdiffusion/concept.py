@@ -43,6 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import BaseMismatchError, ConceptFileError
+from .families import family_named
 from .kv import base_fingerprint, compare_fingerprints, compress_deltas, trained_names
 from .meta import ConceptMeta
 from .methods import METHOD_CLASSES, InfusionMethod
@@ -101,6 +102,11 @@ class Concept:
         return self.meta.method
 
     @property
+    def family(self) -> str:
+        """The model family of the base it was trained on ("sd15", "sdxl"; ``classdiffusion.families``)."""
+        return self.meta.family
+
+    @property
     def method_label(self) -> str:
         """The training method as people call it ("Textual Inversion")."""
         return METHOD_CLASSES[self.meta.method].label
@@ -136,12 +142,20 @@ class Concept:
         """The one check of a concept against a base: ``base_weights`` (canonical diffusers names →
         the base's cross-attention weights, at least those of the concept's train mode) must hold
         every layer the concept changes, in its shape; with ``strict`` the base's fingerprint must
-        be the one the concept was trained on (BaseMismatchError says what differs)."""
+        be the one the concept was trained on (BaseMismatchError says what differs). A concept of
+        another model family (SD1.x on SDXL or the reverse) is refused first, by name."""
+        family = family_named(self.family)
+        base_family = _weights_family(base_weights)
+        if base_family is not None and base_family is not family:
+            raise BaseMismatchError(
+                f"This concept was trained on a {family.label} base, and {what} is {base_family.label}: a concept "
+                f"only works on the model family it was trained on. Load a {family.label} checkpoint, or train "
+                f"the concept again on this one.")
         unknown = sorted(set(self.deltas) - set(base_weights))
         if unknown:
             raise BaseMismatchError(
                 f"This concept changes {len(unknown)} layer(s) {what} lacks (e.g. {unknown[0]}): it was "
-                "trained on a UNet of another architecture; SD1.5 concepts fit SD1.x models only."
+                f"trained on a UNet of another architecture; {family.label} concepts fit {family.label} models only."
             )
         for name, delta in self.deltas.items():
             if tuple(delta.shape) != tuple(base_weights[name].shape):
@@ -209,6 +223,17 @@ class Concept:
 
 
 _STEP_FILE = re.compile(r"(?P<stem>.+)-step(?P<step>\d{5,})")
+
+
+def _weights_family(base_weights: Mapping[str, torch.Tensor]):
+    """The family a UNet's cross-attention weights belong to, by their context width (None: unknown)."""
+    from .families import FAMILIES
+
+    widths = {int(w.shape[1]) for name, w in base_weights.items() if name.endswith("attn2.to_k.weight")}
+    if len(widths) != 1:
+        return None
+    width = widths.pop()
+    return next((f for f in FAMILIES.values() if f.context_dim == width), None)
 
 
 def run_files(path: str | Path) -> tuple[Path, list[tuple[int, Path]]]:
@@ -427,6 +452,10 @@ def load_concept(path: str | Path, *, device: str | torch.device = "cpu") -> Con
         )
     if token_vectors.dtype not in _FLOAT_DTYPES:
         raise ConceptFileError(f"{path.name}: the token embedding is not a float tensor.")
+    width = family_named(meta.family).context_dim
+    if tokens and token_vectors.shape[1] != width:
+        raise ConceptFileError(f"{path.name}: its token vectors are {token_vectors.shape[1]} wide, but a "
+                               f"{meta.family} concept's are {width}; the file is damaged.")
     _check_values(path, "the token embedding", token_vectors)
     shapes = [tuple(deltas[n].shape) for n in sorted(deltas)] + [tuple(residuals[n].shape) for n in sorted(residuals)]
     _check_optimizer(path, optim, shapes + ([tuple(token_vectors.shape)] if tokens else []))

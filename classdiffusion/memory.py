@@ -162,14 +162,15 @@ def step_bytes(unet_config: dict, config: TrainConfig, *, train_mode: str | None
     layer_weights = cross_attention_weights(unet, train_mode or "kv")
     trained_weights = {} if residual_target or train_mode is None else {n: tuple(w.shape) for n, w in layer_weights.items()}
     residuals = residual_modules(list(layer_weights), residual_target) if residual_target else []
-    text = None
+    texts = []
     if text_config is not None and text_rows:
         from transformers import CLIPTextModel
 
+        configs = text_config if isinstance(text_config, (list, tuple)) else [text_config]
         with meta:
-            text = torch.nn.Module.to(CLIPTextModel(text_config), dtype).requires_grad_(False)
+            texts = [torch.nn.Module.to(CLIPTextModel(c), dtype).requires_grad_(False) for c in configs]
     rows = config.batch_size + class_rows
-    weights = [t for m in (unet, text) if m is not None for t in list(m.parameters()) + list(m.buffers())]
+    weights = [t for m in (unet, *texts) for t in list(m.parameters()) + list(m.buffers())]
     with LiveBytes(known=weights) as live:
         start = live.current
         trained = [torch.zeros(shape, device=meta, requires_grad=True) for shape in trained_weights.values()]
@@ -187,10 +188,11 @@ def step_bytes(unet_config: dict, config: TrainConfig, *, train_mode: str | None
         original_sdpa = F.scaled_dot_product_attention
         F.scaled_dot_product_attention = _fused_sdpa
         try:
-            context = _text_context(text, text_rows, config.batch_size, class_rows, dtype, meta, unet_config)
+            context = _text_context(texts, text_rows, config.batch_size, class_rows, dtype, meta, unet_config)
             latents = torch.zeros(rows, 4, config.resolution // 8, config.resolution // 8, device=meta, dtype=dtype)
             timesteps = torch.zeros(rows, dtype=torch.long, device=meta)
-            out = unet(latents, timesteps, encoder_hidden_states=context).sample
+            out = unet(latents, timesteps, encoder_hidden_states=context,
+                       added_cond_kwargs=_added_conditioning(unet_config, rows, dtype, meta)).sample
             loss = out.float().pow(2).mean()
             loss.backward()
             del out, loss, context
@@ -201,19 +203,32 @@ def step_bytes(unet_config: dict, config: TrainConfig, *, train_mode: str | None
     return peak
 
 
-def _text_context(text, text_rows: int, batch: int, class_rows: int, dtype, meta, unet_config) -> torch.Tensor:
-    """The UNet's context: through the meta text encoder ``text`` with gradients when tokens are
-    trained (``text_rows`` prompts: the batch's and SPL's), else a constant tensor; class rows constant."""
+def _added_conditioning(unet_config: dict, rows: int, dtype, meta) -> dict | None:
+    """SDXL's added conditioning (pooled embedding and size/crop ids) as the UNet takes it; None for SD1.x."""
+    if unet_config.get("addition_embed_type") != "text_time":
+        return None
+    pooled = int(unet_config["projection_class_embeddings_input_dim"]) - 6 * int(unet_config["addition_time_embed_dim"])
+    return {"text_embeds": torch.zeros(rows, pooled, device=meta, dtype=dtype),
+            "time_ids": torch.zeros(rows, 6, device=meta, dtype=dtype)}
+
+
+def _text_context(texts, text_rows: int, batch: int, class_rows: int, dtype, meta, unet_config) -> torch.Tensor:
+    """The UNet's context: through the meta text encoders ``texts`` (features side by side) with
+    gradients when tokens are trained (``text_rows`` prompts: the batch's and SPL's), else a
+    constant tensor; class rows constant."""
     width = int(unet_config.get("cross_attention_dim", 768))
-    if text is None:
+    if not texts:
         return torch.zeros(batch + class_rows, 77, width, device=meta, dtype=dtype)
-    embeddings = text.get_input_embeddings()
-    handle = embeddings.register_forward_hook(lambda m, i, o: o.detach().requires_grad_(True))
-    try:
-        ids = torch.zeros(text_rows, 77, dtype=torch.long, device=meta)
-        hidden = text(input_ids=ids).last_hidden_state
-    finally:
-        handle.remove()
+    hiddens = []
+    for text in texts:
+        embeddings = text.get_input_embeddings()
+        handle = embeddings.register_forward_hook(lambda m, i, o: o.detach().requires_grad_(True))
+        try:
+            ids = torch.zeros(text_rows, 77, dtype=torch.long, device=meta)
+            hiddens.append(text(input_ids=ids).last_hidden_state)
+        finally:
+            handle.remove()
+    hidden = torch.cat(hiddens, dim=-1) if len(hiddens) > 1 else hiddens[0]
     context = hidden[:batch]
     if class_rows:
         context = torch.cat([context, torch.zeros(class_rows, 77, width, device=meta, dtype=hidden.dtype)])
@@ -299,7 +314,8 @@ def estimate(host, config: TrainConfig, method, *, images: int, class_images: in
         latents=latent_bank_bytes(config, images) + (latent_bank_bytes(prior, class_images) if class_images else 0),
         trained=2 * 4 * needs.trained_values,
         step=step_bytes(unet_config, config, train_mode=needs.kv_mode, residual_target=needs.residual_target,
-                        text_config=host.text.model.config if needs.text_rows else None, text_rows=needs.text_rows,
+                        text_config=[m.config for m in host.text.models] if needs.text_rows else None,
+                        text_rows=needs.text_rows,
                         class_rows=class_rows),
     )
 

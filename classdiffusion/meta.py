@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import ClassDiffusionError, ConceptFileError
+from .families import FAMILIES
 from .kv import TRAINED_SUFFIXES
 from .methods import DEFAULT_METHOD, METHOD_CLASSES
 
@@ -53,6 +54,8 @@ class ConceptMeta:
     compression: dict[str, Any] | None = None
     #: the training method (classdiffusion.methods); files before it existed are ClassDiffusion's
     method: str = DEFAULT_METHOD
+    #: the base's model family (classdiffusion.families); files before SDXL are all SD1.x
+    family: str = "sd15"
     #: Infusion: module name → [size] of each residual vector
     residual_layers: dict[str, list[int]] | None = None
     warnings: list[str] = field(default_factory=list)
@@ -84,6 +87,11 @@ class ConceptMeta:
             raise MetaError(f"{source} was trained with the {method!r} method, which this version of the pack does "
                             f"not know (it knows {list(METHOD_CLASSES)}); update the pack to use it.")
         method = check.choice(method, "method", tuple(METHOD_CLASSES))
+        family = raw.get("family", "sd15")
+        if isinstance(family, str) and family not in FAMILIES and family.strip():
+            raise MetaError(f"{source} was trained on a {family!r} base, a model family this version of the pack "
+                            f"does not know (it knows {list(FAMILIES)}); update the pack to use it.")
+        family = check.choice(family, "family", tuple(FAMILIES))
         has_tokens = METHOD_CLASSES[method].has_tokens
         tokens = check.strings(raw["tokens"], "tokens", min_length=1 if has_tokens else 0)
         if not has_tokens and tokens:
@@ -101,6 +109,7 @@ class ConceptMeta:
             "class_words": class_words,
             "layers": check.layers(raw["layers"]),
             "method": method,
+            "family": family,
         }
         readers: dict[str, Callable[[Any, str], Any]] = {
             "train_mode": lambda v, f: check.choice(v, f, TRAIN_MODES),

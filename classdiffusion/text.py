@@ -26,6 +26,12 @@ class TextFeatures:
     #: code uses for SPL. With a new token (id above EOS) in the prompt that is the new token's
     #: position, not EOS.
     max_id: torch.Tensor
+    #: [B, P] the pooled text embedding where the base's UNet takes one (SDXL: bigG's projected
+    #: EOS feature, first-EOS rule); None for SD1.x.
+    pooled: torch.Tensor | None = None
+    #: Width of each text encoder's part of ``eos`` (and ``context``), in order: SPL may compare
+    #: the encoders' features one by one. None: one encoder.
+    widths: tuple[int, ...] | None = None
 
 
 class TokenInjectingEmbedding(nn.Module):
@@ -73,15 +79,20 @@ class TransformersTextEncoder:
     """Tokenizer + frozen CLIP text model, with new tokens as injectable vectors.
 
     ``context_layer`` selects the hidden state used as UNet context: None = the last layer (after
-    the final layer norm, SD1.5's choice); a negative index = that hidden layer passed through the
-    final layer norm (ComfyUI's "CLIP skip"). The EOS feature for SPL is always the last layer's.
+    the final layer norm, SD1.5's choice); a negative index = that hidden layer, passed through the
+    final layer norm when ``context_final_norm`` (ComfyUI's "CLIP skip" on SD1.x) or as it is (SDXL's
+    penultimate layer). The EOS feature for SPL is always the last layer's, after the final norm.
     """
 
-    def __init__(self, tokenizer, text_model: nn.Module, device: torch.device, context_layer: int | None = None):
+    def __init__(self, tokenizer, text_model: nn.Module, device: torch.device, context_layer: int | None = None,
+                 context_final_norm: bool = True):
         self.tokenizer = tokenizer
         self.model = text_model
         self.device = torch.device(device)
         self.context_layer = context_layer
+        self.context_final_norm = context_final_norm
+        self.width = int(text_model.config.hidden_size)
+        self.models = [text_model]
         self.injector = TokenInjectingEmbedding(text_model.get_input_embeddings(), self._embeddings().position_embedding)
         text_model.set_input_embeddings(self.injector)
         self._token_cache: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -94,7 +105,9 @@ class TransformersTextEncoder:
             last = self.model(ids).last_hidden_state
             return last, last
         out = self.model(ids, output_hidden_states=True)
-        context = self._final_layer_norm()(out.hidden_states[self.context_layer])
+        context = out.hidden_states[self.context_layer]
+        if self.context_final_norm:
+            context = self._final_layer_norm()(context)
         return context, out.last_hidden_state
 
     def _embeddings(self) -> nn.Module:
@@ -223,6 +236,74 @@ class TransformersTextEncoder:
         rows = torch.arange(last.shape[0], device=last.device)
         return TextFeatures(context=context, eos=last[rows, eos_pos], max_id=last[rows, max_pos])
 
+    def project(self, eos: torch.Tensor) -> torch.Tensor:
+        """The model's pooled embedding from its EOS features: ``text_projection`` (SDXL's bigG)."""
+        projection = getattr(self.model, "text_projection", None)
+        if projection is None:
+            raise InvalidInputError("This text encoder has no text projection, so it gives no pooled embedding.")
+        return projection(eos.to(projection.weight.dtype))
+
     def close(self) -> None:
         """Give the text model its plain embedding back."""
         self.model.set_input_embeddings(self.injector.base)
+
+
+class CombinedTextEncoder:
+    """Several text encoders read as one (SDXL: CLIP-L then bigG), with the same interface as
+    :class:`TransformersTextEncoder`.
+
+    A new token's vector is the encoders' vectors side by side ([768 | 1280] on SDXL), so the
+    loop, the methods and the concept file handle one vector per token whatever the family; each
+    encoder receives its own part. Contexts and EOS features are concatenated along the width
+    (``widths`` says where each part lies); the pooled embedding is the last encoder's projected
+    EOS feature. The encoders share the CLIP vocabulary, so word positions are the first one's."""
+
+    def __init__(self, encoders: Sequence[TransformersTextEncoder]):
+        self.encoders = list(encoders)
+        self.widths = tuple(e.width for e in self.encoders)
+        self.width = sum(self.widths)
+        self.models = [m for e in self.encoders for m in e.models]
+        self.device = self.encoders[0].device
+
+    def _parts(self, vectors: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        split = {token: vector.split(list(self.widths), dim=-1) for token, vector in vectors.items()}
+        return [{token: parts[i] for token, parts in split.items()} for i in range(len(self.encoders))]
+
+    def add_tokens(self, tokens: Sequence[str]) -> None:
+        for encoder in self.encoders:
+            encoder.add_tokens(tokens)
+
+    def word_token_count(self, word: str) -> int:
+        return self.encoders[0].word_token_count(word)
+
+    def initializer_ids(self, word: str) -> list[int]:
+        return self.encoders[0].initializer_ids(word)
+
+    def word_embedding(self, word: str) -> torch.Tensor:
+        """Each encoder's start from its own embedding table, side by side."""
+        return torch.cat([encoder.word_embedding(word) for encoder in self.encoders])
+
+    def word_ids(self, word: str) -> list[int]:
+        return self.encoders[0].word_ids(word)
+
+    def token_ids(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.encoders[0].token_ids(prompts)
+
+    def encode(self, prompts: Sequence[str], token_vectors: Mapping[str, torch.Tensor], *,
+               tokens_without_position: bool = False, eos_only: bool = False) -> TextFeatures:
+        features = [encoder.encode(prompts, vectors, tokens_without_position=tokens_without_position,
+                                   eos_only=eos_only)
+                    for encoder, vectors in zip(self.encoders, self._parts(token_vectors))]
+        length = min(f.context.shape[1] for f in features)
+        dtype = features[0].context.dtype
+        return TextFeatures(
+            context=torch.cat([f.context[:, :length].to(dtype) for f in features], dim=-1),
+            eos=torch.cat([f.eos.to(dtype) for f in features], dim=-1),
+            max_id=torch.cat([f.max_id.to(dtype) for f in features], dim=-1),
+            pooled=self.encoders[-1].project(features[-1].eos),
+            widths=self.widths,
+        )
+
+    def close(self) -> None:
+        for encoder in self.encoders:
+            encoder.close()

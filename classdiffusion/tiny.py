@@ -9,6 +9,7 @@ anything.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -122,9 +123,10 @@ def portable_text_encoder_keys(folder: str | Path) -> None:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        if all(key.startswith("text_model.") for key in tensors):
+        outside = ("text_model.", "text_projection.")  # the projection sits beside text_model (bigG)
+        if all(key.startswith(outside) for key in tensors):
             continue
-        renamed = {key if key.startswith("text_model.") else "text_model." + key: t for key, t in tensors.items()}
+        renamed = {key if key.startswith(outside) else "text_model." + key: t for key, t in tensors.items()}
         save_file(renamed, str(path), metadata=metadata)
 
 
@@ -143,6 +145,69 @@ def build_tiny_base(out_dir: str | Path, seed: int = 0) -> Path:
     portable_text_encoder_keys(out_dir / "text_encoder")
     (out_dir / "RANDOM_WEIGHTS.txt").write_text(
         "This base has random weights (ClassDiffusion demo/tests). Nothing it generates means anything.\n"
+    )
+    return out_dir
+
+
+def tiny_sdxl_components(tokenizer_dir: str | Path, seed: int = 0, *, unet_channels: Sequence[int] = (32, 64),
+                         text_layers: int = 2) -> dict:
+    """SDXL-shaped random components by name (as ``load_base_components`` returns them): CLIP-L
+    768 wide and bigG 1280 wide with its 1280 projection (few layers, narrow MLPs), a UNet with
+    SDXL's 2048-wide context, linear transformer projections and "text_time" added conditioning
+    (pooled 1280 + six 256-wide size/crop embeddings = SDXL's 2816), SDXL's VAE scaling."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(tokenizer_dir), pad_token="!")  # SDXL's bigG pads with "!"
+    torch.manual_seed(seed)
+
+    def text_config(width: int, act: str) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=256, num_attention_heads=4,
+            num_hidden_layers=text_layers, max_position_embeddings=77, projection_dim=width,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, hidden_act=act)
+
+    text_encoder = CLIPTextModel(text_config(768, "quick_gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(1280, "gelu"))
+    levels = len(unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=tuple(unet_channels),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        transformer_layers_per_block=tuple(range(1, levels + 1)), cross_attention_dim=2048,
+        attention_head_dim=8, norm_num_groups=8, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+        block_out_channels=(8, 8, 16, 16), norm_num_groups=8, scaling_factor=0.13025,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", clip_sample=False, steps_offset=1,
+    )
+    return {"tokenizer": tokenizer, "tokenizer_2": tokenizer_2, "text_encoder": text_encoder,
+            "text_encoder_2": text_encoder_2, "unet": unet, "vae": vae, "scheduler": scheduler}
+
+
+def build_tiny_sdxl_base(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random SDXL-shaped base in diffusers layout (loadable by ``load_host``)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    out_dir = Path(out_dir)
+    tokenizer_dir = build_tokenizer(out_dir / "_tokenizer_source")
+    parts = tiny_sdxl_components(tokenizer_dir, seed)
+    pipe = StableDiffusionXLPipeline(**parts)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    shutil.rmtree(tokenizer_dir)
+    for folder in ("text_encoder", "text_encoder_2"):
+        portable_text_encoder_keys(out_dir / folder)
+    (out_dir / "RANDOM_WEIGHTS.txt").write_text(
+        "This SDXL-shaped base has random weights (ClassDiffusion demo/tests). Nothing it generates means anything.\n"
     )
     return out_dir
 

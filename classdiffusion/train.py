@@ -24,7 +24,7 @@ from .concept import Concept, load_concept
 from .config import ConceptSpec, TrainConfig, check_concepts
 from .data import ConceptData, LatentBank, concept_data, draw_placement
 from .errors import InvalidInputError, TrainingCancelled, TrainingDivergedError
-from .hosts.base import SD15_CONTEXT_DIM, TrainingHost
+from .hosts.base import TrainingHost
 from .kv import base_fingerprint
 from .meta import ConceptMeta
 from .distributed import SINGLE, Ranks
@@ -142,8 +142,9 @@ class TrainingRun:
         self.concepts = [d.spec for d in self.data]
         self.device = host.device
         self.warnings: list[str] = []
-        if host.text_dim != SD15_CONTEXT_DIM:
-            raise InvalidInputError(f"The text encoder is {host.text_dim} wide; SD1.5 needs {SD15_CONTEXT_DIM}.")
+        if host.text_dim != host.family.context_dim:
+            raise InvalidInputError(f"The text encoders are {host.text_dim} wide; {host.family.label} needs "
+                                    f"{host.family.context_dim}.")
         method_type = method_class(config.method)
         self.with_prior = any(d.has_class_images for d in self.data)
         if self.with_prior and not method_type.supports_class_images:
@@ -358,6 +359,7 @@ class TrainingRun:
             initializers=[spec.initializer_word for spec in self.concepts] if with_tokens else None,
             prompts=[spec.prompt for spec in self.concepts], base_fingerprint=self.fingerprint,
             warnings=list(self.warnings), method=self.method.name, **known,
+            family=self.host.family.name,
             extra={"text_dim": self.host.text_dim, "layer_naming": "diffusers", "effective_learning_rate": self.lr,
                    "created_by": f"classdiffusion {__version__}", "torch_version": torch.__version__, **extra},
         )

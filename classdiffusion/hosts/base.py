@@ -22,7 +22,8 @@ from torch import nn
 
 from ..kv import attach_deltas_with_hooks
 from ..residual import attach_residuals_with_hooks
-from ..text import TextFeatures, TransformersTextEncoder
+from ..families import SD15, Family
+from ..text import CombinedTextEncoder, TextFeatures, TransformersTextEncoder
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -41,14 +42,40 @@ def speed_up_unet(unet: torch.nn.Module, *, channels_last: bool, compile: bool) 
     return torch.compile(unet) if compile else unet
 
 
+def pack_pooled(context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """SDXL's conditioning as one tensor: the context [B, L, D] with the pooled embedding [B, P]
+    as one more row (zero-padded to D). The loop and the methods slice, concatenate and expand a
+    context along the batch without knowing the family; the host's ``predict_noise`` splits it
+    again with :func:`split_pooled`."""
+    pad = pooled.new_zeros(pooled.shape[0], context.shape[-1] - pooled.shape[-1])
+    return torch.cat([context, torch.cat([pooled.to(context.dtype), pad.to(context.dtype)], -1)[:, None]], dim=1)
+
+
+def split_pooled(conditioning: torch.Tensor, pooled_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context [B, L, D], pooled [B, P]) of a tensor made by :func:`pack_pooled`."""
+    return conditioning[:, :-1], conditioning[:, -1, :pooled_width]
+
+
+def sdxl_time_ids(latents: torch.Tensor) -> torch.Tensor:
+    """SDXL's size/crop conditioning for square training crops as SDXL training gives them (and
+    Adobe's SDXL Custom Diffusion script): original size = target size = the picture's, crop at
+    (0, 0). [B, 6] float32: (orig h, orig w, crop top, crop left, target h, target w)."""
+    height, width = latents.shape[-2] * 8, latents.shape[-1] * 8
+    row = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=latents.device)
+    return row.expand(latents.shape[0], 6)
+
+
 @runtime_checkable
 class TrainingHost(Protocol):
     """What a base model must offer to be trained by :func:`classdiffusion.train.train`."""
 
     device: torch.device
+    #: The model family (``classdiffusion.families``): SD1.x or SDXL.
+    family: Family
     #: Number of DDPM training timesteps (1000 for SD1.5).
     num_train_timesteps: int
-    #: Width of the text features / token embeddings (768 for SD1.5).
+    #: Width of the text features / token embeddings (768 for SD1.5; SDXL: 768 + 1280, one token's
+    #: vectors for both encoders side by side).
     text_dim: int
 
     def alphas_cumprod(self) -> torch.Tensor:
@@ -126,11 +153,12 @@ class TrainingHost(Protocol):
 class HostBase:
     """The half of a TrainingHost that does not depend on where the models come from."""
 
-    def __init__(self, device: torch.device, text: TransformersTextEncoder, alphas_cumprod: torch.Tensor,
-                 unet: nn.Module):
+    def __init__(self, device: torch.device, text: TransformersTextEncoder | CombinedTextEncoder,
+                 alphas_cumprod: torch.Tensor, unet: nn.Module, family: Family = SD15):
         self.device = device
         self.text = text
-        self.text_dim = int(text.model.config.hidden_size)
+        self.family = family
+        self.text_dim = int(text.width)
         self._alphas_cumprod = alphas_cumprod.to(device, torch.float32)
         self.num_train_timesteps = int(self._alphas_cumprod.shape[0])
         self._unet = unet
@@ -160,8 +188,11 @@ class HostBase:
 
     def encode_text(self, prompts: Sequence[str], token_vectors: Mapping[str, torch.Tensor], *,
                     tokens_without_position: bool = False, eos_only: bool = False) -> TextFeatures:
-        return self.text.encode(prompts, token_vectors, tokens_without_position=tokens_without_position,
-                                eos_only=eos_only)
+        features = self.text.encode(prompts, token_vectors, tokens_without_position=tokens_without_position,
+                                    eos_only=eos_only)
+        if features.pooled is not None:
+            features.context = pack_pooled(features.context, features.pooled)
+        return features
 
     # -- trained weights ---------------------------------------------------------------------
     def delta_modules(self, names: Sequence[str]) -> dict[str, nn.Module]:
@@ -187,7 +218,7 @@ class HostBase:
         """Bytes of the frozen models on the training device."""
         from ..memory import tensor_bytes
 
-        return tensor_bytes(self._unet, self.text.model, self._vae_module(), device=self.device)
+        return tensor_bytes(self._unet, *self.text.models, self._vae_module(), device=self.device)
 
     def _vae_module(self):
         return None

@@ -10,35 +10,47 @@ import torch
 from torch import nn
 
 from ..errors import BaseModelError, InvalidInputError
-from ..text import TransformersTextEncoder
+from ..families import SDXL, Family, detect_family
 from ..kv import cross_attention_weights
-from .base import SD15_CONTEXT_DIM, HostBase
+from ..text import CombinedTextEncoder, TransformersTextEncoder
+from .base import HostBase, sdxl_time_ids, split_pooled
 
 logger = logging.getLogger("classdiffusion")
 
 
 class DiffusersHost(HostBase):
-    """Frozen SD1.5 components from diffusers/transformers behind the TrainingHost interface."""
+    """Frozen SD1.x or SDXL components from diffusers/transformers behind the TrainingHost interface.
 
-    def __init__(self, tokenizer, text_encoder, unet, vae, scheduler, device: torch.device | str):
+    The family is read from the components' shapes (``families.detect_family``). SDXL brings a
+    second tokenizer and text encoder (bigG, ``CLIPTextModelWithProjection``); its UNet also takes
+    the pooled embedding and the size/crop ids, which ``predict_noise`` adds."""
+
+    def __init__(self, tokenizer, text_encoder, unet, vae, scheduler, device: torch.device | str,
+                 tokenizer_2=None, text_encoder_2=None):
         device = torch.device(device)
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.unet = unet
         self.vae = vae
         self.scheduler = scheduler
-        check_sd15_shaped(unet, text_encoder)
-        if getattr(scheduler.config, "prediction_type", "epsilon") != "epsilon":
-            raise BaseModelError(
-                f"The base model predicts {scheduler.config.prediction_type!r}, not noise (ε): "
-                "ClassDiffusion trains SD1.5-style ε-prediction models only."
-            )
-        for model in (text_encoder, unet, vae):
-            model.requires_grad_(False)
-            model.eval()
-            model.to(device)
-        super().__init__(device, TransformersTextEncoder(tokenizer, text_encoder, device),
-                         scheduler.alphas_cumprod, unet)
+        family = diffusers_family(unet, [text_encoder, text_encoder_2], scheduler)
+        if family is SDXL and (tokenizer_2 is None or getattr(text_encoder_2, "text_projection", None) is None):
+            raise BaseModelError("This SDXL base lacks its second tokenizer or its bigG text encoder with projection "
+                                 "(tokenizer_2, text_encoder_2); give the whole SDXL folder.")
+        for model in (text_encoder, text_encoder_2, unet, vae):
+            if model is not None:
+                model.requires_grad_(False)
+                model.eval()
+                model.to(device)
+        if family is SDXL:  # both from the penultimate layer, as it is, as SDXL was trained
+            text = CombinedTextEncoder([
+                TransformersTextEncoder(tokenizer, text_encoder, device, context_layer=-2, context_final_norm=False),
+                TransformersTextEncoder(tokenizer_2, text_encoder_2, device, context_layer=-2, context_final_norm=False),
+            ])
+            self._pooled_width = int(text_encoder_2.config.projection_dim)
+        else:
+            text = TransformersTextEncoder(tokenizer, text_encoder, device)
+        super().__init__(device, text, scheduler.alphas_cumprod, unet, family)
         self._scaling_factor = float(getattr(vae.config, "scaling_factor", 0.18215))
 
     @torch.no_grad()
@@ -58,6 +70,11 @@ class DiffusersHost(HostBase):
         return ((pixels.float() + 1) / 2).clamp(0, 1)
 
     def predict_noise(self, noisy_latents, timesteps, context) -> torch.Tensor:
+        if self.family is SDXL:
+            context, pooled = split_pooled(context, self._pooled_width)
+            added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(noisy_latents).to(pooled.dtype)}
+            return self._forward(noisy_latents, timesteps, encoder_hidden_states=context,
+                                 added_cond_kwargs=added).sample
         return self._forward(noisy_latents, timesteps, encoder_hidden_states=context).sample
 
     def cross_attention_weights(self, train_mode: str) -> dict[str, torch.Tensor]:
@@ -70,31 +87,26 @@ class DiffusersHost(HostBase):
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             self.unet.train()  # diffusers only checkpoints in training mode; no dropout in SD1.5
-            if hasattr(self.text_encoder, "gradient_checkpointing_enable"):
-                self.text_encoder.gradient_checkpointing_enable()
-                self.text_encoder.train()
+            for encoder in (self.text_encoder, self.text_encoder_2):
+                if hasattr(encoder, "gradient_checkpointing_enable"):
+                    encoder.gradient_checkpointing_enable()
+                    encoder.train()
         from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
         self.unet.set_attn_processor(AttnProcessor() if config.attention == "eager" else AttnProcessor2_0())
 
 
-def check_sd15_shaped(unet: nn.Module, text_encoder: nn.Module) -> None:
-    """SD1.5 = 4-channel latents and a 768-wide CLIP-L context (SD2.x has 1024, SDXL 2048)."""
+def diffusers_family(unet: nn.Module, text_encoders: Sequence[nn.Module | None], scheduler=None) -> Family:
+    """The family of diffusers components from their configs (BaseModelError for one not trained here)."""
     context_dim = unet.config.cross_attention_dim
     if isinstance(context_dim, (list, tuple)):
         context_dim = context_dim[0]
-    text_dim = text_encoder.config.hidden_size
-    if context_dim != SD15_CONTEXT_DIM or text_dim != SD15_CONTEXT_DIM:
-        raise BaseModelError(
-            f"This base model is not SD1.5-shaped: its cross-attention context is {context_dim} wide "
-            f"and its text encoder {text_dim} (SD1.5: {SD15_CONTEXT_DIM}). ClassDiffusion here trains "
-            "Stable Diffusion 1.x models (and fine-tunes of them); SD2.x and SDXL are not supported."
-        )
-    if unet.config.in_channels != 4:
-        raise BaseModelError(
-            f"This UNet takes {unet.config.in_channels} input channels, not 4: inpainting and other "
-            "special UNets are not supported; use a plain SD1.5 checkpoint."
-        )
+    prediction = getattr(scheduler.config, "prediction_type", "epsilon") if scheduler is not None else "epsilon"
+    return detect_family(
+        context_dim=int(context_dim), in_channels=int(unet.config.in_channels),
+        added_conditioning=getattr(unet.config, "addition_embed_type", None),
+        text_widths=tuple(int(e.config.hidden_size) for e in text_encoders if e is not None),
+        prediction=prediction)
 
 
 def default_device() -> torch.device:
@@ -142,37 +154,52 @@ def _load_checked(model_class, folder: Path, dtype: torch.dtype):
     return model
 
 
-def load_components(
+#: The diffusers folders of a base, per family (SDXL adds the bigG tokenizer and text encoder).
+SD_FOLDERS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+SDXL_FOLDERS = ("tokenizer_2", "text_encoder_2")
+
+
+def load_base_components(
     base: str | Path,
     *,
     base_config: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
-):
-    """Loads (tokenizer, text_encoder, unet, vae, scheduler) from a local diffusers folder or a
-    single-file SD1.5 checkpoint (``.safetensors``; needs ``base_config``, a local diffusers
-    folder holding the configs, since nothing is fetched from a hub)."""
+) -> dict:
+    """The components of a local SD1.x or SDXL base by name (``tokenizer``, ``text_encoder``,
+    ``unet``, ``vae``, ``scheduler``, and for SDXL ``tokenizer_2``, ``text_encoder_2``), from a
+    diffusers folder or a single-file checkpoint (``.safetensors``; needs ``base_config``, a local
+    diffusers folder of the same family holding the configs, since nothing is fetched from a hub).
+    Whether it is SDXL is read from what the folder or file holds, not from its name."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     base = Path(base)
     if not base.exists():
         raise InvalidInputError(f"The base model {base} does not exist.")
     if base.is_dir():
-        missing = [s for s in ("tokenizer", "text_encoder", "unet", "vae", "scheduler") if not (base / s).is_dir()]
+        missing = [s for s in SD_FOLDERS if not (base / s).is_dir()]
         if missing:
             raise BaseModelError(
                 f"{base} is not a diffusers Stable Diffusion folder: it lacks {missing}. Give a folder "
-                "saved by StableDiffusionPipeline.save_pretrained or an SD1.5 .safetensors file."
+                "saved by StableDiffusionPipeline/StableDiffusionXLPipeline.save_pretrained or a .safetensors file."
             )
+        second = [s for s in SDXL_FOLDERS if (base / s).is_dir()]
+        if second and len(second) != len(SDXL_FOLDERS):
+            raise BaseModelError(f"{base} has {second[0]} but not {set(SDXL_FOLDERS) - set(second)}: an SDXL "
+                                 "folder needs both; copy the whole folder.")
         try:
-            tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
-            scheduler = DDPMScheduler.from_pretrained(base / "scheduler", local_files_only=True)
+            parts = {"tokenizer": CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True),
+                     "scheduler": DDPMScheduler.from_pretrained(base / "scheduler", local_files_only=True)}
+            if second:
+                parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(base / "tokenizer_2", local_files_only=True)
         except (OSError, ValueError, TypeError) as exc:
-            raise BaseModelError(f"{base}: its tokenizer or scheduler folder cannot be read ({_first_line(exc)}).") from None
-        text_encoder = _load_checked(CLIPTextModel, base / "text_encoder", dtype)
-        unet = _load_checked(UNet2DConditionModel, base / "unet", dtype)
-        vae = _load_checked(AutoencoderKL, base / "vae", dtype)
-        return tokenizer, text_encoder, unet, vae, scheduler
+            raise BaseModelError(f"{base}: its tokenizers or scheduler folder cannot be read ({_first_line(exc)}).") from None
+        parts["text_encoder"] = _load_checked(CLIPTextModel, base / "text_encoder", dtype)
+        if second:
+            parts["text_encoder_2"] = _load_checked(CLIPTextModelWithProjection, base / "text_encoder_2", dtype)
+        parts["unet"] = _load_checked(UNet2DConditionModel, base / "unet", dtype)
+        parts["vae"] = _load_checked(AutoencoderKL, base / "vae", dtype)
+        return parts
     if not base.is_file():
         raise InvalidInputError(f"The base model {base} is neither a folder nor a regular file.")
     if base.suffix.lower() not in (".safetensors", ".sft"):
@@ -182,24 +209,43 @@ def load_components(
         )
     if base_config is None:
         raise InvalidInputError(
-            "A single-file checkpoint needs --base-config DIR: a local diffusers SD1.5 folder "
-            "(model_index.json and the component configs/tokenizer; weights not needed), since "
-            "no configuration is downloaded."
+            "A single-file checkpoint needs --base-config DIR: a local diffusers folder of the same family "
+            "(SD1.5 or SDXL: model_index.json and the component configs/tokenizers; weights not needed), "
+            "since no configuration is downloaded."
         )
-    from diffusers import StableDiffusionPipeline
+    sdxl = _single_file_is_sdxl(base)
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    extra = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(base), config=str(base_config), local_files_only=True, torch_dtype=dtype,
-            safety_checker=None, requires_safety_checker=False,
-        )
+        pipe = pipeline.from_single_file(str(base), config=str(base_config), local_files_only=True,
+                                         torch_dtype=dtype, **extra)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise BaseModelError(
-            f"{base.name} cannot be loaded as an SD1.5 checkpoint with the configs in {base_config} "
-            f"({_first_line(exc)})."
+            f"{base.name} cannot be loaded as an {'SDXL' if sdxl else 'SD1.5'} checkpoint with the configs in "
+            f"{base_config} ({_first_line(exc)})."
         ) from None
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    return pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, scheduler
+    parts = {name: getattr(pipe, name) for name in SD_FOLDERS + (SDXL_FOLDERS if sdxl else ())}
+    parts["scheduler"] = DDPMScheduler.from_config(pipe.scheduler.config)
+    return parts
+
+
+def _single_file_is_sdxl(path: Path) -> bool:
+    """An SDXL single file holds the second text encoder under ``conditioner.embedders.1``."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return any(key.startswith("conditioner.embedders.1.") for key in handle.keys())
+    except Exception as exc:  # safetensors raises its own error types for damaged headers
+        raise BaseModelError(f"{path.name} is not a readable .safetensors file ({_first_line(exc)}).") from None
+
+
+def load_components(base: str | Path, *, base_config: str | Path | None = None, dtype: torch.dtype = torch.float32):
+    """(tokenizer, text_encoder, unet, vae, scheduler) of a local base (see :func:`load_base_components`)."""
+    parts = load_base_components(base, base_config=base_config, dtype=dtype)
+    return tuple(parts[name] for name in SD_FOLDERS)
 
 
 def load_host(
@@ -209,6 +255,6 @@ def load_host(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> DiffusersHost:
-    """A training host for a local SD1.5 base (diffusers folder or single file)."""
-    components = load_components(base, base_config=base_config, dtype=dtype)
-    return DiffusersHost(*components, device=device or default_device())
+    """A training host for a local SD1.x or SDXL base (diffusers folder or single file)."""
+    components = load_base_components(base, base_config=base_config, dtype=dtype)
+    return DiffusersHost(**components, device=device or default_device())
