@@ -11,6 +11,7 @@ from torch import nn
 
 from .concept import Concept
 from .errors import BaseMismatchError, InvalidInputError
+from .families import family_named
 from .kv import BakedPatch, bake_deltas, cross_attention_weights
 
 
@@ -19,8 +20,8 @@ class AppliedConcept:
     """Handle of an applied concept; ``remove()`` restores the base bit-exactly."""
 
     patch: BakedPatch
-    text_encoder: nn.Module | None = None
-    original_embedding: nn.Module | None = None
+    #: (text encoder, its embedding before the concept's rows were added), one per encoder changed
+    embeddings: list[tuple[nn.Module, nn.Module]] = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)
     detach: list = field(default_factory=list)  #: hook removers (Infusion)
 
@@ -29,10 +30,10 @@ class AppliedConcept:
             detach()
         self.detach.clear()
         self.patch.remove()
-        if self.text_encoder is not None and self.original_embedding is not None:
-            self.text_encoder.set_input_embeddings(self.original_embedding)
-            self.text_encoder.config.vocab_size = self.original_embedding.num_embeddings
-            self.original_embedding = None
+        for text_encoder, original in reversed(self.embeddings):
+            text_encoder.set_input_embeddings(original)
+            text_encoder.config.vocab_size = original.num_embeddings
+        self.embeddings.clear()
 
 
 def apply_concept(
@@ -43,21 +44,39 @@ def apply_concept(
     tokenizer=None,
     strength: float = 1.0,
     strict: bool = True,
+    text_encoder_2: nn.Module | None = None,
+    tokenizer_2=None,
 ) -> AppliedConcept:
-    """Bake ``strength × delta`` into the UNet's cross-attention and teach the text encoder the
-    concept's tokens. With ``strict`` a concept from another base is refused."""
+    """Bake ``strength × delta`` into the UNet's cross-attention and teach the text encoder(s) the
+    concept's tokens (SDXL: ``text_encoder_2``/``tokenizer_2`` take the bigG part of each vector).
+    With ``strict`` a concept from another base is refused; one of another family always is."""
     concept.check_against(cross_attention_weights(unet, concept.train_mode), what="this UNet", strict=strict)
     if concept.residuals:
         return _apply_residuals(unet, concept, text_encoder, tokenizer, strength)
     handle = AppliedConcept(patch=bake_deltas(unet, concept.deltas, strength, concept.exact),
                             tokens=list(concept.tokens))
     if text_encoder is not None and tokenizer is not None:
+        encoders = [(text_encoder, tokenizer)] + ([(text_encoder_2, tokenizer_2)] if text_encoder_2 is not None else [])
+        family = family_named(concept.family)
+        if len(encoders) != len(family.text_widths):
+            handle.remove()
+            raise BaseMismatchError(f"This {family.label} concept has token vectors for {len(family.text_widths)} text "
+                                    f"encoder(s); {len(encoders)} were given.")
+        parts = family.split(concept.token_vectors)
         try:
-            _add_token_rows(text_encoder, tokenizer, concept, handle)
+            for (encoder, encoder_tokenizer), vectors in zip(encoders, parts):
+                _add_token_rows(encoder, encoder_tokenizer, concept.tokens, vectors, handle)
         except Exception:
             handle.remove()
             raise
     return handle
+
+
+def apply_concept_to_pipeline(pipe, concept: Concept, **options) -> AppliedConcept:
+    """:func:`apply_concept` on a diffusers pipeline's UNet and text encoder(s) (SD1.x or SDXL)."""
+    return apply_concept(pipe.unet, concept, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                         text_encoder_2=getattr(pipe, "text_encoder_2", None),
+                         tokenizer_2=getattr(pipe, "tokenizer_2", None), **options)
 
 
 def _apply_residuals(unet: nn.Module, concept: Concept, text_encoder, tokenizer, strength: float) -> AppliedConcept:
@@ -99,25 +118,25 @@ def _shared_registry(text_encoder: nn.Module):
     return state["registry"], release
 
 
-def _add_token_rows(text_encoder, tokenizer, concept: Concept, handle: AppliedConcept) -> None:
+def _add_token_rows(text_encoder, tokenizer, tokens: list[str], vectors: torch.Tensor, handle: AppliedConcept) -> None:
     embedding = text_encoder.get_input_embeddings()
-    if concept.token_vectors.shape[1] != embedding.weight.shape[1]:
+    if vectors.shape[1] != embedding.weight.shape[1]:
         raise BaseMismatchError(
-            f"The concept's token vectors are {concept.token_vectors.shape[1]} wide, this text "
+            f"The concept's token vectors are {vectors.shape[1]} wide, this text "
             f"encoder's embeddings {embedding.weight.shape[1]}."
         )
-    tokenizer.add_tokens([t for t in concept.tokens if t not in tokenizer.get_vocab()])
-    ids = tokenizer.convert_tokens_to_ids(concept.tokens)
+    tokenizer.add_tokens([t for t in tokens if t not in tokenizer.get_vocab()])
+    ids = tokenizer.convert_tokens_to_ids(tokens)
     rows = max(max(ids) + 1, embedding.num_embeddings)
     new = nn.Embedding(rows, embedding.weight.shape[1], device=embedding.weight.device, dtype=embedding.weight.dtype)
     with torch.no_grad():
         new.weight[: embedding.num_embeddings] = embedding.weight
-        for token_id, vector in zip(ids, concept.token_vectors):
+        for token_id, vector in zip(ids, vectors):
             if token_id < embedding.num_embeddings and token_id not in _added_ids(tokenizer):
                 raise InvalidInputError(f"The tokenizer already has a word with id {token_id}.")
             new.weight[token_id] = vector.to(new.weight.dtype)
     new.requires_grad_(False)
-    handle.text_encoder, handle.original_embedding = text_encoder, embedding
+    handle.embeddings.append((text_encoder, embedding))
     text_encoder.set_input_embeddings(new)
     text_encoder.config.vocab_size = rows
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import ClassDiffusionError, InvalidInputError, TrainingCancelled
+from .families import FAMILIES
 
 logger = logging.getLogger("classdiffusion")
 
@@ -215,6 +216,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     class_images = [load_images(spec.class_images, "class") if spec.class_images else None for spec in concepts]
     host = load_host(args.base, base_config=args.base_config, device=device,
                      dtype=precision_dtype(config.mixed_precision))
+    if checkpoint is None:  # e.g. SDXL trains at 1024 px unless --resolution says otherwise
+        config = config.with_family_defaults(host.family, explicit=setting_overrides(args))
     callbacks = TqdmCallbacks(enabled=not args.quiet and ranks.is_main, description=method_class(config.method).label)
     stop = lambda *_: setattr(callbacks, "stop_requested", True)  # noqa: E731  (Ctrl-C and SIGTERM alike)
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -330,7 +333,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .methods import METHOD_CLASSES
 
     parsed = read_metadata(args.file)
-    meta = {**parsed.to_dict(), "method_label": METHOD_CLASSES[parsed.method].label}
+    meta = {**parsed.to_dict(), "method_label": METHOD_CLASSES[parsed.method].label,
+            "family_label": FAMILIES[parsed.family].label}
     if run_files(args.file)[1]:  # the run saved step checkpoints: list them to pick the best step
         meta["run_checkpoints"] = checkpoint_table(args.file)
     if not args.history:
@@ -474,9 +478,17 @@ def cmd_export_diffusers(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DISCLAIMER, run_demo
+    from .demo import DISCLAIMER, SDXL_DISCLAIMER, run_demo, run_sdxl_demo
 
     check_output_folder(args.out, "--out")
+    if args.family == "sdxl":
+        print(SDXL_DISCLAIMER)
+        summary = run_sdxl_demo(args.out, steps=args.steps, spl_weight=args.spl_weight, seed=args.seed,
+                                instance=args.instance, method=args.method, progress=not args.quiet)
+        print(f"SDXL: {summary['layers']} cross-attention layers trained, token {summary['token_width']} wide "
+              f"(768 CLIP-L + 1280 bigG); {summary['summary']}; {summary['seconds']:.0f} s")
+        print("wrote " + ", ".join(summary["files"].values()))
+        return 0
     print(DISCLAIMER)
     summary = run_demo(args.out, steps=args.steps, spl_weight=args.spl_weight, seed=args.seed,
                        instance=args.instance, method=args.method, progress=not args.quiet)
@@ -652,6 +664,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="learn a held-out toy-world concept on the committed toy base and score it (no downloads)")
     demo.add_argument("--out", required=True, help="output folder (grid.png, scores.json, concept.safetensors, images/)")
     demo.add_argument("--steps", type=_positive_int, default=400, help="training steps")
+    demo.add_argument("--family", choices=list(FAMILIES), default="sd15",
+                      help="sd15: the toy base (a pretrained 64 px world); sdxl: a tiny SDXL-shaped random base "
+                           "built in OUT/base (the SDXL path end to end, no learned look)")
     demo.add_argument("--spl-weight", type=_finite, default=1.0, help="λ of the semantic preservation loss")
     demo.add_argument("--method", choices=list(METHOD_CLASSES), default=DEFAULT_METHOD, help="the training method")
     demo.add_argument("--instance", default="red_blue_star", choices=[i.name for i in _toy_instances()],

@@ -225,6 +225,31 @@ class Concept:
 _STEP_FILE = re.compile(r"(?P<stem>.+)-step(?P<step>\d{5,})")
 
 
+def embedding_tensors(concept: Concept) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """Each token as a ComfyUI embedding: (token, {key: float32 [1, width]}) with one key per text
+    encoder of the concept's family ({"clip_l"} on SD1.x; {"clip_l", "clip_g"} on SDXL, what
+    ``comfy/sd1_clip.py::load_embed`` reads for each of SDXL's encoders)."""
+    family = family_named(concept.family)
+    out = []
+    for token, vector in zip(concept.tokens, concept.token_vectors):
+        parts = family.split(vector.detach().to("cpu", torch.float32))
+        out.append((token, {key: part[None].contiguous() for key, part in zip(family.embedding_keys, parts)}))
+    return out
+
+
+def save_embeddings(concept: Concept, folder: str | Path, name: str) -> list[Path]:
+    """``folder``/NAME.safetensors per token (several tokens: NAME_1, NAME_2 …), written atomically;
+    ``embedding:NAME`` in a ComfyUI prompt (or ``load_textual_inversion`` in diffusers) reads it."""
+    paths = []
+    tokens = embedding_tensors(concept)
+    for k, (token, tensors) in enumerate(tokens):
+        path = Path(folder) / f"{name if len(tokens) == 1 else f'{name}_{k + 1}'}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_file(tensors, path, {"classdiffusion_token": token, "classdiffusion_family": concept.family})
+        paths.append(path)
+    return paths
+
+
 def _weights_family(base_weights: Mapping[str, torch.Tensor]):
     """The family a UNet's cross-attention weights belong to, by their context width (None: unknown)."""
     from .families import FAMILIES

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from .errors import InvalidInputError
 from .methods import DEFAULT_METHOD, METHOD_CLASSES, method_class, methods_help
+
+logger = logging.getLogger("classdiffusion")
 
 TrainMode = Literal["kv", "crossattn"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
@@ -17,7 +20,9 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 #: "official" = transformers' pooler_output as the official code gets it under SD1.5's legacy
 #: config, i.e. the position of the highest token id — the new token itself in "a photo of a <sks> dog".
 SplFeature = Literal["eos", "official"]
+SplEncoders = Literal["mean", "concat"]
 SPL_FEATURES = ("eos", "official")
+SPL_ENCODERS = ("mean", "concat")
 #: Custom Diffusion's (and the official ClassDiffusion scripts') initializer: a rare token.
 DEFAULT_INITIALIZER = "ktn"
 #: The official ClassDiffusion prompt: "a photo of a <new1> dog".
@@ -223,6 +228,11 @@ class TrainConfig:
         "eos", "Which text feature SPL compares. eos: the end-of-text token (the paper). official: what the official "
         "code computes (pooler_output under SD1.5's legacy config = the new token's own position, entered without "
         "its position embedding); only to reproduce its numbers.", choices=SPL_FEATURES, cli="--spl-feature")
+    spl_encoders: SplEncoders = setting(
+        "mean", "How SPL joins the text encoders of a two-encoder base (SDXL: CLIP-L and bigG). mean: the mean of "
+        "each encoder's 1 − cos (each encoder counts equally); concat: 1 − cos of their EOS features side by side "
+        "(bigG's larger features weigh more). One-encoder bases (SD1.x): the same either way.",
+        choices=SPL_ENCODERS, cli="--spl-encoders")
     prior_weight: float = setting(1.0, "Weight of the prior-preservation loss on class images.", min=0.0,
                                   cli="--prior-weight")
     resolution: int = setting(512, "Training resolution, a multiple of 64 (SD1.5: 512).", min=64, max=1024, step=64,
@@ -289,6 +299,14 @@ class TrainConfig:
         if not isinstance(self.validation_prompts, list) or not all(
                 isinstance(p, str) and p.strip() for p in self.validation_prompts):
             raise InvalidInputError("validation_prompts must be a list of non-empty prompts.")
+
+    def with_family_defaults(self, family, explicit: Mapping[str, Any] = ()) -> "TrainConfig":
+        """These settings with the model family's own defaults (``families.Family.defaults``: SDXL
+        trains at 1024 px) for every setting not in ``explicit`` (what the user set)."""
+        changes = {name: value for name, value in family.defaults.items() if name not in explicit}
+        if changes:
+            logger.info("%s defaults: %s", family.label, ", ".join(f"{k}={v}" for k, v in changes.items()))
+        return dataclasses.replace(self, **changes) if changes else self
 
     @classmethod
     def for_method(cls, method: str, **settings: Any) -> "TrainConfig":

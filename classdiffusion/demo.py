@@ -107,3 +107,58 @@ def run_demo(out: str | Path, *, steps: int = 400, spl_weight: float = 1.0, seed
     }
     (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     return scores
+
+
+SDXL_DISCLAIMER = (
+    "NOTE: `demo --family sdxl` trains on a tiny SDXL-shaped base with RANDOM weights, built in DIR/base "
+    "(both text encoders at their real widths, a small UNet): it shows the SDXL path end to end — two "
+    "encoders, pooled and size conditioning, a [768 | 1280] token, clip_l/clip_g embeddings — not a "
+    "learned look. For real pictures train on an SDXL checkpoint with photos of your concept."
+)
+
+
+def run_sdxl_demo(out: str | Path, *, steps: int = 10, spl_weight: float = 1.0, seed: int = 0,
+                  instance: str = DEMO_INSTANCE, method: str | None = None, progress: bool = True) -> dict:
+    """Build a tiny SDXL-shaped random base in ``out``/base (kept for reruns), train ``instance``'s
+    pictures on it and write ``out``/{concept.safetensors, concept_embedding.safetensors, loss.png,
+    scores.json}; returns the summary."""
+    from .concept import save_embeddings
+    from .config import ConceptSpec, TrainConfig
+    from .hosts.diffusers_host import load_host
+    from .methods import DEFAULT_METHOD, method_class
+    from .plot import plot_history
+    from .progress import TqdmCallbacks
+    from .summary import summary_line
+    from .tiny import build_tiny_sdxl_base
+    from .toyworld.evaluate import instance_pictures
+    from .toyworld.world import World
+    from .train import train
+
+    method = method or DEFAULT_METHOD
+    out = Path(out)
+    started = time.perf_counter()
+    base = out / "base"
+    if not (base / "model_index.json").is_file():
+        build_tiny_sdxl_base(base, seed=seed)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for k, picture in enumerate(instance_pictures(instance, seed=seed)):
+        picture.save(out / "images" / f"{instance}_{k:02d}.png")
+    host = load_host(base, device="cpu")
+    spec = ConceptSpec(token="<sks>", class_word=World().instance(instance).cls, images=[str(out / "images")])
+    config = TrainConfig(method=method, steps=steps, spl_weight=spl_weight, seed=seed, resolution=64,
+                         drift_every=max(1, steps // 2))
+    result = train(host, [spec], config, out=out / "concept.safetensors",
+                   callbacks=TqdmCallbacks(enabled=progress, description=f"{method_class(method).label} (SDXL)"),
+                   meta_extra={"base_name": "tiny SDXL-shaped random base"})
+    plot_history(result.concept.history, tokens=result.concept.tokens).save(out / "loss.png")
+    files = {"concept.safetensors": str(out / "concept.safetensors"), "loss.png": str(out / "loss.png")}
+    if result.concept.tokens:
+        embedding = save_embeddings(result.concept, out, "concept_embedding")[0]
+        files[embedding.name] = str(embedding)
+    summary = {"family": host.family.name, "method": method, "steps": steps, "spl_weight": spl_weight, "seed": seed,
+               "token_width": int(result.concept.token_vectors.shape[-1]) if result.concept.tokens else 0,
+               "layers": len(result.concept.deltas) or len(result.concept.residuals),
+               "summary": summary_line(result.concept.history), "seconds": round(time.perf_counter() - started, 1),
+               "files": files}
+    (out / "scores.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

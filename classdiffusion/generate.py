@@ -1,4 +1,4 @@
-"""Sampling with a concept applied (diffusers StableDiffusionPipeline)."""
+"""Sampling with a concept applied (diffusers StableDiffusionPipeline / StableDiffusionXLPipeline)."""
 
 from __future__ import annotations
 
@@ -8,24 +8,25 @@ from typing import Sequence
 
 import torch
 
-from .apply import apply_concept
+from .apply import apply_concept_to_pipeline
 from .concept import load_concept
-from .hosts.diffusers_host import default_device, load_components
+from .hosts.diffusers_host import default_device, load_base_components
 
 logger = logging.getLogger("classdiffusion")
 
 
 def build_pipeline(base: str | Path, *, base_config=None, device=None, dtype=torch.float32):
-    """A StableDiffusionPipeline over a local base, with a DDIM scheduler (the paper samples with
-    DDIM-style eta=1.0, 100 steps, guidance 6.0)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """A StableDiffusionPipeline (StableDiffusionXLPipeline for an SDXL base) over a local base, with
+    a DDIM scheduler (the paper samples with DDIM-style eta=1.0, 100 steps, guidance 6.0)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    tokenizer, text_encoder, unet, vae, scheduler = load_components(base, base_config=base_config, dtype=dtype)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DDIMScheduler.from_config(scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    parts = load_base_components(base, base_config=base_config, dtype=dtype)
+    parts["scheduler"] = DDIMScheduler.from_config(parts["scheduler"].config)
+    if "text_encoder_2" in parts:
+        pipe = StableDiffusionXLPipeline(**parts)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or default_device())
 
@@ -54,8 +55,7 @@ def generate(
     pipe.set_progress_bar_config(disable=not progress, desc=f"sampling {num_images} image(s)")
     for path in concept_paths:
         concept = load_concept(path)
-        apply_concept(pipe.unet, concept, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                      strength=strength, strict=strict)
+        apply_concept_to_pipeline(pipe, concept, strength=strength, strict=strict)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device=pipe.device).manual_seed(seed)

@@ -34,19 +34,34 @@ def eos_cosine(token_eos: torch.Tensor, class_eos: torch.Tensor) -> torch.Tensor
     return F.cosine_similarity(token_eos.float(), class_eos.float(), dim=-1)
 
 
+def encoder_cosine(token_eos: torch.Tensor, class_eos: torch.Tensor, widths: Sequence[int] | None = None,
+                   combine: str = "mean") -> torch.Tensor:
+    """cos per row of features that may hold several text encoders' parts side by side (``widths``):
+    ``combine="mean"`` averages each encoder's cosine, ``"concat"`` takes the cosine of the whole."""
+    if not widths or len(widths) == 1 or combine == "concat":
+        return eos_cosine(token_eos, class_eos)
+    if combine != "mean":
+        raise ValueError(f"combine must be 'mean' or 'concat', got {combine!r}")
+    parts = zip(token_eos.split(list(widths), -1), class_eos.split(list(widths), -1))
+    return torch.stack([eos_cosine(t, c) for t, c in parts]).mean(0)
+
+
 def semantic_preservation_loss(
-    token_eos: Sequence[torch.Tensor], class_eos: Sequence[torch.Tensor]
+    token_eos: Sequence[torch.Tensor], class_eos: Sequence[torch.Tensor], *,
+    widths: Sequence[int] | None = None, combine: str = "mean",
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """L_spl = mean over concepts of mean over phrases of (1 − cos(E(P_tp), E(P_cp))).
 
     ``token_eos[k]`` / ``class_eos[k]`` are [P, D] EOS features of concept k's training phrases
     ("a photo of a <sks> dog") and class phrases ("a photo of a dog"). The paper writes sums;
     the official code averages over the batch and then over concepts, which is what this does.
+    With two text encoders (SDXL; ``widths`` says where each one's features lie), ``combine``
+    says how they join (:func:`encoder_cosine`): for "mean", 1 − mean(cos) = mean(1 − cos).
     Returns the loss and each concept's mean cosine (for logging).
     """
     if len(token_eos) != len(class_eos) or not token_eos:
         raise ValueError("SPL needs one (token, class) feature pair per concept")
-    cosines = [eos_cosine(t, c).mean() for t, c in zip(token_eos, class_eos)]
+    cosines = [encoder_cosine(t, c, widths, combine).mean() for t, c in zip(token_eos, class_eos)]
     loss = torch.stack([1.0 - cos for cos in cosines]).mean()
     return loss, cosines
 

@@ -16,7 +16,8 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ..classdiffusion.concept import Concept, atomic_save_file, run_files
+from ..classdiffusion.concept import Concept, run_files
+from ..classdiffusion.concept import save_embeddings as write_embeddings
 from ..classdiffusion.kv import trained_names
 from ..classdiffusion.residual import ConditionRegistry, RegistryPositions, add_residual
 from ..classdiffusion.progress import step_postfix
@@ -245,16 +246,9 @@ def history_payload(concept: Concept, path=None) -> dict:
 
 
 def save_embeddings(concept: Concept, name: str) -> list[str]:
-    """models/embeddings/NAME.safetensors ({"clip_l": [1, 768]}); several tokens → NAME_1, NAME_2 …"""
-    names = []
-    for k, vector in enumerate(concept.token_vectors):
-        stem = name if len(concept.tokens) == 1 else f"{name}_{k + 1}"
-        path = embeddings_dir() / f"{stem}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_file({"clip_l": vector[None].float().contiguous()}, path,
-                         {"classdiffusion_token": concept.tokens[k]})
-        names.append(stem)
-    return names
+    """models/embeddings/NAME.safetensors ({"clip_l": [1, 768]}, SDXL also {"clip_g": [1, 1280]});
+    several tokens → NAME_1, NAME_2 …"""
+    return [path.stem for path in write_embeddings(concept, embeddings_dir(), name)]
 
 
 def model_base_weights(model, train_mode: str) -> dict:

@@ -53,6 +53,7 @@ class ClassDiffusionMethod(TrainingMethod):
         self.class_features = [class_features[k:k + 1].float() for k in range(len(self.concepts))]
         self.spl_prompts = [spec.train_phrase() for spec in self.concepts]
         self.class_context = class_text.context.detach()
+        self.spl_widths = class_text.widths  # two encoders (SDXL): where each one's features lie
 
     def param_groups(self) -> list[dict[str, Any]]:
         # The deltas' weight decay is applied to the full weight in before_optimizer_step(), as officially.
@@ -104,7 +105,8 @@ class ClassDiffusionMethod(TrainingMethod):
             pred = self.host.predict_noise(batch.noisy, batch.timesteps, context)
         recon = masked_mse(pred[:n], batch.noise[:n], batch.mask)
         token_features = [token_features[k:k + 1] for k in range(len(self.concepts))]
-        spl, cosines = semantic_preservation_loss(token_features, self.class_features)
+        spl, cosines = semantic_preservation_loss(token_features, self.class_features, widths=self.spl_widths,
+                                                  combine=config.spl_encoders)
         total = recon + config.spl_weight * spl
         prior = None
         if batch.prior_owners:
