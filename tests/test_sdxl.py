@@ -1,0 +1,327 @@
+"""SDXL: one training step equals an official-style SDXL step written out independently, and the
+SDXL path's files, checks and errors.
+
+The reference follows Adobe's SDXL Custom Diffusion script (adobe-research/custom-diffusion,
+``src/diffusers_training_sdxl.py``): the modifier token added to *both* tokenizers and both
+embedding matrices resized and trained whole (other rows' gradients zeroed); diffusers'
+``CustomDiffusionAttnProcessor2_0`` holding the trained K/V of every attn2 (2048-wide context);
+the context from both encoders' penultimate hidden states side by side; the pooled embedding and
+the (res, res, 0, 0, res, res) size/crop ids as added conditioning; the official masked loss;
+clipping and AdamW on the full weights. SPL is written from its statement: 1 − cos of the EOS
+features (each encoder's last hidden state after its final norm, at the first end-of-text token)
+of "a photo of a <sks> dog" and "a photo of a dog", per encoder then averaged ("mean") or on the
+features side by side ("concat"). The pooled embedding is bigG's projection at that first EOS too
+(never the argmax of the ids, which would be the new token).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from classdiffusion.errors import BaseMismatchError, BaseModelError
+from classdiffusion.hosts.diffusers_host import load_host
+from classdiffusion.tiny import build_tiny_sdxl_base
+from classdiffusion.train import TrainingRun
+from conftest import dog, make_images, small_config
+
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="session")
+def sdxl_base(tmp_path_factory) -> Path:
+    return build_tiny_sdxl_base(tmp_path_factory.mktemp("sdxl") / "tiny_sdxl", seed=0)
+
+
+@pytest.fixture
+def sdxl_host(sdxl_base):
+    return load_host(sdxl_base, device="cpu")
+
+
+class OfficialSDXLStep:
+    """Adobe's SDXL Custom Diffusion step on the same base, holding the run's trained tensors."""
+
+    def __init__(self, base: Path, run: TrainingRun, token: str = "<sks>"):
+        from diffusers import UNet2DConditionModel
+        from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        self.tokenizers = [CLIPTokenizer.from_pretrained(base / "tokenizer"),
+                           CLIPTokenizer.from_pretrained(base / "tokenizer_2")]
+        self.encoders = [CLIPTextModel.from_pretrained(base / "text_encoder"),
+                         CLIPTextModelWithProjection.from_pretrained(base / "text_encoder_2")]
+        self.unet = UNet2DConditionModel.from_pretrained(base / "unet")
+        for model in (*self.encoders, self.unet):
+            model.requires_grad_(False)
+        start = run.method.token_vectors[0].detach()
+        parts = start.split([768, 1280])
+        self.token_ids, self.embeddings = [], []
+        for tokenizer, encoder, part in zip(self.tokenizers, self.encoders, parts):
+            tokenizer.add_tokens([token])
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            encoder.resize_token_embeddings(len(tokenizer))
+            embedding = encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                embedding[token_id] = part
+            embedding.requires_grad_(True)
+            self.token_ids.append(token_id)
+            self.embeddings.append(embedding)
+
+        base_params = dict(self.unet.named_parameters())
+        procs = {}
+        for name in self.unet.attn_processors:
+            layer = name.removesuffix(".processor")
+            hidden = base_params[layer + ".to_q.weight"].shape[0]
+            cross = name.endswith("attn2.processor")
+            proc = CustomDiffusionAttnProcessor2_0(train_kv=cross, train_q_out=False, hidden_size=hidden,
+                                                   cross_attention_dim=2048 if cross else None)
+            if cross:
+                with torch.no_grad():
+                    for kind in ("k", "v"):
+                        key = f"{layer}.to_{kind}.weight"
+                        getattr(proc, f"to_{kind}_custom_diffusion").weight.copy_(
+                            base_params[key] + run.method.deltas[key].detach())
+            procs[name] = proc
+        self.unet.set_attn_processor(dict(procs))
+        self.procs = procs
+
+    def _ids(self, tokenizer, prompts):
+        return tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+
+    def encode_prompt(self, prompts):
+        """Adobe's ``encode_prompt``: penultimate hidden states side by side; pooled from bigG
+        (here at the first EOS explicitly)."""
+        contexts, finals, pooled = [], [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.encoders):
+            ids = self._ids(tokenizer, prompts)
+            out = encoder(ids, output_hidden_states=True)
+            contexts.append(out.hidden_states[-2])
+            inner = getattr(encoder, "text_model", encoder)  # transformers 4 / 5
+            last = inner.final_layer_norm(out.hidden_states[-1])
+            eos = last[torch.arange(len(prompts)), (ids == tokenizer.eos_token_id).int().argmax(-1)]
+            finals.append(eos)
+            if hasattr(encoder, "text_projection"):
+                pooled = encoder.text_projection(eos)
+        return torch.cat(contexts, -1), pooled, finals
+
+    def loss(self, batch, spl_prompt, class_prompt, spl_weight, combine):
+        n = len(batch.prompts)
+        context, pooled, _ = self.encode_prompt(batch.prompts)
+        res = batch.noisy.shape[-1] * 8
+        time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32).repeat(n, 1)
+        pred = self.unet(batch.noisy, batch.timesteps, context,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        mse = F.mse_loss(pred.float(), batch.noise.float(), reduction="none")
+        recon = ((mse * batch.mask).sum([1, 2, 3]) / batch.mask.sum([1, 2, 3])).mean()
+        _, _, token_eos = self.encode_prompt([spl_prompt])
+        _, _, class_eos = self.encode_prompt([class_prompt])
+        if combine == "mean":
+            spl = torch.stack([1 - F.cosine_similarity(t, c) for t, c in zip(token_eos, class_eos)]).mean()
+        else:
+            spl = (1 - F.cosine_similarity(torch.cat(token_eos, -1), torch.cat(class_eos, -1))).mean()
+        return recon + spl_weight * spl, recon, spl
+
+    def kv_weights(self) -> dict[str, torch.nn.Parameter]:
+        kv = {}
+        for name, proc in self.procs.items():
+            if name.endswith("attn2.processor"):
+                layer = name.removesuffix(".processor")
+                kv[layer + ".to_k.weight"] = proc.to_k_custom_diffusion.weight
+                kv[layer + ".to_v.weight"] = proc.to_v_custom_diffusion.weight
+        return kv
+
+    def token_row(self, attr: str = "data") -> torch.Tensor:
+        return torch.cat([getattr(e, attr)[i] for e, i in zip(self.embeddings, self.token_ids)])
+
+
+def _close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
+    scale = theirs.abs().max().clamp_min(1e-12)
+    error = float((ours - theirs).abs().max() / scale)
+    assert error < RTOL, f"{what}: relative difference {error:.2e}"
+
+
+def _mid_run(host, **settings) -> TrainingRun:
+    run = TrainingRun(host, [dog()], small_config(**settings), [make_images()], None)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a trained state mid-run, not the zero start: every term is non-trivial
+        for delta in run.method.deltas.values():
+            delta.normal_(0.0, 0.02)
+        run.method.token_vectors.add_(torch.randn_like(run.method.token_vectors) * 0.05)
+    return run
+
+
+@pytest.mark.parametrize("combine", ["mean", "concat"])
+def test_sdxl_step_equals_the_official_style_step(sdxl_host, sdxl_base, combine):
+    run = _mid_run(sdxl_host, spl_encoders=combine)
+    assert len(run.method.deltas) == 16 and run.method.token_vectors.shape == (1, 2048)
+    batch = run.sample_batch(3)
+    batch.mask = torch.zeros_like(batch.mask)
+    batch.mask[0, :, 1:6, 2:7] = 1.0
+    batch.mask[1, :, 0:8, 0:3] = 1.0
+    detach = sdxl_host.attach_deltas(run.method.deltas)
+    try:
+        ours = run.losses(batch)
+        ours.total.backward()
+    finally:
+        detach()
+    official = OfficialSDXLStep(sdxl_base, run)
+    total, recon, spl = official.loss(batch, run.method.spl_prompts[0], run.concepts[0].class_phrase(), 1.0, combine)
+    total.backward()
+    _close(ours.terms["recon"].detach(), recon.detach(), "recon")
+    _close(ours.terms["spl"].detach(), spl.detach(), f"SPL ({combine})")
+    _close(ours.total.detach(), total.detach(), "total")
+    kv = official.kv_weights()
+    assert set(kv) == set(run.method.deltas)
+    for name, delta in run.method.deltas.items():
+        _close(delta.grad, kv[name].grad, name)
+    _close(run.method.token_vectors.grad[0], official.token_row("grad"), "token (both encoders)")
+
+
+def test_sdxl_spl_combinations_differ(sdxl_host):
+    """The two ways to join the encoders give different losses (bigG dominates the concatenation)."""
+    values = {}
+    for combine in ("mean", "concat"):
+        run = _mid_run(sdxl_host, spl_encoders=combine)
+        with torch.no_grad():
+            values[combine] = float(run.losses(run.sample_batch(0)).terms["spl"])
+    assert abs(values["mean"] - values["concat"]) > 1e-6, values
+
+
+def test_sdxl_optimizer_step_equals_the_official_adamw_step(sdxl_host, sdxl_base):
+    """Clipping over both embedding matrices and the K/V, AdamW with its decay on the full weights."""
+    config_settings = dict(learning_rate=1e-3, weight_decay=5.0, adam_epsilon=1e-3)
+    run = _mid_run(sdxl_host, **config_settings)
+    config = run.config
+    base = {name: weight.detach().clone() for name, weight in run.base_weights.items()}
+    batch = run.sample_batch(0)
+    official = OfficialSDXLStep(sdxl_base, run)
+    detach = sdxl_host.attach_deltas(run.method.deltas)
+    try:
+        run.optimize(run.losses(batch).total)
+    finally:
+        detach()
+    total, *_ = official.loss(batch, run.method.spl_prompts[0], run.concepts[0].class_phrase(), 1.0, "mean")
+    total.backward()
+    with torch.no_grad():  # Adobe's script: zero every other row's gradient in both tables, clip, step
+        for embedding, token_id in zip(official.embeddings, official.token_ids):
+            keep = torch.arange(embedding.shape[0]) == token_id
+            embedding.grad[~keep] = 0
+    trained = [p for proc in official.procs.values() for p in proc.parameters()]
+    params = official.embeddings + trained
+    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    torch.optim.AdamW(params, lr=run.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay,
+                      eps=config.adam_epsilon).step()
+    kv_after = official.kv_weights()
+    for name, delta in run.method.deltas.items():
+        assert torch.allclose(base[name].double() + delta.double(), kv_after[name].double(), atol=1e-7, rtol=0), name
+    assert torch.allclose(run.method.token_vectors[0].double(), official.token_row().double(), atol=1e-7, rtol=0)
+
+
+def test_sdxl_pooled_embedding_follows_the_token_at_the_first_eos(sdxl_host):
+    """The pooled embedding changes with the token (its gradient reaches the bigG part) and is
+    read at the end of text, not at the new token's id (the argmax trap)."""
+    sdxl_host.add_tokens(["<sks>"])
+    vector = sdxl_host.word_embedding("dog").requires_grad_(True)
+    features = sdxl_host.text.encode(["a photo of a <sks> dog"], {"<sks>": vector})
+    features.pooled.sum().backward()
+    assert vector.grad[768:].abs().sum() > 0  # bigG's part moves the pooled embedding
+    assert vector.grad[:768].abs().sum() == 0  # CLIP-L has no say in it
+    ids = sdxl_host.token_ids(["a photo of a <sks> dog"])[0]
+    eos = int((ids == sdxl_host.text.encoders[1].tokenizer.eos_token_id).int().argmax())
+    assert int(ids.argmax()) != eos  # the new token has the highest id
+    encoder = sdxl_host.text.encoders[1]
+    encoder.injector.vectors = {"<sks>": vector.detach()[768:]}
+    try:
+        with torch.no_grad():
+            last = encoder.model(ids[None]).last_hidden_state[0]
+    finally:
+        encoder.injector.vectors = {}
+    assert torch.allclose(features.pooled[0], encoder.model.text_projection(last[eos]), atol=1e-6)
+    assert not torch.allclose(features.pooled[0], encoder.model.text_projection(last[int(ids.argmax())]), atol=1e-3)
+
+
+def test_sdxl_concept_file_embedding_and_family_checks(sdxl_host, sdxl_base, host, tmp_path):
+    from classdiffusion.apply import apply_concept
+    from classdiffusion.concept import embedding_tensors, load_concept, save_embeddings
+    from classdiffusion.generate import build_pipeline
+    from classdiffusion.train import train
+
+    result = train(sdxl_host, [dog(images=[])], small_config(steps=2), images=[make_images()],
+                   out=tmp_path / "c.safetensors")
+    concept = load_concept(result.path)
+    assert concept.family == "sdxl" and concept.token_vectors.shape == (1, 2048)
+    assert torch.equal(concept.token_vectors, result.concept.token_vectors)
+    (path,) = save_embeddings(concept, tmp_path, "sks")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    assert {k: tuple(v.shape) for k, v in saved.items()} == {"clip_l": (1, 768), "clip_g": (1, 1280)}
+    assert torch.equal(torch.cat([saved["clip_l"], saved["clip_g"]], -1), concept.token_vectors)
+    assert [t for t, _ in embedding_tensors(concept)] == ["<sks>"]
+
+    pipe = build_pipeline(sdxl_base, device="cpu")
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if "attn2.to_" in n}
+    handle = apply_concept(pipe.unet, concept, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                           text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2)
+    for embedding_owner, part in ((pipe.text_encoder, concept.token_vectors[0, :768]),
+                                  (pipe.text_encoder_2, concept.token_vectors[0, 768:])):
+        table = embedding_owner.get_input_embeddings().weight
+        assert torch.equal(table[-1], part)
+    handle.remove()
+    assert all(torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters() if n in before)
+
+    # A concept of one family on the other: refused by name, before any weight changes.
+    sd15_unet = host.unet
+    sd15_before = {n: p.detach().clone() for n, p in sd15_unet.named_parameters()}
+    with pytest.raises(BaseMismatchError, match="Stable Diffusion XL base.*Stable Diffusion 1.x"):
+        apply_concept(sd15_unet, concept)
+    assert all(torch.equal(p, sd15_before[n]) for n, p in sd15_unet.named_parameters())
+    sd15_result = train(host, [dog()], small_config(steps=1), images=[make_images()], out=tmp_path / "s.safetensors")
+    with pytest.raises(BaseMismatchError, match="Stable Diffusion 1.x base.*Stable Diffusion XL"):
+        apply_concept(pipe.unet, sd15_result.concept)
+
+
+def test_sdxl_memory_estimate_matches_a_real_step(sdxl_host):
+    """The meta-device estimate of an SDXL step (two text encoders with gradient, added
+    conditioning) against the live-tensor peak of a real step on the CPU."""
+    from classdiffusion.memory import LiveBytes
+
+    run = TrainingRun(sdxl_host, [dog()], small_config(batch_size=2, memory="check"), [make_images()], None)
+    estimate = run.memory_plan.estimate.step
+    trained = list(run.method.deltas.values()) + [run.method.token_vectors]
+    known = [t for m in (sdxl_host.unet, *sdxl_host.text.models) for t in list(m.parameters()) + list(m.buffers())]
+    batch = run.sample_batch(0)
+    with LiveBytes(known=known + trained) as live:
+        start = live.current
+        detach = sdxl_host.attach_deltas(run.method.deltas)
+        try:
+            run.losses(batch).total.backward()
+        finally:
+            detach()
+        measured = live.peak - start
+    assert abs(estimate - measured) / measured < 0.25, (estimate, measured)
+
+
+def test_other_families_are_refused_by_name(sdxl_base, tmp_path):
+    """An SDXL refiner (bigG alone, 1280-wide context) and a UNet without SDXL's added conditioning
+    get a clear 'not supported yet', never a guess."""
+    from diffusers import UNet2DConditionModel
+
+    from classdiffusion.hosts.diffusers_host import DiffusersHost, load_base_components
+
+    parts = load_base_components(sdxl_base)
+    plain = UNet2DConditionModel(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                 cross_attention_dim=2048, attention_head_dim=8, norm_num_groups=8)
+    with pytest.raises(BaseModelError, match="not supported yet.*added conditioning none"):
+        DiffusersHost(**{**parts, "unet": plain}, device="cpu")
+    with pytest.raises(BaseModelError, match="tokenizer_2 but not.*needs both"):
+        (tmp_path / "half").mkdir()
+        for name in ("tokenizer", "text_encoder", "unet", "vae", "scheduler", "tokenizer_2"):
+            (tmp_path / "half" / name).mkdir()
+        load_base_components(tmp_path / "half")
