@@ -235,7 +235,7 @@ class TrainConfig:
         choices=SPL_ENCODERS, cli="--spl-encoders")
     prior_weight: float = setting(1.0, "Weight of the prior-preservation loss on class images.", min=0.0,
                                   cli="--prior-weight")
-    resolution: int = setting(512, "Training resolution, a multiple of 64 (SD1.5: 512).", min=64, max=1024, step=64,
+    resolution: int = setting(512, "Training resolution, a multiple of 64 (SD1.5: 512; SDXL: 1024).", min=64, max=1024, step=64,
                               cli="--resolution")
     train_mode: TrainMode = setting("kv", "kv: attn2's to_k and to_v (the paper); crossattn: all of attn2.",
                                     choices=("kv", "crossattn"), cli="--train-mode")

@@ -18,6 +18,8 @@ import folder_paths
 
 from ..classdiffusion.concept import Concept, run_files
 from ..classdiffusion.concept import save_embeddings as write_embeddings
+from ..classdiffusion.errors import BaseMismatchError, BaseModelError
+from ..classdiffusion.families import SD15, SDXL, Family, family_named
 from ..classdiffusion.kv import trained_names
 from ..classdiffusion.residual import ConditionRegistry, RegistryPositions, add_residual
 from ..classdiffusion.progress import step_postfix
@@ -77,13 +79,41 @@ def model_with_deltas(model, deltas: dict[str, torch.Tensor], to_comfy: dict[str
     return out
 
 
+def clip_family(clip) -> Family:
+    """SDXL when the CLIP holds CLIP-L and bigG (ComfyUI's SDXL CLIP), SD1.x for CLIP-L alone."""
+    model = clip.cond_stage_model
+    if getattr(model, "clip_l", None) is not None and getattr(model, "clip_g", None) is not None:
+        return SDXL
+    if getattr(model, "clip_l", None) is not None and getattr(clip.tokenizer, "clip_l", None) is not None:
+        return SD15
+    raise BaseModelError(f"This CLIP ({type(model).__name__}) is neither SD1.x's CLIP-L nor SDXL's CLIP-L + bigG.")
+
+
+def check_clip_family(clip, concept: Concept) -> None:
+    """A concept's tokens only fit the text encoders of its own family: refused before anything changes."""
+    family, own = clip_family(clip), family_named(concept.family)
+    if family is not own:
+        raise BaseMismatchError(f"This concept was trained on a {own.label} base, and this CLIP is {family.label}'s: "
+                                f"load a {own.label} checkpoint, or train the concept again on this one.")
+
+
 def clip_with_tokens(clip, tokens: list[str], vectors: torch.Tensor, strength: float = 1.0):
-    """A clone of ``clip`` whose tokenizer turns each token into its learned vector, so prompts can
-    say "a photo of a <sks> dog". The incoming CLIP is not changed; Load nodes stack."""
+    """A clone of ``clip`` whose tokenizer(s) turn each token into its learned vector, so prompts can
+    say "a photo of a <sks> dog" (SDXL: CLIP-L's tokenizer gets each vector's 768 part, bigG's its
+    1280 part). The incoming CLIP is not changed; Load nodes stack."""
+    family = clip_family(clip)
     out = clip.clone()
     out.tokenizer = copy.copy(clip.tokenizer)
-    inner = copy.copy(clip.tokenizer.clip_l)
-    out.tokenizer.clip_l = inner
+    parts = family.split(vectors) if len(vectors) else [vectors] * len(family.embedding_keys)
+    for key, part in zip(family.embedding_keys, parts):
+        inner = copy.copy(getattr(clip.tokenizer, key))
+        setattr(out.tokenizer, key, inner)
+        _teach_tokens(inner, tokens, part, strength)
+    return out
+
+
+def _teach_tokens(inner, tokens: list[str], vectors: torch.Tensor, strength: float) -> None:
+    """Patch one of ComfyUI's SDTokenizers: the tokens are rewritten to markers it resolves to the vectors."""
     table = dict(getattr(inner, "_classdiffusion_vectors", {}))
     offset = len(table)
     for i, vector in enumerate(vectors):
@@ -108,7 +138,6 @@ def clip_with_tokens(clip, tokens: list[str], vectors: torch.Tensor, strength: f
 
     inner.tokenize_with_weights = types.MethodType(tokenize_with_weights, inner)
     inner._try_get_embedding = types.MethodType(_try_get_embedding, inner)
-    return out
 
 
 class ComfyCallbacks(TrainCallbacks):
@@ -232,6 +261,8 @@ def apply_concept_to_comfy(model, clip, concept: Concept, strength_model: float,
             out_model = model_with_residuals(out_model, concept.residuals, to_comfy, word_ids_for(clip, word),
                                              strength_model)
         return out_model, out_clip
+    if concept.tokens:
+        check_clip_family(clip, concept)
     out_model = model_with_deltas(model, concept.deltas, to_comfy, strength_model)
     out_clip = clip_with_tokens(clip, concept.tokens, concept.token_vectors, strength_clip)
     return out_model, out_clip

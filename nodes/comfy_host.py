@@ -3,9 +3,12 @@
 - UNet: the ModelPatcher's diffusion model, called with DDPM inputs (x_t, t) so it returns ε
   exactly as ComfyUI's EPS sampling wraps it; K/V deltas are attached with forward hooks that
   map canonical (diffusers) layer names to ComfyUI's through ``comfy.utils.unet_to_diffusers``.
-- Text: ComfyUI's CLIP-L weights copied into a transformers CLIPTextModel (ComfyUI's own text
-  model adds residuals in place and holds inference tensors, so gradients cannot flow through
-  it); its tokenizer is a copy of the CLIP's own, so token ids are identical.
+- Text: ComfyUI's CLIP-L weights (SDXL: and bigG's, with its projection) copied into transformers
+  CLIP text models (ComfyUI's own text model adds residuals in place and holds inference tensors,
+  so gradients cannot flow through it); the tokenizers are copies of the CLIP's own, so token ids
+  are identical.
+- SDXL: the pooled embedding and the size/crop ids reach the UNet as ``y``, built by ComfyUI's own
+  ``SDXL.encode_adm``.
 - VAE: the latent distribution's mean and std from ComfyUI's first-stage encoder.
 """
 
@@ -18,14 +21,16 @@ from typing import Sequence
 import torch
 from torch import nn
 
+import comfy.model_base
 import comfy.model_management
 import comfy.model_sampling
 import comfy.utils
 
 from ..classdiffusion.errors import BaseModelError
-from ..classdiffusion.hosts.base import SD15_CONTEXT_DIM, HostBase
+from ..classdiffusion.families import SD15, SDXL, Family, detect_family
+from ..classdiffusion.hosts.base import HostBase, split_pooled
 from ..classdiffusion.kv import cross_attention_weights
-from ..classdiffusion.text import TransformersTextEncoder
+from ..classdiffusion.text import CombinedTextEncoder, TransformersTextEncoder
 
 logger = logging.getLogger("classdiffusion")
 
@@ -36,18 +41,20 @@ def diffusers_to_comfy_map(model_patcher) -> dict[str, str]:
     return comfy.utils.unet_to_diffusers(unet_config)
 
 
-def check_sd15(model_patcher) -> None:
-    config = model_patcher.model.model_config.unet_config
-    context = config.get("context_dim")
-    if context != SD15_CONTEXT_DIM or config.get("in_channels") != 4:
-        raise BaseModelError(
-            f"This MODEL is not SD1.5-shaped (context {context}, {config.get('in_channels')} input "
-            f"channels; SD1.5: {SD15_CONTEXT_DIM} and 4). Load an SD1.x checkpoint; SD2.x, SDXL, "
-            "Flux and inpainting models are not supported."
-        )
-    sampling = model_patcher.model.model_sampling
-    if not isinstance(sampling, comfy.model_sampling.EPS) or isinstance(sampling, comfy.model_sampling.V_PREDICTION):
-        raise BaseModelError("This MODEL is not an ε-prediction model; ClassDiffusion trains SD1.5-style models.")
+def model_family(model_patcher) -> Family:
+    """The MODEL's family from ComfyUI's own reading of it (its UNet config and model class);
+    BaseModelError for SD2.x, Flux, inpainting and every other model not trained here."""
+    model = model_patcher.model
+    config = model.model_config.unet_config
+    sampling = model.model_sampling
+    eps = isinstance(sampling, comfy.model_sampling.EPS) and not isinstance(sampling, comfy.model_sampling.V_PREDICTION)
+    is_sdxl = isinstance(model, comfy.model_base.SDXL)
+    return detect_family(
+        context_dim=config.get("context_dim"), in_channels=config.get("in_channels"),
+        added_conditioning="text_time" if is_sdxl else ("other" if config.get("adm_in_channels") else None),
+        text_widths=SDXL.text_widths if is_sdxl else SD15.text_widths,
+        prediction="epsilon" if eps else "v or another target", what=f"This MODEL ({type(model).__name__})")
+
 
 
 def default_text_dtype(device: torch.device) -> torch.dtype:
@@ -56,46 +63,84 @@ def default_text_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.float16
 
 
-def text_encoder_from_clip(clip, device: torch.device, dtype: torch.dtype):
-    """(tokenizer copy, transformers CLIPTextModel with the CLIP's weights, context layer)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+#: ComfyUI's SDXL CLIP (``comfy/sdxl_clip.py``): per encoder, (width, hidden activation, pad id).
+#: bigG pads with id 0 ("!"), CLIP-L with end-of-text; both give the penultimate layer as it is.
+_ENCODERS = {"clip_l": (768, "quick_gelu", None), "clip_g": (1280, "gelu", 0)}
 
-    clip_l = getattr(clip.cond_stage_model, "clip_l", None)
-    tok_l = getattr(clip.tokenizer, "clip_l", None)
-    if clip_l is None or tok_l is None:
-        raise BaseModelError("This CLIP is not SD1.5's CLIP-L text encoder; load an SD1.x checkpoint.")
-    state = {k[len("clip_l.transformer."):]: v for k, v in clip.get_sd().items()
-             if k.startswith("clip_l.transformer.text_model.")}
-    state = {k[len("text_model."):]: v for k, v in state.items()}
-    width = state["embeddings.token_embedding.weight"].shape[1]
-    if width != SD15_CONTEXT_DIM:
-        raise BaseModelError(f"This CLIP is {width} wide, not {SD15_CONTEXT_DIM} (SD1.5's CLIP-L).")
+
+def clip_text_model(clip, key: str, device: torch.device, dtype: torch.dtype):
+    """(tokenizer copy, transformers CLIP text model with this CLIP's ``key`` weights): CLIP-L as
+    ``CLIPTextModel``, bigG as ``CLIPTextModelWithProjection`` (its projection gives the pooled
+    embedding). ComfyUI's own text model adds residuals in place and holds inference tensors, so
+    gradients cannot flow through it; the copy computes the same features."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    encoder = getattr(clip.cond_stage_model, key, None)
+    inner_tokenizer = getattr(clip.tokenizer, key, None)
+    width, act, pad_id = _ENCODERS[key]
+    if encoder is None or inner_tokenizer is None:
+        raise BaseModelError(f"This CLIP has no {key} text encoder; load an SD1.x or SDXL checkpoint's CLIP.")
+    prefix = f"{key}.transformer."
+    state = {k[len(prefix):]: v for k, v in clip.get_sd().items() if k.startswith(prefix)}
+    projection = state.pop("text_projection.weight", None)
+    state = {k[len("text_model."):]: v for k, v in state.items() if k.startswith("text_model.")}
+    if state["embeddings.token_embedding.weight"].shape[1] != width:
+        raise BaseModelError(f"This CLIP's {key} is {state['embeddings.token_embedding.weight'].shape[1]} wide, "
+                             f"not {width}.")
     layers = len({k.split(".")[2] for k in state if k.startswith("encoder.layers.")})
-    tokenizer = copy.deepcopy(tok_l.tokenizer)
+    tokenizer = copy.deepcopy(inner_tokenizer.tokenizer)
+    if pad_id is not None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
     config = CLIPTextConfig(
         vocab_size=state["embeddings.token_embedding.weight"].shape[0], hidden_size=width,
         intermediate_size=state["encoder.layers.0.mlp.fc1.weight"].shape[0],
         num_hidden_layers=layers, num_attention_heads=max(1, width // 64),
         max_position_embeddings=state["embeddings.position_embedding.weight"].shape[0],
-        hidden_act="quick_gelu", projection_dim=width,
+        hidden_act=act, projection_dim=width if projection is None else projection.shape[0],
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = CLIPTextModel(config)
+    with_projection = key == "clip_g"
+    model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
     own = model.state_dict()
-    prefix = "text_model." if any(k.startswith("text_model.") for k in own) else ""
-    missing, unexpected = model.load_state_dict({prefix + k: v.clone() for k, v in state.items()}, strict=False)
+    inner = "text_model." if any(k.startswith("text_model.") for k in own) else ""
+    weights = {inner + k: v.clone() for k, v in state.items()}
+    if with_projection:
+        if projection is None:
+            raise BaseModelError("This CLIP's bigG has no text projection; the SDXL checkpoint is incomplete.")
+        weights["text_projection.weight"] = projection.clone()
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if "position_ids" not in k]
     unexpected = [k for k in unexpected if "position_ids" not in k]
     if missing or unexpected:
         raise BaseModelError(
-            f"The CLIP weights do not fit a CLIP-L text model (missing {missing[:3]}, unused {unexpected[:3]}); "
-            "is this SD1.5's CLIP-L?"
+            f"The CLIP's {key} weights do not fit a CLIP text model (missing {missing[:3]}, unused {unexpected[:3]})."
         )
-    model.to(device, dtype).requires_grad_(False).eval()
+    return tokenizer, model.to(device, dtype).requires_grad_(False).eval()
+
+
+def text_encoder_from_clip(clip, device: torch.device, dtype: torch.dtype):
+    """(tokenizer copy, transformers CLIPTextModel with the CLIP's CLIP-L weights, context layer)."""
+    tokenizer, model = clip_text_model(clip, "clip_l", device, dtype)
     layer_idx = getattr(clip, "layer_idx", None)
     context_layer = None if layer_idx in (None, -1) else int(layer_idx)
     return tokenizer, model, context_layer
+
+
+def comfy_text_encoder(clip, family: Family, device: torch.device, dtype: torch.dtype):
+    """The trainable text side of ``clip`` for ``family``: CLIP-L alone (SD1.x, with the CLIP's
+    "CLIP skip"), or CLIP-L and bigG side by side from their penultimate layers, without the final
+    norm, as ComfyUI's SDXL CLIP encodes them (a CLIP Set Last Layer moves both)."""
+    if family is not SDXL:
+        tokenizer, model, context_layer = text_encoder_from_clip(clip, device, dtype)
+        return TransformersTextEncoder(tokenizer, model, device, context_layer)
+    layer_idx = getattr(clip, "layer_idx", None)
+    layer = -2 if layer_idx in (None, -1) else int(layer_idx)
+    encoders = []
+    for key in family.embedding_keys:
+        tokenizer, model = clip_text_model(clip, key, device, dtype)
+        encoders.append(TransformersTextEncoder(tokenizer, model, device, context_layer=layer, context_final_norm=False))
+    return CombinedTextEncoder(encoders)
 
 
 class ComfyHost(HostBase):
@@ -105,17 +150,15 @@ class ComfyHost(HostBase):
                  text_dtype: torch.dtype | None = None):
         """``text_dtype``: the trained copy of the text model's dtype; best the autocast dtype
         (default: fp32 on the CPU, fp16 on a GPU)."""
-        check_sd15(model_patcher)
+        family = model_family(model_patcher)
         self.model_patcher = model_patcher
         self.vae = vae
         device = device or comfy.model_management.get_torch_device()
         self.diffusion_model = model_patcher.model.diffusion_model
         self.unet_dtype = model_patcher.model.get_dtype()
         sigmas = model_patcher.model.model_sampling.sigmas.to(device, torch.float32)
-        tokenizer, text_model, context_layer = text_encoder_from_clip(
-            clip, device, text_dtype or default_text_dtype(device))
-        super().__init__(device, TransformersTextEncoder(tokenizer, text_model, device, context_layer),
-                         1.0 / (1.0 + sigmas ** 2), self.diffusion_model)
+        text = comfy_text_encoder(clip, family, device, text_dtype or default_text_dtype(device))
+        super().__init__(device, text, 1.0 / (1.0 + sigmas ** 2), self.diffusion_model, family)
         self._to_comfy = diffusers_to_comfy_map(model_patcher)
         self._scale = float(model_patcher.model.latent_format.scale_factor)
         self._shift = float(getattr(model_patcher.model.latent_format, "shift_factor", 0.0) or 0.0)
@@ -155,12 +198,20 @@ class ComfyHost(HostBase):
             if should_stop():
                 raise TrainingCancelled("Training was cancelled during a validation; no concept file was written.")
 
-        negative = [[uncond.detach().float().cpu(), {}]]
+        def conditioning(row: torch.Tensor) -> list:
+            row = row[None].detach().float().cpu()
+            if self.family is not SDXL:
+                return [[row, {}]]
+            tokens, pooled = split_pooled(row, self.family.text_widths[-1])
+            return [[tokens, {"pooled_output": pooled, "width": size, "height": size, "crop_w": 0, "crop_h": 0,
+                              "target_width": size, "target_height": size}]]
+
+        negative = conditioning(uncond[0])
         images = []
         for row, seed in zip(context, seeds):
             latent = torch.zeros(1, 4, size // 8, size // 8)
             noise = comfy.sample.prepare_noise(latent, int(seed))
-            positive = [[row[None].detach().float().cpu(), {}]]
+            positive = conditioning(row)
             samples = comfy.sample.sample(self.model_patcher, noise, steps, guidance, "ddim", "ddim_uniform",
                                           positive, negative, latent, seed=int(seed), callback=poll,
                                           disable_pbar=True)
@@ -169,6 +220,13 @@ class ComfyHost(HostBase):
 
     def predict_noise(self, noisy_latents, timesteps, context) -> torch.Tensor:
         dtype = self.unet_dtype
+        if self.family is SDXL:  # the pooled embedding and size ids, as ComfyUI's SDXL.encode_adm makes them
+            context, pooled = split_pooled(context, self.family.text_widths[-1])
+            height, width = noisy_latents.shape[-2] * 8, noisy_latents.shape[-1] * 8
+            y = self.model_patcher.model.encode_adm(pooled_output=pooled, width=width, height=height, crop_w=0,
+                                                    crop_h=0, target_width=width, target_height=height)
+            return self._forward(noisy_latents.to(dtype), timesteps.float(), context=context.to(dtype),
+                                 y=y.to(noisy_latents.device, dtype))
         return self._forward(noisy_latents.to(dtype), timesteps.float(), context=context.to(dtype))
 
     def cross_attention_weights(self, train_mode: str) -> dict[str, torch.Tensor]:

@@ -25,10 +25,10 @@ from ..classdiffusion.summary import drift_line, summary_line
 from ..classdiffusion.precision import precision_dtype
 from ..classdiffusion.train import train
 from .comfy_glue import (
-    CONCEPT_FOLDER, ComfyCallbacks, apply_concept_to_comfy, concept_dir, history_payload, loras_dir,
+    CONCEPT_FOLDER, ComfyCallbacks, apply_concept_to_comfy, check_clip_family, concept_dir, history_payload, loras_dir,
     model_base_weights, register_folders, save_embeddings, training_patcher,
 )
-from .comfy_host import ComfyHost, check_sd15, default_text_dtype, diffusers_to_comfy_map, text_encoder_from_clip
+from .comfy_host import ComfyHost, comfy_text_encoder, default_text_dtype, diffusers_to_comfy_map, model_family
 from .glue import diff_file_tensors, sanitize_name, training_precision
 
 logger = logging.getLogger("classdiffusion")
@@ -149,7 +149,7 @@ class ConceptImagesNode(io.ComfyNode):
 
 
 class TrainConceptNode(io.ComfyNode):
-    """Train a concept on the loaded SD1.5 model with one of the registered methods."""
+    """Train a concept on the loaded SD1.x or SDXL model with one of the registered methods."""
 
     @classmethod
     def define_schema(cls):
@@ -164,8 +164,8 @@ class TrainConceptNode(io.ComfyNode):
                 "input picks another method (Infusion's residuals, Textual Inversion's token only)."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.5 model to personalize (from Load Checkpoint)."),
-                io.Clip.Input("clip", tooltip="The SD1.5 CLIP from the same checkpoint."),
+                io.Model.Input("model", tooltip="The SD1.x or SDXL model to personalize (from Load Checkpoint)."),
+                io.Clip.Input("clip", tooltip="The CLIP from the same checkpoint (SDXL: CLIP-L and bigG, both trained)."),
                 io.Vae.Input("vae", tooltip="The VAE used to encode the training images (once)."),
                 io.Image.Input("images", tooltip="3–20 images of the concept, as one batch."),
                 io.String.Input("token", default="<sks>", tooltip="A new word for the concept, e.g. <sks>. Must not be an existing word."),
@@ -187,6 +187,7 @@ class TrainConceptNode(io.ComfyNode):
                 ConceptSpecType.Input("concept_2", optional=True, tooltip="A second concept to train jointly."),
                 ConceptSpecType.Input("concept_3", optional=True, tooltip="A third concept to train jointly."),
                 setting_input(io.Combo, "spl_feature", optional=True, **_advanced()),
+                setting_input(io.Combo, "spl_encoders", optional=True, **_advanced()),
                 setting_input(io.Boolean, "channels_last", optional=True, **_advanced()),
                 setting_input(io.Boolean, "compile", optional=True, **_advanced()),
                 setting_input(io.Combo, "method", optional=True),
@@ -217,9 +218,9 @@ class TrainConceptNode(io.ComfyNode):
                 gradient_checkpointing, save_name, class_images=None, concept_2=None, concept_3=None,
                 spl_feature="eos", channels_last=False, compile=False, method=DEFAULT_METHOD,
                 masks=None, save_every=0, validation_every=0, validation_prompts="", validation_steps=25,
-                validation_seed=0, memory="auto") -> io.NodeOutput:
+                validation_seed=0, memory="auto", spl_encoders="mean") -> io.NodeOutput:
         name = sanitize_name(save_name)
-        check_sd15(model)
+        model_family(model)
         data = [ConceptData(ConceptSpec(token=method_class(method).concept_token(token), class_word=class_word,
                                         prompt=prompt_template, initializer=initializer), images, class_images,
                             masks=masks)]
@@ -231,7 +232,7 @@ class TrainConceptNode(io.ComfyNode):
             method, steps=steps, batch_size=batch_size, learning_rate=learning_rate, spl_weight=spl_weight,
             resolution=resolution, seed=seed, mixed_precision=_mixed_precision(mixed_precision, model),
             gradient_checkpointing=gradient_checkpointing, drift_every=max(1, steps // 25),
-            spl_feature=spl_feature, channels_last=channels_last, compile=compile,
+            spl_feature=spl_feature, spl_encoders=spl_encoders, channels_last=channels_last, compile=compile,
             save_every=save_every, checkpoint_optimizer=False,  # step files to compare, not to resume
             validation_every=validation_every, validation_steps=validation_steps, validation_seed=validation_seed,
             validation_prompts=[line.strip() for line in validation_prompts.splitlines() if line.strip()],
@@ -270,7 +271,7 @@ class TrainConceptNode(io.ComfyNode):
 
 def concept_file_inputs(clip_tooltip: str, file_tooltip: str, *between) -> list:
     """model, clip, ``between``, concept_name: the inputs of the nodes that apply a concept file."""
-    return [io.Model.Input("model", tooltip="The SD1.5 model the concept was trained on."),
+    return [io.Model.Input("model", tooltip="The SD1.x or SDXL model the concept was trained on."),
             io.Clip.Input("clip", tooltip=clip_tooltip), *between,
             io.Combo.Input("concept_name", options=folder_paths.get_filename_list(CONCEPT_FOLDER),
                            tooltip=file_tooltip)]
@@ -307,7 +308,7 @@ class LoadConceptNode(io.ComfyNode):
 
             raise ConceptFileError(f"The concept file {concept_name!r} is not in models/{CONCEPT_FOLDER}.")
         concept = load_concept(path)
-        check_sd15(model)
+        model_family(model)
         concept.check_against(model_base_weights(model, concept.train_mode), what="this MODEL",
                               strict=not allow_other_base)
         out_model, out_clip = apply_concept_to_comfy(model, clip, concept, strength_model, strength_clip)
@@ -368,7 +369,7 @@ class CompareConceptStepsNode(io.ComfyNode):
         files = [file for _, file in step_files] + ([final] if final.is_file() else [])
         bar = comfy.utils.ProgressBar(len(files))
         tiles, lines = [], []
-        check_sd15(model)
+        model_family(model)
         for index, file in enumerate(files):
             comfy.model_management.throw_exception_if_processing_interrupted()
             concept = load_concept(file)
@@ -470,11 +471,11 @@ class DriftReportNode(io.ComfyNode):
             raise InvalidInputError(f"This is a {concept.method_label} concept: it adds no token, so its text "
                                     "features cannot drift (prompts encode exactly as before). The report is for "
                                     "concepts with a token.")
-        from ..classdiffusion.text import TransformersTextEncoder
+        from ..classdiffusion.families import family_named
 
+        check_clip_family(clip, concept)
         device = comfy.model_management.text_encoder_device()
-        tokenizer, model, context_layer = text_encoder_from_clip(clip, device, default_text_dtype(device))
-        text = TransformersTextEncoder(tokenizer, model, device, context_layer)
+        text = comfy_text_encoder(clip, family_named(concept.family), device, default_text_dtype(device))
         text.add_tokens(concept.tokens)
         drifts = concept_drifts(text.encode, text.word_embedding, concept, method=map, device=device)
         images = [_image_tensor(plot_drift_map(drift["map"])) for drift in drifts]
@@ -495,7 +496,7 @@ class ExportDiffNode(io.ComfyNode):
             is_output_node=True,
             description="Saves models/loras/NAME.safetensors with diffusion_model.*.diff tensors (load with LoraLoaderModelOnly; use the embedding file for the token).",
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.5 model (for ComfyUI's layer names)."),
+                io.Model.Input("model", tooltip="The SD1.x or SDXL model (for ComfyUI's layer names)."),
                 ConceptType.Input("concept", tooltip="A trained or loaded concept."),
                 io.String.Input("save_name", default="my_concept_kv", tooltip="File name in models/loras."),
             ],
