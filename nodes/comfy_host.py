@@ -57,6 +57,41 @@ def model_family(model_patcher) -> Family:
 
 
 
+def diffusers_unet_config(config: dict) -> dict:
+    """ComfyUI's UNet config (``model_config.unet_config``, LDM terms) → the diffusers
+    ``UNet2DConditionModel`` config of the same architecture, for the memory planner's meta-device
+    dry run (SD1.x, SDXL and their smaller relatives: SSD-1B, Vega, KOALA)."""
+    channels = int(config["model_channels"])
+    mults = list(config["channel_mult"])
+    res_blocks = list(config["num_res_blocks"])
+    if isinstance(res_blocks, int) or len(set(res_blocks)) != 1:
+        raise BaseModelError(f"This UNet has {res_blocks} blocks per level; the memory planner needs the same number "
+                             "at every level. Set memory to off to train without a plan.")
+    per_level = res_blocks[0]
+    depth = list(config["transformer_depth"])
+    level_depth = [depth[level * per_level] for level in range(len(mults))]
+    widths = [channels * m for m in mults]
+    heads = [w // int(config["num_head_channels"]) if int(config.get("num_heads", -1)) <= 0 else int(config["num_heads"])
+             for w in widths]
+    down = ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in level_depth]
+    middle = int(config.get("transformer_depth_middle", level_depth[-1]) or 0)
+    out = {
+        "sample_size": 64, "in_channels": int(config["in_channels"]), "out_channels": int(config["out_channels"]),
+        "block_out_channels": widths, "layers_per_block": per_level, "down_block_types": down,
+        "up_block_types": [b.replace("Down", "Up") for b in reversed(down)],
+        "transformer_layers_per_block": [max(d, 1) for d in level_depth], "attention_head_dim": heads,
+        "cross_attention_dim": int(config["context_dim"]),
+        "use_linear_projection": bool(config.get("use_linear_in_transformer", False)),
+        "mid_block_type": "UNetMidBlock2DCrossAttn" if middle > 0 else None,
+    }
+    if middle > 0 and level_depth[-1] and middle != level_depth[-1]:  # diffusers' middle takes the last level's depth
+        logger.info("Memory plan: the middle block's %d transformer layers are counted as %d.", middle, level_depth[-1])
+    if config.get("adm_in_channels"):
+        out.update(addition_embed_type="text_time", addition_time_embed_dim=256,
+                   projection_class_embeddings_input_dim=int(config["adm_in_channels"]))
+    return out
+
+
 def default_text_dtype(device: torch.device) -> torch.dtype:
     """The text model copy's dtype when no autocast dtype asks for another: fp16 on a GPU, fp32
     on the CPU."""
@@ -231,6 +266,9 @@ class ComfyHost(HostBase):
 
     def cross_attention_weights(self, train_mode: str) -> dict[str, torch.Tensor]:
         return cross_attention_weights(self.diffusion_model, train_mode, self._to_comfy)
+
+    def unet_config(self) -> dict:
+        return diffusers_unet_config(self.model_patcher.model.model_config.unet_config)
 
     def delta_modules(self, names: Sequence[str]) -> dict[str, nn.Module]:
         modules = dict(self.diffusion_model.named_modules())

@@ -240,11 +240,11 @@ def train_concept(info) -> dict:
 
 
 def _training_graph(info, note: str, train_widgets: dict, prompt: str, save_prefix: str, *, drift_report: bool,
-                    **sampler_settings) -> dict:
+                    checkpoint: str = "v1-5-pruned-emaonly.safetensors", **sampler_settings) -> dict:
     """Note, checkpoint, three photos → Concept Images → Train → monitor (and Drift Report) → sampler."""
     wf = Workflow(info)
     wf.node("Note", (20, 20), size=(460, 330), title="Read me", text=note)
-    ckpt = wf.node("CheckpointLoaderSimple", (20, 380), {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}, size=(320, 100))
+    ckpt = wf.node("CheckpointLoaderSimple", (20, 380), {"ckpt_name": checkpoint}, size=(320, 100))
     images = image_batch(wf, ["concept_01.png", "concept_02.png", "concept_03.png"], 500, 20)
     train = wf.node("ClassDiffusionTrainConcept", (900, 20), train_widgets, size=(360, 600))
     wf.link(ckpt, "MODEL", train, "model")
@@ -264,16 +264,18 @@ def _training_graph(info, note: str, train_widgets: dict, prompt: str, save_pref
     return wf.to_json()
 
 
-def use_concept(info) -> dict:
+def use_concept(info, *, note: str = USE_NOTE, checkpoint: str = "v1-5-pruned-emaonly.safetensors",
+                concept: str = "my_dog.safetensors", save_prefix: str = "classdiffusion/use_concept",
+                **sampler_settings) -> dict:
     wf = Workflow(info)
-    wf.node("Note", (20, 20), size=(420, 240), title="Read me", text=USE_NOTE)
-    ckpt = wf.node("CheckpointLoaderSimple", (20, 300), {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}, size=(320, 100))
-    load = wf.node("ClassDiffusionLoadConcept", (380, 300), {"concept_name": "my_dog.safetensors"}, size=(340, 200))
+    wf.node("Note", (20, 20), size=(420, 240), title="Read me", text=note)
+    ckpt = wf.node("CheckpointLoaderSimple", (20, 300), {"ckpt_name": checkpoint}, size=(320, 100))
+    load = wf.node("ClassDiffusionLoadConcept", (380, 300), {"concept_name": concept}, size=(340, 200))
     wf.link(ckpt, "MODEL", load, "model")
     wf.link(ckpt, "CLIP", load, "clip")
     decode, prefix = sampler_chain(wf, load, "MODEL", load, "CLIP", ckpt,
                                    "a photo of a <sks> dog wearing headphones", 760, 20,
-                                   save_prefix="classdiffusion/use_concept")
+                                   save_prefix=save_prefix, **sampler_settings)
     save = wf.node("SaveImage", (2020, 20), {"filename_prefix": prefix}, size=(400, 420))
     wf.link(decode, "IMAGE", save, "images")
     return wf.to_json()
@@ -354,8 +356,43 @@ def train_infusion(info) -> dict:
                            steps=50, cfg=8.0)
 
 
+SDXL_TRAIN_NOTE = """Train a ClassDiffusion concept on SDXL (both text encoders, every cross-attention K/V).
+
+1. Load Checkpoint: an SDXL checkpoint (models/checkpoints), e.g. sd_xl_base_1.0.safetensors. The family is
+   read from the checkpoint itself; SD2.x and other families are refused with a message.
+2. Load Image: 3-20 photos of your concept, at least 1024 px on the short side if you have them.
+3. Train ClassDiffusion Concept: resolution 1024 (SDXL's), otherwise the SD1.5 paper recipe (500 steps, batch 2,
+   learning rate 1e-5 x batch, SPL weight 1.0). The token gets one vector per text encoder (768 for CLIP-L,
+   1280 for bigG); SPL compares both encoders' end-of-text features (spl_encoders: mean of the two, or concat).
+   Memory: about 13 GB at batch 2 in fp16 with gradient checkpointing, which memory=auto switches on when needed.
+   It saves models/classdiffusion/my_dog_sdxl.safetensors and models/embeddings/my_dog_sdxl.safetensors
+   (clip_l and clip_g, so embedding:my_dog_sdxl works in any SDXL prompt).
+4. The sampler uses the trained MODEL and CLIP at 1024x1024: write <sks> or embedding:my_dog_sdxl.
+Changing any input retrains; unchanged inputs reuse the cached result."""
+
+SDXL_USE_NOTE = """Use an SDXL concept.
+
+Load Concept K/V: pick an SDXL concept from models/classdiffusion (train_concept_sdxl.json makes my_dog_sdxl).
+It patches every cross-attention K/V of the SDXL UNet and teaches both text encoders the token.
+A concept trained on SD1.5 is refused here (and an SDXL concept on SD1.5), before anything changes.
+Write the token in the prompt: "a photo of a <sks> dog wearing headphones"; sample at 1024x1024."""
+
+
+def train_concept_sdxl(info) -> dict:
+    return _training_graph(info, SDXL_TRAIN_NOTE, {"save_name": "my_dog_sdxl", "resolution": 1024},
+                           "a photo of embedding:my_dog_sdxl dog wearing headphones", "classdiffusion/my_dog_sdxl",
+                           drift_report=True, checkpoint="sd_xl_base_1.0.safetensors", width=1024, height=1024)
+
+
+def use_concept_sdxl(info) -> dict:
+    return use_concept(info, note=SDXL_USE_NOTE, checkpoint="sd_xl_base_1.0.safetensors",
+                       concept="my_dog_sdxl.safetensors", save_prefix="classdiffusion/use_concept_sdxl",
+                       width=1024, height=1024)
+
+
 BUILDERS = {"train_concept": train_concept, "train_infusion": train_infusion, "use_concept": use_concept, "multi_concept": multi_concept,
-            "video_animatediff": video_animatediff}
+            "video_animatediff": video_animatediff, "train_concept_sdxl": train_concept_sdxl,
+            "use_concept_sdxl": use_concept_sdxl}
 
 
 def main(object_info_path: str) -> None:

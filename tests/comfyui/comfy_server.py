@@ -69,10 +69,12 @@ def comfyui_commit() -> str:
     return "unknown"
 
 
-def make_checkpoint(path: Path, seed: int = 0, full: bool = False) -> Path:
-    """``full``: SD1.5's whole UNet architecture (1.7 GB in fp16), for packs that inject into it."""
+def make_checkpoint(path: Path, seed: int = 0, full: bool = False, sdxl: bool = False) -> Path:
+    """``full``: SD1.5's whole UNet architecture (1.7 GB in fp16), for packs that inject into it;
+    ``sdxl``: a small SDXL-family checkpoint with SDXL's full-size text encoders (2 GB in fp16)."""
     args = [COMFYUI_PYTHON, str(Path(__file__).with_name("make_checkpoint.py")), str(path), str(seed)]
-    subprocess.run(args + (["--full"] if full else []), cwd=COMFYUI_PATH, check=True, capture_output=True)
+    args += (["--full"] if full else []) + (["--sdxl"] if sdxl else [])
+    subprocess.run(args, cwd=COMFYUI_PATH, check=True, capture_output=True)
     return path
 
 
@@ -85,6 +87,7 @@ def make_motion_module(path: Path) -> Path:
 BASE = "tiny_sd15.safetensors"  #: small random SD1.5-shaped checkpoint (seed 0)
 OTHER = "other_sd15.safetensors"  #: the same architecture, other weights ("another checkpoint")
 FULL = "v1-5-pruned-emaonly.safetensors"  #: SD1.5's whole architecture, the workflows' checkpoint
+SDXL = "sd_xl_base_1.0.safetensors"  #: small SDXL-family random checkpoint, the SDXL workflows' name
 MOTION_MODULE = "mm_test.safetensors"
 
 
@@ -100,8 +103,8 @@ def _random_images(folder: Path, names, size) -> None:
 
 def start_server(base_dir: Path, extra_args: tuple[str, ...] = (), *, workflows: bool = False) -> "ComfyServer":
     """A started ComfyUI with two small random checkpoints and three random concept images; with
-    ``workflows`` also what the example workflows need: a full-architecture checkpoint, the other
-    two node packs with a random motion module, and their images."""
+    ``workflows`` also what the example workflows need: a full-architecture SD1.5 checkpoint, a small
+    SDXL-family one, the other two node packs with a random motion module, and their images."""
     checkpoints = base_dir / "models" / "checkpoints"
     checkpoints.mkdir(parents=True)
     make_checkpoint(checkpoints / BASE, seed=0)
@@ -110,6 +113,7 @@ def start_server(base_dir: Path, extra_args: tuple[str, ...] = (), *, workflows:
     packs: tuple = ()
     if workflows:
         make_checkpoint(checkpoints / FULL, full=True)
+        make_checkpoint(checkpoints / SDXL, sdxl=True)
         _random_images(base_dir / "input", ["concept_01", "concept_02", "concept_03", "dog_01", "dog_02",
                                             "cat_01", "cat_02"], (96, 80))
         if ANIMATEDIFF_EVOLVED and VIDEOHELPERSUITE:

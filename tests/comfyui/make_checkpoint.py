@@ -89,7 +89,7 @@ def _sane_init(module) -> None:
 def sdxl_checkpoint_state_dict(seed: int = 0) -> dict:
     """A small SDXL-family checkpoint ComfyUI detects by itself as SDXL (its KOALA-700M entry, a
     subclass of SDXL: 320 channels, 2048-wide context, 2816-wide added conditioning, transformer
-    depths [0, 2, 5], one block per level, channels ×1 at every level to stay small), with the
+    depths [0, 2, 5] and 5 in the middle, one block per level, channels ×1 at every level to stay small), with the
     full-size CLIP-L and OpenCLIP bigG ComfyUI's SDXL CLIP needs and a full-size VAE."""
     import comfy.sd
     import comfy.ops
@@ -102,7 +102,7 @@ def sdxl_checkpoint_state_dict(seed: int = 0) -> dict:
     unet = UNetModel(
         image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1, 1, 1],
         channel_mult=[1, 1, 1], num_head_channels=64, use_spatial_transformer=True, transformer_depth=[0, 2, 5],
-        transformer_depth_middle=1, transformer_depth_output=[0, 0, 2, 2, 5, 5], context_dim=2048,
+        transformer_depth_middle=5, transformer_depth_output=[0, 0, 2, 2, 5, 5], context_dim=2048,
         use_linear_in_transformer=True, legacy=False, num_classes="sequential", adm_in_channels=2816,
         operations=comfy.ops.disable_weight_init,
     )
