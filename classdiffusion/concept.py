@@ -145,7 +145,7 @@ class Concept:
         be the one the concept was trained on (BaseMismatchError says what differs). A concept of
         another model family (SD1.x on SDXL or the reverse) is refused first, by name."""
         family = family_named(self.family)
-        base_family = _weights_family(base_weights)
+        base_family = weights_family(base_weights)
         if base_family is not None and base_family is not family:
             raise BaseMismatchError(
                 f"This concept was trained on a {family.label} base, and {what} is {base_family.label}: a concept "
@@ -250,7 +250,7 @@ def save_embeddings(concept: Concept, folder: str | Path, name: str) -> list[Pat
     return paths
 
 
-def _weights_family(base_weights: Mapping[str, torch.Tensor]):
+def weights_family(base_weights: Mapping[str, torch.Tensor]):
     """The family a UNet's cross-attention weights belong to, by their context width (None: unknown)."""
     from .families import FAMILIES
 

@@ -10,6 +10,13 @@ diffusers' ``train_custom_diffusion.py`` (and the official ClassDiffusion code b
 * ``<new1>.{safetensors,bin}``: ``{"<new1>": embedding}`` per modifier token, loaded with
   ``pipe.load_textual_inversion``.
 
+SDXL (no diffusers example exists): the same processor layout for the 2048-wide K/V, and one
+``<token>.safetensors`` per token holding ``{"clip_l": [768], "clip_g": [1280]}`` (what diffusers'
+SDXL ``load_textual_inversion`` calls take one key each of, and ComfyUI's embedding loader reads).
+Adobe's SDXL script (``src/diffusers_training_sdxl.py``) instead pickles one ``delta.bin``:
+``{"unet": {"<block>.attn2.to_k.weight": trained weight, …}, "modifier_token": {token: [768-row,
+1280-row]}}``; it is imported too (read with ``weights_only=True``).
+
 Importing needs the base UNet (delta = trained − base) and the class word (not in those files).
 Deltas are stored so that ``base + delta`` reproduces the trained weight bit-exactly in float32;
 the few trained values no float32 sum can reach are kept as exact values (``Concept.exact``), so
@@ -25,7 +32,8 @@ from typing import Mapping, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from .concept import Concept
+from .concept import Concept, weights_family
+from .families import SD15, family_named
 from .meta import ConceptMeta
 from .errors import ConceptFileError, InvalidInputError
 from .kv import base_fingerprint, trained_names
@@ -100,6 +108,9 @@ def read_custom_diffusion(folder: str | Path) -> tuple[dict[str, torch.Tensor], 
     """(canonical name → trained weight, token → embedding) from a Custom Diffusion output folder."""
     folder = Path(folder)
     if folder.is_file():
+        content = _read(folder)
+        if isinstance(content, dict) and isinstance(content.get("unet"), dict):
+            return _read_adobe_sdxl(folder, content)
         folder, weights_files = folder.parent, [folder]
     else:
         weights_files = [folder / name for name in (WEIGHTS_SAFE, WEIGHTS_BIN) if (folder / name).exists()][:1]
@@ -116,9 +127,33 @@ def read_custom_diffusion(folder: str | Path) -> tuple[dict[str, torch.Tensor], 
     for path in sorted(folder.iterdir()):
         if path in weights_files or path.name in (WEIGHTS_SAFE, WEIGHTS_BIN) or path.suffix not in (".safetensors", ".bin"):
             continue
-        for token, vector in _read(path).items():
+        content = _read(path)
+        if set(content) == {"clip_l", "clip_g"}:  # an SDXL token: both encoders' rows, named by the file
+            embeddings[path.stem] = torch.cat([_row(content["clip_l"]), _row(content["clip_g"])])
+            continue
+        for token, vector in content.items():
             if isinstance(vector, torch.Tensor) and (vector.dim() == 1 or (vector.dim() == 2 and vector.shape[0] == 1)):
                 embeddings[token] = vector.reshape(-1).float()
+    return weights, embeddings
+
+
+def _row(vector) -> torch.Tensor:
+    if not isinstance(vector, torch.Tensor) or vector.numel() not in vector.shape:
+        raise ConceptFileError("A token embedding must be one vector per encoder.")
+    return vector.reshape(-1).float()
+
+
+def _read_adobe_sdxl(path: Path, content: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Adobe's SDXL ``delta.bin``: trained attn2 weights under their module names, and each
+    modifier token as [CLIP-L row, bigG row]."""
+    weights = {name: value for name, value in content["unet"].items()
+               if isinstance(value, torch.Tensor) and ".attn2." in name and name.split(".attn2.")[1] in _CANONICAL}
+    if not weights:
+        raise ConceptFileError(f"{path.name} holds no cross-attention weights under 'unet'.")
+    embeddings = {}
+    for token, rows in (content.get("modifier_token") or {}).items():
+        rows = rows if isinstance(rows, (list, tuple)) else [rows]
+        embeddings[str(token)] = torch.cat([_row(row) for row in rows])
     return weights, embeddings
 
 
@@ -187,7 +222,13 @@ def import_custom_diffusion(
         if index.numel():
             exact[name] = (index, values)
     trained_base = {name: base_weights[name] for name in expected}
+    family = weights_family(base_weights) or SD15
+    widths = {t: int(embeddings[t].shape[0]) for t in tokens}
+    if any(width != family.context_dim for width in widths.values()):
+        raise InvalidInputError(f"The token embeddings are {widths} wide, but this {family.label} base needs "
+                                f"{family.context_dim} ({' + '.join(map(str, family.text_widths))}).")
     meta = ConceptMeta(
+        family=family.name,
         train_mode=train_mode,
         concepts=[{"token": t, "class_word": w, "prompt": prompt} for t, w in zip(tokens, class_words)],
         initializers=["ktn"] * len(tokens), prompts=[prompt] * len(tokens),
@@ -229,8 +270,13 @@ def export_custom_diffusion(concept: Concept, base_weights: Mapping[str, torch.T
     # included (an empty dict each), which safetensors cannot hold: the .bin has them.
     blocks = {name.split(".attn2.")[0] for name in concept.deltas}
     torch.save({**tensors, **{f"{block}.attn1.processor": {} for block in sorted(blocks)}}, str(written[1]))
+    family = family_named(concept.family)
     for token, vector in zip(concept.tokens, concept.token_vectors):
         path = out_dir / f"{token}.safetensors"
-        save_file({token: vector.float().contiguous()}, str(path), metadata={"format": "pt"})
+        if len(family.text_widths) == 1:
+            tensors = {token: vector.float().contiguous()}
+        else:  # SDXL: one row per encoder, as diffusers' SDXL load_textual_inversion calls take them
+            tensors = {key: part.float().contiguous() for key, part in zip(family.embedding_keys, family.split(vector))}
+        save_file(tensors, str(path), metadata={"format": "pt", "token": token})
         written.append(path)
     return written

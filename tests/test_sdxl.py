@@ -325,3 +325,84 @@ def test_other_families_are_refused_by_name(sdxl_base, tmp_path):
         for name in ("tokenizer", "text_encoder", "unet", "vae", "scheduler", "tokenizer_2"):
             (tmp_path / "half" / name).mkdir()
         load_base_components(tmp_path / "half")
+
+
+@pytest.fixture
+def sdxl_concept(sdxl_host, tmp_path):
+    from classdiffusion.concept import load_concept
+    from classdiffusion.train import train
+
+    result = train(sdxl_host, [dog()], small_config(steps=2, learning_rate=1e-3), images=[make_images()],
+                   out=tmp_path / "sdxl.safetensors")
+    return load_concept(result.path)
+
+
+def test_sdxl_export_import_round_trip_and_diffusers_loads_it(sdxl_base, sdxl_concept, tmp_path):
+    """Export in diffusers' Custom Diffusion layout (2048-wide K/V, {clip_l, clip_g} token files):
+    diffusers' own processors and two load_textual_inversion calls compute what the applied
+    concept computes; importing gives back the same deltas and token, bit-exactly."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from classdiffusion.apply import apply_concept_to_pipeline
+    from classdiffusion.interop import WEIGHTS_BIN, export_custom_diffusion, import_custom_diffusion
+    from classdiffusion.kv import cross_attention_weights
+
+    theirs_pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl_base))
+    base = cross_attention_weights(theirs_pipe.unet, "kv")
+    out = tmp_path / "export"
+    export_custom_diffusion(sdxl_concept, base, out)
+    imported = import_custom_diffusion(out, base, ["dog"])
+    assert imported.family == "sdxl" and imported.tokens == ["<sks>"]
+    assert torch.equal(imported.token_vectors, sdxl_concept.token_vectors)
+    for name, delta in sdxl_concept.deltas.items():
+        assert torch.equal(base[name] + imported.deltas[name], base[name] + delta), name
+
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([321])
+    time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]])
+    prompt = "a photo of a <sks> dog"
+
+    def eps(pipe):
+        context, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+        return pipe.unet(x, t, encoder_hidden_states=context,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+
+    tokens = load_file(str(out / "<sks>.safetensors"))
+    with torch.no_grad():
+        theirs_pipe.unet.set_attn_processor(
+            theirs_pipe.unet._process_custom_diffusion(torch.load(out / WEIGHTS_BIN, weights_only=True)))
+        theirs_pipe.load_textual_inversion(tokens["clip_l"], token="<sks>", text_encoder=theirs_pipe.text_encoder,
+                                           tokenizer=theirs_pipe.tokenizer)
+        theirs_pipe.load_textual_inversion(tokens["clip_g"], token="<sks>", text_encoder=theirs_pipe.text_encoder_2,
+                                           tokenizer=theirs_pipe.tokenizer_2)
+        theirs = eps(theirs_pipe)
+        ours_pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl_base))
+        apply_concept_to_pipeline(ours_pipe, sdxl_concept)
+        ours = eps(ours_pipe)
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_adobe_sdxl_delta_bin_imports_exactly(sdxl_host, sdxl_base, tmp_path):
+    """Adobe's SDXL script's ``delta.bin`` (its CustomDiffusionXLPipeline.save_pretrained layout):
+    applying the imported concept reproduces its trained K/V bit for bit and its two token rows."""
+    from diffusers import UNet2DConditionModel
+
+    from classdiffusion.apply import apply_concept
+    from classdiffusion.interop import import_custom_diffusion
+    from classdiffusion.kv import cross_attention_weights
+
+    unet = UNet2DConditionModel.from_pretrained(str(sdxl_base / "unet"))
+    gen = torch.Generator().manual_seed(5)
+    trained = {name: (w.detach() + 1e-3 * torch.randn(w.shape, generator=gen)).clone()
+               for name, w in unet.named_parameters() if "attn2.to_k" in name or "attn2.to_v" in name}
+    rows = [torch.randn(768, generator=gen), torch.randn(1280, generator=gen)]
+    torch.save({"unet": trained, "modifier_token": {"<new1>": rows}}, tmp_path / "delta.bin")
+    concept = import_custom_diffusion(tmp_path / "delta.bin", cross_attention_weights(unet, "kv"), ["dog"])
+    assert concept.family == "sdxl" and concept.tokens == ["<new1>"]
+    assert torch.equal(concept.token_vectors[0], torch.cat(rows))
+    apply_concept(unet, concept)
+    params = dict(unet.named_parameters())
+    assert all(torch.equal(params[name], weight) for name, weight in trained.items())
+    with pytest.raises(Exception, match="768.*1280|2048"):
+        torch.save({"unet": trained, "modifier_token": {"<new1>": rows[0]}}, tmp_path / "one_row.bin")
+        import_custom_diffusion(tmp_path / "one_row.bin", cross_attention_weights(unet, "kv"), ["dog"])

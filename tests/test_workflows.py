@@ -16,8 +16,9 @@ WORKFLOWS = load_workflows()
 PACK = pack_object_info()
 
 
-def test_the_four_workflows_ship():
-    assert set(WORKFLOWS) == {"train_concept", "train_infusion", "use_concept", "multi_concept", "video_animatediff"}
+def test_the_workflows_ship():
+    assert set(WORKFLOWS) == {"train_concept", "train_infusion", "use_concept", "multi_concept", "video_animatediff",
+                              "train_concept_sdxl", "use_concept_sdxl"}
 
 
 @pytest.mark.parametrize("name", sorted(WORKFLOWS))
@@ -56,6 +57,21 @@ def test_train_workflow_uses_paper_settings():
     multi_wf = WORKFLOWS["multi_concept"]
     multi = next(n for n in multi_wf["nodes"] if n["type"] == "ClassDiffusionTrainConcept")
     assert ui_to_api({"nodes": [multi], "links": multi_wf["links"]}, PACK)[str(multi["id"])]["inputs"]["steps"] == 800
+
+
+def test_sdxl_workflows_use_an_sdxl_checkpoint_at_1024():
+    for name in ("train_concept_sdxl", "use_concept_sdxl"):
+        workflow = WORKFLOWS[name]
+        loader = next(n for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple")
+        assert loader["widgets_values"][0] == "sd_xl_base_1.0.safetensors"
+        latent = next(n for n in workflow["nodes"] if n["type"] == "EmptyLatentImage")
+        assert latent["widgets_values"][:2] == [1024, 1024]
+    train_wf = WORKFLOWS["train_concept_sdxl"]
+    train = next(n for n in train_wf["nodes"] if n["type"] == "ClassDiffusionTrainConcept")
+    inputs = ui_to_api({"nodes": [train], "links": train_wf["links"]}, PACK)[str(train["id"])]["inputs"]
+    assert inputs["resolution"] == 1024 and inputs["save_name"] == "my_dog_sdxl" and inputs["spl_encoders"] == "mean"
+    load = next(n for n in WORKFLOWS["use_concept_sdxl"]["nodes"] if n["type"] == "ClassDiffusionLoadConcept")
+    assert load["widgets_values"][0] == "my_dog_sdxl.safetensors"
 
 
 def test_infusion_workflow_uses_its_recipe():

@@ -44,9 +44,11 @@ def main() -> None:
         _toy_concept_images(server.base_dir / "input")
         small = {"ClassDiffusionTrainConcept": {"steps": 2, "resolution": 64},
                  "EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 1}}
-        entry = server.run(ui_to_api(load_workflows()["train_concept"], server.get("/object_info"), small), timeout=900)
-        if entry["status"]["status_str"] != "success":
-            raise RuntimeError(f"train_concept: {error_message(entry)}")
+        for trained_first in ("train_concept", "train_concept_sdxl"):  # the use workflows' concepts exist
+            entry = server.run(ui_to_api(load_workflows()[trained_first], server.get("/object_info"), small),
+                               timeout=1800)
+            if entry["status"]["status_str"] != "success":
+                raise RuntimeError(f"{trained_first}: {error_message(entry)}")
         # The video workflow names the motion module users download; the picture shows it present.
         motion = server.base_dir / "models" / "animatediff_models"
         if (motion / MOTION_MODULE).exists():

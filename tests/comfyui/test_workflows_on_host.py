@@ -1,6 +1,7 @@
 """The shipped workflows in a real ComfyUI with AnimateDiff-Evolved and VideoHelperSuite: every
 node and widget matches the host's /object_info, and each workflow runs (small sizes, few steps)
-on a random SD1.5-architecture checkpoint; the video one with a random motion module."""
+on a random SD1.5-architecture checkpoint (the SDXL ones on a small SDXL-family checkpoint); the video
+one with a random motion module."""
 
 from __future__ import annotations
 
@@ -80,6 +81,19 @@ def test_infusion_workflow_runs(host):
 
     concept = load_concept(server.base_dir / "models" / "classdiffusion" / "my_dog_infusion.safetensors")
     assert concept.method == "infusion" and concept.tokens == [] and concept.class_words == ["dog"]
+    assert any("images" in out for out in entry["outputs"].values())
+
+
+def test_sdxl_workflows_run(host):
+    """Train on the small SDXL-family checkpoint (ComfyUI detects it as SDXL), then use the concept."""
+    server, info = host
+    entry = _run(server, info, "train_concept_sdxl")
+    from classdiffusion.concept import load_concept
+
+    concept = load_concept(server.base_dir / "models" / "classdiffusion" / "my_dog_sdxl.safetensors")
+    assert concept.family == "sdxl" and concept.token_vectors.shape[1] == 2048
+    assert any("images" in out for out in entry["outputs"].values())
+    entry = _run(server, info, "use_concept_sdxl")
     assert any("images" in out for out in entry["outputs"].values())
 
 
