@@ -144,6 +144,8 @@ def run_job(job: Job, default_base: str | None) -> JobResult:
         if base is None:
             raise InvalidInputError("no base: give the job a \"base\" or the queue --base")
         host = load_host(base, device=_DEVICE or "cpu", dtype=precision_dtype(config.mixed_precision))
+        if resume is None:  # e.g. an SDXL base trains at 1024 px unless the job's settings say otherwise
+            config = config.with_family_defaults(host.family, explicit=job.settings)
         keep = TrainCallbacks() if own_checkpoints else _LatestCheckpointOnly()
         result = train(host, specs, config, out=job.out, resume=resume, callbacks=keep,
                        meta_extra={"base_name": Path(base).name, "queue_job": job.name})

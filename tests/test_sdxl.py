@@ -406,3 +406,39 @@ def test_adobe_sdxl_delta_bin_imports_exactly(sdxl_host, sdxl_base, tmp_path):
     with pytest.raises(Exception, match="768.*1280|2048"):
         torch.save({"unet": trained, "modifier_token": {"<new1>": rows[0]}}, tmp_path / "one_row.bin")
         import_custom_diffusion(tmp_path / "one_row.bin", cross_attention_weights(unet, "kv"), ["dog"])
+
+
+def test_sdxl_checkpoints_resume_and_previews(sdxl_base, tmp_path):
+    """Step checkpoints on SDXL resume to the uninterrupted result; validation previews sample
+    through SDXL's added conditioning."""
+    from classdiffusion.concept import load_concept, run_files
+    from classdiffusion.train import train
+
+    config = small_config(steps=4, save_every=2, validation_every=4, validation_steps=2, learning_rate=1e-3)
+    straight = train(load_host(sdxl_base, device="cpu"), [dog()], config, images=[make_images()],
+                     out=tmp_path / "a" / "c.safetensors")
+    assert straight.validation_grid is not None and straight.validation_grid.size[0] > 0
+    step2 = dict(run_files(straight.path)[1])[2]
+    resumed = train(load_host(sdxl_base, device="cpu"), [dog()], config, images=[make_images()],
+                    out=tmp_path / "b" / "c.safetensors", resume=load_concept(step2))
+    for name, delta in straight.concept.deltas.items():
+        assert torch.allclose(resumed.concept.deltas[name], delta, atol=1e-7), name
+    assert torch.allclose(resumed.concept.token_vectors, straight.concept.token_vectors, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["infusion", "textual-inversion"])
+def test_other_methods_train_on_sdxl(sdxl_host, method, tmp_path):
+    """Infusion: a value residual on every attn2 of the SDXL UNet; Textual Inversion: one [768 | 1280] token."""
+    from classdiffusion.config import TrainConfig
+    from classdiffusion.methods import method_class
+    from classdiffusion.train import train
+
+    token = method_class(method).concept_token("<sks>")
+    config = TrainConfig.for_method(method, steps=2, resolution=64, batch_size=1)
+    result = train(sdxl_host, [dog(token=token)], config, images=[make_images()], out=tmp_path / "m.safetensors")
+    concept = result.concept
+    assert concept.family == "sdxl"
+    if method == "infusion":
+        assert len(concept.residuals) == 8 and all(r.abs().sum() > 0 for r in concept.residuals.values())
+    else:
+        assert concept.deltas == {} and concept.token_vectors.shape == (1, 2048)

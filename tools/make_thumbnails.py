@@ -4,7 +4,7 @@ as ComfyUI's real frontend draws it, opened through Workflow → Open in headles
     eval "$(bash tools/setup_comfyui_env.sh)"; python tools/make_thumbnails.py
 
 The test host (tests/comfyui) serves the frontend; the concept images in the Load Image nodes are
-the demo's synthetic toy pictures, and the concept the use/video workflows load is trained first by
+the demo's toy-world pictures, and the concept the use/video workflows load is trained first by
 the train workflow (small settings), so no node shows a missing file. A card shows the workflow, not
 a generated picture: on random test weights a generated picture would be noise.
 """
@@ -24,13 +24,15 @@ WIDTH = 1200
 
 
 def _toy_concept_images(input_dir: Path) -> None:
-    """The demo's synthetic 'toy' in place of the test host's random-pixel concept images."""
-    from classdiffusion.demo import synthetic_images
+    """The demo's toy-world pictures in place of the test host's random-pixel concept images."""
+    from PIL import Image
 
-    made = synthetic_images(Path(tempfile.mkdtemp(prefix="toy_")), count=7, size=256)
+    from classdiffusion.demo import DEMO_INSTANCE
+    from classdiffusion.toyworld.evaluate import instance_pictures
+
     names = ["concept_01", "concept_02", "concept_03", "dog_01", "dog_02", "cat_01", "cat_02"]
-    for source, name in zip(made, names):
-        shutil.copyfile(source, input_dir / f"{name}.png")
+    for picture, name in zip(instance_pictures(DEMO_INSTANCE, count=len(names)), names):
+        picture.resize((256, 256), Image.NEAREST).save(input_dir / f"{name}.png")
 
 
 def main() -> None:
