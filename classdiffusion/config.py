@@ -229,10 +229,10 @@ class TrainConfig:
         "code computes (pooler_output under SD1.5's legacy config = the new token's own position, entered without "
         "its position embedding); only to reproduce its numbers.", choices=SPL_FEATURES, cli="--spl-feature")
     spl_encoders: SplEncoders = setting(
-        "mean", "How SPL joins the text encoders of a two-encoder base (SDXL: CLIP-L and bigG). mean: the mean of "
-        "each encoder's 1 − cos (each encoder counts equally); concat: 1 − cos of their EOS features side by side "
-        "(bigG's larger features weigh more). One-encoder bases (SD1.x): the same either way.",
-        choices=SPL_ENCODERS, cli="--spl-encoders")
+        "concat", "How SPL joins the text encoders of a two-encoder base (SDXL: CLIP-L and bigG). concat: 1 − cos of "
+        "their EOS features side by side (bigG's wider features weigh more; measured to keep both encoders' drift "
+        "lowest, docs/sdxl.md); mean: the mean of each encoder's 1 − cos. One-encoder bases (SD1.x): the same "
+        "either way.", choices=SPL_ENCODERS, cli="--spl-encoders")
     prior_weight: float = setting(1.0, "Weight of the prior-preservation loss on class images.", min=0.0,
                                   cli="--prior-weight")
     resolution: int = setting(512, "Training resolution, a multiple of 64 (SD1.5: 512; SDXL: 1024).", min=64, max=1024, step=64,

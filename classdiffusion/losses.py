@@ -35,7 +35,7 @@ def eos_cosine(token_eos: torch.Tensor, class_eos: torch.Tensor) -> torch.Tensor
 
 
 def encoder_cosine(token_eos: torch.Tensor, class_eos: torch.Tensor, widths: Sequence[int] | None = None,
-                   combine: str = "mean") -> torch.Tensor:
+                   combine: str = "concat") -> torch.Tensor:
     """cos per row of features that may hold several text encoders' parts side by side (``widths``):
     ``combine="mean"`` averages each encoder's cosine, ``"concat"`` takes the cosine of the whole."""
     if not widths or len(widths) == 1 or combine == "concat":
@@ -48,7 +48,7 @@ def encoder_cosine(token_eos: torch.Tensor, class_eos: torch.Tensor, widths: Seq
 
 def semantic_preservation_loss(
     token_eos: Sequence[torch.Tensor], class_eos: Sequence[torch.Tensor], *,
-    widths: Sequence[int] | None = None, combine: str = "mean",
+    widths: Sequence[int] | None = None, combine: str = "concat",
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """L_spl = mean over concepts of mean over phrases of (1 − cos(E(P_tp), E(P_cp))).
 

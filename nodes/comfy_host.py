@@ -21,7 +21,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-import comfy.model_base
 import comfy.model_management
 import comfy.model_sampling
 import comfy.utils
@@ -44,6 +43,8 @@ def diffusers_to_comfy_map(model_patcher) -> dict[str, str]:
 def model_family(model_patcher) -> Family:
     """The MODEL's family from ComfyUI's own reading of it (its UNet config and model class);
     BaseModelError for SD2.x, Flux, inpainting and every other model not trained here."""
+    import comfy.model_base
+
     model = model_patcher.model
     config = model.model_config.unet_config
     sampling = model.model_sampling

@@ -218,7 +218,7 @@ class TrainConceptNode(io.ComfyNode):
                 gradient_checkpointing, save_name, class_images=None, concept_2=None, concept_3=None,
                 spl_feature="eos", channels_last=False, compile=False, method=DEFAULT_METHOD,
                 masks=None, save_every=0, validation_every=0, validation_prompts="", validation_steps=25,
-                validation_seed=0, memory="auto", spl_encoders="mean") -> io.NodeOutput:
+                validation_seed=0, memory="auto", spl_encoders="concat") -> io.NodeOutput:
         name = sanitize_name(save_name)
         model_family(model)
         data = [ConceptData(ConceptSpec(token=method_class(method).concept_token(token), class_word=class_word,

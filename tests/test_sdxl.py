@@ -204,7 +204,8 @@ def test_sdxl_optimizer_step_equals_the_official_adamw_step(sdxl_host, sdxl_base
         run.optimize(run.losses(batch).total)
     finally:
         detach()
-    total, *_ = official.loss(batch, run.method.spl_prompts[0], run.concepts[0].class_phrase(), 1.0, "mean")
+    total, *_ = official.loss(batch, run.method.spl_prompts[0], run.concepts[0].class_phrase(), 1.0,
+                              run.config.spl_encoders)
     total.backward()
     with torch.no_grad():  # Adobe's script: zero every other row's gradient in both tables, clip, step
         for embedding, token_id in zip(official.embeddings, official.token_ids):

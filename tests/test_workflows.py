@@ -69,7 +69,7 @@ def test_sdxl_workflows_use_an_sdxl_checkpoint_at_1024():
     train_wf = WORKFLOWS["train_concept_sdxl"]
     train = next(n for n in train_wf["nodes"] if n["type"] == "ClassDiffusionTrainConcept")
     inputs = ui_to_api({"nodes": [train], "links": train_wf["links"]}, PACK)[str(train["id"])]["inputs"]
-    assert inputs["resolution"] == 1024 and inputs["save_name"] == "my_dog_sdxl" and inputs["spl_encoders"] == "mean"
+    assert inputs["resolution"] == 1024 and inputs["save_name"] == "my_dog_sdxl" and inputs["spl_encoders"] == "concat"
     load = next(n for n in WORKFLOWS["use_concept_sdxl"]["nodes"] if n["type"] == "ClassDiffusionLoadConcept")
     assert load["widgets_values"][0] == "my_dog_sdxl.safetensors"
 

@@ -363,8 +363,9 @@ SDXL_TRAIN_NOTE = """Train a ClassDiffusion concept on SDXL (both text encoders,
 2. Load Image: 3-20 photos of your concept, at least 1024 px on the short side if you have them.
 3. Train ClassDiffusion Concept: resolution 1024 (SDXL's), otherwise the SD1.5 paper recipe (500 steps, batch 2,
    learning rate 1e-5 x batch, SPL weight 1.0). The token gets one vector per text encoder (768 for CLIP-L,
-   1280 for bigG); SPL compares both encoders' end-of-text features (spl_encoders: mean of the two, or concat).
-   Memory: about 13 GB at batch 2 in fp16 with gradient checkpointing, which memory=auto switches on when needed.
+   1280 for bigG); SPL compares both encoders' end-of-text features (spl_encoders: side by side, or the mean).
+   Memory: 16 GB cards train it at batch 2 in fp16 with gradient checkpointing (memory=auto switches it on);
+   340.8 M K/V values are trained, so the concept file is 1.4 GB.
    It saves models/classdiffusion/my_dog_sdxl.safetensors and models/embeddings/my_dog_sdxl.safetensors
    (clip_l and clip_g, so embedding:my_dog_sdxl works in any SDXL prompt).
 4. The sampler uses the trained MODEL and CLIP at 1024x1024: write <sks> or embedding:my_dog_sdxl.
