@@ -450,3 +450,37 @@ def test_other_methods_train_on_sdxl(sdxl_host, method, tmp_path):
         assert len(concept.residuals) == 8 and all(r.abs().sum() > 0 for r in concept.residuals.values())
     else:
         assert concept.deltas == {} and concept.token_vectors.shape == (1, 2048)
+
+
+@pytest.mark.slow
+def test_memory_plans_script_plans_full_size_sdxl():
+    """benchmarks/memory_plans.py on full-size SDXL (meta device): the parameter counts are SDXL's,
+    and the planner's picks grow with the card (a small resolution keeps the test quick)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from memory_plans import markdown, meta_host, plans
+
+    host = meta_host("sdxl", torch.float16)
+    assert sum(p.numel() for p in host.unet.parameters()) == 2_567_463_684
+    assert sum(w.numel() for w in host.cross_attention_weights("kv").values()) == 340_787_200
+    assert host.family.name == "sdxl" and host.text_dim == 2048
+    rows = plans("sdxl", [6, 40], resolution=256, mixed_precision="fp16")
+    assert [row["fits"] for row in rows] == [False, True]
+    assert not rows[1]["gradient_checkpointing"] and rows[1]["batch_size"] == 2
+    assert "does not fit" in markdown(rows)
+
+
+@pytest.mark.slow
+def test_spl_choice_script_runs(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from sdxl_spl_choice import VARIANTS, run
+
+    report = run(steps=2, seeds=[0], learning_rate=1e-4)
+    assert set(report["results"]) == set(VARIANTS)
+    for result in report["results"].values():
+        ranks = result["mean"]
+        assert {"clip_l", "clip_g", "both"} == set(ranks)
+        assert 1 <= ranks["both"]["rank"] <= result["runs"][0]["both"]["of"]
