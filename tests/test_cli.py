@@ -23,6 +23,37 @@ def test_demo_writes_images_concept_plot_grid_and_scores(tmp_path, capsys):
     assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "grid.png").stat().st_size > 1000
 
 
+def test_sdxl_demo_inspect_train_and_generate(tmp_path, capsys):
+    """`demo --family sdxl` builds a tiny SDXL-shaped base and trains on it; inspect reports the
+    family; the embedding beside the concept holds clip_l and clip_g; train on that base takes
+    SDXL's 1024 px default unless --resolution is given; generate samples with the concept."""
+    from safetensors.torch import load_file
+
+    demo = tmp_path / "demo"
+    assert main(["demo", "--family", "sdxl", "--out", str(demo), "--steps", "3", "-q"]) == 0
+    assert "token 2048 wide" in capsys.readouterr().out
+    assert main(["inspect", str(demo / "concept.safetensors")]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["family"] == "sdxl" and meta["family_label"] == "Stable Diffusion XL" and meta["text_dim"] == 2048
+    embedding = load_file(str(demo / "concept_embedding.safetensors"))
+    assert {k: tuple(v.shape) for k, v in embedding.items()} == {"clip_l": (1, 768), "clip_g": (1, 1280)}
+
+    out = tmp_path / "sdxl.safetensors"
+    assert main(["train", "--base", str(demo / "base"), "--images", str(demo / "images"), "--token", "<sks>",
+                 "--class-word", "dog", "--out", str(out), "--steps", "1", "--resolution", "64", "-q"]) == 0
+    concept = load_concept(out)
+    assert concept.family == "sdxl" and concept.meta.config["resolution"] == 64
+    from classdiffusion.config import TrainConfig
+    from classdiffusion.families import SDXL
+
+    assert TrainConfig().with_family_defaults(SDXL).resolution == 1024
+    assert TrainConfig().with_family_defaults(SDXL, explicit={"resolution": 64}).resolution == 512
+    capsys.readouterr()
+    assert main(["generate", "--base", str(demo / "base"), "--concept", str(out), "--prompt", "a photo of a <sks> dog",
+                 "--out", str(tmp_path / "samples"), "--steps", "2", "--size", "64"]) == 0
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 1
+
+
 def test_train_inspect_resume_generate(tiny_base, image_dir, tmp_path, capsys):
     out = tmp_path / "dog.safetensors"
     args = ["train", "--base", str(tiny_base), "--images", str(image_dir), "--token", "<sks>",
