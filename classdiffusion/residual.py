@@ -133,7 +133,10 @@ class ConditionRegistry:
             copy = entry["copies"].get(key)
             if copy is None:
                 copy = entry["copies"][key] = stored.to(row.device, row.dtype)
-            if all(torch.equal(row[k * size:(k + 1) * size], copy) for k in range(length // size)):
+            # SDXL's context holds CLIP-L's features first, bigG's beside them: an encoding of one
+            # encoder is found in the columns it fills.
+            width = copy.shape[-1]
+            if all(torch.equal(row[k * size:(k + 1) * size, :width], copy) for k in range(length // size)):
                 return ids.repeat(length // size)
         return None
 

@@ -484,3 +484,37 @@ def test_spl_choice_script_runs(tmp_path):
         ranks = result["mean"]
         assert {"clip_l", "clip_g", "both"} == set(ranks)
         assert 1 <= ranks["both"]["rank"] <= result["runs"][0]["both"]["of"]
+
+
+def test_infusion_concept_applies_to_an_sdxl_pipeline_only_at_its_word(sdxl_host, sdxl_base, tmp_path):
+    """Applied to diffusers' SDXL pipeline, an Infusion concept changes ε for prompts with the class
+    word and leaves every other prompt bit-identical (its hooks find the word in the CLIP-L columns
+    of SDXL's 2048-wide context)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from classdiffusion.apply import apply_concept_to_pipeline
+    from classdiffusion.config import TrainConfig
+    from classdiffusion.methods import method_class
+    from classdiffusion.train import train
+
+    config = TrainConfig.for_method("infusion", steps=2, resolution=64, batch_size=1, validation_every=2,
+                                    validation_steps=2)
+    token = method_class("infusion").concept_token("<sks>")
+    result = train(sdxl_host, [dog(token=token)], config, images=[make_images()], out=tmp_path / "inf.safetensors")
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl_base))
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([400])
+    time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]])
+
+    def eps(prompt):
+        with torch.no_grad():
+            context, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+            return pipe.unet(x, t, encoder_hidden_states=context,
+                             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+
+    before = {p: eps(p) for p in ("a photo of a dog", "a photo of a cat")}
+    handle = apply_concept_to_pipeline(pipe, result.concept)
+    after = {p: eps(p) for p in before}
+    handle.remove()
+    assert not torch.equal(after["a photo of a dog"], before["a photo of a dog"])
+    assert torch.equal(after["a photo of a cat"], before["a photo of a cat"])
+    assert torch.equal(eps("a photo of a dog"), before["a photo of a dog"])  # removed: the base again

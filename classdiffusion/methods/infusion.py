@@ -116,7 +116,8 @@ class InfusionMethod(TrainingMethod):
 
         context, uncond = super().validation_contexts(prompts)
         registry = ConditionRegistry()
-        registry.register(context, self.host.token_ids(prompts))
+        ids = self.host.token_ids(prompts)
+        registry.register(context[:, :ids.shape[1]], ids)  # SDXL's context has the pooled row after the tokens
         self.positions.mask = None
         self.positions.lookup = RegistryPositions(registry, self.word_ids)
         return context, uncond
