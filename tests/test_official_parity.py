@@ -114,17 +114,21 @@ class OfficialStep:
         return total, recon, spl, prior
 
     def kv_weights(self) -> dict[str, torch.nn.Parameter]:
-        """The processors' trained K/V weights by canonical layer name."""
-        kv = {}
-        for name, proc in self.procs.items():
-            if name.endswith("attn2.processor"):
-                layer = name.removesuffix(".processor")
-                kv[layer + ".to_k.weight"] = proc.to_k_custom_diffusion.weight
-                kv[layer + ".to_v.weight"] = proc.to_v_custom_diffusion.weight
-        return kv
+        return processor_kv_weights(self.procs)
 
     def grads(self):
         return {name: w.grad for name, w in self.kv_weights().items()}, self.embedding.grad[self.token_id]
+
+
+def processor_kv_weights(procs) -> dict[str, torch.nn.Parameter]:
+    """Custom Diffusion processors' trained K/V weights by canonical layer name."""
+    kv = {}
+    for name, proc in procs.items():
+        if name.endswith("attn2.processor"):
+            layer = name.removesuffix(".processor")
+            kv[layer + ".to_k.weight"] = proc.to_k_custom_diffusion.weight
+            kv[layer + ".to_v.weight"] = proc.to_v_custom_diffusion.weight
+    return kv
 
 
 def _close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:

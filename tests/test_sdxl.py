@@ -27,8 +27,7 @@ from classdiffusion.hosts.diffusers_host import load_host
 from classdiffusion.tiny import build_tiny_sdxl_base
 from classdiffusion.train import TrainingRun
 from conftest import dog, make_images, small_config
-
-RTOL = 1e-5
+from test_official_parity import _close, processor_kv_weights
 
 
 @pytest.fixture(scope="session")
@@ -126,22 +125,10 @@ class OfficialSDXLStep:
         return recon + spl_weight * spl, recon, spl
 
     def kv_weights(self) -> dict[str, torch.nn.Parameter]:
-        kv = {}
-        for name, proc in self.procs.items():
-            if name.endswith("attn2.processor"):
-                layer = name.removesuffix(".processor")
-                kv[layer + ".to_k.weight"] = proc.to_k_custom_diffusion.weight
-                kv[layer + ".to_v.weight"] = proc.to_v_custom_diffusion.weight
-        return kv
+        return processor_kv_weights(self.procs)
 
     def token_row(self, attr: str = "data") -> torch.Tensor:
         return torch.cat([getattr(e, attr)[i] for e, i in zip(self.embeddings, self.token_ids)])
-
-
-def _close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
-    scale = theirs.abs().max().clamp_min(1e-12)
-    error = float((ours - theirs).abs().max() / scale)
-    assert error < RTOL, f"{what}: relative difference {error:.2e}"
 
 
 def _mid_run(host, **settings) -> TrainingRun:

@@ -44,15 +44,7 @@ def checkpoint_state_dict(seed: int = 0, full: bool = False) -> dict:
         transformer_depth_middle=1, transformer_depth_output=[1, 1], context_dim=768,
         use_linear_in_transformer=False, legacy=False, operations=comfy.ops.disable_weight_init,
     )
-    with torch.no_grad():  # ComfyUI's layers skip initialisation: give every weight a sane random value
-        for name, param in unet.named_parameters():
-            if name.endswith("bias"):
-                param.zero_()
-            elif "norm" in name and param.ndim == 1:
-                param.fill_(1.0)
-            else:
-                fan_in = param[0].numel() if param.ndim > 1 else 1
-                param.normal_(0.0, fan_in ** -0.5)
+    _sane_init(unet)
     clip_config = json.load(open(os.path.join("comfy", "sd1_clip_config.json")))
     clip_config.pop("architectures", None)
     text = CLIPTextModel(CLIPTextConfig(**clip_config))
