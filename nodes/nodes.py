@@ -187,7 +187,6 @@ class TrainConceptNode(io.ComfyNode):
                 ConceptSpecType.Input("concept_2", optional=True, tooltip="A second concept to train jointly."),
                 ConceptSpecType.Input("concept_3", optional=True, tooltip="A third concept to train jointly."),
                 setting_input(io.Combo, "spl_feature", optional=True, **_advanced()),
-                setting_input(io.Combo, "spl_encoders", optional=True, **_advanced()),
                 setting_input(io.Boolean, "channels_last", optional=True, **_advanced()),
                 setting_input(io.Boolean, "compile", optional=True, **_advanced()),
                 setting_input(io.Combo, "method", optional=True),
@@ -201,6 +200,7 @@ class TrainConceptNode(io.ComfyNode):
                 setting_input(io.Int, "validation_seed", optional=True),
                 io.Combo.Input("memory", options=list(setting_info("memory")["choices"]), default="auto", optional=True,
                                tooltip=setting_info("memory")["help"] + " The node's default is auto."),
+                setting_input(io.Combo, "spl_encoders", optional=True, **_advanced()),  # new inputs go last
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL"),

@@ -63,6 +63,7 @@ def main() -> None:
                 print(graph_screenshot(browser, WORKFLOW_DIR / f"{name}.jpg", width=WIDTH))
     finally:
         server.stop()
+        shutil.rmtree(server.base_dir, ignore_errors=True)  # its checkpoints take ~5 GB
 
 
 if __name__ == "__main__":

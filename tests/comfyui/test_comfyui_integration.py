@@ -96,7 +96,7 @@ def test_nodes_are_registered_with_their_inputs(server):
     assert list(train["optional"]) == ["class_images", "concept_2", "concept_3", "spl_feature", "channels_last",
                                       "compile", "method", "masks", "save_every", "validation_every",
                                       "validation_prompts", "validation_steps", "validation_seed",
-                                      "memory"]  # new ones last
+                                      "memory", "spl_encoders"]  # new ones last
     spl_feature = train["optional"]["spl_feature"]
     assert spl_feature[1]["default"] == "eos" and spl_feature[1].get("advanced") is True
     outputs = info["ClassDiffusionTrainConcept"]["output"]
