@@ -170,8 +170,8 @@ def comfy_text_encoder(clip, family: Family, device: torch.device, dtype: torch.
     if family is not SDXL:
         tokenizer, model, context_layer = text_encoder_from_clip(clip, device, dtype)
         return TransformersTextEncoder(tokenizer, model, device, context_layer)
-    layer_idx = getattr(clip, "layer_idx", None)
-    layer = -2 if layer_idx in (None, -1) else int(layer_idx)
+    layer_idx = getattr(clip, "layer_idx", None)  # CLIP Set Last Layer; -1 on SDXL = the last layer, unnormed
+    layer = -2 if layer_idx is None else int(layer_idx)
     encoders = []
     for key in family.embedding_keys:
         tokenizer, model = clip_text_model(clip, key, device, dtype)

@@ -30,9 +30,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("classdiffusion")
 
-#: SD1.5's CLIP-L text width; the UNet's cross-attention context must have this size.
-SD15_CONTEXT_DIM = 768
-
 
 def speed_up_unet(unet: torch.nn.Module, *, channels_last: bool, compile: bool) -> Callable:
     """The UNet forward a host should call: channels-last in place, and torch.compile'd if asked
