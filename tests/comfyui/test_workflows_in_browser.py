@@ -26,20 +26,22 @@ WORKFLOWS = load_workflows()
 #: Model files the user downloads (README: the AnimateDiff motion module); the test host has a random
 #: motion module under another name, so the frontend rightly lists this one as missing.
 USER_DOWNLOADS = {"mm_sd_v15_v2.ckpt"}
-#: The concept the use/video workflows load, trained on the host first by the train workflow (small).
+#: The concepts the use/video workflows load, trained on the host first by the train workflows (small).
 SMALL_TRAINING = {"ClassDiffusionTrainConcept": {"steps": 2, "resolution": 64},
                   "EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 1}}
 
 
 @pytest.fixture(scope="module")
 def server(shared_server):
-    """The session's ComfyUI with the concept the workflows name (models/classdiffusion/my_dog)."""
-    concept = shared_server.base_dir / "models" / "classdiffusion" / "my_dog.safetensors"
-    if not concept.exists():
-        info = shared_server.get("/object_info")
-        entry = shared_server.run(ui_to_api(WORKFLOWS["train_concept"], info, SMALL_TRAINING), timeout=900)
-        assert entry["status"]["status_str"] == "success", error_message(entry)
-    assert concept.exists()
+    """The session's ComfyUI with the concepts the workflows name (models/classdiffusion/my_dog and
+    my_dog_sdxl), each trained by its train workflow if an earlier test has not."""
+    for train, name in (("train_concept", "my_dog"), ("train_concept_sdxl", "my_dog_sdxl")):
+        concept = shared_server.base_dir / "models" / "classdiffusion" / f"{name}.safetensors"
+        if not concept.exists():
+            info = shared_server.get("/object_info")
+            entry = shared_server.run(ui_to_api(WORKFLOWS[train], info, SMALL_TRAINING), timeout=1800)
+            assert entry["status"]["status_str"] == "success", error_message(entry)
+        assert concept.exists()
     return shared_server
 
 
