@@ -53,18 +53,18 @@ def apply_concept(
     concept.check_against(cross_attention_weights(unet, concept.train_mode), what="this UNet", strict=strict)
     if concept.residuals:
         return _apply_residuals(unet, concept, text_encoder, tokenizer, strength)
-    handle = AppliedConcept(patch=bake_deltas(unet, concept.deltas, strength, concept.exact),
-                            tokens=list(concept.tokens))
+    encoders = []
     if text_encoder is not None and tokenizer is not None:
         encoders = [(text_encoder, tokenizer)] + ([(text_encoder_2, tokenizer_2)] if text_encoder_2 is not None else [])
         family = family_named(concept.family)
-        if len(encoders) != len(family.text_widths):
-            handle.remove()
+        if len(encoders) != len(family.text_widths):  # refused before any weight changes
             raise BaseMismatchError(f"This {family.label} concept has token vectors for {len(family.text_widths)} text "
                                     f"encoder(s); {len(encoders)} were given.")
-        parts = family.split(concept.token_vectors)
+    handle = AppliedConcept(patch=bake_deltas(unet, concept.deltas, strength, concept.exact),
+                            tokens=list(concept.tokens))
+    if encoders:
         try:
-            for (encoder, encoder_tokenizer), vectors in zip(encoders, parts):
+            for (encoder, encoder_tokenizer), vectors in zip(encoders, family.split(concept.token_vectors)):
                 _add_token_rows(encoder, encoder_tokenizer, concept.tokens, vectors, handle)
         except Exception:
             handle.remove()

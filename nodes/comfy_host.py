@@ -26,7 +26,7 @@ import comfy.model_sampling
 import comfy.utils
 
 from ..classdiffusion.errors import BaseModelError
-from ..classdiffusion.families import SD15, SDXL, Family, detect_family
+from ..classdiffusion.families import SDXL, Family, detect_family
 from ..classdiffusion.hosts.base import HostBase, split_pooled
 from ..classdiffusion.kv import cross_attention_weights
 from ..classdiffusion.text import CombinedTextEncoder, TransformersTextEncoder
@@ -53,7 +53,7 @@ def model_family(model_patcher) -> Family:
     return detect_family(
         context_dim=config.get("context_dim"), in_channels=config.get("in_channels"),
         added_conditioning="text_time" if is_sdxl else ("other" if config.get("adm_in_channels") else None),
-        text_widths=SDXL.text_widths if is_sdxl else SD15.text_widths,
+        text_widths=SDXL.text_widths if is_sdxl else (config.get("context_dim"),),  # SD1.x/SD2: one encoder
         prediction="epsilon" if eps else "v or another target", what=f"This MODEL ({type(model).__name__})")
 
 

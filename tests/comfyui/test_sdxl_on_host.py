@@ -101,3 +101,35 @@ def test_sdxl_cancel_leaves_no_files(server):
     leftovers = [p.name for f in folders if f.exists() for p in f.iterdir()
                  if p.name.startswith((".sdxl_cancelled", "sdxl_cancelled"))]
     assert leftovers == []
+
+
+def test_sdxl_infusion_changes_only_prompts_with_its_word(server):
+    """Infusion on SDXL through the Train node (a value residual on each of the 26 attn2), then Load
+    Concept K/V + stock CLIPTextEncode/KSampler: a prompt without the class word samples
+    bit-identically to the base model, one with it does not (the residual hooks find the word in
+    ComfyUI's 2048-wide SDXL conditioning)."""
+    from classdiffusion.concept import load_concept
+
+    entry = server.run({**loader(SDXL), **image_batch(),
+                        **train_node("sdxl_infusion", steps=2, method="infusion", batch_size=1)}, timeout=1200)
+    assert_success(entry)
+    path = server.base_dir / "models" / "classdiffusion" / "sdxl_infusion.safetensors"
+    concept = load_concept(path)
+    assert concept.family == "sdxl" and concept.method == "infusion" and len(concept.residuals) == 26
+    with torch.no_grad():  # two steps move the residuals little: scaled up, "differs" tests the mechanism
+        for residual in concept.residuals.values():
+            residual.mul_(300)
+    concept.save(path.with_name("sdxl_infusion_strong.safetensors"))
+    load = _load_concept_node("sdxl_infusion_strong.safetensors")
+    runs = {}
+    for label, graph in {
+        "base_cat": {**loader(SDXL), **sampler(("ckpt", 0), ("ckpt", 1), "a photo of a cat", "sdxl_inf_base_cat")},
+        "tuned_cat": {**loader(SDXL), **load, **sampler(("load", 0), ("load", 1), "a photo of a cat", "sdxl_inf_cat")},
+        "base_dog": {**loader(SDXL), **sampler(("ckpt", 0), ("ckpt", 1), "a photo of a dog", "sdxl_inf_base_dog")},
+        "tuned_dog": {**loader(SDXL), **load, **sampler(("load", 0), ("load", 1), "a photo of a dog", "sdxl_inf_dog")},
+    }.items():
+        result = server.run(graph)
+        assert_success(result)
+        runs[label] = _pixels(server, result)
+    assert np.array_equal(runs["tuned_cat"], runs["base_cat"])
+    assert not np.array_equal(runs["tuned_dog"], runs["base_dog"])
