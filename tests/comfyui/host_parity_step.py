@@ -18,16 +18,14 @@ import types
 import torch
 
 
-def load_pack(repo: str):
-    """This repository as a package (its relative imports need one), without running its
-    top-level ``__init__`` (which registers the nodes)."""
+def load_pack(repo: str, *modules: str):
+    """The named modules of this repository (e.g. ``"nodes.comfy_host"``), imported as a package
+    (their relative imports need one) without running its top-level ``__init__`` (which registers
+    the nodes). Also used by sdxl_host_check.py."""
     package = types.ModuleType("classdiffusion_pack")
     package.__path__ = [repo]
     sys.modules["classdiffusion_pack"] = package
-    return (importlib.import_module("classdiffusion_pack.nodes.comfy_host"),
-            importlib.import_module("classdiffusion_pack.classdiffusion.hosts.diffusers_host"),
-            importlib.import_module("classdiffusion_pack.classdiffusion.losses"),
-            importlib.import_module("classdiffusion_pack.classdiffusion.config"))
+    return tuple(importlib.import_module(f"classdiffusion_pack.{name}") for name in modules)
 
 
 def step(host, deltas, vector, noisy, timesteps, noise, mask, losses):
@@ -65,7 +63,8 @@ def main(repo: str, out_path: str) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    comfy_host, diffusers_host, losses, config = load_pack(repo)
+    comfy_host, diffusers_host, losses, config = load_pack(
+        repo, "nodes.comfy_host", "classdiffusion.hosts.diffusers_host", "classdiffusion.losses", "classdiffusion.config")
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
     clip_config = json.load(open(os.path.join("comfy", "sd1_clip_config.json")))

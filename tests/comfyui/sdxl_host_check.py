@@ -13,27 +13,13 @@ differences between our trainable copies and ComfyUI's own computation:
 - that a gradient reaches both halves of the token and every attn2 K/V delta.
 """
 
-import importlib
 import json
 import os
 import sys
-import types
 
 import torch
 
-
-def load_pack(repo: str):
-    package = types.ModuleType("classdiffusion_pack")
-    package.__path__ = [repo]
-    sys.modules["classdiffusion_pack"] = package
-    return (importlib.import_module("classdiffusion_pack.nodes.comfy_host"),
-            importlib.import_module("classdiffusion_pack.nodes.comfy_glue"),
-            importlib.import_module("classdiffusion_pack.classdiffusion.hosts.base"),
-            importlib.import_module("classdiffusion_pack.classdiffusion.kv"))
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+from host_parity_step import load_pack, relative  # this script's folder is on sys.path
 
 
 def main(repo: str, checkpoint: str, out_path: str) -> None:
@@ -44,7 +30,8 @@ def main(repo: str, checkpoint: str, out_path: str) -> None:
     import comfy.model_base
     import comfy.sd
 
-    comfy_host, comfy_glue, hosts_base, kv = load_pack(repo)
+    comfy_host, comfy_glue, hosts_base = load_pack(repo, "nodes.comfy_host", "nodes.comfy_glue",
+                                                   "classdiffusion.hosts.base")
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)[:3]
     report = {"model_class": type(model.model).__name__, "config_class": type(model.model.model_config).__name__,
               "is_sdxl": isinstance(model.model, comfy.model_base.SDXL),
