@@ -6,6 +6,7 @@ strength, stacked with other concepts, and removed again exactly.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import weakref
 from dataclasses import dataclass, field
@@ -192,19 +193,85 @@ def bake_deltas(
 #: which the official code trains through, detach the key and value of the first context token).
 START_TOKEN_DETACHED = (".attn2.to_k", ".attn2.to_v")
 
+#: How a host reads a Linear's weight and bias for an input: a context manager yielding
+#: ``(weight, bias)`` in the input's dtype and on its device (ComfyUI: its own casting and
+#: offloading, ``comfy.ops``). None: the module's own tensors, cast here.
+WeightReader = Callable[[nn.Module, torch.Tensor], "contextlib.AbstractContextManager[tuple]"]
 
-def attach_deltas_with_hooks(
+
+class StartDetachedLinear(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` whose weight and bias gradients leave sequence position 0
+    out, while the input's gradient takes every position: one matmul forward, two backward.
+
+    This is the start-of-text detach of diffusers' ``CustomDiffusionAttnProcessor``
+    (``key = m·key + (1−m)·key.detach()``, m = 0 at position 0) for a trained weight ``W + ΔW``:
+    the frozen ``W`` gets no gradient anyway, so leaving position 0 out of the whole weight's
+    gradient leaves it out of ΔW's, without a second, sliced matmul per layer."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad_bias = None
+        later = grad[:, 1:]
+        if ctx.needs_input_grad[1]:
+            grad_weight = later.reshape(-1, later.shape[-1]).T @ x[:, 1:].reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = later.sum((0, 1))
+        return grad_x, grad_weight, grad_bias
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a Linear computes in for input ``x``: autocast's where it is on, else x's."""
+    device_type = x.device.type
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):  # meta: the memory planner
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 delta_weight: torch.Tensor | None, delta_bias: torch.Tensor | None, *,
+                 skip_start: bool) -> torch.Tensor:
+    """``x·(W + ΔW)ᵀ + (b + Δb)`` in one matmul, in the dtype the Linear computes in.
+
+    ``W + ΔW`` is added in fp32 and rounded once to the compute dtype: with mixed precision this
+    is what the official code's autocast does to its fp32 trained weight. ``skip_start``: no
+    weight gradient from sequence position 0 (:class:`StartDetachedLinear`)."""
+    dtype = compute_dtype(x)
+    if delta_weight is not None:
+        weight = (weight + delta_weight).to(dtype)  # promotes a half weight to fp32 for the sum
+    else:
+        weight = weight.to(dtype)
+    if delta_bias is not None:
+        bias = delta_bias.to(dtype) if bias is None else (bias + delta_bias).to(dtype)
+    elif bias is not None:
+        bias = bias.to(dtype)
+    x = x.to(dtype)
+    if skip_start and x.ndim == 3 and x.shape[1] > 1:
+        return StartDetachedLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def attach_fused_deltas(
     modules: Mapping[str, nn.Module], deltas: Mapping[str, torch.Tensor], *,
-    detach_start_token: bool = True,
+    detach_start_token: bool = True, read_weights: WeightReader | None = None,
 ) -> Callable[[], None]:
-    """Make each named Linear compute ``x·(W + ΔW)ᵀ (+ b + Δb)`` by adding ``F.linear(x, ΔW, Δb)``
-    to its output in a forward hook. The frozen weight is untouched (no copy per step), the
-    deltas get gradients, and the returned function removes the hooks again.
+    """Make each named Linear compute ``x·(W + ΔW)ᵀ (+ b + Δb)`` in one matmul
+    (:func:`delta_linear`) by giving the module instance its own ``forward``. The frozen weight is
+    untouched (no copy kept between steps), the deltas get gradients, and the returned function
+    restores the module's own forward (forward hooks, e.g. Infusion's residuals, still run).
 
     ``detach_start_token``: for the cross-attention key/value projections, the first context
     position (the start-of-text token) contributes its value but no gradient, exactly as diffusers'
-    ``CustomDiffusionAttnProcessor`` does (``key = m·key + (1−m)·key.detach()`` with m = 0 at
-    position 0). ``modules`` maps the canonical layer name (``…attn2.to_k``) to the host's module.
+    ``CustomDiffusionAttnProcessor`` does. ``modules`` maps the canonical layer name (``…attn2.to_k``)
+    to the host's module; ``read_weights``: how the host reads a module's weight for an input
+    (ComfyUI's casting and offloading), default the module's own weight and bias.
     """
     per_module: dict[str, dict[str, torch.Tensor]] = {}
     for name, delta in deltas.items():
@@ -212,27 +279,40 @@ def attach_deltas_with_hooks(
         if module_name not in modules:
             raise KeyError(f"the UNet has no layer {module_name!r}")
         per_module.setdefault(module_name, {})[kind] = delta
-    handles = []
+    restore = []
     for module_name, parts in per_module.items():
-        weight, bias = parts.get("weight"), parts.get("bias")
+        module = modules[module_name]
         skip_start = detach_start_token and module_name.endswith(START_TOKEN_DETACHED)
+        forward = _fused_forward(module, parts.get("weight"), parts.get("bias"), skip_start, read_weights)
+        restore.append((module, module.__dict__.get("forward")))
+        module.forward = forward
+    return _restorer(restore)
 
-        def hook(module, inputs, output, weight=weight, bias=bias, skip_start=skip_start):
-            x = inputs[0]
-            if weight is None:
-                return output + bias.to(output.dtype)
-            w = weight.to(x.dtype)
-            b = None if bias is None else bias.to(x.dtype)
-            if skip_start and x.ndim == 3 and x.shape[1] > 1:
-                # Same value as F.linear(x, w, b); the start position's part carries no gradient.
-                extra = torch.cat([F.linear(x[:, :1], w.detach(), None if b is None else b.detach()),
-                                   F.linear(x[:, 1:], w, b)], dim=1)
+
+def _fused_forward(module: nn.Module, delta_weight, delta_bias, skip_start: bool,
+                   read_weights: WeightReader | None) -> Callable:
+    if read_weights is None:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return delta_linear(x, module.weight, module.bias, delta_weight, delta_bias, skip_start=skip_start)
+    else:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with read_weights(module, x) as (weight, bias):
+                return delta_linear(x, weight, bias, delta_weight, delta_bias, skip_start=skip_start)
+    return forward
+
+
+def _restorer(restore: list) -> Callable[[], None]:
+    """Puts back each module's own forward (an instance attribute it had, or the class's)."""
+
+    def detach() -> None:
+        for module, previous in restore:
+            if previous is None:
+                module.__dict__.pop("forward", None)
             else:
-                extra = F.linear(x, w, b)
-            return output + extra.to(output.dtype)
+                module.forward = previous
+        restore.clear()
 
-        handles.append(modules[module_name].register_forward_hook(hook))
-    return remover(handles)
+    return detach
 
 
 def remover(handles: list) -> Callable[[], None]:

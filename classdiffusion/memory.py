@@ -148,7 +148,7 @@ def step_bytes(unet_config: dict, config: TrainConfig, *, train_mode: str | None
     ``train_mode`` (None: none), or Infusion's residuals of ``residual_target``."""
     from diffusers import UNet2DConditionModel
 
-    from .kv import attach_deltas_with_hooks, cross_attention_weights
+    from .kv import attach_fused_deltas, cross_attention_weights
     from .residual import ResidualPositions, attach_residuals_with_hooks, residual_modules
 
     dtype = precision_dtype(config.mixed_precision)
@@ -182,7 +182,7 @@ def step_bytes(unet_config: dict, config: TrainConfig, *, train_mode: str | None
                 {m: torch.zeros(modules[m].out_features, device=meta, requires_grad=True) for m in residuals},
                 positions)
         else:
-            detach = attach_deltas_with_hooks(
+            detach = attach_fused_deltas(
                 {n.rsplit(".", 1)[0]: modules[n.rsplit(".", 1)[0]] for n in trained_weights},
                 dict(zip(trained_weights, trained)))
         original_sdpa = F.scaled_dot_product_attention

@@ -1,8 +1,9 @@
 """The TrainingHost for ComfyUI objects: MODEL (ModelPatcher), CLIP and VAE.
 
 - UNet: the ModelPatcher's diffusion model, called with DDPM inputs (x_t, t) so it returns ε
-  exactly as ComfyUI's EPS sampling wraps it; K/V deltas are attached with forward hooks that
-  map canonical (diffusers) layer names to ComfyUI's through ``comfy.utils.unet_to_diffusers``.
+  exactly as ComfyUI's EPS sampling wraps it; each trained Linear computes ``x·(W + ΔW)ᵀ`` in one
+  matmul with the weight ComfyUI's own ``comfy.ops`` casting gives it (dtype, device, offloading,
+  weight patches), canonical (diffusers) layer names mapped through ``comfy.utils.unet_to_diffusers``.
 - Text: ComfyUI's CLIP-L weights (SDXL: and bigG's, with its projection) copied into transformers
   CLIP text models (ComfyUI's own text model adds residuals in place and holds inference tensors,
   so gradients cannot flow through it); the tokenizers are copies of the CLIP's own, so token ids
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from typing import Sequence
@@ -271,6 +273,9 @@ class ComfyHost(HostBase):
     def unet_config(self) -> dict:
         return diffusers_unet_config(self.model_patcher.model.model_config.unet_config)
 
+    def weight_reader(self):
+        return comfy_weights
+
     def delta_modules(self, names: Sequence[str]) -> dict[str, nn.Module]:
         modules = dict(self.diffusion_model.named_modules())
         return {name.rpartition(".")[0]: modules[self._to_comfy[name].rpartition(".")[0]] for name in names}
@@ -297,6 +302,28 @@ class ComfyHost(HostBase):
             comfy.model_management.in_training = self._was_in_training
             self._was_in_training = None
         super().close()
+
+
+@contextlib.contextmanager
+def comfy_weights(module: nn.Module, x: torch.Tensor):
+    """A Linear's (weight, bias) for input ``x`` as ComfyUI's own ``Linear.forward`` gets them:
+    ``comfy.ops``' casting to the input's dtype and device, its offload streams and its weight
+    functions (LoRA patches in low-VRAM mode) — with the offloaded buffers released afterwards.
+    A plain ``nn.Linear`` (not a comfy.ops layer) gives its own tensors."""
+    import comfy.ops
+
+    if not hasattr(module, "comfy_cast_weights"):
+        yield module.weight, module.bias
+        return
+    every_op = getattr(comfy.ops, "run_every_op", None)
+    if every_op is not None:
+        every_op()  # ComfyUI's interrupt check, as in its Linear.forward
+    context = getattr(comfy.ops, "CastBiasWeightContext", None)
+    if context is not None:
+        with context(module, x, offloadable=True) as (weight, bias):
+            yield weight, bias
+    else:  # older ComfyUI: cast_bias_weight returns (weight, bias)
+        yield comfy.ops.cast_bias_weight(module, x)[:2]
 
 
 def _comfy_checkpointing():

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence, runtime
 import torch
 from torch import nn
 
-from ..kv import attach_deltas_with_hooks
+from ..kv import WeightReader, attach_fused_deltas
 from ..residual import attach_residuals_with_hooks
 from ..families import SD15, Family
 from ..text import CombinedTextEncoder, TextFeatures, TransformersTextEncoder
@@ -197,7 +197,13 @@ class HostBase:
         raise NotImplementedError
 
     def attach_deltas(self, deltas: Mapping[str, torch.Tensor]) -> Callable[[], None]:
-        return attach_deltas_with_hooks(self.delta_modules(list(deltas)), deltas)
+        """One fused ``x·(W + ΔW)ᵀ`` per trained layer (``kv.attach_fused_deltas``), reading the
+        frozen weights the host's way (:meth:`weight_reader`)."""
+        return attach_fused_deltas(self.delta_modules(list(deltas)), deltas, read_weights=self.weight_reader())
+
+    def weight_reader(self) -> WeightReader | None:
+        """How this host's Linear layers get their weight for an input (None: the module's own)."""
+        return None
 
     def attach_residuals(self, residuals: Mapping[str, torch.Tensor], positions) -> Callable[[], None]:
         modules = self.delta_modules([f"{name}.weight" for name in residuals])
