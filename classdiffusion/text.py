@@ -33,6 +33,11 @@ class TextFeatures:
     #: the encoders' features one by one. None: one encoder.
     widths: tuple[int, ...] | None = None
 
+    def rows(self, index: torch.Tensor) -> "TextFeatures":
+        """The features of rows ``index`` (gradients flow back to the rows taken)."""
+        return TextFeatures(context=self.context[index], eos=self.eos[index], max_id=self.max_id[index],
+                            pooled=None if self.pooled is None else self.pooled[index], widths=self.widths)
+
 
 class TokenInjectingEmbedding(nn.Module):
     """Wraps the text encoder's token embedding: rows of added tokens come from trainable

@@ -185,11 +185,25 @@ class HostBase:
 
     def encode_text(self, prompts: Sequence[str], token_vectors: Mapping[str, torch.Tensor], *,
                     tokens_without_position: bool = False, eos_only: bool = False) -> TextFeatures:
-        features = self.text.encode(prompts, token_vectors, tokens_without_position=tokens_without_position,
+        unique = list(dict.fromkeys(prompts))  # a batch repeats phrases (and the SPL phrase): once each
+        features = self.text.encode(unique, token_vectors, tokens_without_position=tokens_without_position,
                                     eos_only=eos_only)
+        if len(unique) < len(prompts):
+            features = features.rows(self._row_index(tuple(prompts), unique))
         if features.pooled is not None:
             features.context = pack_pooled(features.context, features.pooled)
         return features
+
+    def _row_index(self, prompts: tuple[str, ...], unique: list[str]) -> torch.Tensor:
+        """Where each prompt's row is among the unique prompts (kept on the device, per prompt list)."""
+        cache = self.__dict__.setdefault("_row_indices", {})
+        index = cache.get(prompts)
+        if index is None:
+            order = {prompt: k for k, prompt in enumerate(unique)}
+            index = torch.tensor([order[p] for p in prompts], device=self.device)
+            if len(cache) < 4096:
+                cache[prompts] = index
+        return index
 
     # -- trained weights ---------------------------------------------------------------------
     def delta_modules(self, names: Sequence[str]) -> dict[str, nn.Module]:
