@@ -75,9 +75,20 @@ def main() -> None:
         clock = StepClock(device, args.warmup, args.steps, memory.split, start=time.perf_counter())
 
         class Clock(pack.comfy_glue.ComfyCallbacks):
+            """Ticks as each step is queued and after the last step's losses are read (see bench_train)."""
+
+            started = 0
+
+            def should_stop(self):
+                if self.started:
+                    clock.tick()
+                self.started += 1
+                return super().should_stop()
+
             def on_step(self, record, total_steps):
                 super().on_step(record, total_steps)
-                clock.tick()
+                if record.step == total_steps:
+                    clock.tick()
 
         with torch.inference_mode(False), torch.enable_grad():
             patcher = pack.comfy_glue.training_patcher(model)

@@ -90,8 +90,20 @@ def run_ours(args, components, device, after_warmup) -> dict:
     clock = StepClock(device, args.warmup, args.steps, after_warmup, start=time.perf_counter())
 
     class Clock(TrainCallbacks):
+        """Ticks as each step is queued (before the next one starts) and after the last step's
+        losses are read: the trainer reads them only every log_every steps."""
+
+        started = 0
+
+        def should_stop(self):
+            if self.started:
+                clock.tick()
+            self.started += 1
+            return False
+
         def on_step(self, record, total):
-            clock.tick()
+            if record.step == total:
+                clock.tick()
 
     options = VARIANTS[args.variant]
     config = TrainConfig.for_method(

@@ -270,6 +270,9 @@ class TrainConfig:
                                   "GPUs).", cli="--channels-last")
     compile: bool = setting(False, "torch.compile the UNet (slow first step; pays off over hundreds of steps on a "
                             "GPU).", cli="--compile")
+    log_every: int = setting(10, "Read the loss values back from the device every N steps (or every second, whichever "
+                             "comes first); each read waits for the GPU to finish its queued work. The history keeps "
+                             "every step either way; 1 = read after every step.", min=1, max=10000, cli="--log-every")
     seed: int = setting(0, "Seed: same inputs and seed give the same concept.", min=0, max=0xFFFFFFFF, cli="--seed")
     save_every: int = setting(0, "Also save NAME-stepNNNNN.safetensors every N steps beside the concept (0 = off), to "
                               "pick the best step (Load Concept K/V and Compare Concept Steps list them; `classdiffusion "

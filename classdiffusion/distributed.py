@@ -65,11 +65,12 @@ class Ranks:
             param.grad = flat[offset:offset + grad.numel()].view_as(param).clone()
             offset += grad.numel()
 
-    def sum_values(self, values: list[float], device: torch.device) -> list[float]:
-        """Element-wise sums over the ranks (losses for the history; NaN propagates)."""
+    def sum_values(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise sums over the ranks of a tensor on the device (losses for the history; NaN
+        propagates); no host read."""
         if self.world == 1:
             return values
-        return self._collective(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
+        return self._collective(values.clone())
 
     def smallest(self, value: int, device: torch.device) -> int:
         """The smallest of the ranks' values (free memory: every rank plans for the tightest device,

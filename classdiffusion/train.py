@@ -29,6 +29,7 @@ from .kv import base_fingerprint
 from .meta import ConceptMeta
 from .distributed import SINGLE, Ranks
 from .methods import METHOD_CLASSES, Losses, MethodContext, method_class
+from .methods.base import LossLayout
 from .resume import check_resume
 
 logger = logging.getLogger("classdiffusion")
@@ -68,6 +69,28 @@ class Batch:
     mask: torch.Tensor  #: [B, 1, h, w] valid latent cells of the concept rows
     prompts: list[str]  #: the concept rows' training phrases
     prior_owners: list[int] = field(default_factory=list)  #: concept index of each class row
+
+
+@dataclass
+class PendingStep:
+    """A step whose loss values are still on the device (``TrainingRun.read_steps`` reads them)."""
+
+    step: int
+    values: torch.Tensor  #: Losses.stacked(), averaged over micro-batches (and ranks)
+    layout: LossLayout
+    lr: float
+    seconds: float
+
+
+def gradient_norm(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """The gradients' total L2 norm as a 0-d device tensor (non-finite when any gradient is);
+    clipped to ``max_norm`` first when it is positive."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=params[0].device if params else None)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
 class TrainCallbacks:
@@ -217,11 +240,14 @@ class TrainingRun:
         config = self.config
         groups = self.method.param_groups()
         self.params = [p for group in groups for p in group["params"]]
-        self.optimizer = torch.optim.AdamW(
-            groups, lr=self.lr, betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.weight_decay, eps=config.adam_epsilon,
-            fused=self.device.type == "cuda",  # one kernel for all trained tensors instead of a loop
-        )
+        options = dict(lr=self.lr, betas=(config.adam_beta1, config.adam_beta2),
+                       weight_decay=config.weight_decay, eps=config.adam_epsilon)
+        try:  # one kernel for all trained tensors, and it skips a step on the device (found_inf)
+            self.optimizer = torch.optim.AdamW(groups, fused=True, **options)
+            self._fused = True
+        except (RuntimeError, ValueError):  # a device without fused AdamW
+            self.optimizer = torch.optim.AdamW(groups, **options)
+            self._fused = False
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(
             config.mixed_precision == "fp16" and self.device.type == "cuda"))
 
@@ -288,53 +314,68 @@ class TrainingRun:
         self.scaler.scale(loss).backward()
 
     def optimizer_step(self) -> None:
-        """Gradient clipping (if on), the method's pre-step work, one AdamW step."""
+        """Gradient clipping (if on), the method's pre-step work, one AdamW step. A step whose
+        gradients are not finite (fp16 overflow, a diverged loss) changes nothing, decided on the
+        device: fused AdamW's ``found_inf``, no host sync."""
         self.scaler.unscale_(self.optimizer)
-        if self.config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-        self.method.before_optimizer_step(self._grads_finite())
-        self.scaler.step(self.optimizer)
+        norm = gradient_norm(self.params, self.config.max_grad_norm)
+        keep = torch.isfinite(norm).float()
+        self.method.before_optimizer_step(keep)
+        if self.scaler.is_enabled():  # fp16: the scaler's own check of the same gradients
+            self.scaler.step(self.optimizer)
+        elif self._fused:
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, 1.0 - keep
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.grad_scale, self.optimizer.found_inf
+        elif bool(keep):  # AdamW without on-device skipping: one read
+            self.optimizer.step()
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-
-    def _grads_finite(self) -> bool:
-        """False when the fp16 scaler will skip this step (an inf/NaN gradient); True without fp16."""
-        if not self.scaler.is_enabled():
-            return True
-        grads = [p.grad for p in self.params if p.grad is not None]
-        return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
 
     def optimize(self, loss: torch.Tensor) -> None:
         """Backward and one optimizer step (one micro-batch per step)."""
         self.backward(loss)
         self.optimizer_step()
 
-    def step(self, step: int) -> StepRecord:
+    def step(self, step: int) -> "PendingStep":
         """One optimizer step: this rank's micro-batches (all of them in a single process), the
-        gradients summed over the ranks, one AdamW step; the record averages every micro-batch."""
+        gradients summed over the ranks, one AdamW step. Nothing is read from the device: the
+        step's loss values stay there until :meth:`read_steps` (one sync for many steps)."""
         start = time.perf_counter()
         total_micro = self.micro_batches
-        sums, losses, diverged = None, None, None
+        values = layout = None
         for micro in self.ranks.micro_batches(self.config.gradient_accumulation):
             losses = self.losses(self.sample_batch(step, micro))
-            flat = losses.floats()  # one sync per micro-batch
-            if not all(math.isfinite(v) for v in flat[:1 + len(losses.terms)]):  # the total and its terms
-                diverged = flat[0]
-                break
             self.backward(losses.total / total_micro if total_micro > 1 else losses.total)
-            sums = flat if sums is None else [a + b for a, b in zip(sums, flat)]
-        if self.ranks.any(diverged is not None, self.device):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDivergedError(
-                f"The loss became {diverged if diverged is not None else 'non-finite on another rank'} at step "
-                f"{step + 1}; training stopped before that step changed any weight. Lower the learning rate or "
-                "use bf16 instead of fp16."
-            )
+            flat = losses.stacked()
+            values, layout = (flat if values is None else values + flat), losses.layout()
         self.ranks.sum_gradients(self.params)
         self.optimizer_step()
-        loss, terms, diagnostics = losses.read([v / total_micro for v in self.ranks.sum_values(sums, self.device)])
-        return StepRecord(step=step + 1, loss=loss, terms=terms, lr=self.lr, diagnostics=diagnostics,
-                          seconds=time.perf_counter() - start)
+        values = self.ranks.sum_values(values)
+        return PendingStep(step=step + 1, values=values / total_micro if total_micro > 1 else values,
+                           layout=layout, lr=self.lr, seconds=time.perf_counter() - start)
+
+    def read_steps(self, pending: Sequence["PendingStep"]) -> list[StepRecord]:
+        """The records of steps run so far, read from the device at once; TrainingDivergedError at
+        the first step whose loss (or a term) was not finite — its update and those of later
+        steps with non-finite gradients were skipped, so no weight holds a NaN."""
+        if not pending:
+            return []
+        rows = torch.stack([p.values for p in pending]).tolist()  # the one device sync
+        records = []
+        for item, row in zip(pending, rows):
+            if not all(math.isfinite(v) for v in row[:item.layout.checked]):
+                raise TrainingDivergedError(
+                    f"The loss became {row[0]} at step {item.step}; training stopped at step {pending[-1].step}, "
+                    "and no step with non-finite gradients changed a weight. Lower the learning rate or use "
+                    "bf16 instead of fp16."
+                )
+            loss, terms, diagnostics = item.layout.read(row)
+            records.append(StepRecord(step=item.step, loss=loss, terms=terms, lr=item.lr,
+                                      diagnostics=diagnostics, seconds=item.seconds))
+        return records
 
     def drift(self) -> list[dict]:
         return self.method.drift()
@@ -471,14 +512,24 @@ class _Validation:
         callbacks.on_validation(step, images, self.log.grid(), path)
 
 
+#: Seconds after which the loss values are read even before ``log_every`` steps have run, so
+#: progress bars keep moving on slow devices (a read a second costs a fast GPU nothing).
+READ_INTERVAL_S = 1.0
+
+
 def _run_steps(run: TrainingRun, start: int, history: list[dict], extra: dict, out: Path | None,
                callbacks: TrainCallbacks, validation: "_Validation | None" = None
                ) -> tuple[list[Path], list[dict] | None]:
-    """Steps ``start``..``config.steps``: cancel check, step, drift log, callbacks, checkpoints.
+    """Steps ``start``..``config.steps``: cancel check, step, and — every ``log_every`` steps (or
+    READ_INTERVAL_S seconds), at the end and before any drift log, validation or checkpoint — one
+    read of the losses so far, their records (history, callbacks), then the drift log, previews and
+    checkpoints. A non-finite loss stops the run at that read, before anything is written.
     Returns the checkpoints written and the drift measured after the last step (if it was logged)."""
     config = run.config
     written: list[Path] = []
     last_drift = None
+    pending: list[PendingStep] = []
+    last_read = time.monotonic()
     if validation is not None and start == 0:
         validation.run(run, 0, callbacks)  # the starting point: the base (and initial token) at work
     for step in range(start, config.steps):
@@ -487,20 +538,31 @@ def _run_steps(run: TrainingRun, start: int, history: list[dict], extra: dict, o
                 f"Training was cancelled at step {step} of {config.steps}; no concept file was written"
                 + (f" (last checkpoint: {written[-1]})." if written else ".")
             )
+        pending.append(run.step(step))
+        done = step + 1
+        drift_due = bool(config.drift_every) and (done % config.drift_every == 0 or done == config.steps)
+        validation_due = validation is not None and (done % config.validation_every == 0 or done == config.steps)
+        save_due = out is not None and bool(config.save_every) and done % config.save_every == 0 and done < config.steps
+        timed_out = run.ranks.world == 1 and time.monotonic() - last_read >= READ_INTERVAL_S  # ranks read alike
+        if not (done % config.log_every == 0 or done == config.steps or drift_due or validation_due or save_due
+                or timed_out):
+            continue
         try:
-            record = run.step(step)
+            records = run.read_steps(pending)
         except TrainingDivergedError as exc:
             last = f" The last good checkpoint is {written[-1]}." if written else ""
             raise TrainingDivergedError(f"{exc}{last}") from None
-        done = step + 1
-        if config.drift_every and (done % config.drift_every == 0 or done == config.steps):
+        pending.clear()
+        last_read = time.monotonic()
+        if drift_due:
             last_drift = run.drift()
-            record.drift_rank = [d["rank"] for d in last_drift]
-        history.append(record.to_dict())
-        callbacks.on_step(record, config.steps)
-        if validation is not None and (done % config.validation_every == 0 or done == config.steps):
+            records[-1].drift_rank = [d["rank"] for d in last_drift]
+        for record in records:
+            history.append(record.to_dict())
+            callbacks.on_step(record, config.steps)
+        if validation_due:
             validation.run(run, done, callbacks)
-        if out is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
+        if save_due:
             snapshot = run.concept(done, history, extra, with_optimizer=config.checkpoint_optimizer)
             written.append(snapshot.save(checkpoint_path(out, done)))
             callbacks.on_checkpoint(written[-1])

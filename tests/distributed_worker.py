@@ -24,14 +24,15 @@ from classdiffusion.train import TrainCallbacks, train  # noqa: E402
 
 
 class Misbehave(TrainCallbacks):
+    """Asked before every step (``should_stop``), so it counts the steps done itself: the loop reports
+    records (``on_step``) only when it reads the losses back, every log_every steps."""
+
     def __init__(self, mode: str, rank: int):
         self.mode, self.rank, self.step = mode, rank, 0
 
-    def on_step(self, record, total_steps: int) -> None:
-        self.step = record.step
-
     def should_stop(self) -> bool:
-        if self.rank == 1 and self.step == 2:
+        step, self.step = self.step, self.step + 1
+        if self.rank == 1 and step == 2:
             if self.mode == "die":
                 os._exit(3)
             if self.mode == "hang":

@@ -49,13 +49,14 @@ def _queue(jobs_file: Path) -> subprocess.CompletedProcess:
 
 
 class _StopAfter(TrainCallbacks):
-    def __init__(self, step: int):
-        self.step, self.done = step, 0
+    """Stops after ``step`` steps; asked before every step, so it counts them itself (records
+    arrive only when the loop reads the losses back, every log_every steps)."""
 
-    def on_step(self, record, total_steps: int) -> None:
-        self.done = record.step
+    def __init__(self, step: int):
+        self.step, self.done = step, -1
 
     def should_stop(self) -> bool:
+        self.done += 1
         return self.done >= self.step
 
 

@@ -53,18 +53,36 @@ class Losses:
     #: e.g. ``{"cos": [EOS cosine of concept k]}``: numbers per concept, not optimized
     diagnostics: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
-    def floats(self) -> list[float]:
-        """[total, *terms, *diagnostics] as floats, with one device sync; sums and means of such
-        lists (over micro-batches and ranks) read back with ``read``."""
+    def stacked(self) -> torch.Tensor:
+        """[total, *terms, *diagnostics] as one detached float32 tensor on the device, so that
+        steps are summed over micro-batches and ranks and read back in bulk (``read``) without a
+        device sync per step."""
         scalars = [self.total, *self.terms.values(), *(t for ts in self.diagnostics.values() for t in ts)]
-        return torch.stack([s.detach().float().reshape(()) for s in scalars]).tolist()
+        return torch.stack([s.detach().float().reshape(()) for s in scalars])
+
+    def layout(self) -> "LossLayout":
+        """The names behind ``stacked``'s values (kept per step instead of the tensors)."""
+        return LossLayout(tuple(self.terms), tuple((name, len(ts)) for name, ts in self.diagnostics.items()))
+
+
+@dataclass(frozen=True)
+class LossLayout:
+    """Which value of a :meth:`Losses.stacked` tensor is which, to read it back as numbers."""
+
+    terms: tuple[str, ...]
+    diagnostics: tuple[tuple[str, int], ...]
+
+    @property
+    def checked(self) -> int:
+        """How many leading values must be finite (the total and its terms)."""
+        return 1 + len(self.terms)
 
     def read(self, flat: list[float]) -> tuple[float, dict[str, float], dict[str, list[float]]]:
-        """(total, terms, diagnostics) from a list in ``floats``' layout."""
+        """(total, terms, diagnostics) from a list in ``Losses.stacked``' layout."""
         terms = dict(zip(self.terms, flat[1:1 + len(self.terms)]))
         rest, diagnostics = flat[1 + len(self.terms):], {}
-        for name, tensors in self.diagnostics.items():
-            diagnostics[name], rest = rest[:len(tensors)], rest[len(tensors):]
+        for name, count in self.diagnostics:
+            diagnostics[name], rest = rest[:count], rest[count:]
         return flat[0], terms, diagnostics
 
 
@@ -146,9 +164,11 @@ class TrainingMethod:
     def losses(self, batch: Any) -> Losses:
         raise NotImplementedError
 
-    def before_optimizer_step(self, grads_finite: bool) -> None:
-        """After the gradients are final (unscaled, clipped), before AdamW's step; ``grads_finite``
-        is False when the fp16 loss scaler will skip this step."""
+    def before_optimizer_step(self, keep: torch.Tensor) -> None:
+        """After the gradients are final (unscaled, clipped), before AdamW's step. ``keep``: a 0-d
+        float tensor on the device, 1.0 when the step updates the weights and 0.0 when AdamW skips it
+        (a non-finite gradient: fp16 overflow or a diverged loss); a tensor, not a bool, so that
+        deciding costs no device sync — scale in-place updates by it."""
 
     # -- validation previews -----------------------------------------------------------------
     def validation_contexts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -116,16 +116,18 @@ class ClassDiffusionMethod(TrainingMethod):
         return Losses(total=total, terms=terms, diagnostics={"cos": cosines})
 
     @torch.no_grad()
-    def before_optimizer_step(self, grads_finite: bool) -> None:
+    def before_optimizer_step(self, keep: torch.Tensor) -> None:
         """AdamW's decoupled weight decay where the official code applies it: on the full trained
         weight W = base + Δ, towards zero (``W ← W·(1 − lr·wd)``, before the Adam update), i.e.
-        ``Δ ← Δ − lr·wd·(base + Δ)``. Decaying Δ alone would pull towards the base instead."""
+        ``Δ ← Δ − lr·wd·(base + Δ)``. Decaying Δ alone would pull towards the base instead.
+        Skipped steps (``keep`` = 0) decay nothing, as AdamW skips them."""
         factor = self.lr * self.config.weight_decay
-        if factor == 0.0 or not grads_finite:  # fp16: the scaler skips this step; so do we
+        if factor == 0.0:
             return
+        rate = keep * -factor
         base = self.context.base_weights
         for name, delta in self.deltas.items():
-            delta.sub_(base[name].to(delta.device, delta.dtype) + delta, alpha=factor)
+            delta.addcmul_(base[name].to(delta.device, delta.dtype) + delta, rate)
 
     def drift(self) -> list[dict]:
         return self.new_tokens.drift()
