@@ -270,6 +270,11 @@ class TrainConfig:
                                   "GPUs).", cli="--channels-last")
     compile: bool = setting(False, "torch.compile the UNet (slow first step; pays off over hundreds of steps on a "
                             "GPU).", cli="--compile")
+    compile_mode: str = setting("default", "With compile: torch.compile's mode. reduce-overhead also captures the "
+                                "step in CUDA graphs (fewer launches; more memory); max-autotune-no-cudagraphs "
+                                "searches faster kernels (a longer first compile).",
+                                choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                                cli="--compile-mode")
     log_every: int = setting(10, "Read the loss values back from the device every N steps (or every second, whichever "
                              "comes first); each read waits for the GPU to finish its queued work. The history keeps "
                              "every step either way; 1 = read after every step.", min=1, max=10000, cli="--log-every")

@@ -184,6 +184,10 @@ def comfy_text_encoder(clip, family: Family, device: torch.device, dtype: torch.
 class ComfyHost(HostBase):
     """TrainingHost over a ComfyUI ModelPatcher (already cloned and loaded), CLIP and VAE."""
 
+    #: ComfyUI's UNet forward reads its transformer_options and patches in Python, and its casting
+    #: may move weights between streams: torch.compile may break the graph there.
+    compile_fullgraph = False
+
     def __init__(self, model_patcher, clip, vae, *, device: torch.device | None = None,
                  text_dtype: torch.dtype | None = None):
         """``text_dtype``: the trained copy of the text model's dtype; best the autocast dtype

@@ -31,12 +31,31 @@ if TYPE_CHECKING:
 logger = logging.getLogger("classdiffusion")
 
 
-def speed_up_unet(unet: torch.nn.Module, *, channels_last: bool, compile: bool) -> Callable:
+def speed_up_unet(unet: torch.nn.Module, *, channels_last: bool, compile: bool, mode: str = "default",
+                  fullgraph: bool = False) -> Callable:
     """The UNet forward a host should call: channels-last in place, and torch.compile'd if asked
-    (forward hooks attached later still take effect)."""
+    (the trained tensors attached later are traced with it: compilation waits for the first call).
+    ``fullgraph``: the whole forward as one graph, an error instead of a silent graph break.
+    Compiled kernels are cached across runs (:func:`persistent_compile_cache`)."""
     if channels_last:
         unet.to(memory_format=torch.channels_last)
-    return torch.compile(unet) if compile else unet
+    if not compile:
+        return unet
+    persistent_compile_cache()
+    return torch.compile(unet, mode=None if mode == "default" else mode, fullgraph=fullgraph)
+
+
+def persistent_compile_cache() -> str:
+    """Keep torch.compile's caches (Inductor's FX graph and AOTAutograd caches, on by default) in
+    the user's cache folder instead of the temporary one, so a later run — after a reboot too —
+    loads the compiled step instead of compiling again. TORCHINDUCTOR_CACHE_DIR, when set, wins."""
+    import os
+    from pathlib import Path
+
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "classdiffusion" / "torch-compile")
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 def pack_pooled(context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
@@ -275,8 +294,13 @@ class HostBase:
         raise NotImplementedError
 
     # -- options -----------------------------------------------------------------------------
+    #: Whether this host's UNet forward, trained tensors attached, compiles as one graph (checked by
+    #: tests/test_compile.py); with False, torch.compile may split it at graph breaks.
+    compile_fullgraph = True
+
     def configure_training(self, config: "TrainConfig") -> None:
-        self._forward = speed_up_unet(self._unet, channels_last=config.channels_last, compile=config.compile)
+        self._forward = speed_up_unet(self._unet, channels_last=config.channels_last, compile=config.compile,
+                                      mode=config.compile_mode, fullgraph=self.compile_fullgraph)
         self._configure_memory(config)
 
     def _configure_memory(self, config: "TrainConfig") -> None:
