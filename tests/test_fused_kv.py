@@ -83,7 +83,7 @@ def test_one_matmul_forward_and_two_backward_per_fused_layer():
     layer = torch.nn.Linear(16, 8, bias=False).requires_grad_(False)
     delta = torch.zeros(8, 16, requires_grad=True)
     x = torch.randn(2, 77, 16, requires_grad=True)
-    detach = attach_fused_deltas({"attn2.to_k": layer}, {"attn2.to_k.weight": delta})
+    detach = attach_fused_deltas({"mid.attn2.to_k": layer}, {"mid.attn2.to_k.weight": delta})
     try:
         with _OpCounter() as forward:
             out = layer(x)
@@ -104,7 +104,7 @@ def test_mixed_precision_rounds_the_trained_weight_once_as_autocast_does():
     layer = torch.nn.Linear(32, 16, bias=False).requires_grad_(False)
     delta = (1e-3 * torch.randn(16, 32)).requires_grad_(True)
     x = torch.randn(2, 9, 32)
-    detach = attach_fused_deltas({"attn2.to_v": layer}, {"attn2.to_v.weight": delta})
+    detach = attach_fused_deltas({"mid.attn2.to_v": layer}, {"mid.attn2.to_v.weight": delta})
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = layer(x)
@@ -120,7 +120,7 @@ def test_forward_hooks_still_run_on_a_fused_layer():
     """Infusion's residuals are forward hooks on the same projections."""
     layer = torch.nn.Linear(4, 4, bias=False).requires_grad_(False)
     handle = layer.register_forward_hook(lambda module, inputs, output: output + 1.0)
-    detach = attach_fused_deltas({"attn2.to_k": layer}, {"attn2.to_k.weight": torch.zeros(4, 4, requires_grad=True)})
+    detach = attach_fused_deltas({"mid.attn2.to_k": layer}, {"mid.attn2.to_k.weight": torch.zeros(4, 4, requires_grad=True)})
     try:
         x = torch.randn(1, 3, 4)
         assert torch.allclose(layer(x), F.linear(x, layer.weight) + 1.0)

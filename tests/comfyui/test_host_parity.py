@@ -45,3 +45,17 @@ def test_comfyui_host_step_equals_the_diffusers_host_step(tmp_path):
     for key in ("recon", "spl", "total", "kv_grad", "token_grad"):
         floor = report["noise_floor"][key]
         assert report[key] <= max(FLOOR_FACTOR * floor, 1e-5) and report[key] < CAP, (key, report[key], floor)
+
+
+def test_fused_kv_linear_reads_weights_through_comfyuis_casting(tmp_path):
+    """A comfy.ops layer (fp16 storage, computed in fp32, a weight function doubling the weight) with a
+    trained ΔW attached computes x·(2W + ΔW)ᵀ + b exactly, ΔW's gradient leaves the start position
+    out, and detaching gives the layer its own forward back (comfy_linear_check.py)."""
+    out = tmp_path / "linear.json"
+    run = subprocess.run([COMFYUI_PYTHON, str(Path(__file__).with_name("comfy_linear_check.py")), str(REPO), str(out)],
+                         cwd=COMFYUI_PATH, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["out_dtype"] == "torch.float32" and report["restored"]
+    for key in ("value", "grad_x", "grad_delta", "plain"):
+        assert report[key] < 1e-5, (key, report)
