@@ -51,6 +51,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser, mixed_precision="fp16")
     parser.add_argument("--cpu", action="store_true", help="run ComfyUI with --cpu")
+    parser.add_argument("--unet-dtype", choices=["auto", "fp16", "bf16"], default="auto",
+                        help="the UNet's dtype as ComfyUI's --fp16-unet / --bf16-unet set it (auto: ComfyUI's choice)")
     parser.add_argument("--json", help="also write the result to this JSON file")
     args = parser.parse_args()
 
@@ -58,6 +60,8 @@ def main() -> None:
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = args.cpu
+    if args.unet_dtype != "auto":
+        setattr(comfy.cli_args.args, f"{args.unet_dtype}_unet", True)
     import comfy.model_management
     import comfy.sd
     from make_checkpoint import checkpoint_state_dict

@@ -74,6 +74,10 @@ VARIANTS = {
     "ours": {},
     "ours-ckpt": {"gradient_checkpointing": True},
     "ours-fast": {"channels_last": True, "compile": True},
+    # the same again in a fresh process: torch.compile's cache (persistent_compile_cache) should spare the compile
+    "ours-fast-again": {"channels_last": True, "compile": True},
+    # CUDA graphs: compile_mode reduce-overhead
+    "ours-graphs": {"channels_last": True, "compile": True, "compile_mode": "reduce-overhead"},
     "floor": {},
     "reference": {},
     # Infusion's method at the same batch, one micro-batch per step (its recipe accumulates 4: ×4 per step)
@@ -111,7 +115,8 @@ def run_ours(args, components, device, after_warmup) -> dict:
                          steps=args.steps + args.warmup, resolution=args.resolution, batch_size=args.batch_size,
                          mixed_precision=args.mixed_precision,
                          gradient_checkpointing=args.gradient_checkpointing or options.get("gradient_checkpointing", False),
-                         channels_last=options.get("channels_last", False), compile=options.get("compile", False))
+                         channels_last=options.get("channels_last", False), compile=options.get("compile", False),
+                         compile_mode=options.get("compile_mode", "default"))
     train(host, [ConceptSpec(token="<sks>", class_word="dog")], config, images=[images(args.images)], callbacks=Clock())
     return clock.result()
 
@@ -267,6 +272,33 @@ def run_floor(args, components, device, after_warmup) -> dict:
     return clock.result()
 
 
+#: Dense bf16/fp16 tensor-core peaks in TFLOP/s by device name (vendor data sheets; SXM parts),
+#: for model FLOPs utilisation. Longest matching name wins; --peak-tflops overrides.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H100 PCIe": 756.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
+               "A10": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
+
+
+def peak_tflops(device_name: str, mixed_precision: str) -> float | None:
+    """The device's tensor-core peak for the run's precision, if known (none for fp32 runs)."""
+    if mixed_precision == "no":
+        return None
+    matches = [name for name in PEAK_TFLOPS if name.lower() in device_name.lower()]
+    return PEAK_TFLOPS[max(matches, key=len)] if matches else None
+
+
+def count_step_flops(args, components, device) -> dict:
+    """The FLOPs of one ClassDiffusion step's irreducible work (the floor's step: text encoder,
+    UNet forward and backward), counted once by torch's FLOP counter. Every variant does at least
+    this work per step, so achieved TFLOP/s = this × steps/s (model FLOPs utilisation)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    one = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1})
+    with counter:
+        run_floor(one, components, device, after_warmup=lambda: None)
+    return {"step_flops": counter.get_total_flops() / 2}  # two steps ran: warm-up and timed
+
+
 def _profiler(device: torch.device):
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -289,6 +321,9 @@ def child(args) -> None:
             # them; the reference keeps its text encoder in fp32 (it trains the embedding matrix).
             for model in components[2:4] if args.variant == "reference" else components[1:4]:
                 model.to(precision_dtype(args.mixed_precision))
+        if args.variant == "flops":
+            print("RESULT " + json.dumps(count_step_flops(args, components, device)))
+            return
         runner = {"reference": run_reference, "floor": run_floor}.get(args.variant, run_ours)
         profiler = _profiler(device) if args.profile else None
 
@@ -323,14 +358,18 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print each variant's top N operators of the timed steps (torch.profiler) to stderr")
     parser.add_argument("--variant-timeout", type=float, help="seconds one variant may run (default: no limit)")
-    parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--flops", action="store_true",
+                        help="count one step's FLOPs (torch's FLOP counter) and report TFLOP/s and MFU per variant")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: PEAK_TFLOPS)")
+    parser.add_argument("--variant", choices=list(VARIANTS) + ["flops"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         return child(args)
 
     rows, failed = {}, []
-    for variant in args.variants.split(","):
-        if variant not in VARIANTS:
+    variants = args.variants.split(",")
+    for variant in (["flops"] if args.flops else []) + variants:
+        if variant not in VARIANTS and variant != "flops":
             raise SystemExit(f"unknown variant {variant!r}")
         cmd = [sys.executable, __file__, "--variant", variant] + [a for a in sys.argv[1:]]
         try:
@@ -349,10 +388,17 @@ def main() -> None:
             continue
         rows[variant] = json.loads(line[7:])
     settings = {key: getattr(args, key) for key in RUN_SETTINGS}
+    flops = rows.pop("flops", None)
+    if flops is not None:
+        settings["step_flops"] = flops["step_flops"]
+        if rows:
+            settings["peak_tflops"] = args.peak_tflops or peak_tflops(next(iter(rows.values()))["device"],
+                                                                      args.mixed_precision)
+    table = markdown_table(settings, rows) if rows else ""  # adds each row's TFLOP/s and MFU
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": settings, "rows": rows, "failed": failed}, indent=1))
     if rows:
-        print(markdown_table(settings, rows))
+        print(table)
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)}")
 
@@ -364,11 +410,17 @@ def markdown_table(settings: dict, rows: dict[str, dict]) -> str:
     cuda = "peak_reserved_mib" in first
     cpu = "peak_rss_mib" in first
     lines = [f"model={settings['model']} resolution={settings['resolution']} batch={settings['batch_size']} "
-             f"mixed_precision={settings['mixed_precision']} device={first['device']}", ""]
+             f"mixed_precision={settings['mixed_precision']} device={first['device']}"
+             + (f" step={settings['step_flops'] / 1e12:.3f} TFLOP (torch's FLOP counter, the floor's step)"
+                if settings.get("step_flops") else "")
+             + (f" peak={settings['peak_tflops']:.0f} TFLOP/s" if settings.get("peak_tflops") else ""), ""]
     head = ["loop", "steps/s", "peak memory MiB", "peak in steady steps MiB", "allocated between steps MiB"]
     head += ["peak reserved MiB"] if cuda else []
     head += ["peak RSS MiB"] if cpu else []
     head += ["500 steps s", "speed vs reference", "memory vs reference", "speed vs floor"]
+    flops, peak = settings.get("step_flops"), settings.get("peak_tflops")
+    head += ["TFLOP/s"] if flops else []
+    head += ["MFU"] if flops and peak else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in rows.items():
         cells = [name, f"{row['steps_per_s']:.3f}", f"{row['peak_memory_mib']:.0f}",
@@ -379,6 +431,13 @@ def markdown_table(settings: dict, rows: dict[str, dict]) -> str:
         cells.append(f"{row['steps_per_s'] / ref['steps_per_s']:.2f}x" if ref else "-")
         cells.append(f"{row['peak_memory_mib'] / ref['peak_memory_mib']:.2f}" if ref and ref['peak_memory_mib'] else "-")
         cells.append(f"{row['steps_per_s'] / floor['steps_per_s']:.2f}" if floor else "-")
+        if flops:
+            achieved = flops * row["steps_per_s"] / 1e12
+            row["tflops"] = achieved
+            cells.append(f"{achieved:.1f}" if achieved >= 1 else f"{achieved:.3f}")
+            if peak:
+                row["mfu"] = achieved / peak
+                cells.append(f"{100 * achieved / peak:.1f} %")
         lines.append("| " + " | ".join(cells) + " |")
     for name, row in rows.items():
         if "setup_and_first_step_s" in row:

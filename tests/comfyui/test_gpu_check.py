@@ -29,8 +29,18 @@ def test_gpu_check_dry_run_runs_every_part(tmp_path):
     assert set(rows) == {"ours", "floor", "reference"}
     assert all(row["steps_per_s"] > 0 and row["peak_memory_mib"] > 0 for row in rows.values())
     assert rows["ours"]["run_500_steps_s"] > rows["ours"]["setup_and_first_step_s"]
-    comfy = summary["comfy"]
-    assert comfy["steps_per_s"] > 0 and comfy["settings"]["model"] == "tiny"
-    assert summary["goals"] is None  # the H100 goals apply to GPU runs only
-    for column in ("| floor |", "speed vs floor", "ComfyUI node path"):
+    # model FLOPs utilisation: one step's FLOPs counted once, × steps/s, against the given peak
+    step_flops = summary["train"]["settings"]["step_flops"]
+    assert step_flops > 1e8
+    for row in rows.values():
+        assert row["tflops"] == pytest.approx(step_flops * row["steps_per_s"] / 1e12)
+        assert row["mfu"] == pytest.approx(row["tflops"] / 1.0)  # --peak-tflops 1
+    # the node path in fp16 and in bf16, each on a UNet of that dtype
+    for precision in ("fp16", "bf16"):
+        comfy = summary["comfy"][precision]
+        assert comfy["steps_per_s"] > 0 and comfy["settings"]["model"] == "tiny"
+        assert comfy["settings"]["mixed_precision"] == precision and comfy["unet_dtype"] == {"fp16": "float16",
+                                                                                               "bf16": "bfloat16"}[precision]
+    assert summary["goals"] is None  # the H200 goals apply to GPU runs only
+    for column in ("| floor |", "speed vs floor", "MFU", "| autocast fp16 |", "| autocast bf16 |", "vs CLI (ours)"):
         assert column in run.stdout
