@@ -97,7 +97,9 @@ class TrainCallbacks:
     """How a host (CLI, ComfyUI) follows and stops training without the loop importing it."""
 
     def on_step(self, record: StepRecord, total_steps: int) -> None:
-        """Called after every step."""
+        """Called for every step, in order, when the loop reads the losses back (every
+        ``log_every`` steps or second, and before drift logs, previews and checkpoints): count
+        steps in ``should_stop`` where the exact step matters."""
 
     def should_stop(self) -> bool:
         """Return True to cancel; checked before every step. Nothing partial is written."""
@@ -346,7 +348,10 @@ class TrainingRun:
         start = time.perf_counter()
         total_micro = self.micro_batches
         values = layout = None
+        graphs = self.config.compile and self.config.compile_mode == "reduce-overhead"
         for micro in self.ranks.micro_batches(self.config.gradient_accumulation):
+            if graphs:  # CUDA graph trees: the last micro-batch's outputs are consumed, a new one begins
+                torch.compiler.cudagraph_mark_step_begin()
             losses = self.losses(self.sample_batch(step, micro))
             self.backward(losses.total / total_micro if total_micro > 1 else losses.total)
             flat = losses.stacked()

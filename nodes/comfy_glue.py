@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import time
 import types
 from pathlib import Path
 
@@ -140,6 +141,10 @@ def _teach_tokens(inner, tokens: list[str], vectors: torch.Tensor, strength: flo
     inner._try_get_embedding = types.MethodType(_try_get_embedding, inner)
 
 
+#: Seconds between two redraws of the Train node's loss-plot preview.
+PREVIEW_INTERVAL_S = 1.0
+
+
 class ComfyCallbacks(TrainCallbacks):
     """ComfyUI's progress bar, a live loss plot as the node's preview, and Cancel (checked before
     every step)."""
@@ -151,11 +156,17 @@ class ComfyCallbacks(TrainCallbacks):
         self.history: list[dict] = []
         self.checkpoints: list[int] = []
         self.preview_every = max(1, total_steps // 20)
+        self._last_preview = float("-inf")
 
     def on_step(self, record, total_steps: int) -> None:
+        """Records arrive in bursts, when the loop reads the losses back: the loss plot is redrawn at
+        most every PREVIEW_INTERVAL_S (and at the last step), not for every record of a burst."""
         self.history.append(record.to_dict())
         preview = None
-        if record.step % self.preview_every == 0 or record.step == total_steps:
+        now = time.monotonic()
+        if record.step == total_steps or (record.step % self.preview_every == 0
+                                          and now - self._last_preview >= PREVIEW_INTERVAL_S):
+            self._last_preview = now
             from ..classdiffusion.plot import plot_history
 
             preview = ("JPEG", plot_history(self.history, width=512, height=384, tokens=self.tokens,
