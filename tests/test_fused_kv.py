@@ -8,6 +8,8 @@ detached), count its matmuls, and compile the UNet step with ``fullgraph=True``.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,3 +164,30 @@ def test_the_training_step_compiles_whole_without_recompiles(tiny_base):
             assert counter.frame_count == 1, f"compiled {counter.frame_count} times"
             assert counter.op_count > 0
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_the_compile_option_compiles_the_unet_whole_with_a_persistent_cache(tiny_base, monkeypatch, tmp_path):
+    """``config.compile`` as the trainer runs it (Inductor swapped for AOTAutograd's eager backend,
+    which traces the same graphs in seconds): fullgraph=True, the mode passed through, the kernel
+    cache in the user's cache folder, and the same losses as without compile."""
+    from classdiffusion.train import train
+
+    real_compile, calls = torch.compile, []
+
+    def compile_with_eager_backend(model, **options):
+        calls.append(options)
+        return real_compile(model, **{**options, "backend": "aot_eager", "mode": None})
+
+    monkeypatch.setattr(torch, "compile", compile_with_eager_backend)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "restored after the test")  # records the original
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    losses = []
+    for options in ({}, {"compile": True, "compile_mode": "max-autotune-no-cudagraphs"}):
+        torch._dynamo.reset()
+        host = load_host(tiny_base, device="cpu")
+        result = train(host, [dog()], small_config(steps=2, **options), images=[make_images()])
+        losses.append([h["loss"] for h in result.concept.history])
+    assert calls == [{"mode": "max-autotune-no-cudagraphs", "fullgraph": True}]
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "classdiffusion" / "torch-compile")
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
