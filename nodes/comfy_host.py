@@ -184,8 +184,10 @@ def comfy_text_encoder(clip, family: Family, device: torch.device, dtype: torch.
 class ComfyHost(HostBase):
     """TrainingHost over a ComfyUI ModelPatcher (already cloned and loaded), CLIP and VAE."""
 
-    #: ComfyUI's UNet forward reads its transformer_options and patches in Python, and its casting
-    #: may move weights between streams: torch.compile may break the graph there.
+    #: With ComfyUI's PyTorch attention (its choice on GPUs) its UNet with our fused K/V layers
+    #: traces as one graph (tests/comfyui/comfy_compile_check.py), but its other attention
+    #: implementations break it (the CPU's sub-quadratic one asks psutil for free memory: 71
+    #: breaks on SD1.5), so the host compiles without fullgraph rather than fail.
     compile_fullgraph = False
 
     def __init__(self, model_patcher, clip, vae, *, device: torch.device | None = None,

@@ -59,3 +59,17 @@ def test_fused_kv_linear_reads_weights_through_comfyuis_casting(tmp_path):
     assert report["out_dtype"] == "torch.float32" and report["restored"]
     for key in ("value", "grad_x", "grad_delta", "plain"):
         assert report[key] < 1e-5, (key, report)
+
+
+def test_comfyuis_unet_with_fused_kv_layers_traces_as_one_graph(tmp_path):
+    """With ComfyUI's PyTorch attention (its choice on GPUs), ComfyUI's SD1.5 UNet with the 32 fused
+    K/V layers attached traces as one graph: nothing of ours breaks torch.compile's graph
+    (comfy_compile_check.py). The host still compiles without fullgraph: ComfyUI's CPU attention
+    (sub-quadratic) asks psutil for free memory, 71 graph breaks on this UNet."""
+    out = tmp_path / "compile.json"
+    run = subprocess.run([COMFYUI_PYTHON, str(Path(__file__).with_name("comfy_compile_check.py")), str(REPO), str(out)],
+                         cwd=COMFYUI_PATH, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["layers"] == 32
+    assert report["graph_break_count"] == 0 and report["graph_count"] == 1, report
