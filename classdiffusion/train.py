@@ -199,6 +199,7 @@ class TrainingRun:
         self._init_class_bank()
         self.method.setup_constants()
         self._init_optimizer()
+        self.skipped_steps: torch.Tensor | None = None  # on the device: steps AdamW skipped
         self._perms: dict[int, list[int]] = {}
 
     def _plan_memory(self, config: TrainConfig, method_type, images: int) -> TrainConfig:
@@ -322,6 +323,7 @@ class TrainingRun:
         self.scaler.unscale_(self.optimizer)
         norm = gradient_norm(self.params, self.config.max_grad_norm)
         keep = torch.isfinite(norm).float()
+        self.skipped_steps = 1.0 - keep if self.skipped_steps is None else self.skipped_steps + (1.0 - keep)
         self.method.before_optimizer_step(keep)
         if self.scaler.is_enabled():  # fp16: the scaler's own check of the same gradients
             self.scaler.step(self.optimizer)
@@ -335,6 +337,17 @@ class TrainingRun:
             self.optimizer.step()
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def warn_skipped_steps(self) -> None:
+        """Say how many steps changed nothing for a non-finite gradient (read once, at the end).
+        fp16's loss scaler skips a few while it finds its scale: only many of them are worth a word."""
+        if self.skipped_steps is None:
+            return
+        skipped, steps = int(self.skipped_steps), self.config.steps
+        fp16 = self.scaler.is_enabled()
+        if skipped and (not fp16 or skipped > max(5, steps // 10)):
+            self._warn(f"{skipped} of {steps} steps had non-finite gradients and changed no weight"
+                       + (" (fp16 loss scaling: bf16 avoids it)." if fp16 else "; lower the learning rate."))
 
     def optimize(self, loss: torch.Tensor) -> None:
         """Backward and one optimizer step (one micro-batch per step)."""
@@ -461,6 +474,7 @@ def train(
         written, last_drift = _run_steps(run, start, history, extra, out, callbacks, validation)
     finally:
         detach()
+    run.warn_skipped_steps()
 
     extra["drift_final"] = last_drift if last_drift is not None else run.drift()
     extra["eos_cosine_final"] = [d["cosine"] for d in extra["drift_final"]]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from classdiffusion.errors import (
     TrainingDivergedError,
 )
 from classdiffusion.hosts.diffusers_host import DiffusersHost, load_host
-from classdiffusion.train import TrainCallbacks, train
+from classdiffusion.train import TrainCallbacks, TrainingRun, train
 
 from conftest import dog, make_images, small_config
 
@@ -186,3 +188,29 @@ def test_missing_or_wrong_base_paths(tmp_path):
     single.write_bytes(b"x")
     with pytest.raises(InvalidInputError, match="--base-config"):
         load_host(single)
+
+
+def test_a_step_with_non_finite_gradients_changes_no_weight_and_is_reported(host):
+    """A finite loss with a non-finite gradient (what fp16 overflow or a bad batch gives): AdamW skips
+    the step on the device (no sync), the official weight decay too, the next step trains again,
+    and the run says how many steps were skipped."""
+    run = TrainingRun(host, [dog()], small_config(steps=3), [make_images()])
+    detach = run.method.attach()
+    try:
+        run.read_steps([run.step(0)])
+        deltas = run.method.deltas
+        before = {name: d.detach().clone() for name, d in deltas.items()}
+        token_before = run.method.token_vectors.detach().clone()
+        handle = next(iter(deltas.values())).register_hook(lambda grad: grad * float("inf"))
+        skipped = run.read_steps([run.step(1)])
+        handle.remove()
+        assert math.isfinite(skipped[0].loss)
+        assert all(torch.equal(d, before[name]) for name, d in deltas.items())
+        assert torch.equal(run.method.token_vectors, token_before)
+        run.read_steps([run.step(2)])
+        assert all(not torch.equal(d, before[name]) for name, d in deltas.items())
+        assert all(torch.isfinite(d).all() for d in deltas.values())
+    finally:
+        detach()
+    run.warn_skipped_steps()
+    assert run.warnings[-1].startswith("1 of 3 steps had non-finite gradients and changed no weight")
