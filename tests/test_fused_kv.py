@@ -166,6 +166,7 @@ def test_the_training_step_compiles_whole_without_recompiles(tiny_base):
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_the_compile_option_compiles_the_unet_whole_with_a_persistent_cache(tiny_base, monkeypatch, tmp_path):
     """``config.compile`` as the trainer runs it (Inductor swapped for AOTAutograd's eager backend,
     which traces the same graphs in seconds): fullgraph=True, the mode passed through, the kernel
