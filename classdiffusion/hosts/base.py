@@ -179,6 +179,7 @@ class HostBase:
         self.num_train_timesteps = int(self._alphas_cumprod.shape[0])
         self._unet = unet
         self._forward = unet  # the compiled UNet after configure_training(compile=True)
+        self._row_indices: dict[tuple[str, ...], torch.Tensor] = {}  # encode_text's de-duplication
 
     # -- text (a transformers copy of the host's CLIP-L; see text.py) ------------------------
     def alphas_cumprod(self) -> torch.Tensor:
@@ -215,7 +216,7 @@ class HostBase:
 
     def _row_index(self, prompts: tuple[str, ...], unique: list[str]) -> torch.Tensor:
         """Where each prompt's row is among the unique prompts (kept on the device, per prompt list)."""
-        cache = self.__dict__.setdefault("_row_indices", {})
+        cache = self._row_indices
         index = cache.get(prompts)
         if index is None:
             order = {prompt: k for k, prompt in enumerate(unique)}
