@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "tests" / "comfyui"))
 
-from live_memory import RUN_SETTINGS, PeakMemory, StepClock, add_run_arguments  # noqa: E402
+from live_memory import RUN_SETTINGS, ClockCallbacks, PeakMemory, StepClock, add_run_arguments  # noqa: E402
 
 
 def load_pack():
@@ -78,21 +78,10 @@ def main() -> None:
     with PeakMemory(device, enabled=not args.no_memory) as memory:
         clock = StepClock(device, args.warmup, args.steps, memory.split, start=time.perf_counter())
 
-        class Clock(pack.comfy_glue.ComfyCallbacks):
-            """Ticks as each step is queued and after the last step's losses are read (see bench_train)."""
+        class Clock(ClockCallbacks, pack.comfy_glue.ComfyCallbacks):
+            pass
 
-            started = 0
-
-            def should_stop(self):
-                if self.started:
-                    clock.tick()
-                self.started += 1
-                return super().should_stop()
-
-            def on_step(self, record, total_steps):
-                super().on_step(record, total_steps)
-                if record.step == total_steps:
-                    clock.tick()
+        Clock.clock = clock
 
         with torch.inference_mode(False), torch.enable_grad():
             patcher = pack.comfy_glue.training_patcher(model)

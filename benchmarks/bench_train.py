@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from classdiffusion.precision import precision_dtype  # noqa: E402
-from live_memory import RUN_SETTINGS, PeakMemory, StepClock, add_run_arguments  # noqa: E402
+from live_memory import RUN_SETTINGS, ClockCallbacks, PeakMemory, StepClock, add_run_arguments  # noqa: E402
 
 
 def build_models(kind: str, tokenizer_dir: Path, dtype: torch.dtype):
@@ -93,21 +93,10 @@ def run_ours(args, components, device, after_warmup) -> dict:
     host = DiffusersHost(*components, device=device)
     clock = StepClock(device, args.warmup, args.steps, after_warmup, start=time.perf_counter())
 
-    class Clock(TrainCallbacks):
-        """Ticks as each step is queued (before the next one starts) and after the last step's
-        losses are read: the trainer reads them only every log_every steps."""
+    class Clock(ClockCallbacks, TrainCallbacks):
+        pass
 
-        started = 0
-
-        def should_stop(self):
-            if self.started:
-                clock.tick()
-            self.started += 1
-            return False
-
-        def on_step(self, record, total):
-            if record.step == total:
-                clock.tick()
+    Clock.clock = clock
 
     options = VARIANTS[args.variant]
     config = TrainConfig.for_method(

@@ -137,6 +137,26 @@ class StepClock:
         return out
 
 
+class ClockCallbacks:
+    """A mixin for training callbacks that ticks ``clock`` as each step is queued (asked before the
+    next one starts) and after the last step's losses are read: the trainer reports steps only when
+    it reads the losses back, every log_every steps, so ``on_step`` alone would tick in bursts."""
+
+    clock: StepClock
+    started = 0
+
+    def should_stop(self) -> bool:
+        if self.started:
+            self.clock.tick()
+        self.started += 1
+        return super().should_stop()
+
+    def on_step(self, record, total_steps: int) -> None:
+        super().on_step(record, total_steps)
+        if record.step == total_steps:
+            self.clock.tick()
+
+
 def add_run_arguments(parser, mixed_precision: str) -> None:
     """The settings both benchmark scripts share."""
     parser.add_argument("--model", choices=["tiny", "sd15"], default="tiny")

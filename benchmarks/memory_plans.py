@@ -14,7 +14,6 @@ minus ``--reserved-gib`` (CUDA context, other processes).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile

@@ -290,6 +290,17 @@ def infusion_trained(server):
     return entry
 
 
+def strengthened_infusion_node(concept, path, name: str) -> dict:
+    """A Load Concept K/V node for ``concept`` with its residuals × 300, saved as ``name`` beside
+    ``path``: a few training steps move them too little for 2 sampling steps and 8-bit pixels to
+    show, so scaled up, "differs" tests the mechanism rather than rounding."""
+    with torch.no_grad():
+        for residual in concept.residuals.values():
+            residual.mul_(300)
+    concept.save(path.with_name(name))
+    return _load_concept_node(name)
+
+
 def _load_concept_node(name, model=("ckpt", 0), clip=("ckpt", 1), node="load", strength=1.0):
     return {node: {"class_type": "ClassDiffusionLoadConcept", "inputs": {
         "model": list(model), "clip": list(clip), "concept_name": name, "strength_model": strength,
@@ -309,11 +320,7 @@ def test_infusion_concept_changes_only_prompts_with_its_word(server, infusion_tr
     print(f"\nInfusion concept on the host's SD1.5-shaped checkpoint: {path.stat().st_size / 1024:.1f} KB")
     # Three steps move the residuals by ~0.03, which 2 sampling steps and 8-bit pixels may not show:
     # the same concept, scaled up, makes "differs" a test of the mechanism rather than of rounding.
-    with torch.no_grad():
-        for residual in concept.residuals.values():
-            residual.mul_(300)
-    concept.save(path.with_name("dog_infusion_strong.safetensors"))
-    load = _load_concept_node("dog_infusion_strong.safetensors")
+    load = strengthened_infusion_node(concept, path, "dog_infusion_strong.safetensors")
     runs = {}
     for label, graph in {
         "base_cat": {**loader(), **sampler(("ckpt", 0), ("ckpt", 1), "a photo of a cat on a sofa", "inf_base_cat")},

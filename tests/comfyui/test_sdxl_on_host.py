@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from comfy_server import BASE, COMFYUI_PATH, COMFYUI_PYTHON, REPO, SDXL, error_message, unavailable_reason, was_interrupted
 from test_comfyui_integration import (
-    _load_concept_node, _pixels, assert_success, image_batch, loader, sampler, train_node,
+    _load_concept_node, _pixels, assert_success, image_batch, loader, sampler, strengthened_infusion_node, train_node,
 )
 
 _reason = unavailable_reason()
@@ -116,11 +116,7 @@ def test_sdxl_infusion_changes_only_prompts_with_its_word(server):
     path = server.base_dir / "models" / "classdiffusion" / "sdxl_infusion.safetensors"
     concept = load_concept(path)
     assert concept.family == "sdxl" and concept.method == "infusion" and len(concept.residuals) == 26
-    with torch.no_grad():  # two steps move the residuals little: scaled up, "differs" tests the mechanism
-        for residual in concept.residuals.values():
-            residual.mul_(300)
-    concept.save(path.with_name("sdxl_infusion_strong.safetensors"))
-    load = _load_concept_node("sdxl_infusion_strong.safetensors")
+    load = strengthened_infusion_node(concept, path, "sdxl_infusion_strong.safetensors")
     runs = {}
     for label, graph in {
         "base_cat": {**loader(SDXL), **sampler(("ckpt", 0), ("ckpt", 1), "a photo of a cat", "sdxl_inf_base_cat")},
