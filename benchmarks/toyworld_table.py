@@ -13,17 +13,30 @@ Per run, on the toy base with the concept applied (25 DDIM steps, guidance 5, sa
 
 * identity: the independent checker's instance score on "a photo of a <sks> CLASS" (the DINO-I
   analogue) and the toy CLIP's image cosine to the training pictures (CLIP-I);
-* alignment: the checker's composition accuracy on paper-style prompts (another scene, a hat, a
-  second object — each picture right on every asked attribute), the checker's instance score on
-  those pictures (does the concept survive composition), and toy CLIP-T with the token removed;
+* **joint composition**: the share of pictures of paper-style prompts (another scene, a hat, a
+  second object, a scene and a hat) in which the checker finds the asked scene and add-on, the
+  class (read confidently) *and* the instance's look — the concept composing;
+* the older, looser columns: composition (scene and add-on only), the instance score on the
+  composition pictures, and toy CLIP-T with the token removed;
 * drift rank of "a <sks> CLASS" among the world's modifier phrases ("a red star", "a striped
   star", …) by distance to "a star" (1 = closest; ClassDiffusion's appendix E, on the toy CLIP);
 * Infusion's overfitting metrics: Latent Fisher divergence on captions of other classes
   (concept-agnostic) and the 2-Wasserstein distance between toy CLIP features of the concept's
   pictures and the base's pictures of its class (concept-specific).
 
-The base model on the class prompts is the alignment ceiling. Rows: mean ± std over instances and
-seeds. Nothing here is tuned on the table's numbers: the recipe is the demo's (classdiffusion/demo.py).
+The base model on the class prompts is the alignment ceiling. Rows: mean ± standard error over
+instances and seeds, the standard error **clustered by instance** (the seeds of one instance share
+its pictures' look, so they are not independent: the SE is that of the per-instance means); paired
+differences against λ = 0 (same instance, same seed) likewise. Fisher is "n/a" where it is zero by
+construction (Infusion and Textual Inversion leave prompts without their word untouched).
+
+Seeds: the table trains with seeds 1–3 (``TABLE_SEEDS``); the recipe (classdiffusion/demo.py:
+TOY_RECIPE) was chosen on seed 0 only, which the table never uses.
+
+    python benchmarks/toyworld_table.py --curve [--json F]
+
+is the **overfitting curve**: λ = 0 and λ = 1 trained to 1,600 steps on three instances, each
+step checkpoint (100, 200, 400, 800, 1,600) scored for identity and joint composition.
 """
 
 from __future__ import annotations
@@ -47,9 +60,16 @@ VARIANTS = (
     ("Infusion", "infusion", None),
     ("Textual Inversion", "textual-inversion", None),
 )
-METRICS = ("identity", "clip_i", "composition", "composition_identity", "clip_t", "drift_rank", "fisher",
-           "wasserstein")
+METRICS = ("identity", "composition_joint", "clip_i", "composition", "composition_identity", "clip_t",
+           "drift_rank", "fisher", "wasserstein")
 SAMPLING_SEEDS = (0, 1, 2, 3)
+#: Training seeds of the table: fresh, never used to choose the recipe (seed 0 was).
+TABLE_SEEDS = (1, 2, 3)
+#: The overfitting curve: the steps scored, and its instances (one star, one box, one tree).
+CURVE_STEPS = (100, 200, 400, 800, 1600)
+CURVE_INSTANCES = ("red_blue_star", "pink_blue_box", "blue_yellow_tree")
+#: Methods whose Latent Fisher divergence on other classes' captions is zero by construction.
+NO_FISHER = ("infusion", "textual-inversion")
 
 
 def world_modifiers() -> list[str]:
@@ -128,10 +148,13 @@ def run_one(job: dict) -> dict:
             row["drift_rank"] = probe.measure("<sks>", concept.token_vectors[0].float()).rank
         else:
             row["drift_rank"] = None  # Infusion trains no token: the prompt's words keep their meaning
-        fisher = latent_fisher_divergence(host, {n: d.float() for n, d in concept.deltas.items()}, other_captions(cls),
-                                          tokens=concept.tokens, steps=10, seeds=(0,), latent_size=8,
-                                          residual_concepts=[concept] if concept.residuals else [])
-        row["fisher"] = fisher.value
+        if method in NO_FISHER:  # prompts without its word sample exactly as the base: 0 by construction
+            row["fisher"] = None
+        else:
+            fisher = latent_fisher_divergence(host, {n: d.float() for n, d in concept.deltas.items()},
+                                              other_captions(cls), tokens=concept.tokens, steps=10, seeds=(0,),
+                                              latent_size=8, residual_concepts=[])
+            row["fisher"] = fisher.value
         host.close()
     with torch.no_grad():
         key = (instance, seed, job["weights"])
@@ -153,45 +176,93 @@ def run_one(job: dict) -> dict:
     return row
 
 
+def clustered(values_by_instance: dict[str, list[float]]) -> list | None:
+    """Mean and standard error of values grouped by instance: the SE of the per-instance means
+    (a cluster-robust SE with equal cluster sizes), so seeds of one instance count once."""
+    groups = [statistics.fmean(v) for v in values_by_instance.values() if v]
+    if not groups:
+        return None
+    mean = statistics.fmean(v for vs in values_by_instance.values() for v in vs)
+    se = statistics.stdev(groups) / len(groups) ** 0.5 if len(groups) > 1 else 0.0
+    return [mean, se]
+
+
+def _by_instance(rows: list[dict], metric: str) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get(metric) is not None:
+            out.setdefault(r["instance"], []).append(r[metric])
+    return out
+
+
 def summarize(rows: list[dict]) -> dict:
-    """Per variant, mean and std of every metric over instances and seeds; the base row from the
-    base's scores on the class prompts (one per instance and seed)."""
+    """Per variant, mean ± instance-clustered SE of every metric; the base row from the base's
+    scores on the class prompts (one per instance and seed)."""
     table = {}
     for label, _, _ in VARIANTS:
         mine = [r for r in rows if r["variant"] == label]
         if mine:
-            table[label] = {m: _mean_std([r[m] for r in mine]) for m in METRICS}
+            table[label] = {m: clustered(_by_instance(mine, m)) for m in METRICS}
             table[label]["runs"] = len(mine)
-    bases = {(r["instance"], r["seed"]): r["base"] for r in rows}.values()
-    table["base (class prompt)"] = {m: _mean_std([b.get(m) for b in bases]) for m in METRICS}
+            table[label]["instances"] = len({r["instance"] for r in mine})
+    bases = list({(r["instance"], r["seed"]): dict(r["base"], instance=r["instance"]) for r in rows}.values())
+    table["base (class prompt)"] = {m: clustered(_by_instance(bases, m)) for m in METRICS}
     table["base (class prompt)"]["runs"] = len(bases)
+    table["base (class prompt)"]["instances"] = len({b["instance"] for b in bases})
     return table
 
 
-def _mean_std(values) -> list | None:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return [statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0]
+PAIRED_METRICS = ("identity", "composition_joint", "composition", "clip_t", "clip_i")
+
+
+def paired(rows: list[dict], reference: str = "Custom Diffusion (λ=0)") -> dict:
+    """Per variant, the paired difference to ``reference`` (same instance and seed), mean ±
+    instance-clustered SE, and how many pairs went up and down."""
+    ref = {(r["instance"], r["seed"]): r for r in rows if r["variant"] == reference}
+    out = {}
+    for label, _, _ in VARIANTS:
+        if label == reference:
+            continue
+        pairs = [(r, ref[(r["instance"], r["seed"])]) for r in rows
+                 if r["variant"] == label and (r["instance"], r["seed"]) in ref]
+        if not pairs:
+            continue
+        out[label] = {"pairs": len(pairs)}
+        for metric in PAIRED_METRICS:
+            diffs: dict[str, list[float]] = {}
+            for mine, theirs in pairs:
+                diffs.setdefault(mine["instance"], []).append(mine[metric] - theirs[metric])
+            flat = [d for ds in diffs.values() for d in ds]
+            out[label][metric] = clustered(diffs) + [sum(d > 0 for d in flat), sum(d < 0 for d in flat)]
+    return out
+
+
+def _cell(metric: str, value) -> str:
+    if value is None:
+        return "n/a" if metric == "fisher" else "–"
+    if metric == "drift_rank":
+        return f"{value[0]:.1f} ± {value[1]:.1f}"
+    if metric in ("fisher", "wasserstein"):
+        return f"{value[0]:.3g} ± {value[1]:.2g}"
+    return f"{value[0]:.3f} ± {value[1]:.3f}"
 
 
 def markdown(table: dict) -> str:
-    heads = ("identity (checker) ↑", "CLIP-I ↑", "composition ↑", "identity in composition ↑", "CLIP-T ↑",
-             "drift rank ↓", "Fisher ↓", "W₂ ↓")
-    lines = ["| method | " + " | ".join(heads) + " | runs |", "|---" * (len(heads) + 2) + "|"]
+    heads = ("identity (checker) ↑", "joint composition ↑", "CLIP-I ↑", "composition (scene, add-on) ↑",
+             "identity in composition ↑", "CLIP-T ↑", "drift rank ↓", "Fisher ↓", "W₂ ↓")
+    lines = ["| method | " + " | ".join(heads) + " | runs (instances) |", "|---" * (len(heads) + 2) + "|"]
     for label, row in table.items():
-        cells = []
-        for metric in METRICS:
-            value = row[metric]
-            if value is None:
-                cells.append("–")
-            elif metric == "drift_rank":
-                cells.append(f"{value[0]:.1f} ± {value[1]:.1f}")
-            elif metric in ("fisher", "wasserstein"):
-                cells.append(f"{value[0]:.3g} ± {value[1]:.2g}")
-            else:
-                cells.append(f"{value[0]:.3f} ± {value[1]:.3f}")
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['runs']} |")
+        cells = [_cell(metric, row[metric]) for metric in METRICS]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['runs']} ({row['instances']}) |")
+    return "\n".join(lines)
+
+
+def paired_markdown(diffs: dict) -> str:
+    lines = ["| vs Custom Diffusion (λ=0) | " + " | ".join(f"Δ {m}" for m in PAIRED_METRICS) + " | pairs |",
+             "|---" * (len(PAIRED_METRICS) + 2) + "|"]
+    for label, row in diffs.items():
+        cells = [f"{row[m][0]:+.3f} ± {row[m][1]:.3f} ({row[m][2]}↑ {row[m][3]}↓)" for m in PAIRED_METRICS]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['pairs']} |")
     return "\n".join(lines)
 
 
@@ -199,16 +270,87 @@ def plot(table: dict, path: Path) -> None:
     """Identity (checker) against composition, one point per method and λ."""
     from classdiffusion.plot import plot_tradeoff
 
-    points = {label.replace("λ", "lambda "): (*row["composition"], *row["identity"]) for label, row in table.items()}
-    plot_tradeoff(points, x_label="composition accuracy (checker) ->", y_label="identity: instance score (checker)",
-                  title="Toy world: identity vs alignment (mean ± std over instances and seeds)").save(path)
+    points = {label.replace("λ", "lambda "): (*row["composition_joint"], *row["identity"])
+              for label, row in table.items()}
+    plot_tradeoff(points, x_label="joint composition (checker) ->", y_label="identity: instance score (checker)",
+                  title="Toy world v2: identity vs joint composition (mean ± clustered SE)").save(path)
+
+
+def run_curve(job: dict) -> list[dict]:
+    """Train one (instance, λ) to the last of ``CURVE_STEPS`` with step checkpoints and score each
+    scored step's checkpoint; runs in a worker process."""
+    import tempfile
+
+    import torch
+
+    from classdiffusion.apply import apply_concept
+    from classdiffusion.concept import load_concept
+    from classdiffusion.config import ConceptSpec, TrainConfig
+    from classdiffusion.demo import TOY_RECIPE
+    from classdiffusion.generate import build_pipeline
+    from classdiffusion.hosts.diffusers_host import load_host
+    from classdiffusion.toyworld.base import WEIGHTS, ToyClip, base_path
+    from classdiffusion.toyworld.checker import Checker
+    from classdiffusion.toyworld.evaluate import instance_pictures, score
+    from classdiffusion.toyworld.world import World
+    from classdiffusion.train import checkpoint_path, train
+
+    torch.set_num_threads(job["threads"])
+    weights = Path(job["weights"])
+    base = base_path(weights)
+    instance, seed, spl_weight, steps = job["instance"], job["seed"], job["spl_weight"], job["steps"]
+    cls = World().instance(instance).cls
+    references = instance_pictures(instance, seed=seed)
+    checker, clip = Checker.load(WEIGHTS / "checker.safetensors"), ToyClip(weights)
+    pipe = build_pipeline(base, device="cpu")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, picture in enumerate(references):
+            picture.save(Path(tmp) / f"{k}.png")
+        host = load_host(base, device="cpu")
+        gap = min(b - a for a, b in zip((0,) + steps, steps))
+        config = TrainConfig(method="classdiffusion", steps=max(steps), seed=seed, spl_weight=spl_weight,
+                             save_every=gap, checkpoint_optimizer=False, **TOY_RECIPE)
+        out = Path(tmp) / "concept.safetensors"
+        train(host, [ConceptSpec(token="<sks>", class_word=cls, images=[tmp])], config, out=out)
+        host.close()
+        for step in steps:
+            concept = load_concept(out if step == max(steps) else checkpoint_path(out, step))
+            with torch.no_grad():
+                applied = apply_concept(pipe.unet, concept, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+                scores = score(pipe, checker, clip, instance, f"<sks> {cls}", references, SAMPLING_SEEDS)
+                applied.remove()
+            rows.append({"instance": instance, "seed": seed, "spl_weight": spl_weight, "step": step,
+                         **scores.to_dict()})
+    return rows
+
+
+def curve_summary(rows: list[dict]) -> dict:
+    """Per λ and step: identity and joint composition, mean ± instance-clustered SE."""
+    out: dict = {}
+    for weight in sorted({r["spl_weight"] for r in rows}):
+        out[f"λ={weight:g}"] = {
+            str(step): {m: clustered(_by_instance([r for r in rows if r["spl_weight"] == weight and r["step"] == step], m))
+                        for m in ("identity", "composition_joint", "composition")}
+            for step in sorted({r["step"] for r in rows})}
+    return out
+
+
+def curve_markdown(summary: dict) -> str:
+    steps = list(next(iter(summary.values())))
+    lines = ["| λ | metric | " + " | ".join(f"{s} steps" for s in steps) + " |", "|---" * (len(steps) + 2) + "|"]
+    for label, per_step in summary.items():
+        for metric in ("identity", "composition_joint"):
+            cells = [f"{per_step[s][metric][0]:.3f} ± {per_step[s][metric][1]:.3f}" for s in steps]
+            lines.append(f"| {label} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 instances × 1 seed (a smoke run, ≤ 8 min)")
-    parser.add_argument("--instances", type=int, default=5, help="held-out instances (of 6)")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="2 instances × 1 seed (a smoke run, ≤ 10 min)")
+    parser.add_argument("--instances", type=int, default=10, help="held-out instances (of 10)")
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds, from TABLE_SEEDS (1, 2, 3)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--weights", type=Path, default=None, help="another toy-world weights folder")
@@ -216,6 +358,8 @@ def main() -> int:
                         help="run only the variants whose label contains one of these (e.g. 'Textual')")
     parser.add_argument("--merge", type=Path, default=None,
                         help="an earlier --json of the same settings: its rows of the variants not run now join the table")
+    parser.add_argument("--curve", action="store_true",
+                        help="the overfitting curve instead: λ = 0 and 1 to 1,600 steps on three instances")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
@@ -227,13 +371,33 @@ def main() -> int:
     from classdiffusion.toyworld.base import WEIGHTS
     from classdiffusion.toyworld.world import INSTANCES
 
+    weights = str(args.weights or WEIGHTS)
+    started = time.perf_counter()
+    if args.curve:
+        jobs = [{"instance": name, "seed": TABLE_SEEDS[0], "spl_weight": weight, "steps": CURVE_STEPS, "threads": 1,
+                 "weights": weights} for name in CURVE_INSTANCES for weight in (0.0, 1.0)]
+        rows = []
+        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+            for part in pool.imap_unordered(run_curve, jobs):
+                rows += part
+                print(f"[{len(rows) // len(CURVE_STEPS)}/{len(jobs)}] {part[0]['instance']} λ={part[0]['spl_weight']:g}: "
+                      + ", ".join(f"{r['step']}: {r['identity']:.2f}/{r['composition_joint']:.2f}" for r in part),
+                      flush=True)
+        summary = curve_summary(rows)
+        print(curve_markdown(summary))
+        seconds = time.perf_counter() - started
+        print(f"{len(jobs)} runs in {seconds / 60:.1f} min")
+        if args.json:
+            args.json.write_text(json.dumps({"curve": summary, "rows": rows, "seconds": round(seconds, 1),
+                                             "settings": {"instances": list(CURVE_INSTANCES), "steps": list(CURVE_STEPS),
+                                                          "seed": TABLE_SEEDS[0]}}, indent=2) + "\n")
+        return 0
+
     steps = args.steps or inspect.signature(run_demo).parameters["steps"].default
     instances, seeds = (2, 1) if args.quick else (args.instances, args.seeds)
     variants = [v for v in VARIANTS if not args.variants or any(part in v[0] for part in args.variants)]
-    jobs = [{"instance": inst.name, "seed": seed, "variant": variant, "steps": steps, "threads": 1,
-             "weights": str(args.weights or WEIGHTS)}
-            for inst in INSTANCES[:instances] for seed in range(seeds) for variant in variants]
-    started = time.perf_counter()
+    jobs = [{"instance": inst.name, "seed": seed, "variant": variant, "steps": steps, "threads": 1, "weights": weights}
+            for inst in INSTANCES[:instances] for seed in TABLE_SEEDS[:seeds] for variant in variants]
     rows = []
     merged = []
     if args.merge:
@@ -244,15 +408,19 @@ def main() -> int:
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         for row in pool.imap_unordered(run_one, jobs):
             rows.append(row)
-            print(f"[{len(rows)}/{len(jobs)}] {row['variant']:24s} {row['instance']:16s} seed {row['seed']}: "
-                  f"identity {row['identity']:.2f}, composition {row['composition']:.2f} "
+            print(f"[{len(rows)}/{len(jobs)}] {row['variant']:24s} {row['instance']:18s} seed {row['seed']}: "
+                  f"identity {row['identity']:.2f}, joint composition {row['composition_joint']:.2f} "
                   f"({row['seconds']:.0f} s)", flush=True)
     seconds = time.perf_counter() - started
     table = summarize(rows + merged)
+    diffs = paired(rows + merged)
     print(markdown(table))
+    print()
+    print(paired_markdown(diffs))
     print(f"{len(jobs)} runs in {seconds / 60:.1f} min ({instances} instances × {seeds} seeds, {steps} steps)")
-    result = {"table": table, "rows": rows + merged, "seconds": round(seconds, 1),
-              "settings": {"instances": [i.name for i in INSTANCES[:instances]], "seeds": seeds, "steps": steps,
+    result = {"table": table, "paired": diffs, "rows": rows + merged, "seconds": round(seconds, 1),
+              "settings": {"instances": [i.name for i in INSTANCES[:instances]], "seeds": seeds,
+                           "training_seeds": list(TABLE_SEEDS[:seeds]), "steps": steps,
                            "sampling_seeds": list(SAMPLING_SEEDS), "workers": args.workers}}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

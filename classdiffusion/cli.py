@@ -493,8 +493,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = run_demo(args.out, steps=args.steps, spl_weight=args.spl_weight, seed=args.seed,
                        instance=args.instance, method=args.method, progress=not args.quiet)
     print(f"identity (the checker's instance score) {summary['identity_before']:.2f} before training → "
-          f"{summary['identity_after']:.2f} after; composition {summary['composition_after']:.0%} "
-          f"(the base on the class prompt: {summary['composition_base']:.0%}); {summary['summary']}; "
+          f"{summary['identity_after']:.2f} after; joint composition (scene, add-on, class and look) "
+          f"{summary['composition_joint_after']:.0%} (the base on the class prompt: "
+          f"{summary['composition_joint_base']:.0%}); scene and add-on alone {summary['composition_after']:.0%}; "
+          f"{summary['summary']}; "
           f"{summary['seconds']:.0f} s")
     print("wrote " + ", ".join(summary["files"].values()))
     print(DISCLAIMER)

@@ -99,6 +99,7 @@ def run_demo(out: str | Path, *, steps: int = 400, spl_weight: float = 1.0, seed
         "instance": instance, "method": method, "steps": steps, "spl_weight": spl_weight, "seed": seed,
         "identity_before": before.identity, "identity_after": after.identity,
         "composition_after": after.composition, "composition_base": base_class.composition,
+        "composition_joint_after": after.composition_joint, "composition_joint_base": base_class.composition_joint,
         "before": before.to_dict(), "after": after.to_dict(), "base_on_class_prompt": base_class.to_dict(),
         "summary": summary_line(result.concept.history),
         "drift": drift_line(result.concept.meta.drift_initial, result.concept.meta.drift_final),

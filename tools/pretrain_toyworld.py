@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 WEIGHTS = REPO / "classdiffusion" / "toyworld" / "weights"
 OUT = WEIGHTS  # --out changes it (calibration runs write elsewhere)
+SAVE_EVERY = 500  # --save-every: steps between resume points
 
 
 def sha256(path: Path) -> str:
@@ -51,10 +52,10 @@ def record(stage: str, path: Path, seconds: float, settings: dict, files: dict |
 
 
 def stage_checker(args) -> None:
-    from classdiffusion.toyworld.checker import Checker, accuracy, train_checker
+    from classdiffusion.toyworld.checker import Checker, accuracy, rejection, train_checker
     from classdiffusion.toyworld.world import World
 
-    settings = {"steps": args.steps or 1500, "batch": 64, "seed": 0}
+    settings = {"steps": args.steps or 2500, "batch": 64, "seed": 0}
     started = time.perf_counter()
     checker = Checker(train_checker(**settings))
     seconds = time.perf_counter() - started
@@ -63,19 +64,35 @@ def stage_checker(args) -> None:
     record("checker", path, seconds, settings)
     print(f"wrote {path} in {seconds:.0f} s")
     print("accuracy on fresh pictures:", accuracy(checker, World(seed=99), seed=12345, count=600))
+    print("broken objects refused:", rejection(checker, World(seed=99), seed=54321, count=300))
 
 
 def optimize(name: str, params, steps: int, lr: float, loss_at, *, weight_decay: float = 0.0,
-             warmup: float = 0.05, clip_grad: float | None = None, after_step=None) -> float:
-    """AdamW with a one-cycle schedule over ``steps``, ``loss_at(step)`` giving each step's loss;
-    logs every 100 steps; calls ``after_step(step)`` if given; returns the seconds it took."""
+             warmup: float = 0.05, clip_grad: float | None = None, after_step=None, model=None) -> float:
+    """AdamW with a one-cycle schedule over ``steps``, ``loss_at(step)`` giving each step's loss
+    (a function of the step alone, so a resumed run draws what an unbroken one would); logs every
+    100 steps; calls ``after_step(step)`` if given; returns the seconds it took (resumed runs: the
+    seconds of every part together).
+
+    Resumable: with ``model`` given, every ``--save-every`` steps the model, optimizer and schedule
+    are written atomically to OUT/resume/NAME.pt; a rerun of the stage continues from there."""
     import torch
 
     params = list(params)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=warmup)
+    resume = OUT / "resume" / f"{name}.pt"
+    first, earlier = 0, 0.0
+    if model is not None and resume.is_file():
+        state = torch.load(resume, weights_only=True)
+        if state["steps"] == steps:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            first, earlier = int(state["step"]), float(state["seconds"])
+            print(f"{name}: resumed at step {first} of {steps} ({earlier:.0f} s before)", flush=True)
     started = time.perf_counter()
-    for step in range(steps):
+    for step in range(first, steps):
         loss = loss_at(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -84,10 +101,20 @@ def optimize(name: str, params, steps: int, lr: float, loss_at, *, weight_decay:
         optimizer.step()
         schedule.step()
         if step % 100 == 0 or step == steps - 1:
-            print(f"{name} step {step}: loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+            print(f"{name} step {step}: loss {loss.item():.4f} ({earlier + time.perf_counter() - started:.0f} s)",
+                  flush=True)
         if after_step is not None:
             after_step(step)
-    return time.perf_counter() - started
+        if model is not None and SAVE_EVERY and (step + 1) % SAVE_EVERY == 0 and step + 1 < steps:
+            resume.parent.mkdir(parents=True, exist_ok=True)
+            partial = resume.with_suffix(".part")
+            torch.save({"steps": steps, "step": step + 1, "seconds": earlier + time.perf_counter() - started,
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict()}, partial)
+            partial.replace(resume)
+    if model is not None:
+        resume.unlink(missing_ok=True)
+    return earlier + time.perf_counter() - started
 
 
 def _pictures(world, start: int, count: int, size: int):
@@ -155,7 +182,8 @@ def stage_vae(args) -> None:
         return F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels) + 1e-4 * kl
 
     started = time.perf_counter()
-    optimize("vae", vae.parameters(), steps, 1e-3, loss_at)
+    trained = optimize("vae", vae.parameters(), steps, 1e-3, loss_at, model=vae)
+    started -= trained - (time.perf_counter() - started)  # a resumed run counts its earlier parts
     with torch.no_grad():  # SD's scaling: latents of unit standard deviation
         pixels, _ = _pictures(world, 10_000_000, 64, RESOLUTION)
         std = float(vae.encode(pixels).latent_dist.mean.std())
@@ -197,7 +225,7 @@ def stage_clip(args) -> None:
         targets = same / same.sum(1, keepdim=True)
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets.t())) / 2
 
-    seconds = optimize("clip", clip.parameters(), steps, 5e-4, loss_at, weight_decay=0.05)
+    seconds = optimize("clip", clip.parameters(), steps, 5e-4, loss_at, weight_decay=0.05, model=clip)
     out_dir = OUT / "clip"
     clip.to(torch.float16).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
@@ -245,10 +273,9 @@ def stage_unet(args) -> None:
     print(f"encoded {pool} pictures and {len(unique)} captions in {time.perf_counter() - started:.0f} s", flush=True)
     scaling = vae.config.scaling_factor
     alphas = scheduler.alphas_cumprod
-    rng = np.random.default_rng(3)
-    generator = torch.Generator().manual_seed(3)
-
-    def loss_at(step):
+    def loss_at(step):  # every draw from the step's own seed: a resumed run draws the same
+        rng = np.random.default_rng([3, step])
+        generator = torch.Generator().manual_seed(3_000_000 + step)
         index = torch.from_numpy(rng.integers(0, pool, batch))
         noise_shape = (batch, 4, RESOLUTION // 8, RESOLUTION // 8)
         latents = (means[index].float() + stds[index].float() * torch.randn(noise_shape, generator=generator)) * scaling
@@ -266,9 +293,9 @@ def stage_unet(args) -> None:
             parts = [copy.deepcopy(m) for m in (unet, text_encoder, vae)]
             assemble(parts[0], parts[1], parts[2], scheduler, tokenizer, OUT / "snapshot")
 
-    optimize("unet", unet.parameters(), steps, 4e-4, loss_at, weight_decay=0.01, warmup=0.03, clip_grad=1.0,
-             after_step=snapshot)
-    seconds = time.perf_counter() - started
+    encode_seconds = time.perf_counter() - started
+    seconds = encode_seconds + optimize("unet", unet.parameters(), steps, 4e-4, loss_at, weight_decay=0.01,
+                                        warmup=0.03, clip_grad=1.0, after_step=snapshot, model=unet)
     assemble(unet, text_encoder, vae, scheduler, tokenizer, OUT / "base")
     split_clip(clip, OUT)  # the evaluation CLIP: its image tower here, its text tower is the base's
     files = sorted(p for p in (OUT / "base").rglob("*") if p.is_file()) + [OUT / CLIP_EXTRA_FILE, OUT / CLIP_CONFIG_FILE]
@@ -350,10 +377,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (2 = the committed runs)")
     parser.add_argument("--batch", type=int, help="unet: override the batch (calibration)")
     parser.add_argument("--snapshot-every", type=int, default=0, help="unet: write OUT/snapshot every N steps")
+    parser.add_argument("--save-every", type=int, default=500,
+                        help="steps between resume points (OUT/resume/STAGE.pt; a rerun continues there)")
     parser.add_argument("--pool", type=int, default=32_768, help="unet: pretraining pictures encoded once")
     args = parser.parse_args()
-    global OUT
-    OUT = args.out
+    global OUT, SAVE_EVERY
+    OUT, SAVE_EVERY = args.out, args.save_every
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     OUT.mkdir(parents=True, exist_ok=True)

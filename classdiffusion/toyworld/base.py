@@ -15,12 +15,15 @@ RESOLUTION = 64
 
 
 def world_words() -> list[str]:
-    """Every word a toy-world caption or prompt uses (the tokenizer keeps each one whole)."""
-    from .world import ADDON_WORDS, CLASSES, COLOURS, PATTERNS, SCENES, SIZES
+    """Every word a toy-world caption or prompt uses, the methods' templates included (the
+    tokenizer keeps each one whole; CLIP's pre-tokenizer splits "close-up" at its hyphen)."""
+    import re
+
+    from .world import ADDON_WORDS, CAPTION_FORMS, CLASSES, COLOURS, PATTERNS, SCENES, SIZES
 
     words = {"a", "photo", "of", "the", "ktn", "sks"} | set(CLASSES) | set(COLOURS) | set(PATTERNS) | set(SIZES)
-    for phrase in [s[3] for s in SCENES.values()] + list(ADDON_WORDS.values()):
-        words |= set(phrase.split())
+    for phrase in [s[3] for s in SCENES.values()] + list(ADDON_WORDS.values()) + list(CAPTION_FORMS):
+        words |= set(re.findall(r"[a-z]+|[^\sa-z{}]", phrase.lower()))
     return sorted(words)
 
 

@@ -5,7 +5,9 @@ nothing with the model under test (not the toy CLIP, not the UNet).
   to each scene's (sky, ground) palette;
 - **class, colour, pattern, add-on, instance**: a small CNN trained on rendered ground truth
   (:func:`train_checker`), every combination of the world included (the checker is not the base:
-  it may see the held-out combinations and the instances).
+  it may see the held-out combinations and the instances);
+- **a reject class**: the class head also learns "none" on blobs and partial, holed or squashed
+  objects, and a read counts only when confident (:data:`CONFIDENT`), so a blob is not a star.
 
 Its instance head gives the *instance-match score* — the probability that a picture shows a given
 instance — the toy world's analogue of DINO-I.
@@ -22,11 +24,17 @@ from torch import nn
 from torch.nn import functional as F
 from PIL import Image, ImageFilter
 
-from .world import ADDONS, CLASSES, COLOURS, INSTANCES, PATTERNS, SCENES, World
+from .world import ADDONS, BROKEN, BROKEN_BOX, CLASSES, COLOURS, INSTANCES, PATTERNS, SCENES, World
 
 INSTANCE_LABELS = ("none",) + tuple(inst.name for inst in INSTANCES)
-HEADS = {"cls": CLASSES, "colour": tuple(COLOURS) + ("instance",), "pattern": PATTERNS, "addon": ADDONS,
-         "instance": INSTANCE_LABELS}
+#: "none" in the class head is the reject class; "two" / "half" are the two-half looks (instances
+#: included), whose colours the instance head tells apart.
+HEADS = {"cls": CLASSES + ("none",), "colour": tuple(COLOURS) + ("two",), "pattern": PATTERNS + ("half",),
+         "addon": ADDONS, "instance": INSTANCE_LABELS}
+#: A class or instance read counts only at this probability or more; below it the class reads "none".
+CONFIDENT = 0.5
+#: Label of a head that an example does not train (a broken object's colour and pattern).
+IGNORE = -100
 
 
 def scene_of(image: Image.Image) -> str:
@@ -63,10 +71,16 @@ def to_tensor(images: Sequence[Image.Image], size: int = 64) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
 
 
-def labels_of(scene) -> dict[str, int]:
+def labels_of(scene, broken: str | None = None) -> dict[str, int]:
+    """The heads' labels for a rendered ``scene`` (``broken``: drawn broken — class "none", no
+    colour or pattern label, not an instance)."""
+    two = scene.instance is not None or scene.pattern == "half"
+    if broken is not None:
+        return {"cls": HEADS["cls"].index("none"), "colour": IGNORE, "pattern": IGNORE,
+                "addon": ADDONS.index(scene.addon), "instance": 0}
     return {"cls": CLASSES.index(scene.cls),
-            "colour": HEADS["colour"].index("instance" if scene.instance else scene.colour),
-            "pattern": PATTERNS.index("plain" if scene.instance else scene.pattern),
+            "colour": HEADS["colour"].index("two" if two else scene.colour),
+            "pattern": HEADS["pattern"].index("half" if two else scene.pattern),
             "addon": ADDONS.index(scene.addon),
             "instance": INSTANCE_LABELS.index(scene.instance or "none")}
 
@@ -74,7 +88,7 @@ def labels_of(scene) -> dict[str, int]:
 def _degrade(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """What a small diffusion model's picture may look like: a little blur and noise."""
     if rng.random() < 0.5:
-        image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.2, 1.0))))
+        image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.2, 1.5))))
     if rng.random() < 0.5:
         pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, rng.uniform(2, 12), (image.height, image.width, 3))
         image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
@@ -82,23 +96,33 @@ def _degrade(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def example_scene(world: World, rng: np.random.Generator):
-    """Training examples for the checker: ordinary scenes of every combination, and instances
-    (a quarter of the examples) in every scene with every add-on."""
+    """Training examples for the checker: ordinary scenes of every combination (a third of them
+    in two halves of colours other than the instances'), and instances (a quarter of the examples)
+    in every scene with every add-on."""
     if rng.random() < 0.25:
         name = INSTANCES[rng.integers(len(INSTANCES))].name
         return world.instance_scene(name, rng, scene=list(SCENES)[rng.integers(len(SCENES))],
                                     addon=ADDONS[rng.integers(len(ADDONS))])
-    return world.sample_scene(rng, held_out=bool(rng.random() < 1 / 7))
+    return world.sample_scene(rng, held_out=bool(rng.random() < 1 / 7), two_colour_share=1 / 3)
 
 
-def rendered_examples(world: World, seed: int, count: int, degrade: bool = True):
+def broken_part(scene, rng: np.random.Generator) -> str:
+    """A way to break ``scene``'s object (:data:`~.world.BROKEN`)."""
+    parts = BROKEN_BOX if scene.cls == "box" else BROKEN
+    return parts[rng.integers(len(parts))]
+
+
+def rendered_examples(world: World, seed: int, count: int, degrade: bool = True, broken_share: float = 0.15):
+    """``count`` rendered training pictures and their labels; ``broken_share`` of them drawn
+    broken (the reject class's examples)."""
     rng = np.random.default_rng(seed)
     images, labels = [], []
     for _ in range(count):
         scene = example_scene(world, rng)
-        image = world.render(scene, rng)
+        broken = broken_part(scene, rng) if rng.random() < broken_share else None
+        image = world.render(scene, rng, part=broken)
         images.append(_degrade(image, rng) if degrade else image)
-        labels.append(labels_of(scene))
+        labels.append(labels_of(scene, broken))
     return images, labels
 
 
@@ -116,8 +140,8 @@ def train_checker(*, steps: int = 3000, batch: int = 64, seed: int = 0, size: in
         if step % 2:  # mirror images: position words are not checked, shapes are symmetric enough
             pixels = pixels.flip(-1)
         outputs = net(pixels)
-        loss = sum(F.cross_entropy(outputs[name], torch.tensor([label[name] for label in labels]))
-                   for name in HEADS)
+        loss = sum(F.cross_entropy(outputs[name], torch.tensor([label[name] for label in labels]),
+                                   ignore_index=IGNORE) for name in HEADS)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -159,10 +183,15 @@ class Checker:
         return {name: torch.cat(parts) for name, parts in outputs.items()}
 
     def read(self, images: Sequence[Image.Image]) -> list[dict]:
+        """Each picture's attributes; the class is "none" unless read with :data:`CONFIDENT`
+        probability (a blob or a broken object is no class), the instance "none" likewise."""
         probs = self.probabilities(images)
         out = []
         for k, image in enumerate(images):
             reading = {name: HEADS[name][int(probs[name][k].argmax())] for name in HEADS}
+            for name in ("cls", "instance"):
+                if float(probs[name][k].max()) < CONFIDENT:
+                    reading[name] = "none"
             reading["scene"] = scene_of(image)
             out.append(reading)
         return out
@@ -173,18 +202,22 @@ class Checker:
         return [float(p) for p in self.probabilities(images)["instance"][:, column]]
 
 
-def agreement(checker: Checker, scenes: Sequence, images: Sequence[Image.Image]) -> dict[str, float]:
+def agreement(checker: Checker, scenes: Sequence, images: Sequence[Image.Image],
+              broken: Sequence[str | None] | None = None) -> dict[str, float]:
     """Per attribute, the share of ``images`` in which the checker reads what ``scenes`` (their
-    ground truth) say."""
+    ground truth; ``broken``: which were drawn broken) say; heads without a label are skipped."""
     readings = checker.read(images)
-    result = {name: float(np.mean([labels_of(s)[name] == HEADS[name].index(r[name]) for s, r in zip(scenes, readings)]))
+    broken = broken or [None] * len(scenes)
+    labels = [labels_of(s, b) for s, b in zip(scenes, broken)]
+    result = {name: float(np.mean([label[name] == HEADS[name].index(r[name])
+                                   for label, r in zip(labels, readings) if label[name] != IGNORE]))
               for name in HEADS}
     result["scene"] = float(np.mean([r["scene"] == s.scene for s, r in zip(scenes, readings)]))
     return result
 
 
 def accuracy(checker: Checker, world: World, seed: int, count: int = 500, degrade: bool = False) -> dict[str, float]:
-    """The checker's accuracy per attribute on freshly rendered pictures (scene by its rule)."""
+    """The checker's accuracy per attribute on freshly rendered whole pictures (scene by its rule)."""
     rng = np.random.default_rng(seed)
     scenes = [example_scene(world, rng) for _ in range(count)]
     images = [world.render(scene, rng) for scene in scenes]
@@ -193,4 +226,13 @@ def accuracy(checker: Checker, world: World, seed: int, count: int = 500, degrad
     return agreement(checker, scenes, images)
 
 
-__all__ = ["Checker", "CheckerNet", "HEADS", "accuracy", "agreement", "scene_of", "train_checker"]
+def rejection(checker: Checker, world: World, seed: int, count: int = 300) -> float:
+    """The share of broken objects (blobs, parts, holes, smears) whose class the checker refuses."""
+    rng = np.random.default_rng(seed)
+    scenes = [example_scene(world, rng) for _ in range(count)]
+    images = [world.render(scene, rng, part=broken_part(scene, rng)) for scene in scenes]
+    return float(np.mean([r["cls"] == "none" for r in checker.read(images)]))
+
+
+__all__ = ["CONFIDENT", "Checker", "CheckerNet", "HEADS", "accuracy", "agreement", "rejection", "scene_of",
+           "train_checker"]

@@ -2,8 +2,9 @@
 
 What the paper measures on DreamBench, here with ground truth: identity (the checker's
 instance score, the DINO-I analogue; toy CLIP-I against the training pictures), and whether the
-concept still composes (the checker's reading of the scene and add-on that a composition prompt
-asks for; toy CLIP-T with the token removed).
+concept still composes — **jointly**: a composition picture counts only if the asked scene and
+add-on, the class (read confidently) *and* the instance's look are all in it. The older, looser
+column (scene and add-on only) and toy CLIP-T with the token removed stay beside it.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class ConceptScores:
     composition: float  # share of composition pictures with the asked scene and add-on
     composition_identity: float  # checker instance score on the composition pictures
     clip_t: float  # toy CLIP-T of the composition pictures, token removed
+    composition_joint: float = 0.0  # share with scene, add-on, class and the instance's look all right
+    composition_class: float = 0.0  # share whose class the checker reads confidently as the asked one
 
     def to_dict(self) -> dict:
         return {k: round(float(v), 4) for k, v in self.__dict__.items()}
@@ -69,9 +72,13 @@ def score(pipe, checker, clip, instance: str, phrase: str, references: Sequence[
     prompts = [f"a photo of a {phrase}"] + [template.format(phrase) for template, _ in composition]
     rows = sample(pipe, prompts, seeds)
     own, others = rows[0], rows[1:]
+    cls = World().instance(instance).cls
     readings = [checker.read(row) for row in others]
     composed = [all(reading.get(name) == value for name, value in expected.items())
                 for (_, expected), row in zip(composition, readings) for reading in row]
+    right_class = [reading["cls"] == cls for row in readings for reading in row]
+    joint = [c and k and reading["instance"] == instance
+             for c, k, reading in zip(composed, right_class, [r for row in readings for r in row])]
     flat = [image for row in others for image in row]
     flat_prompts = [prompt for prompt, row in zip(prompts[1:], others) for _ in row]
     tokens = phrase.split()[:-1]  # the concept's token(s); CLIP-T reads the prompt without them
@@ -83,6 +90,8 @@ def score(pipe, checker, clip, instance: str, phrase: str, references: Sequence[
         composition=float(np.mean(composed)),
         composition_identity=float(np.mean(checker.instance_score(flat, instance))),
         clip_t=clip_t(clip, flat, flat_prompts, tokens),
+        composition_joint=float(np.mean(joint)),
+        composition_class=float(np.mean(right_class)),
     )
 
 
