@@ -252,7 +252,8 @@ def markdown(table: dict) -> str:
              "identity in composition ↑", "CLIP-T ↑", "drift rank ↓", "Fisher ↓", "W₂ ↓")
     lines = ["| method | " + " | ".join(heads) + " | runs (instances) |", "|---" * (len(heads) + 2) + "|"]
     for label, row in table.items():
-        cells = [_cell(metric, row[metric]) for metric in METRICS]
+        cells = [_cell(metric, row[metric]) if not (label.startswith("base") and row[metric] is None) else "–"
+                 for metric in METRICS]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['runs']} ({row['instances']}) |")
     return "\n".join(lines)
 

@@ -174,10 +174,10 @@ def stage_vae(args) -> None:
     channels = tuple(int(c) for c in args.vae_channels.split(",")) if args.vae_channels else VAE_CHANNELS
     world = World(size=RESOLUTION, seed=1)
     _, _, _, vae, _ = make_components(build_world_tokenizer(OUT / "tokenizer"), seed=1, vae_channels=channels)
-    def loss_at(step):
+    def loss_at(step):  # the latent sample from the step's own seed: a resumed run draws the same
         pixels = _codec_pictures(world, step * batch, batch)
         posterior = vae.encode(pixels).latent_dist
-        recon = vae.decode(posterior.sample()).sample
+        recon = vae.decode(posterior.sample(generator=torch.Generator().manual_seed(1_000_000 + step))).sample
         kl = posterior.kl().mean() / (4 * (RESOLUTION // 8) ** 2)
         return F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels) + 1e-4 * kl
 

@@ -405,7 +405,7 @@ def composition_prompts(cls: str) -> list[tuple[str, dict]]:
     ]
 
 
-def sample_grid(columns: int = 8, rows: int = 3, seed: int = 0, scale: int = 2) -> Image.Image:
+def sample_grid(columns: int = 10, rows: int = 3, seed: int = 0, scale: int = 2) -> Image.Image:
     """Pretraining pictures (top rows) and the instances in their plain scene (last row): what
     the world looks like, for the documentation."""
     world = World(seed=seed)
