@@ -47,7 +47,7 @@ def test_committed_base_is_what_the_script_wrote():
     committed = {path for folder in ("classdiffusion", "tests") for path in (repo / folder).rglob("*.safetensors")}
     assert {WEIGHTS / name for name in files if name.endswith(".safetensors")} <= committed
     total = sum(path.stat().st_size for path in committed)  # the base, the checker, the old-file fixtures
-    assert total <= 40e6, f"{total / 1e6:.1f} MB of weights: the budget is 40 MB"
+    assert total <= 60e6, f"{total / 1e6:.1f} MB of weights: the budget is 60 MB"
 
 
 def test_diffusers_host_loads_the_base_with_sd15_classes():
@@ -144,12 +144,19 @@ def test_previews_step_files_and_drift_report_on_the_toy_base(tmp_path, checker,
     assert drift["class_word"] == instance.cls and drift["after"]["rank"] >= 1
 
 
-@pytest.mark.slow  # 2 × 42 prompts sampled (~1 min)
+@pytest.mark.slow  # 2 × 101 prompts sampled (~1 min)
 def test_validity_gate_passes_from_the_committed_weights(tmp_path):
-    """benchmarks/toyworld_validity.py: class, colour and scene ≥ 80 % on held-out combinations."""
+    """benchmarks/toyworld_validity.py: every asked attribute ≥ 80 % in every prompt form (class
+    only, class + scene, class + add-on, held-out combinations), and every instance's VAE
+    reconstruction ≥ 0.8 on the checker's instance head."""
+    from classdiffusion.toyworld.world import INSTANCES
+
     result_file = tmp_path / "gate.json"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "toyworld_validity.py"), "--images", "2",
                            "--json", str(result_file)], capture_output=True, text=True, timeout=900)
     result = json.loads(result_file.read_text())
-    assert done.returncode == 0 and result["passed"], result
-    assert min(result["held_out"]["accuracy"].values()) >= 0.8
+    assert done.returncode == 0 and result["gate_passed"], result
+    assert set(result["vae_instance_scores"]) == {inst.name for inst in INSTANCES}
+    assert min(result["vae_instance_scores"].values()) >= 0.8
+    for form in ("class", "class_scene", "class_addon", "held_out"):
+        assert min(result["forms"][form]["accuracy"].values()) >= 0.8, form

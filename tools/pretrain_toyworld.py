@@ -55,7 +55,7 @@ def stage_checker(args) -> None:
     from classdiffusion.toyworld.checker import Checker, accuracy, rejection, train_checker
     from classdiffusion.toyworld.world import World
 
-    settings = {"steps": args.steps or 2500, "batch": 64, "seed": 0}
+    settings = {"steps": args.steps or 3000, "batch": 64, "seed": 0}
     started = time.perf_counter()
     checker = Checker(train_checker(**settings))
     seconds = time.perf_counter() - started
@@ -245,7 +245,7 @@ def stage_unet(args) -> None:
     from classdiffusion.toyworld.base import CLIP_CONFIG_FILE, CLIP_EXTRA_FILE, RESOLUTION, make_components, split_clip, text_tower
     from classdiffusion.toyworld.world import World
 
-    steps, batch, pool = args.steps or 11_000, args.batch or 32, args.pool
+    steps, batch, pool = args.steps or 8_000, args.batch or 32, args.pool
     tokenizer = CLIPTokenizer.from_pretrained(str(OUT / "clip"))
     _, text_encoder, unet, _, scheduler = make_components(OUT / "tokenizer", seed=3)
     clip = CLIPModel.from_pretrained(str(OUT / "clip"), torch_dtype=torch.float32)

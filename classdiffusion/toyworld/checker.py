@@ -97,13 +97,34 @@ def _degrade(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def example_scene(world: World, rng: np.random.Generator):
     """Training examples for the checker: ordinary scenes of every combination (a third of them
-    in two halves of colours other than the instances'), and instances (a quarter of the examples)
-    in every scene with every add-on."""
-    if rng.random() < 0.25:
+    in two halves of colours other than the instances'), instances (a quarter of the examples) in
+    every scene with every add-on, and near misses (a tenth): an instance's class in two halves with
+    one of its colours swapped for another — what tells red and yellow from orange and yellow."""
+    draw = rng.random()
+    if draw < 0.25:
         name = INSTANCES[rng.integers(len(INSTANCES))].name
         return world.instance_scene(name, rng, scene=list(SCENES)[rng.integers(len(SCENES))],
                                     addon=ADDONS[rng.integers(len(ADDONS))])
+    if draw < 0.35:
+        return near_miss(world, rng)
     return world.sample_scene(rng, held_out=bool(rng.random() < 1 / 7), two_colour_share=1 / 3)
+
+
+def near_miss(world: World, rng: np.random.Generator):
+    """An ordinary two-half object of an instance's class, one of the instance's colours kept and
+    the other replaced (never another instance's look)."""
+    from dataclasses import replace
+
+    from .world import held_out_look
+
+    inst = INSTANCES[rng.integers(len(INSTANCES))]
+    kept = (inst.first, inst.second)[rng.integers(2)]
+    others = [c for c in COLOURS if c not in (inst.first, inst.second) and not held_out_look(inst.cls, kept, c)]
+    second = others[rng.integers(len(others))]
+    pair = (kept, second) if rng.random() < 0.5 else (second, kept)
+    scene = world.sample_scene(rng, two_colour_share=0.0)
+    return replace(scene, cls=inst.cls, colour=pair[0], pattern="half", second=pair[1],
+                   addon="hat" if scene.addon == "ball" and inst.cls == "ball" else scene.addon)
 
 
 def broken_part(scene, rng: np.random.Generator) -> str:
