@@ -17,7 +17,8 @@ def test_demo_writes_images_concept_plot_grid_and_scores(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "toy base" in out and "identity (the checker's instance score)" in out
     scores = json.loads((tmp_path / "scores.json").read_text())
-    assert {"identity_before", "identity_after", "composition_after"} <= set(scores)
+    assert {"identity_before", "identity_after", "composition_after", "composition_joint_after"} <= set(scores)
+    assert "joint composition" in out
     assert len(list((tmp_path / "images").glob("*.png"))) == 5
     assert load_concept(tmp_path / "concept.safetensors").step == 4
     assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "grid.png").stat().st_size > 1000

@@ -201,3 +201,44 @@ def test_pretraining_stages_run_end_to_end_and_the_host_loads_the_base(tmp_path)
     host = load_host(tmp_path / "base", device="cpu")
     assert host.text_dim == 768
     assert host.initializer_ids("star") and len(host.word_ids("star")) == 1  # a world word is one token
+
+
+def test_a_stopped_pretraining_stage_continues_where_it_stopped(tmp_path, monkeypatch):
+    """tools/pretrain_toyworld.py's stages are resumable: a run stopped after a resume point
+    continues from it, and ends where an unbroken run ends (every draw comes from the step)."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import pretrain_toyworld as pretrain
+
+    monkeypatch.setattr(pretrain, "OUT", tmp_path)
+    monkeypatch.setattr(pretrain, "SAVE_EVERY", 2)
+
+    steps_run = []
+
+    def run(stop_at=None):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+
+        def loss_at(step):
+            steps_run.append(step)
+            if step == stop_at:
+                raise KeyboardInterrupt
+            x = torch.randn(8, 3, generator=torch.Generator().manual_seed(step))
+            return model(x).square().mean()
+
+        pretrain.optimize("toy", model.parameters(), 6, 1e-2, loss_at, model=model)
+        return model
+
+    unbroken = run()
+    assert not (tmp_path / "resume" / "toy.pt").exists()  # removed when a stage ends
+    with pytest.raises(KeyboardInterrupt):
+        run(stop_at=3)
+    assert torch.load(tmp_path / "resume" / "toy.pt", weights_only=True)["step"] == 2
+    steps_run.clear()
+    resumed = run()
+    assert steps_run == [2, 3, 4, 5]  # continued, not restarted
+    for a, b in zip(unbroken.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
