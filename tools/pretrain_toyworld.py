@@ -1,8 +1,12 @@
 """Build the toy world's committed weights, deterministically, on the CPU.
 
-    python tools/pretrain_toyworld.py checker      # the independent checker (~2.5 min on 2 cores)
+    python tools/pretrain_toyworld.py checker      # the independent checker (3,000 steps)
     python tools/pretrain_toyworld.py calibrate    # seconds per step of every stage, nothing written
-    python tools/pretrain_toyworld.py vae          # then clip, then unet: the toy base (85 min in all)
+    python tools/pretrain_toyworld.py vae          # then clip, then unet: the toy base (v2: 118 min of
+                                                   # wall time on 2 cores, stages side by side)
+
+Every stage is resumable: it saves to OUT/resume/STAGE.pt every --save-every steps and a rerun
+continues there (docs/toyworld.md).
 
 Each stage writes under ``classdiffusion/toyworld/weights/`` (``--out`` elsewhere) and records in
 ``MANIFEST.json`` the command, the settings, the time it took and the SHA-256 of what it wrote;
