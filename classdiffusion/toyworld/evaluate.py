@@ -68,17 +68,18 @@ def score(pipe, checker, clip, instance: str, phrase: str, references: Sequence[
     ``keep`` receives the pictures ({"concept": [...], "composition": [...]}) when given."""
     from ..evaluation.image_metrics import clip_t, image_similarity
 
-    composition = composition_prompts(World().instance(instance).cls)
+    cls = World().instance(instance).cls
+    composition = composition_prompts(cls)
     prompts = [f"a photo of a {phrase}"] + [template.format(phrase) for template, _ in composition]
     rows = sample(pipe, prompts, seeds)
     own, others = rows[0], rows[1:]
-    cls = World().instance(instance).cls
     readings = [checker.read(row) for row in others]
     composed = [all(reading.get(name) == value for name, value in expected.items())
                 for (_, expected), row in zip(composition, readings) for reading in row]
-    right_class = [reading["cls"] == cls for row in readings for reading in row]
+    flat_readings = [reading for row in readings for reading in row]
+    right_class = [reading["cls"] == cls for reading in flat_readings]
     joint = [c and k and reading["instance"] == instance
-             for c, k, reading in zip(composed, right_class, [r for row in readings for r in row])]
+             for c, k, reading in zip(composed, right_class, flat_readings)]
     flat = [image for row in others for image in row]
     flat_prompts = [prompt for prompt, row in zip(prompts[1:], others) for _ in row]
     tokens = phrase.split()[:-1]  # the concept's token(s); CLIP-T reads the prompt without them
