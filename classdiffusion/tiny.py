@@ -31,21 +31,51 @@ excited calm serious funny tired energetic style art oil watercolor sketch ktn p
 """.split()
 
 
+def learn_merges(words: Iterable[str], suffix: str = "</w>") -> list[tuple[str, str]]:
+    """BPE merges that make every word one token, learned deterministically.
+
+    The rule is the Hugging Face ``BpeTrainer``'s (most frequent adjacent pair first, a word's last
+    symbol carries ``suffix``), with its ties broken by symbol order rather than by hash-map
+    iteration: the trainer numbered the end-of-word symbols in a per-process random order, so about
+    two builds in five ordered two tied merges differently and a rebuilt tokenizer's ids differed from
+    the committed toy base's. Symbols are numbered characters first (sorted), then end-of-word
+    symbols in the order the sorted words meet them, then merges as they are made; a tie goes to
+    the pair with the smaller numbers. The committed toy tokenizer is this rule's output.
+    """
+    words = sorted({w.lower() for w in words})
+    symbols = sorted({c for w in words for c in w})
+    number = {s: i for i, s in enumerate(symbols)}
+    pieces = []
+    for word in words:
+        pieces.append([c + suffix if i == len(word) - 1 else c for i, c in enumerate(word)])
+        number.setdefault(pieces[-1][-1], len(number))
+    merges = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for piece in pieces:
+            for pair in zip(piece, piece[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        left, right = min(counts, key=lambda p: (-counts[p], number[p[0]], number[p[1]]))
+        merges.append((left, right))
+        number.setdefault(left + right, len(number))
+        for piece in pieces:
+            i = 0
+            while i < len(piece) - 1:
+                if piece[i] == left and piece[i + 1] == right:
+                    piece[i:i + 2] = [left + right]
+                i += 1
+
+
 def build_tokenizer(out_dir: str | Path, words: Iterable[str] = TINY_WORDS) -> Path:
     """A CLIP-format BPE tokenizer (vocab.json + merges.txt) whose vocabulary covers every byte
     and has each of ``words`` as one token. Loadable with ``CLIPTokenizer.from_pretrained``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import pre_tokenizers
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    words = sorted({w.lower() for w in words})
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.BpeTrainer(vocab_size=100_000, end_of_word_suffix="</w>", show_progress=False,
-                                  min_frequency=1)
-    bpe.train_from_iterator([" ".join(words)] * 2, trainer)
-    learned = json.loads(bpe.to_str())["model"]["merges"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned]
+    merges = learn_merges(words)
 
     byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())  # CLIP's 256 byte symbols
     vocab_list = byte_chars + [c + "</w>" for c in byte_chars]

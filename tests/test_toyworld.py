@@ -82,6 +82,25 @@ def test_every_method_prompt_is_made_of_whole_world_words(tmp_path):
     assert committed.get_vocab() == tokenizer.get_vocab()
 
 
+def test_tokenizer_build_is_the_same_under_any_hash_seed(tmp_path):
+    """The Hugging Face BPE trainer broke ties by hash order (CI rebuilt a tokenizer with two ids
+    swapped); ours must give the same merges in processes with different hash seeds."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from classdiffusion.toyworld.base import build_world_tokenizer; "
+            "print(open(build_world_tokenizer(sys.argv[1]) / 'merges.txt').read())")
+    outputs = []
+    for seed in ("1", "2", "3"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        run = subprocess.run([sys.executable, "-c", code, str(tmp_path / seed)], env=env,
+                             capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+        outputs.append(run.stdout)
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert outputs[0].strip() == (WEIGHTS / "base" / "tokenizer" / "merges.txt").read_text().strip()
+
+
 def test_pretraining_never_shows_a_held_out_combination_or_an_instance_look():
     triples = held_out_triples()
     assert 0 < len(triples) < len(CLASSES) * len(COLOURS) * len(SCENES) / 5
