@@ -301,9 +301,10 @@ def run_curve(job: dict) -> list[dict]:
     base = base_path(weights)
     instance, seed, spl_weight, steps = job["instance"], job["seed"], job["spl_weight"], job["steps"]
     cls = World().instance(instance).cls
-    references = instance_pictures(instance, seed=seed)
+    references = instance_pictures(instance, seed=seed, **({"scene": job["scenes"]} if job.get("scenes") else {}))
     checker, clip = Checker.load(WEIGHTS / "checker.safetensors"), ToyClip(weights)
     pipe = build_pipeline(base, device="cpu")
+    recipe = {**TOY_RECIPE, **job.get("recipe", {})}  # the recipe search (toyworld_recipe.py) overrides it
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k, picture in enumerate(references):
@@ -311,7 +312,7 @@ def run_curve(job: dict) -> list[dict]:
         host = load_host(base, device="cpu")
         gap = min(b - a for a, b in zip((0,) + steps, steps))
         config = TrainConfig(method="classdiffusion", steps=max(steps), seed=seed, spl_weight=spl_weight,
-                             save_every=gap, checkpoint_optimizer=False, **TOY_RECIPE)
+                             save_every=gap, checkpoint_optimizer=False, **recipe)
         out = Path(tmp) / "concept.safetensors"
         train(host, [ConceptSpec(token="<sks>", class_word=cls, images=[tmp])], config, out=out)
         host.close()
@@ -322,7 +323,7 @@ def run_curve(job: dict) -> list[dict]:
                 scores = score(pipe, checker, clip, instance, f"<sks> {cls}", references, SAMPLING_SEEDS)
                 applied.remove()
             rows.append({"instance": instance, "seed": seed, "spl_weight": spl_weight, "step": step,
-                         **scores.to_dict()})
+                         "learning_rate": recipe["learning_rate"], **scores.to_dict()})
     return rows
 
 

@@ -150,6 +150,15 @@ def test_composition_prompts_name_what_the_checker_can_verify():
         assert expected["scene"] in SCENES
 
 
+def test_training_pictures_take_their_scenes_in_turn():
+    """The recipe search trains on pictures in several scenes; one scene stays the default."""
+    from classdiffusion.toyworld.evaluate import instance_pictures
+
+    assert [scene_of(p) for p in instance_pictures("red_blue_star")] == ["table"] * 5
+    mixed = instance_pictures("red_blue_star", scene=("table", "beach", "snow"))
+    assert [scene_of(p) for p in mixed] == ["table", "beach", "snow", "table", "beach"]
+
+
 def test_scene_rule_reads_every_rendered_scene():
     world = World(seed=5)
     rng = np.random.default_rng(7)

@@ -54,3 +54,12 @@ def test_fisher_reads_n_a_where_it_is_undefined():
     infusion_line = next(line for line in table.markdown(summary).splitlines() if line.startswith("| Infusion |"))
     fisher_cell = infusion_line.split(" | ")[1 + table.METRICS.index("fisher")]
     assert fisher_cell == "n/a"
+
+
+def test_the_recipe_is_searched_on_a_seed_the_table_never_trains():
+    import toyworld_recipe as recipe
+
+    from classdiffusion.toyworld.world import INSTANCES
+
+    assert recipe.TUNING_SEED not in table.TABLE_SEEDS
+    assert set(recipe.TUNING_INSTANCES) <= {i.name for i in INSTANCES}

@@ -22,11 +22,14 @@ from .world import INSTANCES, World, composition_prompts
 SAMPLING = {"steps": 25, "guidance": 5.0}
 
 
-def instance_pictures(name: str, count: int = 5, seed: int = 0, scene: str = "table") -> list[Image.Image]:
-    """``count`` training pictures of a held-out instance in one plain scene (as a user's 4–6 photos)."""
+def instance_pictures(name: str, count: int = 5, seed: int = 0,
+                      scene: str | Sequence[str] = "table") -> list[Image.Image]:
+    """``count`` training pictures of a held-out instance (as a user's 4–6 photos), in one plain
+    scene or, given several, in each in turn."""
     world = World(seed=seed)
+    scenes = [scene] if isinstance(scene, str) else list(scene)
     rng = np.random.default_rng([seed, INSTANCES.index(world.instance(name))])
-    return [world.render(world.instance_scene(name, rng, scene=scene), rng) for _ in range(count)]
+    return [world.render(world.instance_scene(name, rng, scene=scenes[k % len(scenes)]), rng) for k in range(count)]
 
 
 def sample(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = SAMPLING["steps"],
