@@ -63,6 +63,7 @@ VARIANTS = (
 METRICS = ("identity", "composition_joint", "clip_i", "composition", "composition_identity", "clip_t",
            "drift_rank", "fisher", "wasserstein")
 SAMPLING_SEEDS = (0, 1, 2, 3)
+GRID_COMPOSITION = 3  # composition_prompts' "… on the grass wearing a hat"
 #: Training seeds of the table: fresh, never used to choose the recipe (seed 0 was).
 TABLE_SEEDS = (1, 2, 3)
 #: The overfitting curve: the steps scored, and its instances (one star, one box, one tree).
@@ -292,7 +293,7 @@ def run_curve(job: dict) -> list[dict]:
     from classdiffusion.hosts.diffusers_host import load_host
     from classdiffusion.toyworld.base import WEIGHTS, ToyClip, base_path
     from classdiffusion.toyworld.checker import Checker
-    from classdiffusion.toyworld.evaluate import instance_pictures, score
+    from classdiffusion.toyworld.evaluate import instance_pictures, picture_grid, score
     from classdiffusion.toyworld.world import World
     from classdiffusion.train import checkpoint_path, train
 
@@ -316,14 +317,21 @@ def run_curve(job: dict) -> list[dict]:
         out = Path(tmp) / "concept.safetensors"
         train(host, [ConceptSpec(token="<sks>", class_word=cls, images=[tmp])], config, out=out)
         host.close()
+        grid_rows, grid_labels = [], []
         for step in steps:
             concept = load_concept(out if step == max(steps) else checkpoint_path(out, step))
+            pictures: dict = {}
             with torch.no_grad():
                 applied = apply_concept(pipe.unet, concept, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-                scores = score(pipe, checker, clip, instance, f"<sks> {cls}", references, SAMPLING_SEEDS)
+                scores = score(pipe, checker, clip, instance, f"<sks> {cls}", references, SAMPLING_SEEDS, keep=pictures)
                 applied.remove()
+            # the identity prompt's pictures, then those of "… on the grass wearing a hat"
+            grid_rows.append(list(pictures["concept"]) + list(pictures["composition"][GRID_COMPOSITION]))
+            grid_labels.append(f"step {step}: {pictures['prompts'][0]} | {pictures['prompts'][GRID_COMPOSITION + 1]}")
             rows.append({"instance": instance, "seed": seed, "spl_weight": spl_weight, "step": step,
                          "learning_rate": recipe["learning_rate"], **scores.to_dict()})
+    if job.get("grid"):
+        picture_grid(grid_rows, grid_labels).save(job["grid"])
     return rows
 
 
