@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from classdiffusion.cli import main
 from classdiffusion.concept import load_concept
 
 
+@pytest.mark.slow  # scores before and after on the toy base: about 1 min
 def test_demo_writes_images_concept_plot_grid_and_scores(tmp_path, capsys):
     """The demo's files and its summary line (that it learns: tests/test_toy_base.py)."""
     assert main(["demo", "--out", str(tmp_path), "--steps", "4", "-q"]) == 0

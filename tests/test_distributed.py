@@ -49,6 +49,7 @@ def test_micro_batches_of_each_rank_tile_the_step():
     assert list(Ranks().micro_batches(4)) == [0, 1, 2, 3]
 
 
+@pytest.mark.slow  # two torchrun processes on the toy base
 def test_two_ranks_equal_one_process_with_accumulation_two(pictures, tmp_path):
     ddp = _torchrun(_train_args(pictures, tmp_path / "ddp" / "c.safetensors", "--save-every", "2"))
     assert ddp.returncode == 0, ddp.stderr[-3000:]

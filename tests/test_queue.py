@@ -60,6 +60,7 @@ class _StopAfter(TrainCallbacks):
         return self.done >= self.step
 
 
+@pytest.mark.slow  # three queued trainings, one of them rerun
 def test_queue_reports_a_failing_job_and_a_rerun_skips_or_resumes(jobs_file, tmp_path):
     first = _queue(jobs_file)
     assert first.returncode == 1, first.stderr[-3000:]  # one job failed; the others ran

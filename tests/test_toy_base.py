@@ -84,6 +84,7 @@ def test_toy_clip_matches_pictures_to_their_captions():
     assert (similarity.argmax(1) == torch.arange(8)).float().mean() >= 0.75
 
 
+@pytest.mark.slow  # the demo at its defaults: about 2 min
 def test_demo_learns_the_instance(tmp_path):
     """`classdiffusion demo`: the checker's instance score rises with training; the grid and the
     scores are written (the demo's defaults, ≤ 2 min on 2 cores)."""
