@@ -76,6 +76,7 @@ def test_two_ranks_equal_one_process_with_accumulation_two(pictures, tmp_path):
     assert load_concept(tmp_path / "resumed.safetensors").step == 4
 
 
+@pytest.mark.slow  # four two-rank runs, one waiting out a timeout (~50 s)
 @pytest.mark.parametrize("mode,says", [
     ("stop", "cancelled"),  # one rank asks to stop: every rank stops at the same step
     ("die", "exitcode  : 3"),  # a rank exits: torchrun ends the others and names it, no concept

@@ -131,6 +131,7 @@ def test_forward_hooks_still_run_on_a_fused_layer():
         handle.remove()
 
 
+@pytest.mark.slow  # torch.compile of a training step (~17 s)
 def test_the_training_step_compiles_whole_without_recompiles(tiny_base):
     """The UNet forward and backward with the trained tensors attached, as ``config.compile`` runs
     it, compile with fullgraph=True (an error at any graph break), once for 3 steps × 2 micro-batches

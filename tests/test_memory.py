@@ -100,6 +100,7 @@ def _limit_for(total: int) -> int:
     return int(total / HEADROOM / MIB) + 1
 
 
+@pytest.mark.slow  # plans and trains twice (~16 s)
 def test_auto_picks_checkpointing_then_accumulation_and_still_trains(tiny_base, tmp_path):
     host = load_host(tiny_base, device="cpu")
     base = TrainConfig(steps=2, resolution=256, batch_size=2)
