@@ -1,8 +1,12 @@
 """The toy recipe search, on the tuning seed only: identity and joint composition of a concept
-against training steps for a few learning rates, so the demo's recipe (classdiffusion/demo.py:
-TOY_RECIPE and its step count) is chosen on seed 0 and the table's seeds (1-3) stay unseen.
+against training steps for a few learning rates (and, optionally, training pictures in several
+scenes or all of attn2 trained), so the demo's recipe (classdiffusion/demo.py: TOY_RECIPE and its
+step count) is chosen on seed 0 and the table's seeds (1-3) stay unseen.
 
     python benchmarks/toyworld_recipe.py --rates 1e-4 3e-5 --steps 50 100 200 300 400 --json F
+    python benchmarks/toyworld_recipe.py --scenes table beach snow --json F
+    python benchmarks/toyworld_recipe.py --rates 1e-4 --train-mode crossattn --steps 100 200 400
+    python benchmarks/toyworld_recipe.py --rates 1e-4 --instances yellow_purple_ball --grid DIR
 
 Each (instance, learning rate) trains once to the last step with step checkpoints; every
 listed step's checkpoint is scored (identity on "a photo of a <sks> CLASS", joint composition on
