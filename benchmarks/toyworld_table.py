@@ -302,7 +302,7 @@ def run_curve(job: dict) -> list[dict]:
     base = base_path(weights)
     instance, seed, spl_weight, steps = job["instance"], job["seed"], job["spl_weight"], job["steps"]
     cls = World().instance(instance).cls
-    references = instance_pictures(instance, seed=seed, **({"scene": job["scenes"]} if job.get("scenes") else {}))
+    references = instance_pictures(instance, seed=seed, scene=job.get("scenes") or "table")
     checker, clip = Checker.load(WEIGHTS / "checker.safetensors"), ToyClip(weights)
     pipe = build_pipeline(base, device="cpu")
     recipe = {**TOY_RECIPE, **job.get("recipe", {})}  # the recipe search (toyworld_recipe.py) overrides it
@@ -325,9 +325,9 @@ def run_curve(job: dict) -> list[dict]:
                 applied = apply_concept(pipe.unet, concept, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
                 scores = score(pipe, checker, clip, instance, f"<sks> {cls}", references, SAMPLING_SEEDS, keep=pictures)
                 applied.remove()
-            # the identity prompt's pictures, then those of "… on the grass wearing a hat"
-            grid_rows.append(list(pictures["concept"]) + list(pictures["composition"][GRID_COMPOSITION]))
-            grid_labels.append(f"step {step}: {pictures['prompts'][0]} | {pictures['prompts'][GRID_COMPOSITION + 1]}")
+            if job.get("grid"):  # the identity prompt's pictures, then those of "… on the grass wearing a hat"
+                grid_rows.append(list(pictures["concept"]) + list(pictures["composition"][GRID_COMPOSITION]))
+                grid_labels.append(f"step {step}: {pictures['prompts'][0]} | {pictures['prompts'][GRID_COMPOSITION + 1]}")
             rows.append({"instance": instance, "seed": seed, "spl_weight": spl_weight, "step": step,
                          "learning_rate": recipe["learning_rate"], **scores.to_dict()})
     if job.get("grid"):
