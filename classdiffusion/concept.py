@@ -306,12 +306,25 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors save that never leaves a partial file at ``path`` (a crash keeps the old one;
     an interrupted save removes its temporary file, and a killed one's is removed next time)."""
-    path = Path(path)
+    _write_whole(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all (reports, plots), as concept files are written."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+
+    _write_whole(Path(path), write)
+
+
+def _write_whole(path: Path, write) -> None:
     remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         umask = os.umask(0)

@@ -31,6 +31,42 @@ def build_pipeline(base: str | Path, *, base_config=None, device=None, dtype=tor
     return pipe.to(device or default_device())
 
 
+def sample_rows(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float,
+                size: int | None = None) -> list[list]:
+    """Pictures of each prompt (outer list) at each seed (inner list); seed ``s`` gives every prompt
+    the same starting noise (drawn on the CPU, so a seed means the same noise on every device), so
+    the pictures of one column differ only by their prompt."""
+    rows: list[list] = [[] for _ in prompts]
+    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    channels, side = pipe.unet.config.in_channels, size // pipe.vae_scale_factor
+    for seed in seeds:
+        latents = torch.randn((1, channels, side, side), generator=torch.Generator().manual_seed(int(seed)))
+        latents = latents.expand(len(prompts), -1, -1, -1).clone().to(pipe.device, pipe.unet.dtype)
+        images = pipe(list(prompts), latents=latents, num_inference_steps=steps, guidance_scale=guidance,
+                      height=size, width=size).images
+        for row, image in zip(rows, images):
+            row.append(image)
+    return rows
+
+
+def concept_sampler(pipe, *, steps: int, guidance: float, size: int | None = None, strict: bool = True):
+    """``sample(concept_file or None, prompts, seeds)`` over ``pipe`` (the step picker's sampler):
+    the file's concept applied for the call and removed after; None samples the base model."""
+
+    def sample(path, prompts: Sequence[str], seeds: Sequence[int]) -> list[list]:
+        applied = None
+        if path is not None:
+            applied = apply_concept_to_pipeline(pipe, load_concept(path), strict=strict)
+        try:
+            with torch.no_grad():
+                return sample_rows(pipe, prompts, seeds, steps=steps, guidance=guidance, size=size)
+        finally:
+            if applied is not None:
+                applied.remove()
+
+    return sample
+
+
 def generate(
     base: str | Path,
     concept_paths: Sequence[str | Path],

@@ -36,17 +36,9 @@ def sample(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = S
            guidance: float = SAMPLING["guidance"]) -> list[list[Image.Image]]:
     """Pictures of each prompt (outer list) at each seed (inner list); seed ``s`` gives every
     prompt the same starting noise, so rows are comparable."""
-    rows: list[list[Image.Image]] = [[] for _ in prompts]
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    for seed in seeds:
-        generator = torch.Generator().manual_seed(int(seed))
-        latents = torch.randn((1, pipe.unet.config.in_channels, size // pipe.vae_scale_factor,
-                               size // pipe.vae_scale_factor), generator=generator)
-        images = pipe(list(prompts), latents=latents.expand(len(prompts), -1, -1, -1).clone(),
-                      num_inference_steps=steps, guidance_scale=guidance, height=size, width=size).images
-        for row, image in zip(rows, images):
-            row.append(image)
-    return rows
+    from ..generate import sample_rows
+
+    return sample_rows(pipe, prompts, seeds, steps=steps, guidance=guidance)
 
 
 @dataclass
