@@ -305,3 +305,65 @@ def model_base_weights(model, train_mode: str) -> dict:
         saved = backup.get(f"diffusion_model.{key}")
         weights[name] = saved.weight if saved is not None else params[key]
     return weights
+
+
+def tensor_to_pictures(images: torch.Tensor) -> list:
+    """A ComfyUI IMAGE batch [B, H, W, C] in 0…1 → PIL pictures (RGB)."""
+    import numpy as np
+    from PIL import Image
+
+    array = (images[..., :3].clamp(0, 1).cpu().float().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(picture) for picture in array]
+
+
+class ClipVisionEncoder:
+    """ComfyUI's CLIP_VISION as the step picker's encoder: its projected image embeddings (vision
+    only, so the picker measures composition by the context agreement)."""
+
+    def __init__(self, clip_vision):
+        self.clip_vision = clip_vision
+
+    def image_features(self, images) -> torch.Tensor:
+        import numpy as np
+
+        features = []
+        for picture in images:  # one at a time: the pictures may differ in size
+            pixels = torch.from_numpy(np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0)[None]
+            output = self.clip_vision.encode_image(pixels, crop=True)
+            features.append(output["image_embeds"].float().cpu().reshape(1, -1))
+        return torch.cat(features)
+
+
+def comfy_step_sampler(model, clip, vae, *, steps: int, cfg: float, sampler_name: str, scheduler: str, size: int,
+                       negative: str = "", strict: bool = True):
+    """The picker's ``sample(concept_file or None, prompts, seeds)`` with ComfyUI's own sampler: the
+    file's concept applied to MODEL and CLIP (None: the base), each seed's noise the same for every
+    prompt and every file; Cancel stops it between pictures."""
+    import comfy.sample
+
+    from ..classdiffusion.concept import load_concept
+
+    channels = getattr(getattr(model.model, "latent_format", None), "latent_channels", 4)
+
+    def sample(path, prompts, seeds):
+        tuned_model, tuned_clip = model, clip
+        if path is not None:
+            concept = load_concept(path)
+            concept.check_against(model_base_weights(model, concept.train_mode), what="this MODEL", strict=strict)
+            tuned_model, tuned_clip = apply_concept_to_comfy(model, clip, concept, 1.0, 1.0)
+        negative_cond = tuned_clip.encode_from_tokens_scheduled(tuned_clip.tokenize(negative))
+        rows = []
+        for prompt in prompts:
+            positive = tuned_clip.encode_from_tokens_scheduled(tuned_clip.tokenize(prompt))
+            row = []
+            for seed in seeds:
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                latent = torch.zeros(1, channels, size // 8, size // 8)
+                noise = comfy.sample.prepare_noise(latent, seed)
+                samples = comfy.sample.sample(tuned_model, noise, steps, cfg, sampler_name, scheduler, positive,
+                                              negative_cond, latent, seed=seed, disable_pbar=True)
+                row += tensor_to_pictures(vae.decode(samples))
+            rows.append(row)
+        return rows
+
+    return sample

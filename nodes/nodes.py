@@ -20,6 +20,7 @@ from ..classdiffusion.config import ConceptSpec, TrainConfig, setting_info
 from ..classdiffusion.data import ConceptData
 from ..classdiffusion.methods import DEFAULT_METHOD, method_class
 from ..classdiffusion.evaluation.drift import concept_drifts, summary as drift_summary
+from ..classdiffusion.evaluation.picker import DEFAULT_COMPOSITION, TOLERANCE
 from ..classdiffusion.plot import plot_drift_map, plot_history
 from ..classdiffusion.summary import drift_line, summary_line
 from ..classdiffusion.precision import precision_dtype
@@ -394,6 +395,83 @@ class CompareConceptStepsNode(io.ComfyNode):
         return io.NodeOutput(grid, "\n".join(lines), ui=ui.PreviewImage(grid, cls=cls))
 
 
+#: The Pick node's default composition prompts ({token} and {class} are filled in from the concept).
+PICK_PROMPTS = "\n".join(t.format("{token}", "{class}") for t in DEFAULT_COMPOSITION)
+
+
+class PickConceptStepNode(io.ComfyNode):
+    """Score every saved step of a run for identity and composition with a CLIP Vision model, and
+    choose the step to keep (classdiffusion.evaluation.picker)."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ClassDiffusionPickStep",
+            display_name="Pick Concept Step",
+            category=CATEGORY,
+            is_output_node=True,
+            description=("Samples the identity prompt ('a photo of a <token> <class>') and the composition prompts with "
+                         "every checkpoint of a run (NAME-stepNNNNN.safetensors, from save_every) and the final "
+                         "concept, scores identity (CLIP Vision cosine to the reference images) and composition (how "
+                         "well the surroundings agree with the base model's picture of the same prompt and seed), and "
+                         "picks the most learned step that keeps composition; returns it applied. docs/evaluation.md."),
+            inputs=[
+                *concept_file_inputs("Its CLIP; the returned CLIP has the chosen step's token.",
+                                     "Any file of the run (the final one or a step file).",
+                                     io.Vae.Input("vae", tooltip="Its VAE, to decode the samples.")),
+                io.Image.Input("references", tooltip="The concept's photos (the training images)."),
+                io.ClipVision.Input("clip_vision", tooltip="A CLIP Vision model (Load CLIP Vision) to score with."),
+                io.String.Input("composition_prompts", default=PICK_PROMPTS, multiline=True,
+                                tooltip="One per line; {token} and {class} are the concept's (or write them out)."),
+                io.Int.Input("images_per_prompt", default=2, min=1, max=16, tooltip="Seeds per prompt."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="The first seed (the same for every step)."),
+                io.Int.Input("steps", default=30, min=1, max=200, tooltip="Sampling steps."),
+                io.Float.Input("cfg", default=6.0, min=0.0, max=30.0, step=0.1, tooltip="Guidance (paper: 6.0)."),
+                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="ddim"),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="ddim_uniform"),
+                io.Int.Input("size", default=512, min=64, max=1024, step=64, tooltip="Width and height."),
+                io.Float.Input("tolerance", default=TOLERANCE, min=0.0, max=1.0, step=0.05,
+                               tooltip="The rule: the best identity among steps whose composition keeps ≥ 1 − tolerance "
+                                       "of the run's composition range (0: the best composition; 1: the best identity)."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP"),
+                     io.Image.Output(display_name="plot"), io.String.Output(display_name="chosen"),
+                     io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, concept_name, references, clip_vision, composition_prompts, images_per_prompt,
+                seed, steps, cfg, sampler_name, scheduler, size, tolerance) -> io.NodeOutput:
+        import comfy.utils
+        from ..classdiffusion.concept import load_concept
+        from ..classdiffusion.evaluation.picker import pick_run, plot_pick, step_files_of
+        from .comfy_glue import ClipVisionEncoder, comfy_step_sampler, tensor_to_pictures
+
+        path = folder_paths.get_full_path_or_raise(CONCEPT_FOLDER, concept_name)
+        files, last = step_files_of(path)
+        model_family(model)
+        last.check_against(model_base_weights(model, last.train_mode), what="this MODEL")
+        token, class_word = last.tokens[0], last.meta.concepts[0]["class_word"]
+        prompts = [line.strip().replace("{token}", token).replace("{class}", class_word)
+                   for line in composition_prompts.splitlines() if line.strip()]
+        bar = comfy.utils.ProgressBar(len(files))
+        sampler = comfy_step_sampler(model, clip, vae, steps=steps, cfg=cfg, sampler_name=sampler_name,
+                                     scheduler=scheduler, size=size)
+        result = pick_run(files, sampler, ClipVisionEncoder(clip_vision), tensor_to_pictures(references),
+                          token=token, class_word=class_word, tolerance=tolerance, prompts=prompts or None,
+                          seeds=range(seed, seed + images_per_prompt),
+                          on_step=lambda done, total: bar.update_absolute(done, total))
+        chosen = load_concept(result.chosen_file)
+        out_model, out_clip = apply_concept_to_comfy(model, clip, chosen, 1.0, 1.0)
+        lines = [f"step {s.step}: identity {s.identity:.4f}, composition ({result.composition_measure}) "
+                 f"{s.composition:.4f}" + ("  <- chosen" if s.step == result.chosen_step else "") for s in result.steps]
+        summary = "\n".join(lines + [result.reason])
+        plot = _image_tensor(plot_pick(result))
+        chosen_name = Path(result.chosen_file).name
+        shown = {**ui.PreviewImage(plot, cls=cls).as_dict(), "text": [f"chosen: {chosen_name}\n{summary}"]}
+        return io.NodeOutput(out_model, out_clip, plot, chosen_name, summary, ui=shown)
+
+
 class LossMonitorNode(io.ComfyNode):
     """Plot a training history: the loss terms its method recorded (smoothed) and its per-concept diagnostics."""
 
@@ -528,7 +606,7 @@ class ClassDiffusionExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [TrainConceptNode, ConceptImagesNode, ConceptSpecNode, LoadConceptNode, LossMonitorNode,
-                DriftReportNode, ExportDiffNode, CompareConceptStepsNode]
+                DriftReportNode, ExportDiffNode, CompareConceptStepsNode, PickConceptStepNode]
 
 
 async def comfy_entrypoint() -> ClassDiffusionExtension:

@@ -52,7 +52,8 @@ def _stub_modules() -> dict[str, types.ModuleType]:
         Hidden=types.SimpleNamespace(unique_id="UNIQUE_ID", prompt="PROMPT", extra_pnginfo="EXTRA_PNGINFO"),
         **{name: _io_type(t) for name, t in {
             "Image": "IMAGE", "Mask": "MASK", "Model": "MODEL", "Clip": "CLIP", "Vae": "VAE", "String": "STRING",
-            "Int": "INT", "Float": "FLOAT", "Boolean": "BOOLEAN", "Combo": "COMBO"}.items()},
+            "Int": "INT", "Float": "FLOAT", "Boolean": "BOOLEAN", "Combo": "COMBO",
+            "ClipVision": "CLIP_VISION"}.items()},
     )
     latest = types.ModuleType("comfy_api.latest")
     latest.io, latest.ui, latest.ComfyExtension = io, types.SimpleNamespace(), object
@@ -94,7 +95,7 @@ def pack_object_info() -> dict:
     info = {}
     for cls in (nodes_module.TrainConceptNode, nodes_module.ConceptSpecNode, nodes_module.LoadConceptNode,
                 nodes_module.LossMonitorNode, nodes_module.DriftReportNode, nodes_module.ExportDiffNode,
-                nodes_module.CompareConceptStepsNode, nodes_module.ConceptImagesNode):
+                nodes_module.CompareConceptStepsNode, nodes_module.ConceptImagesNode, nodes_module.PickConceptStepNode):
         schema = cls.define_schema()
         entry = {"required": {}, "optional": {}}
         for item in schema.inputs:

@@ -18,7 +18,7 @@ PACK = pack_object_info()
 
 def test_the_workflows_ship():
     assert set(WORKFLOWS) == {"train_concept", "train_infusion", "use_concept", "multi_concept", "video_animatediff",
-                              "train_concept_sdxl", "use_concept_sdxl"}
+                              "train_concept_sdxl", "use_concept_sdxl", "pick_concept_step"}
 
 
 @pytest.mark.parametrize("name", sorted(WORKFLOWS))
@@ -57,6 +57,27 @@ def test_train_workflow_uses_paper_settings():
     multi_wf = WORKFLOWS["multi_concept"]
     multi = next(n for n in multi_wf["nodes"] if n["type"] == "ClassDiffusionTrainConcept")
     assert ui_to_api({"nodes": [multi], "links": multi_wf["links"]}, PACK)[str(multi["id"])]["inputs"]["steps"] == 800
+
+
+def test_pick_workflow_reads_the_train_workflows_step_files():
+    """train_concept keeps a step file every 100 steps; pick_concept_step picks among that run's files
+    with a CLIP Vision model, the photos wired as its references, and samples with what it returns."""
+    def inputs_of(name, node_type):
+        workflow = WORKFLOWS[name]
+        node = next(n for n in workflow["nodes"] if n["type"] == node_type)
+        return ui_to_api({"nodes": [node], "links": workflow["links"]}, PACK)[str(node["id"])]["inputs"], node
+
+    train, _ = inputs_of("train_concept", "ClassDiffusionTrainConcept")
+    assert train["save_every"] == 100 and train["steps"] % train["save_every"] == 0
+    pick, node = inputs_of("pick_concept_step", "ClassDiffusionPickStep")
+    assert pick["concept_name"] == f"{train['save_name']}.safetensors" and pick["tolerance"] == 0.5
+    wired = {item["name"] for item in node["inputs"] if item.get("link") is not None}
+    assert {"model", "clip", "vae", "references", "clip_vision"} <= wired
+    workflow = WORKFLOWS["pick_concept_step"]
+    sources = {link[0]: link[1] for link in workflow["links"]}
+    sampler = next(n for n in workflow["nodes"] if n["type"] == "KSampler")
+    model_link = next(item["link"] for item in sampler["inputs"] if item["name"] == "model")
+    assert sources[model_link] == node["id"]  # the sampler's MODEL is the chosen step's
 
 
 def test_sdxl_workflows_use_an_sdxl_checkpoint_at_1024():

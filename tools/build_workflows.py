@@ -234,8 +234,20 @@ Frames = the latent batch size (16 here, one context window). Paper video settin
 Output: an animated GIF/MP4 via Video Combine and an animated WEBP via the core Save Animated WEBP node."""
 
 
+PICK_NOTE = """Pick the step to keep from a training run.
+
+Train with save_every > 0 (train_concept.json saves a step file every 100 steps): my_dog-step00100 ... and my_dog.
+Pick Concept Step samples "a photo of a <sks> dog" and the composition prompts with every file of the run
+(any file of it in concept_name), scores identity (CLIP Vision cosine to your photos) and composition (do the
+surroundings still match the base model's picture of the same prompt and seed?), and picks the most learned step
+that keeps composition (tolerance 0.5: keeps at least half of the run's composition range). It shows the scores
+as a plot, names the chosen file and returns it applied to MODEL and CLIP.
+Load CLIP Vision: any CLIP Vision model in models/clip_vision (e.g. the one IP-Adapter uses).
+Load Image: the concept's photos. How well the choice agrees with ground truth: docs/evaluation.md."""
+
+
 def train_concept(info) -> dict:
-    return _training_graph(info, TRAIN_NOTE, {"save_name": "my_dog"}, "a photo of embedding:my_dog dog wearing headphones",
+    return _training_graph(info, TRAIN_NOTE, {"save_name": "my_dog", "save_every": 100}, "a photo of embedding:my_dog dog wearing headphones",
                            "classdiffusion/my_dog", drift_report=True)
 
 
@@ -277,6 +289,28 @@ def use_concept(info, *, note: str = USE_NOTE, checkpoint: str = "v1-5-pruned-em
                                    "a photo of a <sks> dog wearing headphones", 760, 20,
                                    save_prefix=save_prefix, **sampler_settings)
     save = wf.node("SaveImage", (2020, 20), {"filename_prefix": prefix}, size=(400, 420))
+    wf.link(decode, "IMAGE", save, "images")
+    return wf.to_json()
+
+
+def pick_concept_step(info, *, checkpoint: str = "v1-5-pruned-emaonly.safetensors",
+                      concept: str = "my_dog.safetensors", clip_vision: str = "clip_vision_vit_l.safetensors") -> dict:
+    """Note, checkpoint, the photos, a CLIP Vision model → Pick Concept Step → a sampler with the chosen step."""
+    wf = Workflow(info)
+    wf.node("Note", (20, 20), size=(460, 330), title="Read me", text=PICK_NOTE)
+    ckpt = wf.node("CheckpointLoaderSimple", (20, 380), {"ckpt_name": checkpoint}, size=(320, 100))
+    vision = wf.node("CLIPVisionLoader", (20, 520), {"clip_name": clip_vision}, size=(320, 80))
+    images = image_batch(wf, ["concept_01.png", "concept_02.png", "concept_03.png"], 500, 20)
+    pick = wf.node("ClassDiffusionPickStep", (900, 20), {"concept_name": concept}, size=(380, 620))
+    wf.link(ckpt, "MODEL", pick, "model")
+    wf.link(ckpt, "CLIP", pick, "clip")
+    wf.link(ckpt, "VAE", pick, "vae")
+    wf.link(images, "images", pick, "references")
+    wf.link(vision, "CLIP_VISION", pick, "clip_vision")
+    decode, prefix = sampler_chain(wf, pick, "MODEL", pick, "CLIP", ckpt,
+                                   "a photo of a <sks> dog wearing headphones", 1320, 20,
+                                   save_prefix="classdiffusion/picked_step")
+    save = wf.node("SaveImage", (2600, 20), {"filename_prefix": prefix}, size=(400, 420))
     wf.link(decode, "IMAGE", save, "images")
     return wf.to_json()
 
@@ -393,7 +427,7 @@ def use_concept_sdxl(info) -> dict:
 
 BUILDERS = {"train_concept": train_concept, "train_infusion": train_infusion, "use_concept": use_concept, "multi_concept": multi_concept,
             "video_animatediff": video_animatediff, "train_concept_sdxl": train_concept_sdxl,
-            "use_concept_sdxl": use_concept_sdxl}
+            "use_concept_sdxl": use_concept_sdxl, "pick_concept_step": pick_concept_step}
 
 
 def main(object_info_path: str) -> None:

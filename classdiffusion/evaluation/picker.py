@@ -123,9 +123,14 @@ def context_agreement(encoder: ImageEncoder, pictures: Sequence[Image.Image], ba
     """Mean cosine of each picture and the base's picture of the same prompt and seed, middles masked."""
     if len(pictures) != len(base_pictures) or not pictures:
         raise InvalidInputError("The context agreement needs one base picture per picture.")
-    tuned = encoder.image_features([mask_middle(p, fraction) for p in pictures])
     base = encoder.image_features([mask_middle(p, fraction) for p in base_pictures])
-    return float(paired_cosine(tuned, base).mean())
+    return _context_agreement(encoder, pictures, base, fraction)
+
+
+def _context_agreement(encoder: ImageEncoder, pictures: Sequence[Image.Image], base_features: torch.Tensor,
+                       fraction: float = CONTEXT_MASK) -> float:
+    tuned = encoder.image_features([mask_middle(p, fraction) for p in pictures])
+    return float(paired_cosine(tuned, base_features).mean())
 
 
 def pick(scores: Sequence[StepScore], tolerance: float = TOLERANCE) -> tuple[int, str]:
@@ -177,6 +182,7 @@ def score_steps(
     dino_references = dino.image_features(list(references)) if dino is not None else None
     base_rows = sample(None, without_token, seeds)
     base_flat = [p for row in base_rows for p in row]
+    base_context = encoder.image_features([mask_middle(p) for p in base_flat])  # once for every step
     if keep is not None:
         keep["base"] = base_rows
         keep["prompts"] = prompts
@@ -186,7 +192,7 @@ def score_steps(
         rows = sample(Path(path), prompts, seeds)
         own, composed = rows[0], [p for row in rows[1:] for p in row]
         identity = mean_pairwise_cosine(encoder.image_features(own), reference_features)
-        context = context_agreement(encoder, composed, base_flat)
+        context = _context_agreement(encoder, composed, base_context)
         clip_t = float(paired_cosine(encoder.image_features(composed), text_features).mean()) if has_text else None
         dino_i = mean_pairwise_cosine(dino.image_features(own), dino_references) if dino is not None else None
         scores.append(StepScore(step=int(step), file=str(path), identity=identity,
@@ -238,29 +244,12 @@ def pick_on_base(
     toy CLIP and the world's composition prompts are the defaults (``clip="toy"`` asks for it
     anywhere). With ``out``: ``pick.json``, ``plot.png`` and ``grid.png`` (the chosen step's pictures
     above the last step's)."""
-    from ..concept import load_concept, run_files
     from ..data import load_images
     from ..generate import build_pipeline, concept_sampler
     from ..hosts.diffusers_host import default_device
     from .report import _references, default_sampling_steps
 
-    final, step_files = run_files(run)
-    files = list(step_files)
-    if final.is_file():
-        last = load_concept(final)
-        if not files or last.step > files[-1][0]:
-            files.append((last.step, final))
-    else:
-        last = load_concept(files[-1][1]) if files else None
-    if not files or last is None:
-        raise InvalidInputError(f"No file of the run {final.name} was found beside {final.parent}: give the final "
-                                "concept file or one of its -stepNNNNN files.")
-    if len(files) < 2:
-        raise InvalidInputError(f"The run {final.name} has one file only: nothing to choose from. Train with "
-                                "--save-every N (the Train node's save_every) to keep step files.")
-    if not last.tokens:
-        raise InvalidInputError("The picker scores token concepts (ClassDiffusion, Custom Diffusion, Textual "
-                                "Inversion); an Infusion concept has no token to prompt.")
+    files, last = step_files_of(run)
     token, class_word = last.tokens[0], last.meta.concepts[0]["class_word"]
     toy = _is_toy_base(base)
     if clip is None and not toy:
@@ -295,6 +284,32 @@ def pick_on_base(
     if out is not None:
         write_pick(result, keep, out)
     return result
+
+
+def step_files_of(run: str | Path):
+    """``([(step, file), …], last concept)`` of a run given any of its files: the step files and the
+    final file as the last step. Refuses what the picker cannot choose among, saying what to do."""
+    from ..concept import load_concept, run_files
+
+    final, step_files = run_files(run)
+    files = list(step_files)
+    last = None
+    if final.is_file():
+        last = load_concept(final)
+        if not files or last.step > files[-1][0]:
+            files.append((last.step, final))
+    elif files:
+        last = load_concept(files[-1][1])
+    if last is None:
+        raise InvalidInputError(f"No file of the run {final.name} was found beside {final.parent}: give the final "
+                                "concept file or one of its -stepNNNNN files.")
+    if len(files) < 2:
+        raise InvalidInputError(f"The run {final.name} has one file only: nothing to choose from. Train with "
+                                "--save-every N (the Train node's save_every) to keep step files.")
+    if not last.tokens:
+        raise InvalidInputError("The picker scores token concepts (ClassDiffusion, Custom Diffusion, Textual "
+                                "Inversion); an Infusion concept has no token to prompt.")
+    return files, last
 
 
 def _is_toy_base(base: str | Path) -> bool:
@@ -366,5 +381,5 @@ def plot_pick(result: Pick, width: int = 720, height: int = 420) -> Image.Image:
 
 
 __all__ = ["CONTEXT_MASK", "DEFAULT_COMPOSITION", "IDENTITY_PROMPT", "TOLERANCE", "ImageEncoder", "Pick",
-           "StepScore", "context_agreement", "default_prompts", "mask_middle", "pick", "pick_on_base", "pick_run", "plot_pick", "score_steps",
-           "write_pick"]
+           "StepScore", "context_agreement", "default_prompts", "mask_middle", "pick", "pick_on_base", "pick_run",
+           "plot_pick", "score_steps", "step_files_of", "write_pick"]

@@ -89,6 +89,8 @@ OTHER = "other_sd15.safetensors"  #: the same architecture, other weights ("anot
 FULL = "v1-5-pruned-emaonly.safetensors"  #: SD1.5's whole architecture, the workflows' checkpoint
 SDXL = "sd_xl_base_1.0.safetensors"  #: small SDXL-family random checkpoint, the SDXL workflows' name
 MOTION_MODULE = "mm_test.safetensors"
+#: A random CLIP ViT-L/14 vision model under the name the pick workflow uses (the user's download there).
+CLIP_VISION = "clip_vision_vit_l.safetensors"
 
 
 def _random_images(folder: Path, names, size) -> None:
@@ -99,6 +101,28 @@ def _random_images(folder: Path, names, size) -> None:
     rng = np.random.default_rng(0)
     for name in names:
         Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{name}.png")
+
+
+def write_random_clip_vision(path: Path) -> None:
+    """A CLIP ViT-L/14 vision model with random weights (fp16, transformers layout, 0.6 GB): what
+    ComfyUI's CLIPVisionLoader detects and loads as its clip_vision_config_vitl."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              patch_size=14, image_size=224, projection_dim=768, hidden_act="quick_gelu")
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in CLIPVisionModelWithProjection(config).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, shape in shapes.items():
+        if "norm" in name:
+            tensors[name] = (torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)).half()
+        else:
+            tensors[name] = (torch.randn(shape, generator=generator) * 0.02).half()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
 
 
 def start_server(base_dir: Path, extra_args: tuple[str, ...] = (), *, workflows: bool = False) -> "ComfyServer":
@@ -114,6 +138,7 @@ def start_server(base_dir: Path, extra_args: tuple[str, ...] = (), *, workflows:
     if workflows:
         make_checkpoint(checkpoints / FULL, full=True)
         make_checkpoint(checkpoints / SDXL, sdxl=True)
+        write_random_clip_vision(base_dir / "models" / "clip_vision" / CLIP_VISION)
         _random_images(base_dir / "input", ["concept_01", "concept_02", "concept_03", "dog_01", "dog_02",
                                             "cat_01", "cat_02"], (96, 80))
         if ANIMATEDIFF_EVOLVED and VIDEOHELPERSUITE:

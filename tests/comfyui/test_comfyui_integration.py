@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from comfy_server import BASE, OTHER, comfyui_commit, error_message, unavailable_reason, was_interrupted
+from comfy_server import BASE, CLIP_VISION, OTHER, comfyui_commit, error_message, unavailable_reason, was_interrupted
 
 _reason = unavailable_reason()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
@@ -86,7 +86,7 @@ def test_nodes_are_registered_with_their_inputs(server):
     info = server.get("/object_info")
     for node in ("ClassDiffusionTrainConcept", "ClassDiffusionLoadConcept", "ClassDiffusionLossMonitor",
                  "ClassDiffusionConcept", "ClassDiffusionExportDiff", "ClassDiffusionDriftReport",
-                 "ClassDiffusionCompareSteps"):
+                 "ClassDiffusionCompareSteps", "ClassDiffusionPickStep"):
         assert node in info, node
         assert info[node]["category"] == "ClassDiffusion"
     train = info["ClassDiffusionTrainConcept"]["input"]
@@ -422,3 +422,46 @@ def test_validation_previews_stream_and_come_out_as_a_grid(server):
     assert sorted(p.name for p in folder.glob("validated-step*.png")) == [
         f"validated-step{s:05d}-{k:02d}.png" for s in (0, 1, 2) for k in (0, 1)]
     assert "validation:" in server.log() and "of the run time" in server.log()
+
+
+def pick_node(concept_name, **extra):
+    inputs = {"model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "concept_name": concept_name,
+              "references": ["images", 0], "clip_vision": ["vision", 0],
+              "composition_prompts": "a {token} {class} on the beach", "images_per_prompt": 1, "seed": 0, "steps": 2,
+              "cfg": 6.0, "sampler_name": "euler", "scheduler": "normal", "size": 64, "tolerance": 0.5}
+    inputs.update(extra)
+    return {"vision": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_VISION}},
+            "pick": {"class_type": "ClassDiffusionPickStep", "inputs": inputs}}
+
+
+def test_pick_concept_step_scores_every_step_with_clip_vision_and_applies_the_chosen(server):
+    """Pick Concept Step on the real host: ComfyUI's own CLIP Vision loader and sampler, every step
+    file scored, the plot shown, the chosen step's concept applied to the MODEL it returns."""
+    entry = server.run({**loader(), **image_batch(), **train_node("picked", steps=4, save_every=2)})
+    assert_success(entry)
+    entry = server.run({**loader(), **image_batch(), **pick_node("picked-step00002.safetensors"),
+                        **sampler(("pick", 0), ("pick", 1), "a photo of a <sks> dog on the beach", "picked")})
+    assert_success(entry)
+    shown = entry["outputs"]["pick"]
+    assert shown["images"] and saved_images(entry)
+    text = shown["text"][0]
+    chosen = text.splitlines()[0].removeprefix("chosen: ")
+    assert chosen in ("picked-step00002.safetensors", "picked.safetensors")
+    assert "step 2: identity" in text and "step 4: identity" in text and "composition (context)" in text
+    # the MODEL it returns samples as Load Concept K/V with the chosen file does
+    reference = server.run({**loader(), **_load_concept_node(chosen),
+                            **sampler(("load", 0), ("load", 1), "a photo of a <sks> dog on the beach", "reference")})
+    assert_success(reference)
+    assert np.array_equal(_pixels(server, entry), _pixels(server, reference))
+    prompt_id = server.queue({**loader(), **image_batch(),  # long enough to cancel while it samples
+                              **pick_node("picked.safetensors", steps=200, images_per_prompt=16)})
+    deadline = time.time() + 120
+    while not server.is_running(prompt_id) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)
+    server.post("/interrupt")
+    assert was_interrupted(server.wait(prompt_id, timeout=120))
+    one = server.run({**loader(), **image_batch(), **train_node("single", steps=2)})
+    assert_success(one)
+    refused = server.run({**loader(), **image_batch(), **pick_node("single.safetensors")})
+    assert refused["status"]["status_str"] == "error" and "save_every" in error_message(refused)

@@ -23,6 +23,7 @@ SMALL = {
     "EmptyLatentImage": {"width": 64, "height": 64},
     "KSampler": {"steps": 2},
     "ADE_LoadAnimateDiffModel": {"model_name": MOTION_MODULE},
+    "ClassDiffusionPickStep": {"steps": 2, "size": 64, "images_per_prompt": 1},
 }
 
 
@@ -55,8 +56,9 @@ def test_every_node_and_widget_matches_the_host(host, name):
     assert check_workflow(WORKFLOWS[name], info) == []
 
 
-def _run(server, info, name):
-    entry = server.run(ui_to_api(WORKFLOWS[name], info, SMALL), timeout=900)
+def _run(server, info, name, overrides=None):
+    small = {kind: {**SMALL.get(kind, {}), **(overrides or {}).get(kind, {})} for kind in {*SMALL, *(overrides or {})}}
+    entry = server.run(ui_to_api(WORKFLOWS[name], info, small), timeout=900)
     assert entry["status"]["status_str"] == "success", error_message(entry)
     return entry
 
@@ -72,6 +74,20 @@ def test_train_use_and_multi_concept_workflows_run(host):
     from classdiffusion.concept import load_concept
 
     assert load_concept(server.base_dir / "models" / "classdiffusion" / "duo.safetensors").tokens == ["<my-dog>", "<my-cat>"]
+
+
+def test_pick_workflow_picks_a_step_of_the_train_workflows_run(host):
+    """train_concept (a step file every step here) leaves my_dog's step files; pick_concept_step
+    scores them with the host's CLIP Vision loader and samples with the chosen one."""
+    server, info = host
+    _run(server, info, "train_concept", {"ClassDiffusionTrainConcept": {"save_every": 1}})
+    folder = server.base_dir / "models" / "classdiffusion"
+    assert (folder / "my_dog-step00001.safetensors").exists()
+    entry = _run(server, info, "pick_concept_step")
+    shown = next(out for out in entry["outputs"].values() if "text" in out)
+    assert shown["images"] and shown["text"][0].splitlines()[0] in ("chosen: my_dog-step00001.safetensors",
+                                                                     "chosen: my_dog.safetensors")
+    assert any("images" in out and "text" not in out for out in entry["outputs"].values())  # the sample
 
 
 def test_infusion_workflow_runs(host):
