@@ -2,6 +2,7 @@
 
     python benchmarks/toyworld_picker.py --runs DIR [--instances N] [--steps 1200] [--every 100]
                                          [--workers 2] [--json F]
+    python benchmarks/toyworld_picker.py --summarize F [--tolerance T] [--json G]   # no sampling
 
 1. **Runs**: ClassDiffusion (λ = 1, the demo's recipe) on each held-out instance with training
    seed 1 (a table seed: seed 0 chose the recipe), to ``--steps`` with a step file every
@@ -20,7 +21,10 @@
 4. **Agreement**: a choice is right when its ground-truth score is within 10 % of the best step's
    (``≥ 0.9 × best``). Runs whose every step scores 0 (the look never composes) cannot tell a good
    choice from a bad one; they are counted apart, not as agreements. Compared with taking the last
-   step and a fixed step (the demo's 400).
+   step, a fixed step (the demo's 400) and chance (the share of a run's steps that are within 10 %).
+5. **Does each measure follow its ground truth?** Per run, Spearman's rank correlation across the
+   steps between CLIP-I and the checker's identity, and between CLIP-T / the context agreement and
+   the checker's composition (scene and add-on; joint); mean ± SE over runs.
 """
 
 from __future__ import annotations
@@ -48,8 +52,6 @@ def run_dir(runs: Path, instance: str, seed: int) -> Path:
 
 def train_run(job: dict) -> str:
     """Train one instance with step files (a worker process); skip a run that is already complete."""
-    import tempfile
-
     import torch
 
     from classdiffusion.config import ConceptSpec, TrainConfig
@@ -163,9 +165,57 @@ def agreement(runs: list[dict], tolerance: float) -> dict:
             "strategies": table}
 
 
+def _ranks(values: list[float]) -> list[float]:
+    """Ranks from 1, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for k in range(start, end + 1):
+            ranks[order[k]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation; None when either side is constant."""
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
+    return None if va == 0 or vb == 0 else cov / (va * vb) ** 0.5
+
+
+#: Does each picker measure follow the checker's reading of the same quantity across a run's steps?
+CORRELATIONS = {"CLIP-I vs the checker's identity": ("clip_i", "identity"),
+                "CLIP-T vs the checker's scene-and-add-on composition": ("clip_t", "composition"),
+                "context agreement vs the checker's scene-and-add-on composition": ("context", "composition"),
+                "CLIP-T vs the checker's joint composition": ("clip_t", "composition_joint"),
+                "context agreement vs the checker's joint composition": ("context", "composition_joint")}
+
+
+def correlations(runs: list[dict]) -> dict:
+    """Per pair of CORRELATIONS: the mean over runs of the Spearman correlation across steps, its
+    standard error over runs, and how many runs were positive (runs where a side is constant skip)."""
+    out = {}
+    for label, (ours, truth) in CORRELATIONS.items():
+        values = [v for run in runs
+                  if (v := spearman([r[ours] for r in run["rows"]], [r[truth] for r in run["rows"]])) is not None]
+        mean = sum(values) / len(values) if values else None
+        se = (sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5 if len(values) > 1 else None
+        out[label] = {"mean": None if mean is None else round(mean, 3), "se": None if se is None else round(se, 3),
+                      "positive": sum(v > 0 for v in values), "runs": len(values)}
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=Path, required=True, help="where the runs are (trained there if missing)")
+    parser.add_argument("--runs", type=Path, help="where the runs are (trained there if missing)")
+    parser.add_argument("--summarize", type=Path, metavar="JSON",
+                        help="an earlier --json: its per-run scores summarized again (no sampling)")
     parser.add_argument("--instances", type=int, default=10, help="held-out instances (of 10)")
     parser.add_argument("--steps", type=int, default=1200, help="training steps of each run")
     parser.add_argument("--every", type=int, default=100, help="a step file every N steps")
@@ -180,6 +230,12 @@ def main() -> int:
     from classdiffusion.toyworld.world import INSTANCES
 
     tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
+    if args.summarize:
+        earlier = json.loads(args.summarize.read_text())
+        return report(earlier["per_run"], tolerance, earlier["seconds"], earlier.get("train_seconds"), args.json,
+                      {**earlier["settings"], "tolerance": tolerance})
+    if args.runs is None:
+        parser.error("give --runs DIR (or --summarize JSON)")
     started = time.perf_counter()
     jobs = [{"instance": i.name, "seed": TRAINING_SEED, "steps": args.steps, "every": args.every, "threads": 1,
              "folder": str(run_dir(args.runs, i.name, TRAINING_SEED))} for i in INSTANCES[:args.instances]]
@@ -196,21 +252,36 @@ def main() -> int:
                   + " ".join(f"{r['step']}:{r['ground_truth']:.2f}" for r in run["rows"]) + f" ({run['seconds']:.0f} s)",
                   flush=True)
     runs.sort(key=lambda run: [i.name for i in INSTANCES].index(run["instance"]))
+    settings = {"steps": args.steps, "every": args.every, "training_seed": TRAINING_SEED,
+                "checker_seeds": list(CHECKER_SEEDS), "picker_seeds": list(PICKER_SEEDS), "tolerance": tolerance,
+                "agreement": AGREEMENT, "fixed_step": FIXED_STEP}
+    return report(runs, tolerance, time.perf_counter() - started, train_seconds, args.json, settings)
+
+
+def report(runs: list[dict], tolerance: float, seconds: float, train_seconds: float | None, path: Path | None,
+           settings: dict) -> int:
+    """Print the agreement and correlation tables; write everything to ``path``."""
     result = agreement(runs, tolerance)
+    result["correlations"] = correlations(runs)
     print(f"{result['decidable']} of {result['runs']} runs decidable (the others score 0 at every step: "
           f"{', '.join(result['undecidable']) or 'none'})")
     print("| strategy | within 10 % of the best step | mean share of the best step's ground truth |")
     print("|---|---|---|")
     for name, entry in result["strategies"].items():
         print(f"| {name} | {entry['agree']:g} of {result['decidable']} ({entry['rate']:.0%}) | {entry['share_of_best']:.2f} |")
-    seconds = time.perf_counter() - started
-    print(f"{len(jobs)} runs in {seconds / 60:.1f} min (training {train_seconds / 60:.1f} min)")
-    if args.json:
-        args.json.write_text(json.dumps({
-            **result, "per_run": runs, "seconds": round(seconds, 1),
-            "settings": {"steps": args.steps, "every": args.every, "training_seed": TRAINING_SEED,
-                         "checker_seeds": list(CHECKER_SEEDS), "picker_seeds": list(PICKER_SEEDS),
-                         "tolerance": tolerance, "agreement": AGREEMENT, "fixed_step": FIXED_STEP}}, indent=2) + "\n")
+    print()
+    print("| picker measure vs ground truth (Spearman across steps, per run) | mean ± SE over runs | runs > 0 |")
+    print("|---|---|---|")
+    for label, entry in result["correlations"].items():
+        if entry["mean"] is not None:
+            se = f" ± {entry['se']:.2f}" if entry["se"] is not None else ""
+            print(f"| {label} | {entry['mean']:+.2f}{se} | {entry['positive']} of {entry['runs']} |")
+    timing = f" (training {train_seconds / 60:.1f} min)" if train_seconds is not None else ""
+    print(f"{len(runs)} runs in {seconds / 60:.1f} min{timing}")
+    if path:
+        path.write_text(json.dumps({**result, "per_run": runs, "seconds": round(seconds, 1),
+                                    "train_seconds": None if train_seconds is None else round(train_seconds, 1),
+                                    "settings": settings}, indent=2) + "\n")
     return 0
 
 

@@ -63,3 +63,38 @@ def test_the_recipe_is_searched_on_a_seed_the_table_never_trains():
 
     assert recipe.TUNING_SEED not in table.TABLE_SEEDS
     assert set(recipe.TUNING_INSTANCES) <= {i.name for i in INSTANCES}
+
+
+def test_picker_validation_counts_agreement_against_the_ground_truth():
+    """benchmarks/toyworld_picker.py: a choice agrees when its ground truth is ≥ 90 % of the run's best;
+    a run scoring 0 at every step is counted apart; chance is the share of good steps."""
+    import toyworld_picker as validation
+
+    def row(step, truth, clip_i, clip_t, context):
+        return {"step": step, "ground_truth": truth, "clip_i": clip_i, "clip_t": clip_t, "context": context}
+
+    learnt = {"instance": "a", "seed": 1, "rows": [
+        row(100, 0.10, 0.50, 0.90, 0.90), row(200, 0.40, 0.70, 0.85, 0.60), row(400, 0.38, 0.80, 0.60, 0.80),
+        row(800, 0.05, 0.95, 0.40, 0.40)]}
+    flat = {"instance": "b", "seed": 1, "rows": [row(s, 0.0, 0.5, 0.5, 0.5) for s in (100, 200, 400, 800)]}
+    result = validation.agreement([learnt, flat], tolerance=0.5)
+    assert result["runs"] == 2 and result["decidable"] == 1 and result["undecidable"] == ["b-seed1"]
+    strategies = result["strategies"]
+    # CLIP-T keeps ≥ 0.65 at 100, 200 → best CLIP-I there is 200 (0.40 = the best): agrees
+    assert learnt["chosen"]["picker (clip_t)"] == 200 and strategies["picker (clip_t)"]["agree"] == 1
+    # context keeps ≥ 0.65 at 100, 400 → 400 (0.38 ≥ 0.9 × 0.40): agrees
+    assert learnt["chosen"]["picker (context)"] == 400 and strategies["picker (context)"]["rate"] == 1.0
+    assert strategies["last step"]["agree"] == 0 and strategies["last step"]["share_of_best"] == 0.125
+    assert strategies["fixed step 400"]["agree"] == 1
+    assert strategies["chance (a step at random)"]["agree"] == 0.5  # 2 of 4 steps are within 10 %
+
+
+def test_picker_validation_rank_correlation():
+    import toyworld_picker as validation
+
+    assert validation.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert validation.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert validation.spearman([1, 1, 1], [1, 2, 3]) is None
+    assert validation._ranks([5.0, 1.0, 5.0]) == [2.5, 1.0, 2.5]
+    # ties: scipy.stats.spearmanr([1, 2, 2, 3], [1, 3, 2, 4]) = 0.9486832980505138
+    assert validation.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(0.9486832980505138)

@@ -1,7 +1,7 @@
 """Make example_workflows/<name>.jpg, the template browser's card pictures: each shipped workflow
 as ComfyUI's real frontend draws it, opened through Workflow → Open in headless Chromium.
 
-    eval "$(bash tools/setup_comfyui_env.sh)"; python tools/make_thumbnails.py
+    eval "$(bash tools/setup_comfyui_env.sh)"; python tools/make_thumbnails.py [NAME ...]
 
 The test host (tests/comfyui) serves the frontend; the concept images in the Load Image nodes are
 the demo's toy-world pictures, and the concept the use/video workflows load is trained first by
@@ -35,7 +35,8 @@ def _toy_concept_images(input_dir: Path) -> None:
         picture.resize((256, 256), Image.NEAREST).save(input_dir / f"{name}.png")
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
+    """Every workflow's card, or only those named (e.g. a new template)."""
     from browser import Browser
     from comfy_server import MOTION_MODULE, error_message, start_server
     from frontend import graph_screenshot, open_comfyui, open_workflow, prepare_for_screenshot
@@ -57,7 +58,7 @@ def main() -> None:
             shutil.copyfile(motion / MOTION_MODULE, motion / "mm_sd_v15_v2.ckpt")
         with Browser(2000, 1500) as browser:
             open_comfyui(browser, server.url)
-            for name in load_workflows():
+            for name in names or load_workflows():
                 open_workflow(browser, WORKFLOW_DIR / f"{name}.json")
                 prepare_for_screenshot(browser)
                 print(graph_screenshot(browser, WORKFLOW_DIR / f"{name}.jpg", width=WIDTH))
@@ -67,4 +68,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .world import INSTANCES, World, composition_prompts
