@@ -215,7 +215,7 @@ def test_pretraining_stages_run_end_to_end_and_the_host_loads_the_base(tmp_path)
     import sys
 
     script = Path(__file__).resolve().parents[1] / "tools" / "pretrain_toyworld.py"
-    for stage, extra in (("vae", []), ("clip", []), ("unet", ["--pool", "128"])):
+    for stage, extra in (("vae", []), ("clip", []), ("unet", ["--pool", "128", "--device", "cpu"])):
         done = subprocess.run([sys.executable, str(script), stage, "--steps", "2", "--out", str(tmp_path), *extra],
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -229,6 +229,22 @@ def test_pretraining_stages_run_end_to_end_and_the_host_loads_the_base(tmp_path)
     host = load_host(tmp_path / "base", device="cpu")
     assert host.text_dim == 768
     assert host.initializer_ids("star") and len(host.word_ids("star")) == 1  # a world word is one token
+
+
+def test_pretraining_refuses_a_gpu_this_machine_does_not_have(tmp_path):
+    """--device cuda on a machine without CUDA: one clear line, before anything is built."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    script = Path(__file__).resolve().parents[1] / "tools" / "pretrain_toyworld.py"
+    done = subprocess.run([sys.executable, str(script), "unet", "--device", "cuda", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "sees no CUDA GPU" in done.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_stopped_pretraining_stage_continues_where_it_stopped(tmp_path, monkeypatch):

@@ -8,6 +8,11 @@
 Every stage is resumable: it saves to OUT/resume/STAGE.pt every --save-every steps and a rerun
 continues there (docs/toyworld.md).
 
+``--device cuda`` trains a stage's model on a GPU (a larger base: ``--steps``/``--batch`` with ``--out``
+elsewhere); every random draw stays on the CPU, so the pictures, noise and timesteps are the same on
+either device, and what is written is the same CPU fp16 folder. The committed weights were built on
+the CPU; no GPU run has been made yet.
+
 Each stage writes under ``classdiffusion/toyworld/weights/`` (``--out`` elsewhere) and records in
 ``MANIFEST.json`` the command, the settings, the time it took and the SHA-256 of what it wrote;
 the unet stage assembles the base (``weights/base``, a diffusers SD folder in fp16) and the toy
@@ -34,6 +39,8 @@ sys.path.insert(0, str(REPO))
 WEIGHTS = REPO / "classdiffusion" / "toyworld" / "weights"
 OUT = WEIGHTS  # --out changes it (calibration runs write elsewhere)
 SAVE_EVERY = 500  # --save-every: steps between resume points
+DEVICE = "cpu"  # --device: where the models train (every random draw stays on the CPU, so a seed
+#                 means the same pictures, noise and timesteps on every device)
 
 
 def sha256(path: Path) -> str:
@@ -61,7 +68,7 @@ def stage_checker(args) -> None:
 
     settings = {"steps": args.steps or 3000, "batch": 64, "seed": 0}
     started = time.perf_counter()
-    checker = Checker(train_checker(**settings))
+    checker = Checker(train_checker(**settings, device=DEVICE))
     seconds = time.perf_counter() - started
     path = OUT / "checker.safetensors"
     checker.save(path)
@@ -88,7 +95,7 @@ def optimize(name: str, params, steps: int, lr: float, loss_at, *, weight_decay:
     resume = OUT / "resume" / f"{name}.pt"
     first, earlier = 0, 0.0
     if model is not None and resume.is_file():
-        state = torch.load(resume, weights_only=True)
+        state = torch.load(resume, weights_only=True, map_location=DEVICE)
         if state["steps"] == steps:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -178,8 +185,9 @@ def stage_vae(args) -> None:
     channels = tuple(int(c) for c in args.vae_channels.split(",")) if args.vae_channels else VAE_CHANNELS
     world = World(size=RESOLUTION, seed=1)
     _, _, _, vae, _ = make_components(build_world_tokenizer(OUT / "tokenizer"), seed=1, vae_channels=channels)
+    vae.to(DEVICE)
     def loss_at(step):  # the latent sample from the step's own seed: a resumed run draws the same
-        pixels = _codec_pictures(world, step * batch, batch)
+        pixels = _codec_pictures(world, step * batch, batch).to(DEVICE)
         posterior = vae.encode(pixels).latent_dist
         recon = vae.decode(posterior.sample(generator=torch.Generator().manual_seed(1_000_000 + step))).sample
         kl = posterior.kl().mean() / (4 * (RESOLUTION // 8) ** 2)
@@ -187,6 +195,7 @@ def stage_vae(args) -> None:
 
     started = time.perf_counter()
     trained = optimize("vae", vae.parameters(), steps, 1e-3, loss_at, model=vae)
+    vae.to("cpu")
     started -= trained - (time.perf_counter() - started)  # a resumed run counts its earlier parts
     with torch.no_grad():  # SD's scaling: latents of unit standard deviation
         pixels, _ = _pictures(world, 10_000_000, 64, RESOLUTION)
@@ -217,19 +226,20 @@ def stage_clip(args) -> None:
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(str(build_world_tokenizer(OUT / "tokenizer")))
-    clip = make_clip(tokenizer, seed=2)
+    clip = make_clip(tokenizer, seed=2).to(DEVICE)
 
     def loss_at(step):
         pixels, captions = _pictures(world, step * batch, batch, 64)
         # Captions are under 20 tokens: 24 positions carry all of them and their end-of-text token.
         ids = tokenizer(captions, padding="max_length", max_length=24, truncation=True, return_tensors="pt").input_ids
-        logits = clip(input_ids=ids, pixel_values=pixels, return_loss=False).logits_per_image
+        logits = clip(input_ids=ids.to(DEVICE), pixel_values=pixels.to(DEVICE), return_loss=False).logits_per_image
         # Pairs with the same caption are not negatives of each other.
-        same = torch.tensor([[a == b for b in captions] for a in captions]).float()
+        same = torch.tensor([[a == b for b in captions] for a in captions], device=DEVICE).float()
         targets = same / same.sum(1, keepdim=True)
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets.t())) / 2
 
     seconds = optimize("clip", clip.parameters(), steps, 5e-4, loss_at, weight_decay=0.05, model=clip)
+    clip.to("cpu")
     out_dir = OUT / "clip"
     clip.to(torch.float16).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
@@ -256,13 +266,15 @@ def stage_unet(args) -> None:
     text_tower(text_encoder).load_state_dict(text_tower(clip).state_dict())
     text_encoder.requires_grad_(False).eval()
     vae = AutoencoderKL.from_pretrained(str(OUT / "vae"), torch_dtype=torch.float32).eval()
+    for model in (unet, text_encoder, vae):
+        model.to(DEVICE)
     world = World(size=RESOLUTION, seed=3)
     started = time.perf_counter()
     with torch.no_grad():  # the pictures' latent distributions and captions, once
         means, stds, captions = [], [], []
         for start in range(0, pool, 256):
             pixels, caps = _pictures(world, start, 256, RESOLUTION)
-            dist = vae.encode(pixels).latent_dist
+            dist = vae.encode(pixels.to(DEVICE)).latent_dist
             means.append(dist.mean.half())
             stds.append(dist.std.half())
             captions += caps
@@ -272,20 +284,21 @@ def stage_unet(args) -> None:
         for start in range(0, len(unique), 128):
             chunk = unique[start:start + 128]
             ids = tokenizer(chunk, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-            for caption, feature in zip(chunk, text_encoder(ids).last_hidden_state.half()):
+            for caption, feature in zip(chunk, text_encoder(ids.to(DEVICE)).last_hidden_state.half()):
                 features[caption] = feature
     print(f"encoded {pool} pictures and {len(unique)} captions in {time.perf_counter() - started:.0f} s", flush=True)
     scaling = vae.config.scaling_factor
-    alphas = scheduler.alphas_cumprod
+    alphas = scheduler.alphas_cumprod.to(DEVICE)
     def loss_at(step):  # every draw from the step's own seed: a resumed run draws the same
         rng = np.random.default_rng([3, step])
         generator = torch.Generator().manual_seed(3_000_000 + step)
         index = torch.from_numpy(rng.integers(0, pool, batch))
         noise_shape = (batch, 4, RESOLUTION // 8, RESOLUTION // 8)
-        latents = (means[index].float() + stds[index].float() * torch.randn(noise_shape, generator=generator)) * scaling
+        sample = torch.randn(noise_shape, generator=generator).to(DEVICE)
+        latents = (means[index.to(means.device)].float() + stds[index.to(stds.device)].float() * sample) * scaling
         context = torch.stack([features["" if rng.random() < 0.1 else captions[i]] for i in index.tolist()]).float()
-        noise = torch.randn(latents.shape, generator=generator)
-        t = torch.randint(0, 1000, (batch,), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator).to(DEVICE)
+        t = torch.randint(0, 1000, (batch,), generator=generator).to(DEVICE)
         a = alphas[t].view(-1, 1, 1, 1)
         return F.mse_loss(unet(a.sqrt() * latents + (1 - a).sqrt() * noise, t, context).sample, noise)
 
@@ -294,12 +307,14 @@ def stage_unet(args) -> None:
             import copy
 
             # Copies: assemble casts to fp16 in place, and the training weights must stay fp32.
-            parts = [copy.deepcopy(m) for m in (unet, text_encoder, vae)]
+            parts = [copy.deepcopy(m).to("cpu") for m in (unet, text_encoder, vae)]
             assemble(parts[0], parts[1], parts[2], scheduler, tokenizer, OUT / "snapshot")
 
     encode_seconds = time.perf_counter() - started
     seconds = encode_seconds + optimize("unet", unet.parameters(), steps, 4e-4, loss_at, weight_decay=0.01,
                                         warmup=0.03, clip_grad=1.0, after_step=snapshot, model=unet)
+    for model in (unet, text_encoder, vae):
+        model.to("cpu")
     assemble(unet, text_encoder, vae, scheduler, tokenizer, OUT / "base")
     split_clip(clip, OUT)  # the evaluation CLIP: its image tower here, its text tower is the base's
     files = sorted(p for p in (OUT / "base").rglob("*") if p.is_file()) + [OUT / CLIP_EXTRA_FILE, OUT / CLIP_CONFIG_FILE]
@@ -384,11 +399,21 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=500,
                         help="steps between resume points (OUT/resume/STAGE.pt; a rerun continues there)")
     parser.add_argument("--pool", type=int, default=32_768, help="unet: pretraining pictures encoded once")
+    parser.add_argument("--device", default="cpu", help="where the models train: cpu (the committed runs) or cuda; "
+                        "the random draws stay on the CPU, so the data are the same on either")
     args = parser.parse_args()
-    global OUT, SAVE_EVERY
-    OUT, SAVE_EVERY = args.out, args.save_every
+    global OUT, SAVE_EVERY, DEVICE
+    OUT, SAVE_EVERY, DEVICE = args.out, args.save_every, args.device
+    if torch.device(DEVICE).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {DEVICE}: this machine's PyTorch sees no CUDA GPU (use --device cpu)")
     torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)
+    if torch.device(DEVICE).type == "cuda":  # cuBLAS needs this for deterministic matrix products
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)  # some CUDA kernels have no deterministic twin
+    else:
+        torch.use_deterministic_algorithms(True)
     OUT.mkdir(parents=True, exist_ok=True)
     STAGES[args.stage](args)
 

@@ -147,21 +147,23 @@ def rendered_examples(world: World, seed: int, count: int, degrade: bool = True,
     return images, labels
 
 
-def train_checker(*, steps: int = 3000, batch: int = 64, seed: int = 0, size: int = 64, log=print) -> CheckerNet:
-    """The checker, trained from scratch on freshly rendered pictures (deterministic in ``seed``)."""
+def train_checker(*, steps: int = 3000, batch: int = 64, seed: int = 0, size: int = 64, log=print,
+                  device: str = "cpu") -> CheckerNet:
+    """The checker, trained from scratch on freshly rendered pictures (deterministic in ``seed``;
+    ``device`` only says where the net computes, the pictures are the same)."""
     torch.manual_seed(seed)
     world = World(size=size, seed=seed)
-    net = CheckerNet()
+    net = CheckerNet().to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     net.train()
     for step in range(steps):
         images, labels = rendered_examples(world, seed * 1_000_003 + step, batch)
-        pixels = to_tensor(images, size)
+        pixels = to_tensor(images, size).to(device)
         if step % 2:  # mirror images: position words are not checked, shapes are symmetric enough
             pixels = pixels.flip(-1)
         outputs = net(pixels)
-        loss = sum(F.cross_entropy(outputs[name], torch.tensor([label[name] for label in labels]),
+        loss = sum(F.cross_entropy(outputs[name], torch.tensor([label[name] for label in labels], device=device),
                                    ignore_index=IGNORE) for name in HEADS)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -169,7 +171,7 @@ def train_checker(*, steps: int = 3000, batch: int = 64, seed: int = 0, size: in
         schedule.step()
         if log and (step % 250 == 0 or step == steps - 1):
             log(f"checker step {step}: loss {loss.item():.4f}")
-    return net.eval()
+    return net.cpu().eval()
 
 
 class Checker:
