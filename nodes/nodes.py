@@ -316,6 +316,15 @@ class LoadConceptNode(io.ComfyNode):
         return io.NodeOutput(out_model, out_clip, concept)
 
 
+def sampling_inputs() -> list:
+    """steps, cfg, sampler_name, scheduler, size: how the step-comparing nodes sample (paper: DDIM, 6.0)."""
+    return [io.Int.Input("steps", default=30, min=1, max=200, tooltip="Sampling steps."),
+            io.Float.Input("cfg", default=6.0, min=0.0, max=30.0, step=0.1, tooltip="Guidance (paper: 6.0)."),
+            io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="ddim"),
+            io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="ddim_uniform"),
+            io.Int.Input("size", default=512, min=64, max=1024, step=64, tooltip="Width and height.")]
+
+
 def _label(image: torch.Tensor, text: str) -> torch.Tensor:
     """``text`` on a white strip above an IMAGE tile [1, H, W, 3]."""
     from PIL import Image, ImageDraw
@@ -348,11 +357,7 @@ class CompareConceptStepsNode(io.ComfyNode):
                                 tooltip="With the token (ClassDiffusion) or the class word (Infusion)."),
                 io.String.Input("negative", default="", multiline=True, tooltip="Negative prompt."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="The same seed for every step."),
-                io.Int.Input("steps", default=30, min=1, max=200, tooltip="Sampling steps."),
-                io.Float.Input("cfg", default=6.0, min=0.0, max=30.0, step=0.1, tooltip="Guidance (paper: 6.0)."),
-                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="ddim"),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="ddim_uniform"),
-                io.Int.Input("size", default=512, min=64, max=1024, step=64, tooltip="Width and height."),
+                *sampling_inputs(),
             ],
             outputs=[io.Image.Output(display_name="grid"), io.String.Output(display_name="summary")],
         )
@@ -426,11 +431,7 @@ class PickConceptStepNode(io.ComfyNode):
                 io.Int.Input("images_per_prompt", default=2, min=1, max=16, tooltip="Seeds per prompt."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="The first seed (the same for every step)."),
-                io.Int.Input("steps", default=30, min=1, max=200, tooltip="Sampling steps."),
-                io.Float.Input("cfg", default=6.0, min=0.0, max=30.0, step=0.1, tooltip="Guidance (paper: 6.0)."),
-                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="ddim"),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="ddim_uniform"),
-                io.Int.Input("size", default=512, min=64, max=1024, step=64, tooltip="Width and height."),
+                *sampling_inputs(),
                 io.Float.Input("tolerance", default=TOLERANCE, min=0.0, max=1.0, step=0.05,
                                tooltip="The rule: the best identity among steps whose composition keeps ≥ 1 − tolerance "
                                        "of the run's composition range (0: the best composition; 1: the best identity)."),

@@ -187,6 +187,12 @@ def sampler_chain(wf: Workflow, model, model_out, clip, clip_out, vae, positive:
     return decode, save_prefix
 
 
+def wire_checkpoint(wf: Workflow, ckpt: dict, node: dict) -> None:
+    """The checkpoint's MODEL, CLIP and VAE into ``node``'s inputs of those names."""
+    for output, name in (("MODEL", "model"), ("CLIP", "clip"), ("VAE", "vae")):
+        wf.link(ckpt, output, node, name)
+
+
 def image_batch(wf: Workflow, names: list[str], x: int, y: int):
     """Load Image per photo into the pack's Concept Images node (core ImageBatch is deprecated, its
     successor needs a newer ComfyUI than the oldest this pack supports, and both stretch images)."""
@@ -259,9 +265,7 @@ def _training_graph(info, note: str, train_widgets: dict, prompt: str, save_pref
     ckpt = wf.node("CheckpointLoaderSimple", (20, 380), {"ckpt_name": checkpoint}, size=(320, 100))
     images = image_batch(wf, ["concept_01.png", "concept_02.png", "concept_03.png"], 500, 20)
     train = wf.node("ClassDiffusionTrainConcept", (900, 20), train_widgets, size=(360, 600))
-    wf.link(ckpt, "MODEL", train, "model")
-    wf.link(ckpt, "CLIP", train, "clip")
-    wf.link(ckpt, "VAE", train, "vae")
+    wire_checkpoint(wf, ckpt, train)
     wf.link(images, "images", train, "images")
     monitor = wf.node("ClassDiffusionLossMonitor", (1300, 20), size=(520, 420))
     wf.link(train, "history", monitor, "history")
@@ -302,9 +306,7 @@ def pick_concept_step(info, *, checkpoint: str = "v1-5-pruned-emaonly.safetensor
     vision = wf.node("CLIPVisionLoader", (20, 520), {"clip_name": clip_vision}, size=(320, 80))
     images = image_batch(wf, ["concept_01.png", "concept_02.png", "concept_03.png"], 500, 20)
     pick = wf.node("ClassDiffusionPickStep", (900, 20), {"concept_name": concept}, size=(380, 620))
-    wf.link(ckpt, "MODEL", pick, "model")
-    wf.link(ckpt, "CLIP", pick, "clip")
-    wf.link(ckpt, "VAE", pick, "vae")
+    wire_checkpoint(wf, ckpt, pick)
     wf.link(images, "images", pick, "references")
     wf.link(vision, "CLIP_VISION", pick, "clip_vision")
     decode, prefix = sampler_chain(wf, pick, "MODEL", pick, "CLIP", ckpt,
@@ -325,9 +327,7 @@ def multi_concept(info) -> dict:
     wf.link(cats, "images", second, "images")
     train = wf.node("ClassDiffusionTrainConcept", (900, 20),
                     {"token": "<my-dog>", "class_word": "dog", "steps": 800, "save_name": "duo"}, size=(360, 560))
-    wf.link(ckpt, "MODEL", train, "model")
-    wf.link(ckpt, "CLIP", train, "clip")
-    wf.link(ckpt, "VAE", train, "vae")
+    wire_checkpoint(wf, ckpt, train)
     wf.link(dogs, "images", train, "images")
     wf.link(second, "concept", train, "concept_2")
     monitor = wf.node("ClassDiffusionLossMonitor", (1300, 20), size=(520, 420))
