@@ -262,6 +262,11 @@ def stage_unet(args) -> None:
     steps, batch, pool = args.steps or 8_000, args.batch or 32, args.pool
     tokenizer = CLIPTokenizer.from_pretrained(str(OUT / "clip"))
     _, text_encoder, unet, _, scheduler = make_components(OUT / "tokenizer", seed=3)
+    if args.init_from:  # continue an earlier base's UNet (a new schedule over --steps) instead of a fresh one
+        from diffusers import UNet2DConditionModel
+
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(str(Path(args.init_from) / "unet"),
+                                                                  torch_dtype=torch.float32).state_dict())
     clip = CLIPModel.from_pretrained(str(OUT / "clip"), torch_dtype=torch.float32)
     text_tower(text_encoder).load_state_dict(text_tower(clip).state_dict())
     text_encoder.requires_grad_(False).eval()
@@ -319,7 +324,8 @@ def stage_unet(args) -> None:
     split_clip(clip, OUT)  # the evaluation CLIP: its image tower here, its text tower is the base's
     files = sorted(p for p in (OUT / "base").rglob("*") if p.is_file()) + [OUT / CLIP_EXTRA_FILE, OUT / CLIP_CONFIG_FILE]
     record("unet", OUT / "base" / "unet" / "diffusion_pytorch_model.safetensors", seconds,
-           {"steps": steps, "batch": batch, "seed": 3, "pool": pool},
+           {"steps": steps, "batch": batch, "seed": 3, "pool": pool,
+            **({"init_from": str(args.init_from)} if args.init_from else {})},
            files={p.relative_to(OUT).as_posix(): sha256(p) for p in files})
     print(f"wrote {OUT / 'base'} in {seconds:.0f} s")
 
@@ -399,6 +405,8 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=500,
                         help="steps between resume points (OUT/resume/STAGE.pt; a rerun continues there)")
     parser.add_argument("--pool", type=int, default=32_768, help="unet: pretraining pictures encoded once")
+    parser.add_argument("--init-from", type=Path, help="unet: start from this base folder's UNet (a longer run in "
+                        "parts, e.g. the committed base: --init-from classdiffusion/toyworld/weights/base --out elsewhere)")
     parser.add_argument("--device", default="cpu", help="where the models train: cpu (the committed runs) or cuda; "
                         "the random draws stay on the CPU, so the data are the same on either")
     args = parser.parse_args()
