@@ -168,6 +168,10 @@ def test_pick_cli_says_what_is_missing(run_with_steps, tiny_base, tmp_path, caps
     assert "--save-every" in capsys.readouterr().err
     assert main(["pick", str(tmp_path / "nothing.safetensors"), "--base", str(tiny_base), "-q"]) == 2
     assert "No file of the run" in capsys.readouterr().err
+    assert main(["pick", str(final), "--base", str(tiny_base), "--clip", str(tmp_path / "no-clip"), "-q",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "CLIP model folder" in err and "does not exist" in err
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a dog on the beach\n")
     clip = build_tiny_clip(tmp_path / "clip")
