@@ -592,6 +592,34 @@ def _toy_instances():
     return INSTANCES
 
 
+def _add_pick_parser(sub) -> None:
+    """`classdiffusion pick` (docs/evaluation.md#picking-the-step)."""
+    pk = sub.add_parser("pick", formatter_class=_DefaultsHelp,
+        help="score every step file of a run for identity and composition and choose the step to keep")
+    pk.add_argument("run", help="the run's final concept file or any of its -stepNNNNN files")
+    pk.add_argument("--base", required=True)
+    pk.add_argument("--base-config")
+    pk.add_argument("--references", nargs="+", help="the concept's photos (default: its training images, if still there)")
+    pk.add_argument("--clip", help="local CLIP folder to score with (default on the toy base: its toy CLIP; 'toy' "
+                    "asks for it)")
+    pk.add_argument("--dino", help="local DINO ViT folder: DINO-I beside CLIP-I")
+    pk.add_argument("--prompts", help="composition prompts, one per line with the token (default: scenes and a hat "
+                    "from the paper's list; on the toy base, the world's composition prompts)")
+    pk.add_argument("--num-images", type=_positive_int, default=4, help="seeds per prompt")
+    pk.add_argument("--seed", type=int, default=0, help="the first seed (seeds: seed … seed + num-images − 1)")
+    pk.add_argument("--steps", type=_positive_int, help="sampling steps (default: 50 for an SD1.5-sized base, 10 for "
+                    "small bases such as the toy base)")
+    pk.add_argument("--guidance", type=_finite, default=6.0, help="classifier-free guidance (paper: 6.0)")
+    pk.add_argument("--tolerance", type=_share, default=0.5, help="the rule: the best identity among steps whose "
+                    "composition keeps ≥ 1 − tolerance of the run's composition range")
+    pk.add_argument("--out", help="folder for pick.json, plot.png and grid.png (chosen vs last step)")
+    pk.add_argument("--json", help="write the per-step scores and the choice here")
+    pk.add_argument("--force", action="store_true", help="score a run trained on another base")
+    pk.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    pk.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    pk.set_defaults(func=cmd_pick)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .methods import DEFAULT_METHOD, METHOD_CLASSES
 
@@ -690,30 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-q", "--quiet", action="store_true", help="no plan and no progress bars")
     ev.set_defaults(func=cmd_eval)
 
-    pk = sub.add_parser("pick", formatter_class=_DefaultsHelp,
-        help="score every step file of a run for identity and composition and choose the step to keep")
-    pk.add_argument("run", help="the run's final concept file or any of its -stepNNNNN files")
-    pk.add_argument("--base", required=True)
-    pk.add_argument("--base-config")
-    pk.add_argument("--references", nargs="+", help="the concept's photos (default: its training images, if still there)")
-    pk.add_argument("--clip", help="local CLIP folder to score with (default on the toy base: its toy CLIP; 'toy' "
-                    "asks for it)")
-    pk.add_argument("--dino", help="local DINO ViT folder: DINO-I beside CLIP-I")
-    pk.add_argument("--prompts", help="composition prompts, one per line with the token (default: scenes and a hat "
-                    "from the paper's list; on the toy base, the world's composition prompts)")
-    pk.add_argument("--num-images", type=_positive_int, default=4, help="seeds per prompt")
-    pk.add_argument("--seed", type=int, default=0, help="the first seed (seeds: seed … seed + num-images − 1)")
-    pk.add_argument("--steps", type=_positive_int, help="sampling steps (default: 50 for an SD1.5-sized base, 10 for "
-                    "small bases such as the toy base)")
-    pk.add_argument("--guidance", type=_finite, default=6.0, help="classifier-free guidance (paper: 6.0)")
-    pk.add_argument("--tolerance", type=_share, default=0.5, help="the rule: the best identity among steps whose "
-                    "composition keeps ≥ 1 − tolerance of the run's composition range")
-    pk.add_argument("--out", help="folder for pick.json, plot.png and grid.png (chosen vs last step)")
-    pk.add_argument("--json", help="write the per-step scores and the choice here")
-    pk.add_argument("--force", action="store_true", help="score a run trained on another base")
-    pk.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
-    pk.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    pk.set_defaults(func=cmd_pick)
+    _add_pick_parser(sub)
 
     comp = sub.add_parser("compress", formatter_class=_DefaultsHelp,
         help="store a concept's K/V deltas as truncated-SVD factors (smaller file)")
