@@ -133,12 +133,16 @@ def _context_agreement(encoder: ImageEncoder, pictures: Sequence[Image.Image], b
     return float(paired_cosine(tuned, base_features).mean())
 
 
+def _check_tolerance(tolerance: float) -> None:
+    if not 0 <= tolerance <= 1:
+        raise InvalidInputError(f"The tolerance is a fraction of the composition range, 0 to 1 (got {tolerance}).")
+
+
 def pick(scores: Sequence[StepScore], tolerance: float = TOLERANCE) -> tuple[int, str]:
     """The index of the chosen step and the reason, by the module's rule."""
     if not scores:
         raise InvalidInputError("No step was scored: the run has no step files.")
-    if not 0 <= tolerance <= 1:
-        raise InvalidInputError(f"The tolerance is a fraction of the composition range, 0 to 1 (got {tolerance}).")
+    _check_tolerance(tolerance)
     best, worst = max(s.composition for s in scores), min(s.composition for s in scores)
     floor = best - tolerance * (best - worst)
     eligible = [i for i, s in enumerate(scores) if s.composition >= floor - 1e-12]
@@ -165,17 +169,17 @@ def score_steps(
     on_step: Callable[[int, int], None] | None = None,
 ) -> list[StepScore]:
     """Sample and score every ``(step, file)`` on the identity prompt and the composition ``prompts``
-    (with the token written in; default ``default_prompts``). ``keep`` receives each step's pictures (``keep[step] = rows``) and the base's
-    (``keep["base"]``); ``on_step(done, total)`` is called after each file (progress, cancel)."""
+    (with the token written in; default ``default_prompts``). ``keep`` receives each step's pictures
+    (``keep[step] = rows``) and the base's (``keep["base"]``); ``on_step(done, total)`` is called
+    after each file (progress, cancel)."""
     if not files:
         raise InvalidInputError("The run has no step files: train with save_every (--save-every N) to pick a step.")
     if not references:
         raise InvalidInputError("The picker needs reference pictures of the concept (its training images).")
     prompts = [IDENTITY_PROMPT.format(token, class_word)] + list(prompts or default_prompts(token, class_word))
     prompts = [" ".join(p.split()) for p in prompts]
-    if len(prompts) < 2 or any(token not in p.split() for p in prompts):
-        raise InvalidInputError(f"Every composition prompt must contain the token {token} as a word "
-                                f"(got {prompts[1:]}).")
+    if any(token not in p for p in prompts):
+        raise InvalidInputError(f"Every composition prompt must contain the token {token} (got {prompts[1:]}).")
     without_token = [replace_token(p, [token]) for p in prompts[1:]]
     has_text = callable(getattr(encoder, "text_features", None))
     reference_features = encoder.image_features(list(references))
@@ -209,8 +213,7 @@ def pick_run(files: Sequence[tuple[int, Path]], sample: Sampler, encoder: ImageE
              references: Sequence[Image.Image], *, token: str, class_word: str, tolerance: float = TOLERANCE,
              **options) -> Pick:
     """Score every step file and choose (see the module docstring)."""
-    if not 0 <= tolerance <= 1:
-        raise InvalidInputError(f"The tolerance is a fraction of the composition range, 0 to 1 (got {tolerance}).")
+    _check_tolerance(tolerance)  # before the sampling, not after
     scores = score_steps(files, sample, encoder, references, token=token, class_word=class_word, **options)
     index, reason = pick(scores, tolerance)
     composition = list(options.get("prompts") or default_prompts(token, class_word))
