@@ -31,6 +31,7 @@ not tuned on it.
 
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -258,6 +259,9 @@ def pick_on_base(
     if clip is None and not toy:
         raise InvalidInputError("Give --clip PATH: a local CLIP folder (e.g. clip-vit-large-patch14) to score the "
                                 "steps with (only the toy base has a default, its own toy CLIP).")
+    reference_images = load_images(references, "reference") if references else _references([last], None)
+    if not reference_images:
+        raise InvalidInputError("The run's training images are gone: give --references DIR (the concept's photos).")
     device = device or default_device()
     if clip == "toy" or (clip is None and toy):
         from ..toyworld.base import ToyClip
@@ -272,9 +276,6 @@ def pick_on_base(
         from .image_metrics import DinoScorer
 
         dino_encoder = DinoScorer(dino, device)
-    reference_images = load_images(references, "reference") if references else _references([last], None)
-    if not reference_images:
-        raise InvalidInputError("The run's training images are gone: give --references DIR (the concept's photos).")
     if prompts is None and toy:
         from ..toyworld.world import composition_prompts
 
@@ -343,7 +344,7 @@ def write_pick(result: Pick, pictures: dict, out: str | Path) -> None:
             labels.append(f"{name}: step {step}, {pictures['prompts'][k]}")
     grid = picture_grid(rows, labels, scale=max(1, 256 // max(rows[0][0].width, 1)))
     for name, image in (("plot.png", plot_pick(result)), ("grid.png", grid)):
-        buffer = __import__("io").BytesIO()
+        buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         atomic_write(out / name, buffer.getvalue())
 
