@@ -384,6 +384,12 @@ BAD_COMMANDS = [
     ("eval --device bogus", lambda i, o: ["eval", "--base", str(i["base"]), "--concept", str(i["checkpoint"]),
                                           "--out", str(o), "--device", "bogus"], "not a device"),
     ("demo --steps 0", lambda i, o: ["demo", "--out", str(o), "--steps", "0"], "at least 1"),
+    ("pick --tolerance 2", lambda i, o: ["pick", str(i["checkpoint"]), "--base", str(i["base"]), "--tolerance", "2"],
+     "(0, 1]"),
+    ("pick --out onto a file", lambda i, o: ["pick", str(i["checkpoint"]), "--base", str(i["base"]), "--out",
+                                             str(i["existing_file"])], "existing file"),
+    ("pick --json .txt", lambda i, o: ["pick", str(i["checkpoint"]), "--base", str(i["base"]), "--json",
+                                       str(o / "pick.txt")], "must end in"),
 ]
 
 
