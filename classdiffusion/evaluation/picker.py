@@ -325,6 +325,11 @@ def _is_toy_base(base: str | Path) -> bool:
         return False
 
 
+def _drawable(text: str) -> str:
+    """Text PIL's default bitmap font can draw (older Pillow encodes it as Latin-1)."""
+    return text.encode("latin-1", "replace").decode("latin-1")
+
+
 def write_pick(result: Pick, pictures: dict, out: str | Path) -> None:
     """``pick.json``, ``plot.png`` and ``grid.png`` (rows: the chosen step's identity-prompt and first
     composition-prompt pictures, then the last step's), each written whole."""
@@ -341,7 +346,7 @@ def write_pick(result: Pick, pictures: dict, out: str | Path) -> None:
     for step, name in ((result.chosen_step, "chosen"), (last, "last")):
         for k in (0, 1):
             rows.append(pictures[step][k])
-            labels.append(f"{name}: step {step}, {pictures['prompts'][k]}")
+            labels.append(_drawable(f"{name}: step {step}, {pictures['prompts'][k]}"))
     grid = picture_grid(rows, labels, scale=max(1, 256 // max(rows[0][0].width, 1)))
     for name, image in (("plot.png", plot_pick(result)), ("grid.png", grid)):
         buffer = io.BytesIO()
@@ -375,7 +380,7 @@ def plot_pick(result: Pick, width: int = 720, height: int = 420) -> Image.Image:
             draw.line(points, fill=color, width=2)
         for x, y in points:
             draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
-        draw.text((left + 6 + row * 260, bottom + 18), f"{name}: {lo:.3f}…{hi:.3f}", fill=color, font=font)
+        draw.text((left + 6 + row * 260, bottom + 18), f"{name}: {lo:.3f} to {hi:.3f}", fill=color, font=font)
     x = x_of(result.chosen_step)
     for y in range(top, bottom, 6):
         draw.line([(x, y), (x, min(y + 3, bottom))], fill=(44, 160, 44), width=2)
