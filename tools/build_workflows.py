@@ -187,6 +187,13 @@ def sampler_chain(wf: Workflow, model, model_out, clip, clip_out, vae, positive:
     return decode, save_prefix
 
 
+def sampled_and_saved(wf: Workflow, source: dict, vae: dict, positive: str, **settings) -> None:
+    """sampler_chain on ``source``'s MODEL and CLIP outputs, into a Save Image node."""
+    decode, prefix = sampler_chain(wf, source, "MODEL", source, "CLIP", vae, positive, 0, 0, **settings)
+    save = wf.node("SaveImage", (0, 0), {"filename_prefix": prefix}, size=(400, 420))  # placed by the layout
+    wf.link(decode, "IMAGE", save, "images")
+
+
 def wire_checkpoint(wf: Workflow, ckpt: dict, node: dict) -> None:
     """The checkpoint's MODEL, CLIP and VAE into ``node``'s inputs of those names."""
     for output, name in (("MODEL", "model"), ("CLIP", "clip"), ("VAE", "vae")):
@@ -273,10 +280,7 @@ def _training_graph(info, note: str, train_widgets: dict, prompt: str, save_pref
         drift = wf.node("ClassDiffusionDriftReport", (1850, 20), {"map": "pca"}, size=(520, 420))
         wf.link(ckpt, "CLIP", drift, "clip")
         wf.link(train, "concept", drift, "concept")
-    decode, prefix = sampler_chain(wf, train, "MODEL", train, "CLIP", ckpt, prompt, 1300, 480,
-                                   save_prefix=save_prefix, **sampler_settings)
-    save = wf.node("SaveImage", (2560, 480), {"filename_prefix": prefix}, size=(400, 420))
-    wf.link(decode, "IMAGE", save, "images")
+    sampled_and_saved(wf, train, ckpt, prompt, save_prefix=save_prefix, **sampler_settings)
     return wf.to_json()
 
 
@@ -289,11 +293,8 @@ def use_concept(info, *, note: str = USE_NOTE, checkpoint: str = "v1-5-pruned-em
     load = wf.node("ClassDiffusionLoadConcept", (380, 300), {"concept_name": concept}, size=(340, 200))
     wf.link(ckpt, "MODEL", load, "model")
     wf.link(ckpt, "CLIP", load, "clip")
-    decode, prefix = sampler_chain(wf, load, "MODEL", load, "CLIP", ckpt,
-                                   "a photo of a <sks> dog wearing headphones", 760, 20,
-                                   save_prefix=save_prefix, **sampler_settings)
-    save = wf.node("SaveImage", (2020, 20), {"filename_prefix": prefix}, size=(400, 420))
-    wf.link(decode, "IMAGE", save, "images")
+    sampled_and_saved(wf, load, ckpt, "a photo of a <sks> dog wearing headphones", save_prefix=save_prefix,
+                      **sampler_settings)
     return wf.to_json()
 
 
@@ -309,11 +310,8 @@ def pick_concept_step(info, *, checkpoint: str = "v1-5-pruned-emaonly.safetensor
     wire_checkpoint(wf, ckpt, pick)
     wf.link(images, "images", pick, "references")
     wf.link(vision, "CLIP_VISION", pick, "clip_vision")
-    decode, prefix = sampler_chain(wf, pick, "MODEL", pick, "CLIP", ckpt,
-                                   "a photo of a <sks> dog wearing headphones", 1320, 20,
-                                   save_prefix="classdiffusion/picked_step")
-    save = wf.node("SaveImage", (2600, 20), {"filename_prefix": prefix}, size=(400, 420))
-    wf.link(decode, "IMAGE", save, "images")
+    sampled_and_saved(wf, pick, ckpt, "a photo of a <sks> dog wearing headphones",
+                      save_prefix="classdiffusion/picked_step")
     return wf.to_json()
 
 
@@ -332,11 +330,8 @@ def multi_concept(info) -> dict:
     wf.link(second, "concept", train, "concept_2")
     monitor = wf.node("ClassDiffusionLossMonitor", (1300, 20), size=(520, 420))
     wf.link(train, "history", monitor, "history")
-    decode, prefix = sampler_chain(wf, train, "MODEL", train, "CLIP", ckpt,
-                                   "a <my-dog> dog and a <my-cat> cat sitting on a sofa", 1300, 480,
-                                   save_prefix="classdiffusion/duo")
-    save = wf.node("SaveImage", (2560, 480), {"filename_prefix": prefix}, size=(400, 420))
-    wf.link(decode, "IMAGE", save, "images")
+    sampled_and_saved(wf, train, ckpt, "a <my-dog> dog and a <my-cat> cat sitting on a sofa",
+                      save_prefix="classdiffusion/duo")
     return wf.to_json()
 
 
