@@ -57,7 +57,7 @@ def main() -> None:
 
     pack = load_pack()
     import classdiffusion_pack.classdiffusion.concept as concept_module
-    import classdiffusion_pack.classdiffusion.kv as kv
+    import classdiffusion_pack.classdiffusion.model.kv as kv
     import classdiffusion_pack.nodes.nodes as nodes
 
     model, clip, _ = comfy.sd.load_state_dict_guess_config(checkpoint_state_dict(0, full=args.model == "sd15"))[:3]

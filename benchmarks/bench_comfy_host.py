@@ -42,8 +42,8 @@ def load_pack():
     sys.modules["classdiffusion_pack"] = package
     return types.SimpleNamespace(**{
         name.rpartition(".")[2]: importlib.import_module(f"classdiffusion_pack.{name}")
-        for name in ("nodes.comfy_glue", "nodes.comfy_host", "classdiffusion.train", "classdiffusion.config",
-                     "classdiffusion.precision")
+        for name in ("nodes.comfy_glue", "nodes.comfy_host", "classdiffusion.run.train", "classdiffusion.config",
+                     "classdiffusion.model.precision")
     })
 
 

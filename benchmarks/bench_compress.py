@@ -34,12 +34,12 @@ def main() -> None:
     parser.add_argument("--energies", default="0.5,0.9,0.99")
     args = parser.parse_args()
 
-    from classdiffusion.apply import apply_concept
+    from classdiffusion.concept.apply import apply_concept
     from classdiffusion.concept import compress_concept, load_concept
     from classdiffusion.config import ConceptSpec, TrainConfig
     from classdiffusion.hosts.diffusers_host import DiffusersHost, load_components
-    from classdiffusion.tiny import build_tokenizer
-    from classdiffusion.train import train
+    from classdiffusion.model.tiny import build_tokenizer
+    from classdiffusion.run.train import train
     from bench_train import build_models, images
 
     tmp = Path(tempfile.mkdtemp())

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from classdiffusion.precision import precision_dtype  # noqa: E402
+from classdiffusion.model.precision import precision_dtype  # noqa: E402
 from live_memory import RUN_SETTINGS, ClockCallbacks, PeakMemory, StepClock, add_run_arguments  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def build_models(kind: str, tokenizer_dir: Path, dtype: torch.dtype):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from classdiffusion.tiny import tiny_components
+    from classdiffusion.model.tiny import tiny_components
 
     if kind == "tiny":
         return tiny_components(tokenizer_dir)
@@ -88,7 +88,7 @@ VARIANTS = {
 def run_ours(args, components, device, after_warmup) -> dict:
     from classdiffusion.config import ConceptSpec, TrainConfig
     from classdiffusion.hosts.diffusers_host import DiffusersHost
-    from classdiffusion.train import TrainCallbacks, train
+    from classdiffusion.run.train import TrainCallbacks, train
 
     host = DiffusersHost(*components, device=device)
     clock = StepClock(device, args.warmup, args.steps, after_warmup, start=time.perf_counter())
@@ -300,7 +300,7 @@ def child(args) -> None:
     torch.manual_seed(0)
     dtype = torch.float32
     with tempfile.TemporaryDirectory() as tmp:
-        from classdiffusion.tiny import build_tokenizer
+        from classdiffusion.model.tiny import build_tokenizer
 
         tokenizer_dir = build_tokenizer(Path(tmp) / "tok")
         with torch.device(device) if device.type == "cuda" else contextlib.nullcontext():

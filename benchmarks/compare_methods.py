@@ -29,8 +29,8 @@ def sd15_file_sizes(out: Path) -> dict:
     from diffusers import UNet2DConditionModel
 
     from classdiffusion.concept import Concept
-    from classdiffusion.kv import cross_attention_weights
-    from classdiffusion.residual import residual_modules
+    from classdiffusion.model.kv import cross_attention_weights
+    from classdiffusion.methods.infusion.residual import residual_modules
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
@@ -65,8 +65,8 @@ def main() -> None:
     from classdiffusion.config import ConceptSpec, TrainConfig
     from classdiffusion.evaluation.report import evaluate
     from classdiffusion.hosts.diffusers_host import load_host
-    from classdiffusion.tiny import build_tiny_base
-    from classdiffusion.train import train
+    from classdiffusion.model.tiny import build_tiny_base
+    from classdiffusion.run.train import train
 
     out = Path(args.out or tempfile.mkdtemp(prefix="compare_methods_"))
     out.mkdir(parents=True, exist_ok=True)

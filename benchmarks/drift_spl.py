@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 from classdiffusion.config import ConceptSpec, TrainConfig
-from classdiffusion.demo import synthetic_images
+from classdiffusion.toyworld.demo import synthetic_images
 from classdiffusion.evaluation.image_metrics import GENERIC_PROMPTS
 from classdiffusion.evaluation.overfitting import latent_fisher_divergence
 from classdiffusion.hosts.diffusers_host import load_host
-from classdiffusion.tiny import build_tiny_base
-from classdiffusion.train import train
+from classdiffusion.model.tiny import build_tiny_base
+from classdiffusion.run.train import train
 
 
 def main() -> None:

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from classdiffusion.memory import LiveBytes  # noqa: E402
+from classdiffusion.run.memory import LiveBytes  # noqa: E402
 
 
 class LiveTensorMemory(LiveBytes):
     """``with LiveTensorMemory() as memory: ...`` then ``memory.peak_bytes``: the planner's byte
-    counter (classdiffusion.memory.LiveBytes) restricted to one real device, with the tensors alive
+    counter (classdiffusion.run.memory.LiveBytes) restricted to one real device, with the tensors alive
     at the start (weights, cached latents) as the baseline."""
 
     def __init__(self, device: str = "cpu"):

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from classdiffusion.config import TrainConfig  # noqa: E402
 from classdiffusion.errors import InvalidInputError  # noqa: E402
-from classdiffusion.memory import HEADROOM, SD15_UNET, estimate, plan  # noqa: E402
+from classdiffusion.run.memory import HEADROOM, SD15_UNET, estimate, plan  # noqa: E402
 from classdiffusion.methods import method_class  # noqa: E402
-from classdiffusion.precision import precision_dtype  # noqa: E402
+from classdiffusion.model.precision import precision_dtype  # noqa: E402
 
 #: stabilityai/stable-diffusion-xl-base-1.0's UNet config (the keys that shape it).
 SDXL_UNET = {
@@ -53,7 +53,7 @@ def meta_host(family: str, dtype: torch.dtype):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from classdiffusion.hosts.diffusers_host import DiffusersHost
-    from classdiffusion.tiny import build_tokenizer
+    from classdiffusion.model.tiny import build_tokenizer
 
     unet_config, text_configs = FAMILY_MODELS[family]
     tokenizer_dir = build_tokenizer(Path(tempfile.mkdtemp()) / "tokenizer")

@@ -3,7 +3,7 @@ the features side by side — measured on semantic drift.
 
     python benchmarks/sdxl_spl_choice.py --steps 150 --seeds 0,1,2 --out docs/sdxl_spl_choice.json
 
-Trains the same concept on the tiny SDXL-shaped base (``classdiffusion.tiny``; random weights at the
+Trains the same concept on the tiny SDXL-shaped base (``classdiffusion.model.tiny``; random weights at the
 real text widths: CLIP-L 768, bigG 1280) with λ = 0 (Custom Diffusion), SPL "mean" and SPL "concat",
 and reports after training, per encoder, cos(E("a photo of a <sks> dog"), E("a photo of a dog"))
 at the end-of-text token and the drift rank of "a <sks> dog" among the adjective phrases by each
@@ -55,9 +55,9 @@ def encoder_drift(host, token_vector: torch.Tensor, class_word: str) -> dict:
 def run(steps: int, seeds: list[int], learning_rate: float) -> dict:
     from classdiffusion.config import ConceptSpec, TrainConfig
     from classdiffusion.hosts.diffusers_host import load_host
-    from classdiffusion.tiny import build_tiny_sdxl_base
+    from classdiffusion.model.tiny import build_tiny_sdxl_base
     from classdiffusion.toyworld.evaluate import instance_pictures
-    from classdiffusion.train import train
+    from classdiffusion.run.train import train
 
     work = Path(tempfile.mkdtemp())
     base = build_tiny_sdxl_base(work / "base")

@@ -55,12 +55,12 @@ def train_run(job: dict) -> str:
     import torch
 
     from classdiffusion.config import ConceptSpec, TrainConfig
-    from classdiffusion.demo import TOY_RECIPE
+    from classdiffusion.toyworld.demo import TOY_RECIPE
     from classdiffusion.hosts.diffusers_host import load_host
     from classdiffusion.toyworld.base import base_path
     from classdiffusion.toyworld.evaluate import instance_pictures
     from classdiffusion.toyworld.world import World
-    from classdiffusion.train import train
+    from classdiffusion.run.train import train
 
     torch.set_num_threads(job["threads"])
     folder = Path(job["folder"])
@@ -86,10 +86,10 @@ def score_run(job: dict) -> dict:
     import torch
 
     from classdiffusion.concept import load_concept, run_files
-    from classdiffusion.data import load_images
+    from classdiffusion.run.data import load_images
     from classdiffusion.evaluation.picker import score_steps
-    from classdiffusion.generate import build_pipeline, concept_sampler
-    from classdiffusion.apply import apply_concept
+    from classdiffusion.concept.generate import build_pipeline, concept_sampler
+    from classdiffusion.concept.apply import apply_concept
     from classdiffusion.toyworld.base import WEIGHTS, ToyClip, base_path
     from classdiffusion.toyworld.checker import Checker
     from classdiffusion.toyworld.evaluate import SAMPLING, score

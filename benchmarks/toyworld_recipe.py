@@ -1,6 +1,6 @@
 """The toy recipe search, on the tuning seed only: identity and joint composition of a concept
 against training steps for a few learning rates (and, optionally, training pictures in several
-scenes or all of attn2 trained), so the demo's recipe (classdiffusion/demo.py: TOY_RECIPE and its
+scenes or all of attn2 trained), so the demo's recipe (classdiffusion/toyworld/demo.py: TOY_RECIPE and its
 step count) is chosen on seed 0 and the table's seeds (1-3) stay unseen.
 
     python benchmarks/toyworld_recipe.py --rates 1e-4 3e-5 --steps 50 100 200 300 400 --json F

@@ -30,7 +30,7 @@ its pictures' look, so they are not independent: the SE is that of the per-insta
 differences against λ = 0 (same instance, same seed) likewise. Fisher is "n/a" where it is zero by
 construction (Infusion and Textual Inversion leave prompts without their word untouched).
 
-Seeds: the table trains with seeds 1–3 (``TABLE_SEEDS``); the recipe (classdiffusion/demo.py:
+Seeds: the table trains with seeds 1–3 (``TABLE_SEEDS``); the recipe (classdiffusion/toyworld/demo.py:
 TOY_RECIPE) was chosen on seed 0 only, which the table never uses.
 
     python benchmarks/toyworld_table.py --curve [--json F]
@@ -103,18 +103,18 @@ def run_one(job: dict) -> dict:
 
     import torch
 
-    from classdiffusion.apply import apply_concept
+    from classdiffusion.concept.apply import apply_concept
     from classdiffusion.config import ConceptSpec, TrainConfig
-    from classdiffusion.demo import TOY_RECIPE
+    from classdiffusion.toyworld.demo import TOY_RECIPE
     from classdiffusion.evaluation.drift import DriftProbe
     from classdiffusion.evaluation.overfitting import latent_fisher_divergence, wasserstein_metric
-    from classdiffusion.generate import build_pipeline
+    from classdiffusion.concept.generate import build_pipeline
     from classdiffusion.hosts.diffusers_host import load_host
     from classdiffusion.toyworld.base import WEIGHTS, ToyClip, base_path
     from classdiffusion.toyworld.checker import Checker
     from classdiffusion.toyworld.evaluate import instance_pictures, score
     from classdiffusion.toyworld.world import World
-    from classdiffusion.train import train
+    from classdiffusion.run.train import train
 
     torch.set_num_threads(job["threads"])
     started = time.perf_counter()
@@ -270,7 +270,7 @@ def paired_markdown(diffs: dict) -> str:
 
 def plot(table: dict, path: Path) -> None:
     """Identity (checker) against composition, one point per method and λ."""
-    from classdiffusion.plot import plot_tradeoff
+    from classdiffusion.run.plot import plot_tradeoff
 
     points = {label.replace("λ", "lambda "): (*row["composition_joint"], *row["identity"])
               for label, row in table.items()}
@@ -285,17 +285,17 @@ def run_curve(job: dict) -> list[dict]:
 
     import torch
 
-    from classdiffusion.apply import apply_concept
+    from classdiffusion.concept.apply import apply_concept
     from classdiffusion.concept import load_concept
     from classdiffusion.config import ConceptSpec, TrainConfig
-    from classdiffusion.demo import TOY_RECIPE
-    from classdiffusion.generate import build_pipeline
+    from classdiffusion.toyworld.demo import TOY_RECIPE
+    from classdiffusion.concept.generate import build_pipeline
     from classdiffusion.hosts.diffusers_host import load_host
     from classdiffusion.toyworld.base import WEIGHTS, ToyClip, base_path
     from classdiffusion.toyworld.checker import Checker
     from classdiffusion.toyworld.evaluate import instance_pictures, picture_grid, score
     from classdiffusion.toyworld.world import World
-    from classdiffusion.train import checkpoint_path, train
+    from classdiffusion.run.train import checkpoint_path, train
 
     torch.set_num_threads(job["threads"])
     weights = Path(job["weights"])
@@ -377,7 +377,7 @@ def main() -> int:
     import inspect
     import multiprocessing
 
-    from classdiffusion.demo import run_demo
+    from classdiffusion.toyworld.demo import run_demo
     from classdiffusion.toyworld.base import WEIGHTS
     from classdiffusion.toyworld.world import INSTANCES
 

@@ -113,7 +113,7 @@ def main() -> int:
 
     import torch
 
-    from classdiffusion.generate import build_pipeline
+    from classdiffusion.concept.generate import build_pipeline
     from classdiffusion.toyworld.base import base_path
     from classdiffusion.toyworld.checker import Checker
 

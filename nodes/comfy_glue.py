@@ -19,13 +19,13 @@ import folder_paths
 
 from ..classdiffusion.concept import Concept, run_files
 from ..classdiffusion.concept import save_embeddings as write_embeddings
-from ..classdiffusion.errors import BaseMismatchError, BaseModelError
-from ..classdiffusion.families import SD15, SDXL, Family, family_named
-from ..classdiffusion.kv import trained_names
-from ..classdiffusion.residual import ConditionRegistry, RegistryPositions, add_residual
-from ..classdiffusion.progress import step_postfix
-from ..classdiffusion.train import TrainCallbacks
-from .comfy_host import diffusers_to_comfy_map
+from ..classdiffusion.errors import BaseMismatchError
+from ..classdiffusion.model.families import family_named
+from ..classdiffusion.model.kv import trained_names
+from ..classdiffusion.methods.infusion.residual import ConditionRegistry, RegistryPositions, add_residual
+from ..classdiffusion.run.progress import step_postfix
+from ..classdiffusion.run.train import TrainCallbacks
+from .comfy_host import clip_family, diffusers_to_comfy_map
 from .glue import TOKEN_MARKER, rewrite_prompt
 
 logger = logging.getLogger("classdiffusion")
@@ -78,16 +78,6 @@ def model_with_deltas(model, deltas: dict[str, torch.Tensor], to_comfy: dict[str
     if len(missing) != len(patches):
         raise RuntimeError(f"ComfyUI refused {len(patches) - len(missing)} weight patches.")
     return out
-
-
-def clip_family(clip) -> Family:
-    """SDXL when the CLIP holds CLIP-L and bigG (ComfyUI's SDXL CLIP), SD1.x for CLIP-L alone."""
-    model = clip.cond_stage_model
-    if getattr(model, "clip_l", None) is not None and getattr(model, "clip_g", None) is not None:
-        return SDXL
-    if getattr(model, "clip_l", None) is not None and getattr(clip.tokenizer, "clip_l", None) is not None:
-        return SD15
-    raise BaseModelError(f"This CLIP ({type(model).__name__}) is neither SD1.x's CLIP-L nor SDXL's CLIP-L + bigG.")
 
 
 def check_clip_family(clip, concept: Concept) -> None:
@@ -167,7 +157,7 @@ class ComfyCallbacks(TrainCallbacks):
         if record.step == total_steps or (record.step % self.preview_every == 0
                                           and now - self._last_preview >= PREVIEW_INTERVAL_S):
             self._last_preview = now
-            from ..classdiffusion.plot import plot_history
+            from ..classdiffusion.run.plot import plot_history
 
             preview = ("JPEG", plot_history(self.history, width=512, height=384, tokens=self.tokens,
                                             checkpoints=self.checkpoints), 512)

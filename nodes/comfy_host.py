@@ -28,10 +28,10 @@ import comfy.model_sampling
 import comfy.utils
 
 from ..classdiffusion.errors import BaseModelError
-from ..classdiffusion.families import SDXL, Family, detect_family
-from ..classdiffusion.hosts.base import HostBase, split_pooled
-from ..classdiffusion.kv import cross_attention_weights
-from ..classdiffusion.text import CombinedTextEncoder, TransformersTextEncoder
+from ..classdiffusion.model.families import FAMILIES, Family, detect_family
+from ..classdiffusion.hosts.base import HostBase
+from ..classdiffusion.model.kv import cross_attention_weights
+from ..classdiffusion.model.text import CombinedTextEncoder, TransformersTextEncoder
 
 logger = logging.getLogger("classdiffusion")
 
@@ -44,19 +44,33 @@ def diffusers_to_comfy_map(model_patcher) -> dict[str, str]:
 
 def model_family(model_patcher) -> Family:
     """The MODEL's family from ComfyUI's own reading of it (its UNet config and model class);
-    BaseModelError for SD2.x, Flux, inpainting and every other model not trained here."""
+    BaseModelError for SD2.x, Flux, inpainting and every other model not trained here. With
+    :func:`clip_family`, the one place the nodes tell families apart."""
     import comfy.model_base
 
     model = model_patcher.model
     config = model.model_config.unet_config
     sampling = model.model_sampling
     eps = isinstance(sampling, comfy.model_sampling.EPS) and not isinstance(sampling, comfy.model_sampling.V_PREDICTION)
-    is_sdxl = isinstance(model, comfy.model_base.SDXL)
-    return detect_family(
-        context_dim=config.get("context_dim"), in_channels=config.get("in_channels"),
-        added_conditioning="text_time" if is_sdxl else ("other" if config.get("adm_in_channels") else None),
-        text_widths=SDXL.text_widths if is_sdxl else (config.get("context_dim"),),  # SD1.x/SD2: one encoder
-        prediction="epsilon" if eps else "v or another target", what=f"This MODEL ({type(model).__name__})")
+    added = "text_time" if isinstance(model, comfy.model_base.SDXL) else ("other" if config.get("adm_in_channels") else None)
+    # ComfyUI's MODEL does not hold the encoders: a family with this added input has its own widths
+    widths = next((f.text_widths for f in FAMILIES.values() if added and f.added_conditioning == added),
+                  (config.get("context_dim"),))
+    return detect_family(context_dim=config.get("context_dim"), in_channels=config.get("in_channels"),
+                         added_conditioning=added, text_widths=widths,
+                         prediction="epsilon" if eps else "v or another target",
+                         what=f"This MODEL ({type(model).__name__})")
+
+
+def clip_family(clip) -> Family:
+    """The family whose text encoders a ComfyUI CLIP holds, by its encoders' names
+    (``Family.embedding_keys``: clip_l for SD1.x, clip_l and clip_g for SDXL)."""
+    model = clip.cond_stage_model
+    for family in sorted(FAMILIES.values(), key=lambda f: -len(f.embedding_keys)):
+        if all(getattr(model, key, None) is not None for key in family.embedding_keys) and (
+                len(family.embedding_keys) > 1 or getattr(clip.tokenizer, family.embedding_keys[0], None) is not None):
+            return family
+    raise BaseModelError(f"This CLIP ({type(model).__name__}) is neither SD1.x's CLIP-L nor SDXL's CLIP-L + bigG.")
 
 
 
@@ -169,11 +183,11 @@ def comfy_text_encoder(clip, family: Family, device: torch.device, dtype: torch.
     """The trainable text side of ``clip`` for ``family``: CLIP-L alone (SD1.x, with the CLIP's
     "CLIP skip"), or CLIP-L and bigG side by side from their penultimate layers, without the final
     norm, as ComfyUI's SDXL CLIP encodes them (a CLIP Set Last Layer moves both)."""
-    if family is not SDXL:
+    if len(family.embedding_keys) == 1:
         tokenizer, model, context_layer = text_encoder_from_clip(clip, device, dtype)
         return TransformersTextEncoder(tokenizer, model, device, context_layer)
     layer_idx = getattr(clip, "layer_idx", None)  # CLIP Set Last Layer; -1 on SDXL = the last layer, unnormed
-    layer = -2 if layer_idx is None else int(layer_idx)
+    layer = family.context_layer if layer_idx is None else int(layer_idx)
     encoders = []
     for key in family.embedding_keys:
         tokenizer, model = clip_text_model(clip, key, device, dtype)
@@ -244,9 +258,9 @@ class ComfyHost(HostBase):
 
         def conditioning(row: torch.Tensor) -> list:
             row = row[None].detach().float().cpu()
-            if self.family is not SDXL:
+            tokens, pooled = self.family.unet_inputs(row)
+            if pooled is None:
                 return [[row, {}]]
-            tokens, pooled = split_pooled(row, self.family.text_widths[-1])
             return [[tokens, {"pooled_output": pooled, "width": size, "height": size, "crop_w": 0, "crop_h": 0,
                               "target_width": size, "target_height": size}]]
 
@@ -264,14 +278,15 @@ class ComfyHost(HostBase):
 
     def predict_noise(self, noisy_latents, timesteps, context) -> torch.Tensor:
         dtype = self.unet_dtype
-        if self.family is SDXL:  # the pooled embedding and size ids, as ComfyUI's SDXL.encode_adm makes them
-            context, pooled = split_pooled(context, self.family.text_widths[-1])
-            height, width = noisy_latents.shape[-2] * 8, noisy_latents.shape[-1] * 8
-            y = self.model_patcher.model.encode_adm(pooled_output=pooled, width=width, height=height, crop_w=0,
-                                                    crop_h=0, target_width=width, target_height=height)
-            return self._forward(noisy_latents.to(dtype), timesteps.float(), context=context.to(dtype),
-                                 y=y.to(noisy_latents.device, dtype))
-        return self._forward(noisy_latents.to(dtype), timesteps.float(), context=context.to(dtype))
+        context, pooled = self.family.unet_inputs(context)
+        if pooled is None:
+            return self._forward(noisy_latents.to(dtype), timesteps.float(), context=context.to(dtype))
+        # the pooled embedding and size ids, as ComfyUI's SDXL.encode_adm makes them
+        height, width = noisy_latents.shape[-2] * 8, noisy_latents.shape[-1] * 8
+        y = self.model_patcher.model.encode_adm(pooled_output=pooled, width=width, height=height, crop_w=0,
+                                                crop_h=0, target_width=width, target_height=height)
+        return self._forward(noisy_latents.to(dtype), timesteps.float(), context=context.to(dtype),
+                             y=y.to(noisy_latents.device, dtype))
 
     def cross_attention_weights(self, train_mode: str) -> dict[str, torch.Tensor]:
         return cross_attention_weights(self.diffusion_model, train_mode, self._to_comfy)

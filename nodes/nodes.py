@@ -17,14 +17,14 @@ from comfy_api.latest import ComfyExtension, io, ui
 
 from ..classdiffusion.concept import atomic_save_file, load_concept, run_files
 from ..classdiffusion.config import ConceptSpec, TrainConfig, setting_info
-from ..classdiffusion.data import ConceptData
+from ..classdiffusion.run.data import ConceptData
 from ..classdiffusion.methods import DEFAULT_METHOD, method_class
 from ..classdiffusion.evaluation.drift import concept_drifts, summary as drift_summary
 from ..classdiffusion.evaluation.picker import DEFAULT_COMPOSITION, TOLERANCE
-from ..classdiffusion.plot import plot_drift_map, plot_history
-from ..classdiffusion.summary import drift_line, summary_line
-from ..classdiffusion.precision import precision_dtype
-from ..classdiffusion.train import train
+from ..classdiffusion.run.plot import plot_drift_map, plot_history
+from ..classdiffusion.run.summary import drift_line, summary_line
+from ..classdiffusion.model.precision import precision_dtype
+from ..classdiffusion.run.train import train
 from .comfy_glue import (
     CONCEPT_FOLDER, ComfyCallbacks, apply_concept_to_comfy, check_clip_family, concept_dir, history_payload, loras_dir,
     model_base_weights, register_folders, save_embeddings, training_patcher,
@@ -368,7 +368,7 @@ class CompareConceptStepsNode(io.ComfyNode):
         import comfy.model_management
         import comfy.sample
         import comfy.utils
-        from ..classdiffusion.summary import ema
+        from ..classdiffusion.run.summary import ema
 
         path = folder_paths.get_full_path_or_raise(CONCEPT_FOLDER, concept_name)
         final, step_files = run_files(path)
@@ -512,7 +512,7 @@ class LossMonitorNode(io.ComfyNode):
         if drift:
             summary += "\n" + drift
         if history.get("checkpoints"):
-            from ..classdiffusion.summary import ema
+            from ..classdiffusion.run.summary import ema
 
             smoothed = dict(zip([r["step"] for r in records], ema([r["loss"] for r in records])))
             marks = [f"{step} (loss~{smoothed[step]:.4f})" for step in history["checkpoints"] if step in smoothed]
@@ -551,7 +551,7 @@ class DriftReportNode(io.ComfyNode):
             raise InvalidInputError(f"This is a {concept.method_label} concept: it adds no token, so its text "
                                     "features cannot drift (prompts encode exactly as before). The report is for "
                                     "concepts with a token.")
-        from ..classdiffusion.families import family_named
+        from ..classdiffusion.model.families import family_named
 
         check_clip_family(clip, concept)
         device = comfy.model_management.text_encoder_device()

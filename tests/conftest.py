@@ -19,7 +19,7 @@ pytest_plugins = ["comfy_fixtures"]  # the ComfyUI host's fixtures and its CI ru
 
 from classdiffusion.config import ConceptSpec, TrainConfig  # noqa: E402
 from classdiffusion.hosts.diffusers_host import load_host  # noqa: E402
-from classdiffusion.tiny import build_tiny_base  # noqa: E402
+from classdiffusion.model.tiny import build_tiny_base  # noqa: E402
 
 torch.set_num_threads(2)
 

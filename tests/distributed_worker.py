@@ -15,12 +15,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from classdiffusion.config import ConceptSpec, TrainConfig  # noqa: E402
-from classdiffusion.distributed import RankFailedError, finish, from_environment  # noqa: E402
+from classdiffusion.run.distributed import RankFailedError, finish, from_environment  # noqa: E402
 from classdiffusion.errors import InvalidInputError, TrainingCancelled  # noqa: E402
 from classdiffusion.hosts.diffusers_host import load_host  # noqa: E402
 from classdiffusion.toyworld.base import base_path  # noqa: E402
 from classdiffusion.toyworld.evaluate import instance_pictures  # noqa: E402
-from classdiffusion.train import TrainCallbacks, train  # noqa: E402
+from classdiffusion.run.train import TrainCallbacks, train  # noqa: E402
 
 
 class Misbehave(TrainCallbacks):

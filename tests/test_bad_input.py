@@ -36,7 +36,7 @@ from classdiffusion.concept import (STALE_TEMP_SECONDS, Concept, atomic_save_fil
                                     read_metadata)
 from classdiffusion.errors import ConceptFileError
 from classdiffusion.hosts.diffusers_host import cross_attention_weights, load_components
-from classdiffusion.train import checkpoint_path, train
+from classdiffusion.run.train import checkpoint_path, train
 
 from conftest import REPO, dog, make_images, small_config
 

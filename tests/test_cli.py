@@ -47,7 +47,7 @@ def test_sdxl_demo_inspect_train_and_generate(tmp_path, capsys):
     concept = load_concept(out)
     assert concept.family == "sdxl" and concept.meta.config["resolution"] == 64
     from classdiffusion.config import TrainConfig
-    from classdiffusion.families import SDXL
+    from classdiffusion.model.families import SDXL
 
     assert TrainConfig().with_family_defaults(SDXL).resolution == 1024
     assert TrainConfig().with_family_defaults(SDXL, explicit={"resolution": 64}).resolution == 512

@@ -6,15 +6,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from classdiffusion.apply import apply_concept
+from classdiffusion.concept.apply import apply_concept
 from classdiffusion.cli import main
 from classdiffusion.concept import Concept, compress_concept, load_concept
 from classdiffusion.errors import ConceptFileError, InvalidInputError
 from classdiffusion.hosts.diffusers_host import cross_attention_weights, load_components
-from classdiffusion.interop import (
+from classdiffusion.concept.interop import (
     WEIGHTS_BIN, WEIGHTS_SAFE, canonical_name, exact_delta, export_custom_diffusion, import_custom_diffusion,
 )
-from classdiffusion.kv import base_fingerprint, low_rank_factors
+from classdiffusion.model.kv import base_fingerprint, low_rank_factors
 
 
 def test_low_rank_factors_rank_and_energy():

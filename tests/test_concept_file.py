@@ -9,10 +9,10 @@ import torch
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from classdiffusion.apply import apply_concept
+from classdiffusion.concept.apply import apply_concept
 from classdiffusion.concept import Concept, load_concept, read_metadata
 from classdiffusion.errors import BaseMismatchError, ConceptFileError
-from classdiffusion.train import train
+from classdiffusion.run.train import train
 
 from conftest import dog, make_images, small_config
 
@@ -151,7 +151,7 @@ def test_save_is_atomic_and_keeps_the_old_file_on_failure(trained, tmp_path, mon
     path = tmp_path / "keep.safetensors"
     result.concept.save(path)
     before = path.read_bytes()
-    import classdiffusion.concept as concept_module
+    import classdiffusion.concept.storage as concept_module
 
     def failing_save(tensors, filename, metadata=None):
         with open(filename, "wb") as handle:
@@ -174,7 +174,7 @@ def test_optimizer_state_round_trips(host, tmp_path):
 
 
 def test_base_fingerprint_is_remembered_only_for_unchanged_tensors():
-    from classdiffusion.kv import base_fingerprint
+    from classdiffusion.model.kv import base_fingerprint
 
     weights = {"a.attn2.to_k.weight": torch.nn.Parameter(torch.randn(8, 4)),
                "a.attn2.to_v.weight": torch.nn.Parameter(torch.randn(8, 4))}
@@ -192,7 +192,7 @@ def test_base_fingerprint_is_remembered_only_for_unchanged_tensors():
 
 def test_base_fingerprint_of_inference_tensors():
     """ComfyUI's weights are inference tensors (no version counter): the value sample decides."""
-    from classdiffusion.kv import base_fingerprint
+    from classdiffusion.model.kv import base_fingerprint
 
     with torch.inference_mode():
         weights = {"a.attn2.to_k.weight": torch.randn(8, 4), "a.attn2.to_v.weight": torch.randn(8, 4)}

@@ -6,9 +6,9 @@ import torch
 from PIL import ImageOps
 
 from classdiffusion.config import TrainConfig
-from classdiffusion.data import LatentBank, draw_placement, scale_bins, to_pixels
-from classdiffusion.losses import masked_mse
-from classdiffusion.train import train
+from classdiffusion.run.data import LatentBank, draw_placement, scale_bins, to_pixels
+from classdiffusion.model.losses import masked_mse
+from classdiffusion.run.train import train
 
 from conftest import dog, make_images, small_config
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from classdiffusion.concept import load_concept
-from classdiffusion.distributed import Ranks
+from classdiffusion.run.distributed import Ranks
 from classdiffusion.toyworld.base import base_path
 from classdiffusion.toyworld.evaluate import instance_pictures
 

@@ -12,10 +12,10 @@ from classdiffusion.cli import main
 from classdiffusion.concept import load_concept
 from classdiffusion.evaluation.drift import DriftProbe
 from classdiffusion.hosts.diffusers_host import load_host
-from classdiffusion.plot import plot_history
-from classdiffusion.summary import drift_line, summary_line
-from classdiffusion.tiny import build_tiny_clip, build_tiny_dino
-from classdiffusion.train import train
+from classdiffusion.run.plot import plot_history
+from classdiffusion.run.summary import drift_line, summary_line
+from classdiffusion.model.tiny import build_tiny_clip, build_tiny_dino
+from classdiffusion.run.train import train
 from conftest import dog, small_config
 
 

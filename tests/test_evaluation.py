@@ -18,8 +18,8 @@ from classdiffusion.evaluation.image_metrics import (
 from classdiffusion.evaluation.overfitting import (
     ddim_timesteps, fisher_divergence, latent_fisher_divergence, wasserstein2_gaussian, wasserstein_metric,
 )
-from classdiffusion.plot import plot_drift_map
-from classdiffusion.tiny import build_tiny_clip, build_tiny_dino
+from classdiffusion.run.plot import plot_drift_map
+from classdiffusion.model.tiny import build_tiny_clip, build_tiny_dino
 
 
 def test_paper_adjectives():

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from classdiffusion.hosts.diffusers_host import load_host
-from classdiffusion.kv import attach_fused_deltas, delta_linear
-from classdiffusion.train import TrainingRun
+from classdiffusion.model.kv import attach_fused_deltas, delta_linear
+from classdiffusion.run.train import TrainingRun
 
 from conftest import dog, make_images, small_config
 
@@ -172,7 +172,7 @@ def test_the_compile_option_compiles_the_unet_whole_with_a_persistent_cache(tiny
     """``config.compile`` as the trainer runs it (Inductor swapped for AOTAutograd's eager backend,
     which traces the same graphs in seconds): fullgraph=True, the mode passed through, the kernel
     cache in the user's cache folder, and the same losses as without compile."""
-    from classdiffusion.train import train
+    from classdiffusion.run.train import train
 
     real_compile, calls = torch.compile, []
 

@@ -11,16 +11,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from classdiffusion.apply import apply_concept
+from classdiffusion.concept.apply import apply_concept
 from classdiffusion.cli import main
 from classdiffusion.concept import load_concept
 from classdiffusion.config import ConceptSpec, TrainConfig
 from classdiffusion.errors import InvalidInputError
 from classdiffusion.hosts.diffusers_host import load_host
-from classdiffusion.losses import infusion_mse
-from classdiffusion.methods.infusion import INFUSION_TEMPLATES
-from classdiffusion.residual import ConditionRegistry, ResidualPositions, residual_modules, word_positions
-from classdiffusion.train import TrainingRun, checkpoint_path, train
+from classdiffusion.model.losses import infusion_mse
+from classdiffusion.methods.infusion.method import INFUSION_TEMPLATES
+from classdiffusion.methods.infusion.residual import ConditionRegistry, ResidualPositions, residual_modules, word_positions
+from classdiffusion.run.train import TrainingRun, checkpoint_path, train
 from conftest import make_images
 
 
@@ -127,7 +127,7 @@ def test_infusion_checkpoint_cannot_resume_a_classdiffusion_run(tiny_base, tmp_p
 
 
 def _pipeline(tiny_base):
-    from classdiffusion.generate import build_pipeline
+    from classdiffusion.concept.generate import build_pipeline
 
     return build_pipeline(tiny_base, device="cpu")
 
@@ -309,7 +309,7 @@ def test_cli_generate_with_an_infusion_concept(tiny_base, tmp_path):
 
 def test_node_masks_and_alpha_channels_become_subject_masks():
     from classdiffusion.config import ConceptSpec
-    from classdiffusion.data import ConceptData
+    from classdiffusion.run.data import ConceptData
 
     spec = ConceptSpec(token="<unused>", class_word="dog")
     images = torch.rand(2, 40, 40, 3)

@@ -9,7 +9,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from classdiffusion.errors import InvalidInputError
-from classdiffusion.text import TransformersTextEncoder
+from classdiffusion.model.text import TransformersTextEncoder
 
 REAL_VOCABULARY = Path(__file__).resolve().parents[2] / "shared" / "comfyui" / "ComfyUI" / "comfy" / "sd1_tokenizer"
 

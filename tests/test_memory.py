@@ -14,9 +14,9 @@ import pytest
 from classdiffusion.config import TrainConfig
 from classdiffusion.errors import InvalidInputError
 from classdiffusion.hosts.diffusers_host import load_host
-from classdiffusion.memory import HEADROOM, MIB, estimate
+from classdiffusion.run.memory import HEADROOM, MIB, estimate
 from classdiffusion.methods import ClassDiffusionMethod, InfusionMethod
-from classdiffusion.train import TrainingRun, train
+from classdiffusion.run.train import TrainingRun, train
 from conftest import dog, make_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ sys.path[:0] = [sys.argv[1], sys.argv[1] + "/benchmarks"]
 import torch
 torch.manual_seed(0)
 from classdiffusion.config import ConceptSpec, TrainConfig
-from classdiffusion.train import TrainingRun
+from classdiffusion.run.train import TrainingRun
 model, resolution, base, method = sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 if model == "tiny":
     from classdiffusion.hosts.diffusers_host import load_host
@@ -38,7 +38,7 @@ else:
     from pathlib import Path
     from bench_train import build_models
     from classdiffusion.hosts.diffusers_host import DiffusersHost
-    from classdiffusion.tiny import build_tokenizer
+    from classdiffusion.model.tiny import build_tokenizer
     host = DiffusersHost(*build_models("sd15", build_tokenizer(Path(base) / "tok"), torch.float32), device="cpu")
 from PIL import Image
 import numpy as np
@@ -46,7 +46,7 @@ rng = np.random.default_rng(0)
 images = [Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)) for _ in range(3)]
 config = TrainConfig.for_method(method, steps=3, resolution=resolution, batch_size=2, gradient_accumulation=1)
 run = TrainingRun(host, [ConceptSpec(token="<sks>", class_word="dog")], config, images=[images])
-from classdiffusion.memory import LiveBytes
+from classdiffusion.run.memory import LiveBytes
 detach = run.method.attach()
 run.step(0)  # AdamW's state exists from the first step on: measure a steady step
 # What is resident: every storage of the models, the latent bank, the trained tensors and AdamW's state.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from classdiffusion.precision import precision_dtype
+from classdiffusion.model.precision import precision_dtype
 from nodes.glue import TOKEN_MARKER, diff_file_tensors, rewrite_prompt, sanitize_name, training_precision
 
 

@@ -15,11 +15,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from classdiffusion.concept import load_concept
-from classdiffusion.interop import (
+from classdiffusion.concept.interop import (
     WEIGHTS_BIN, WEIGHTS_SAFE, exact_delta, export_custom_diffusion, import_custom_diffusion, is_safetensors,
     processor_key,
 )
-from classdiffusion.kv import bake_deltas
+from classdiffusion.model.kv import bake_deltas
 
 
 def sd15_kv_shapes() -> dict[str, tuple[int, int]]:

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from classdiffusion.train import TrainingRun
+from classdiffusion.run.train import TrainingRun
 from conftest import dog, make_images, small_config
 
 RTOL = 1e-5

@@ -11,12 +11,12 @@ import torch
 
 from classdiffusion.concept import load_concept
 from classdiffusion.hosts.diffusers_host import load_host
-from classdiffusion.plot import plot_history
-from classdiffusion.resume import resume_settings
-from classdiffusion.summary import loss_terms, summary_line
+from classdiffusion.run.plot import plot_history
+from classdiffusion.run.resume import resume_settings
+from classdiffusion.run.summary import loss_terms, summary_line
 from classdiffusion.toyworld.base import base_path
 from classdiffusion.toyworld.evaluate import instance_pictures
-from classdiffusion.train import train
+from classdiffusion.run.train import train
 
 OLD = Path(__file__).resolve().parent / "fixtures" / "old_concepts"
 
@@ -40,9 +40,9 @@ def test_old_files_load_with_their_history():
 def test_old_classdiffusion_concept_is_refused_by_the_new_toy_base_and_applies_on_request():
     import pytest
 
-    from classdiffusion.apply import apply_concept
+    from classdiffusion.concept.apply import apply_concept
     from classdiffusion.errors import BaseMismatchError
-    from classdiffusion.generate import build_pipeline
+    from classdiffusion.concept.generate import build_pipeline
 
     concept = load_concept(OLD / "classdiffusion.safetensors")
     pipe = build_pipeline(base_path(), device="cpu")

@@ -80,7 +80,7 @@ def test_no_import_cycle_inside_the_trainer():
     for name in graph:
         if name not in state:
             visit(name, [name])
-    assert "classdiffusion.train" in graph and graph["classdiffusion.train"]
+    assert "classdiffusion.run.train" in graph and graph["classdiffusion.run.train"]
 
 
 def test_methods_never_read_the_run_and_the_shared_code_names_no_method():
@@ -90,12 +90,12 @@ def test_methods_never_read_the_run_and_the_shared_code_names_no_method():
 
     import classdiffusion.methods as methods
 
-    for path in Path(methods.__file__).parent.glob("*.py"):
+    for path in Path(methods.__file__).parent.rglob("*.py"):
         found = re.findall(r"run\._|run\.scaler|\.run\b", path.read_text())
         assert not found, (path.name, found)
     names = [cls.name for cls in methods.METHOD_CLASSES.values()] + ["<unused>"]
-    for relative in ("classdiffusion/progress.py", "classdiffusion/train.py", "classdiffusion/cli.py",
-                     "classdiffusion/config.py", "classdiffusion/meta.py", "nodes/nodes.py", "nodes/comfy_glue.py"):
+    for relative in ("classdiffusion/run/progress.py", "classdiffusion/run/train.py", *(f"classdiffusion/cli/{m}.py" for m in ("__init__", "common", "training", "concepts", "evaluate", "demo")),
+                     "classdiffusion/config.py", "classdiffusion/concept/meta.py", "nodes/nodes.py", "nodes/comfy_glue.py"):
         text = re.sub(r'getLogger\("classdiffusion"\)|prog="classdiffusion"|CONCEPT_FOLDER = "classdiffusion"', "",
                       (REPO / relative).read_text())  # the package's own name, not the method's
         quoted = [name for name in names if f'"{name}"' in text or f"'{name}'" in text]

@@ -18,8 +18,8 @@ from classdiffusion.errors import InvalidInputError
 from classdiffusion.evaluation.picker import (StepScore, context_agreement, default_prompts, mask_middle, pick,
                                               score_steps)
 from classdiffusion.hosts.diffusers_host import load_host
-from classdiffusion.tiny import build_tiny_clip, build_tiny_dino
-from classdiffusion.train import train
+from classdiffusion.model.tiny import build_tiny_clip, build_tiny_dino
+from classdiffusion.run.train import train
 from conftest import dog, make_images, small_config
 
 
@@ -182,7 +182,7 @@ def test_pick_cli_says_what_is_missing(run_with_steps, tiny_base, tmp_path, caps
 
 def test_pick_on_the_toy_base_uses_the_toy_clip_and_the_world_prompts(tmp_path, capsys):
     from classdiffusion.config import ConceptSpec, TrainConfig
-    from classdiffusion.demo import TOY_RECIPE
+    from classdiffusion.toyworld.demo import TOY_RECIPE
     from classdiffusion.toyworld.base import base_path
     from classdiffusion.toyworld.evaluate import instance_pictures
 

@@ -14,10 +14,10 @@ from classdiffusion.concept import load_concept, run_files
 from classdiffusion.config import ConceptSpec, TrainConfig
 from classdiffusion.errors import InvalidInputError, TrainingCancelled
 from classdiffusion.hosts.diffusers_host import load_host
-from classdiffusion.jobs import load_jobs
+from classdiffusion.run.jobs import load_jobs
 from classdiffusion.toyworld.base import base_path
 from classdiffusion.toyworld.evaluate import instance_pictures
-from classdiffusion.train import TrainCallbacks, train
+from classdiffusion.run.train import TrainCallbacks, train
 
 REPO = Path(__file__).resolve().parents[1]
 STAR = {"steps": 6, "resolution": 64, "augment": False, "batch_size": 1}

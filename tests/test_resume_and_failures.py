@@ -16,7 +16,7 @@ from classdiffusion.errors import (
     TrainingDivergedError,
 )
 from classdiffusion.hosts.diffusers_host import DiffusersHost, load_host
-from classdiffusion.train import TrainCallbacks, TrainingRun, train
+from classdiffusion.run.train import TrainCallbacks, TrainingRun, train
 
 from conftest import dog, make_images, small_config
 
@@ -161,7 +161,7 @@ def test_bad_settings(field, value, match):
 def test_base_that_is_not_sd15_shaped(tiny_base):
     from diffusers import UNet2DConditionModel
 
-    from classdiffusion.tiny import tiny_components
+    from classdiffusion.model.tiny import tiny_components
 
     tokenizer, text_encoder, _, vae, scheduler = tiny_components(tiny_base / "tokenizer")
     sd2_like = UNet2DConditionModel(

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from classdiffusion.errors import BaseMismatchError, BaseModelError
 from classdiffusion.hosts.diffusers_host import load_host
-from classdiffusion.tiny import build_tiny_sdxl_base
-from classdiffusion.train import TrainingRun
+from classdiffusion.model.tiny import build_tiny_sdxl_base
+from classdiffusion.run.train import TrainingRun
 from conftest import dog, make_images, small_config
 from test_official_parity import _close, processor_kv_weights
 
@@ -233,10 +233,10 @@ def test_sdxl_pooled_embedding_follows_the_token_at_the_first_eos(sdxl_host):
 
 
 def test_sdxl_concept_file_embedding_and_family_checks(sdxl_host, sdxl_base, host, tmp_path):
-    from classdiffusion.apply import apply_concept
+    from classdiffusion.concept.apply import apply_concept
     from classdiffusion.concept import embedding_tensors, load_concept, save_embeddings
-    from classdiffusion.generate import build_pipeline
-    from classdiffusion.train import train
+    from classdiffusion.concept.generate import build_pipeline
+    from classdiffusion.run.train import train
 
     result = train(sdxl_host, [dog(images=[])], small_config(steps=2), images=[make_images()],
                    out=tmp_path / "c.safetensors")
@@ -277,7 +277,7 @@ def test_sdxl_memory_estimate_matches_a_real_step(sdxl_host):
     """The planner's estimate of a whole SDXL run (two text encoders with gradient, added
     conditioning, the 2048-wide K/V) against what a real steady step holds on the CPU: every
     resident storage plus the live-tensor peak of the step, as tests/test_memory.py does for SD1.5."""
-    from classdiffusion.memory import LiveBytes
+    from classdiffusion.run.memory import LiveBytes
 
     run = TrainingRun(sdxl_host, [dog()], small_config(batch_size=2, gradient_accumulation=1, memory="check"),
                       [make_images(3, size=(96, 96))], None)
@@ -325,7 +325,7 @@ def test_other_families_are_refused_by_name(sdxl_base, tmp_path):
 @pytest.fixture
 def sdxl_concept(sdxl_host, tmp_path):
     from classdiffusion.concept import load_concept
-    from classdiffusion.train import train
+    from classdiffusion.run.train import train
 
     result = train(sdxl_host, [dog()], small_config(steps=2, learning_rate=1e-3), images=[make_images()],
                    out=tmp_path / "sdxl.safetensors")
@@ -339,9 +339,9 @@ def test_sdxl_export_import_round_trip_and_diffusers_loads_it(sdxl_base, sdxl_co
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
-    from classdiffusion.apply import apply_concept_to_pipeline
-    from classdiffusion.interop import WEIGHTS_BIN, export_custom_diffusion, import_custom_diffusion
-    from classdiffusion.kv import cross_attention_weights
+    from classdiffusion.concept.apply import apply_concept_to_pipeline
+    from classdiffusion.concept.interop import WEIGHTS_BIN, export_custom_diffusion, import_custom_diffusion
+    from classdiffusion.model.kv import cross_attention_weights
 
     theirs_pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl_base))
     base = cross_attention_weights(theirs_pipe.unet, "kv")
@@ -382,9 +382,9 @@ def test_adobe_sdxl_delta_bin_imports_exactly(sdxl_host, sdxl_base, tmp_path):
     applying the imported concept reproduces its trained K/V bit for bit and its two token rows."""
     from diffusers import UNet2DConditionModel
 
-    from classdiffusion.apply import apply_concept
-    from classdiffusion.interop import import_custom_diffusion
-    from classdiffusion.kv import cross_attention_weights
+    from classdiffusion.concept.apply import apply_concept
+    from classdiffusion.concept.interop import import_custom_diffusion
+    from classdiffusion.model.kv import cross_attention_weights
 
     unet = UNet2DConditionModel.from_pretrained(str(sdxl_base / "unet"))
     gen = torch.Generator().manual_seed(5)
@@ -407,7 +407,7 @@ def test_sdxl_checkpoints_resume_and_previews(sdxl_base, tmp_path):
     """Step checkpoints on SDXL resume to the uninterrupted result; validation previews sample
     through SDXL's added conditioning."""
     from classdiffusion.concept import load_concept, run_files
-    from classdiffusion.train import train
+    from classdiffusion.run.train import train
 
     config = small_config(steps=4, save_every=2, validation_every=4, validation_steps=2, learning_rate=1e-3)
     straight = train(load_host(sdxl_base, device="cpu"), [dog()], config, images=[make_images()],
@@ -426,7 +426,7 @@ def test_other_methods_train_on_sdxl(sdxl_host, method, tmp_path):
     """Infusion: a value residual on every attn2 of the SDXL UNet; Textual Inversion: one [768 | 1280] token."""
     from classdiffusion.config import TrainConfig
     from classdiffusion.methods import method_class
-    from classdiffusion.train import train
+    from classdiffusion.run.train import train
 
     token = method_class(method).concept_token("<sks>")
     config = TrainConfig.for_method(method, steps=2, resolution=64, batch_size=1)
@@ -479,10 +479,10 @@ def test_infusion_concept_applies_to_an_sdxl_pipeline_only_at_its_word(sdxl_host
     of SDXL's 2048-wide context)."""
     from diffusers import StableDiffusionXLPipeline
 
-    from classdiffusion.apply import apply_concept_to_pipeline
+    from classdiffusion.concept.apply import apply_concept_to_pipeline
     from classdiffusion.config import TrainConfig
     from classdiffusion.methods import method_class
-    from classdiffusion.train import train
+    from classdiffusion.run.train import train
 
     config = TrainConfig.for_method("infusion", steps=2, resolution=64, batch_size=1, validation_every=2,
                                     validation_steps=2)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from classdiffusion.losses import semantic_preservation_loss
+from classdiffusion.model.losses import semantic_preservation_loss
 
 
 def _independent_eos(base, prompt: str, token: str, vector: torch.Tensor) -> torch.Tensor:

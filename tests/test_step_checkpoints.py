@@ -7,8 +7,8 @@ import json
 from classdiffusion.cli import main
 from classdiffusion.concept import checkpoint_table, load_concept, run_files
 from classdiffusion.hosts.diffusers_host import load_host
-from classdiffusion.plot import plot_history
-from classdiffusion.train import train
+from classdiffusion.run.plot import plot_history
+from classdiffusion.run.train import train
 from conftest import dog, make_images, small_config
 
 

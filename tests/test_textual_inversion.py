@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from classdiffusion.apply import apply_concept
+from classdiffusion.concept.apply import apply_concept
 from classdiffusion.cli import main
 from classdiffusion.concept import load_concept
 from classdiffusion.config import ConceptSpec, TrainConfig
 from classdiffusion.errors import InvalidInputError
 from classdiffusion.hosts.diffusers_host import load_host
 from classdiffusion.methods import TextualInversionMethod
-from classdiffusion.methods.textual_inversion import TEMPLATES
-from classdiffusion.train import TrainingRun, checkpoint_path, train
+from classdiffusion.methods.textual_inversion.method import TEMPLATES
+from classdiffusion.run.train import TrainingRun, checkpoint_path, train
 from conftest import dog, make_images
 
-METHOD_FILE = Path(__file__).resolve().parents[1] / "classdiffusion" / "methods" / "textual_inversion.py"
+METHOD_FILE = Path(__file__).resolve().parents[1] / "classdiffusion" / "methods" / "textual_inversion" / "method.py"
 
 
 def ti_config(**overrides) -> TrainConfig:
@@ -84,7 +84,7 @@ def test_refuses_class_images(tiny_base):
 
 
 def test_applied_token_changes_only_prompts_with_it(tiny_base, tmp_path):
-    from classdiffusion.generate import build_pipeline
+    from classdiffusion.concept.generate import build_pipeline
 
     out = tmp_path / "ti.safetensors"
     train(load_host(tiny_base, device="cpu"), [dog()], ti_config(steps=2), images=[make_images(2)], out=out)

@@ -28,7 +28,7 @@ def checker():
 
 @pytest.fixture(scope="module")
 def pipe():
-    from classdiffusion.generate import build_pipeline
+    from classdiffusion.concept.generate import build_pipeline
 
     return build_pipeline(base_path(), device="cpu")
 
@@ -104,9 +104,9 @@ def test_demo_learns_the_instance(tmp_path):
 def test_previews_step_files_and_drift_report_on_the_toy_base(tmp_path, checker, pipe):
     """The run's validation previews, the step files that Compare Concept Steps samples, and the
     drift report, on the toy base: the instance score rises from step 0 to the last step."""
-    from classdiffusion.apply import apply_concept
+    from classdiffusion.concept.apply import apply_concept
     from classdiffusion.concept import load_concept, run_files
-    from classdiffusion.demo import TOY_RECIPE
+    from classdiffusion.toyworld.demo import TOY_RECIPE
 
     instance = INSTANCES[1]  # yellow_purple_ball (the red/blue star barely learns on the v2 base: docs/toyworld.md)
     images = tmp_path / "images"

@@ -66,8 +66,8 @@ def test_every_method_prompt_is_made_of_whole_world_words(tmp_path):
     pieces in the world tokenizer; the committed base's tokenizer is this one."""
     from transformers import CLIPTokenizer
 
-    from classdiffusion.methods.infusion import INFUSION_TEMPLATES
-    from classdiffusion.methods.textual_inversion import TEMPLATES
+    from classdiffusion.methods.infusion.method import INFUSION_TEMPLATES
+    from classdiffusion.methods.textual_inversion.method import TEMPLATES
     from classdiffusion.toyworld.base import build_world_tokenizer, world_words
 
     tokenizer = CLIPTokenizer.from_pretrained(str(build_world_tokenizer(tmp_path)))

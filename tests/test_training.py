@@ -10,8 +10,8 @@ import torch
 
 from classdiffusion.config import ConceptSpec
 from classdiffusion.hosts.diffusers_host import load_host
-from classdiffusion.losses import semantic_preservation_loss
-from classdiffusion.train import TrainingRun, train
+from classdiffusion.model.losses import semantic_preservation_loss
+from classdiffusion.run.train import TrainingRun, train
 
 from conftest import dog, make_images, small_config
 

@@ -8,8 +8,8 @@ from PIL import Image
 from classdiffusion.cli import main
 from classdiffusion.errors import TrainingCancelled
 from classdiffusion.hosts.diffusers_host import load_host
-from classdiffusion.train import TrainCallbacks, train
-from classdiffusion.validation import COMPOSITION_SUFFIX, default_prompts
+from classdiffusion.run.train import TrainCallbacks, train
+from classdiffusion.run.validation import COMPOSITION_SUFFIX, default_prompts
 from conftest import dog, make_images, small_config
 
 

@@ -27,7 +27,7 @@ def _toy_concept_images(input_dir: Path) -> None:
     """The demo's toy-world pictures in place of the test host's random-pixel concept images."""
     from PIL import Image
 
-    from classdiffusion.demo import DEMO_INSTANCE
+    from classdiffusion.toyworld.demo import DEMO_INSTANCE
     from classdiffusion.toyworld.evaluate import instance_pictures
 
     names = ["concept_01", "concept_02", "concept_03", "dog_01", "dog_02", "cat_01", "cat_02"]

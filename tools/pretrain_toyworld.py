@@ -335,7 +335,7 @@ def assemble(unet, text_encoder, vae, scheduler, tokenizer, out: Path) -> None:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from classdiffusion.tiny import portable_text_encoder_keys
+    from classdiffusion.model.tiny import portable_text_encoder_keys
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,

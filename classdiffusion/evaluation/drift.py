@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidInputError
-from ..text import TextFeatures
+from ..model.text import TextFeatures
 
 #: ClassDiffusion appendix D: the adjectives of the text-space visualisation, in the paper's order.
 ADJECTIVES: tuple[str, ...] = (

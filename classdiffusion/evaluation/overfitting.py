@@ -38,7 +38,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from ..sampling import ddim_timesteps  # noqa: F401  (used here and re-exported)
+from ..model.sampling import ddim_timesteps  # noqa: F401  (used here and re-exported)
 from ..errors import InvalidInputError
 from ..hosts.base import TrainingHost
 
@@ -68,7 +68,7 @@ class FisherReport:
 
 @torch.no_grad()
 def _attach_residuals(host, concepts, prompt: str) -> list:
-    from ..residual import ResidualPositions, word_positions
+    from ..methods.infusion.residual import ResidualPositions, word_positions
 
     detachers = []
     ids = host.token_ids([prompt]) if concepts else None

@@ -248,8 +248,8 @@ def pick_on_base(
     toy CLIP and the world's composition prompts are the defaults (``clip="toy"`` asks for it
     anywhere). With ``out``: ``pick.json``, ``plot.png`` and ``grid.png`` (the chosen step's pictures
     above the last step's)."""
-    from ..data import load_images
-    from ..generate import build_pipeline, concept_sampler
+    from ..run.data import load_images
+    from ..concept.generate import build_pipeline, concept_sampler
     from ..hosts.diffusers_host import default_device
     from .report import _references, default_sampling_steps
 

@@ -19,12 +19,12 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..apply import apply_concept
+from ..concept.apply import apply_concept
 from ..concept import Concept, load_concept
-from ..data import load_images
+from ..run.data import load_images
 from ..errors import InvalidInputError
 from ..hosts.diffusers_host import DiffusersHost, default_device, load_components
-from ..plot import plot_drift_map
+from ..run.plot import plot_drift_map
 from .drift import concept_drifts, summary as drift_summary
 from .image_metrics import GENERIC_PROMPTS, ClipScorer, DinoScorer, clip_t, dreambooth_prompts, image_similarity, replace_token
 from .overfitting import latent_fisher_divergence, wasserstein_metric

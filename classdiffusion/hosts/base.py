@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence, runtime
 import torch
 from torch import nn
 
-from ..kv import WeightReader, attach_fused_deltas
-from ..residual import attach_residuals_with_hooks
-from ..families import SD15, Family
-from ..text import CombinedTextEncoder, TextFeatures, TransformersTextEncoder
+from ..model.kv import WeightReader, attach_fused_deltas
+from ..methods.infusion.residual import attach_residuals_with_hooks
+from ..model.families import SD15, Family
+from ..model.text import CombinedTextEncoder, TextFeatures, TransformersTextEncoder
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -72,21 +72,12 @@ def split_pooled(conditioning: torch.Tensor, pooled_width: int) -> tuple[torch.T
     return conditioning[:, :-1], conditioning[:, -1, :pooled_width]
 
 
-def sdxl_time_ids(latents: torch.Tensor) -> torch.Tensor:
-    """SDXL's size/crop conditioning for square training crops as SDXL training gives them (and
-    Adobe's SDXL Custom Diffusion script): original size = target size = the picture's, crop at
-    (0, 0). [B, 6] float32: (orig h, orig w, crop top, crop left, target h, target w)."""
-    height, width = latents.shape[-2] * 8, latents.shape[-1] * 8
-    row = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=latents.device)
-    return row.expand(latents.shape[0], 6)
-
-
 @runtime_checkable
 class TrainingHost(Protocol):
-    """What a base model must offer to be trained by :func:`classdiffusion.train.train`."""
+    """What a base model must offer to be trained by :func:`classdiffusion.run.train.train`."""
 
     device: torch.device
-    #: The model family (``classdiffusion.families``): SD1.x or SDXL.
+    #: The model family (``classdiffusion.model.families``): SD1.x or SDXL.
     family: Family
     #: Number of DDPM training timesteps (1000 for SD1.5).
     num_train_timesteps: int
@@ -246,14 +237,14 @@ class HostBase:
     # -- memory planning ------------------------------------------------------------------------
     def unet_config(self) -> dict:
         """The UNet's configuration in diffusers' terms (the memory planner rebuilds it on ``meta``)."""
-        from ..memory import SD15_UNET
+        from ..run.memory import SD15_UNET
 
         config = getattr(self._unet, "config", None)
         return dict(config) if config is not None and "block_out_channels" in config else dict(SD15_UNET)
 
     def resident_bytes(self) -> int:
         """Bytes of the frozen models on the training device."""
-        from ..memory import tensor_bytes
+        from ..run.memory import tensor_bytes
 
         return tensor_bytes(self._unet, *self.text.models, self._vae_module(), device=self.device)
 
@@ -267,8 +258,8 @@ class HostBase:
         """DDIM (η = 0, SD1.5's "leading" spacing) with classifier-free guidance, through
         ``predict_noise``; the host decodes (``decode_latents``)."""
         from ..errors import TrainingCancelled
-        from ..sampling import ddim_timesteps
-        from ..precision import autocast
+        from ..model.sampling import ddim_timesteps
+        from ..model.precision import autocast
 
         alphas = self._alphas_cumprod.double()
         latents = torch.stack([torch.randn(4, size // 8, size // 8, generator=torch.Generator().manual_seed(int(s)))

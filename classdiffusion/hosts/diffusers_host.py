@@ -10,10 +10,9 @@ import torch
 from torch import nn
 
 from ..errors import BaseModelError, InvalidInputError
-from ..families import SDXL, Family, detect_family
-from ..kv import cross_attention_weights
-from ..text import CombinedTextEncoder, TransformersTextEncoder
-from .base import HostBase, sdxl_time_ids, split_pooled
+from ..model.families import Family, detect_family
+from ..model.kv import cross_attention_weights
+from .base import HostBase
 
 logger = logging.getLogger("classdiffusion")
 
@@ -34,22 +33,15 @@ class DiffusersHost(HostBase):
         self.vae = vae
         self.scheduler = scheduler
         family = diffusers_family(unet, [text_encoder, text_encoder_2], scheduler)
-        if family is SDXL and (tokenizer_2 is None or getattr(text_encoder_2, "text_projection", None) is None):
-            raise BaseModelError("This SDXL base lacks its second tokenizer or its bigG text encoder with projection "
-                                 "(tokenizer_2, text_encoder_2); give the whole SDXL folder.")
+        tokenizers, encoders = [tokenizer, tokenizer_2][:len(family.text_folders)], \
+            [text_encoder, text_encoder_2][:len(family.text_folders)]
+        text = family.text_encoder(tokenizers, encoders, device)
         for model in (text_encoder, text_encoder_2, unet, vae):
             if model is not None:
                 model.requires_grad_(False)
                 model.eval()
                 model.to(device)
-        if family is SDXL:  # both from the penultimate layer, as it is, as SDXL was trained
-            text = CombinedTextEncoder([
-                TransformersTextEncoder(tokenizer, text_encoder, device, context_layer=-2, context_final_norm=False),
-                TransformersTextEncoder(tokenizer_2, text_encoder_2, device, context_layer=-2, context_final_norm=False),
-            ])
-            self._pooled_width = int(text_encoder_2.config.projection_dim)
-        else:
-            text = TransformersTextEncoder(tokenizer, text_encoder, device)
+        self._pooled_width = int(encoders[-1].config.projection_dim) if family.pooled else None
         super().__init__(device, text, scheduler.alphas_cumprod, unet, family)
         self._scaling_factor = float(getattr(vae.config, "scaling_factor", 0.18215))
 
@@ -70,12 +62,11 @@ class DiffusersHost(HostBase):
         return ((pixels.float() + 1) / 2).clamp(0, 1)
 
     def predict_noise(self, noisy_latents, timesteps, context) -> torch.Tensor:
-        if self.family is SDXL:
-            context, pooled = split_pooled(context, self._pooled_width)
-            added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(noisy_latents).to(pooled.dtype)}
-            return self._forward(noisy_latents, timesteps, encoder_hidden_states=context,
-                                 added_cond_kwargs=added).sample
-        return self._forward(noisy_latents, timesteps, encoder_hidden_states=context).sample
+        context, pooled = self.family.unet_inputs(context, self._pooled_width)
+        if pooled is None:
+            return self._forward(noisy_latents, timesteps, encoder_hidden_states=context).sample
+        added = {"text_embeds": pooled, "time_ids": self.family.time_ids(noisy_latents).to(pooled.dtype)}
+        return self._forward(noisy_latents, timesteps, encoder_hidden_states=context, added_cond_kwargs=added).sample
 
     def cross_attention_weights(self, train_mode: str) -> dict[str, torch.Tensor]:
         return cross_attention_weights(self.unet, train_mode)
@@ -154,9 +145,8 @@ def _load_checked(model_class, folder: Path, dtype: torch.dtype):
     return model
 
 
-#: The diffusers folders of a base, per family (SDXL adds the bigG tokenizer and text encoder).
+#: The diffusers folders every base has; a family adds its further encoders' (``Family.extra_folders``).
 SD_FOLDERS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
-SDXL_FOLDERS = ("tokenizer_2", "text_encoder_2")
 
 
 def load_base_components(
@@ -166,40 +156,16 @@ def load_base_components(
     dtype: torch.dtype = torch.float32,
 ) -> dict:
     """The components of a local SD1.x or SDXL base by name (``tokenizer``, ``text_encoder``,
-    ``unet``, ``vae``, ``scheduler``, and for SDXL ``tokenizer_2``, ``text_encoder_2``), from a
-    diffusers folder or a single-file checkpoint (``.safetensors``; needs ``base_config``, a local
-    diffusers folder of the same family holding the configs, since nothing is fetched from a hub).
-    Whether it is SDXL is read from what the folder or file holds, not from its name."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
+    ``unet``, ``vae``, ``scheduler``, and the family's further encoders, e.g. SDXL's
+    ``tokenizer_2``, ``text_encoder_2``), from a diffusers folder or a single-file checkpoint
+    (``.safetensors``; needs ``base_config``, a local diffusers folder of the same family holding the
+    configs, since nothing is fetched from a hub). The family is read from what the folder or file
+    holds, not from its name."""
     base = Path(base)
     if not base.exists():
         raise InvalidInputError(f"The base model {base} does not exist.")
     if base.is_dir():
-        missing = [s for s in SD_FOLDERS if not (base / s).is_dir()]
-        if missing:
-            raise BaseModelError(
-                f"{base} is not a diffusers Stable Diffusion folder: it lacks {missing}. Give a folder "
-                "saved by StableDiffusionPipeline/StableDiffusionXLPipeline.save_pretrained or a .safetensors file."
-            )
-        second = [s for s in SDXL_FOLDERS if (base / s).is_dir()]
-        if second and len(second) != len(SDXL_FOLDERS):
-            raise BaseModelError(f"{base} has {second[0]} but not {set(SDXL_FOLDERS) - set(second)}: an SDXL "
-                                 "folder needs both; copy the whole folder.")
-        try:
-            parts = {"tokenizer": CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True),
-                     "scheduler": DDPMScheduler.from_pretrained(base / "scheduler", local_files_only=True)}
-            if second:
-                parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(base / "tokenizer_2", local_files_only=True)
-        except (OSError, ValueError, TypeError) as exc:
-            raise BaseModelError(f"{base}: its tokenizers or scheduler folder cannot be read ({_first_line(exc)}).") from None
-        parts["text_encoder"] = _load_checked(CLIPTextModel, base / "text_encoder", dtype)
-        if second:
-            parts["text_encoder_2"] = _load_checked(CLIPTextModelWithProjection, base / "text_encoder_2", dtype)
-        parts["unet"] = _load_checked(UNet2DConditionModel, base / "unet", dtype)
-        parts["vae"] = _load_checked(AutoencoderKL, base / "vae", dtype)
-        return parts
+        return _load_folder(base, dtype)
     if not base.is_file():
         raise InvalidInputError(f"The base model {base} is neither a folder nor a regular file.")
     if base.suffix.lower() not in (".safetensors", ".sft"):
@@ -213,25 +179,70 @@ def load_base_components(
             "(SD1.5 or SDXL: model_index.json and the component configs/tokenizers; weights not needed), "
             "since no configuration is downloaded."
         )
-    sdxl = _single_file_is_sdxl(base)
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    return _load_single_file(base, Path(base_config), dtype)
 
-    pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    extra = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
+
+def _folder_extras(base: Path) -> tuple[str, ...]:
+    """The further encoder folders ``base`` holds (those of the family with the most that it has)."""
+    from ..model.families import FAMILIES
+
+    for family in sorted(FAMILIES.values(), key=lambda f: -len(f.extra_folders)):
+        present = [s for s in family.extra_folders if (base / s).is_dir()]
+        if present and len(present) != len(family.extra_folders):
+            raise BaseModelError(f"{base} has {present[0]} but not {set(family.extra_folders) - set(present)}: a "
+                                 f"{family.label} folder needs both; copy the whole folder.")
+        if present:
+            return family.extra_folders
+    return ()
+
+
+def _load_folder(base: Path, dtype: torch.dtype) -> dict:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    missing = [s for s in SD_FOLDERS if not (base / s).is_dir()]
+    if missing:
+        raise BaseModelError(
+            f"{base} is not a diffusers Stable Diffusion folder: it lacks {missing}. Give a folder "
+            "saved by StableDiffusionPipeline/StableDiffusionXLPipeline.save_pretrained or a .safetensors file."
+        )
+    extras = _folder_extras(base)
+    tokenizers = ("tokenizer", *extras[0::2])
+    try:
+        parts = {name: CLIPTokenizer.from_pretrained(base / name, local_files_only=True) for name in tokenizers}
+        parts["scheduler"] = DDPMScheduler.from_pretrained(base / "scheduler", local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise BaseModelError(f"{base}: its tokenizers or scheduler folder cannot be read ({_first_line(exc)}).") from None
+    parts["text_encoder"] = _load_checked(CLIPTextModel, base / "text_encoder", dtype)
+    for name in extras[1::2]:  # the further encoders carry the pooled projection (SDXL's bigG)
+        parts[name] = _load_checked(CLIPTextModelWithProjection, base / name, dtype)
+    parts["unet"] = _load_checked(UNet2DConditionModel, base / "unet", dtype)
+    parts["vae"] = _load_checked(AutoencoderKL, base / "vae", dtype)
+    return parts
+
+
+def _load_single_file(base: Path, base_config: Path, dtype: torch.dtype) -> dict:
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from ..model.families import SD15, SDXL
+
+    family = SDXL if _single_file_has_second_encoder(base) else SD15
+    pipeline = StableDiffusionXLPipeline if family.extra_folders else StableDiffusionPipeline
+    extra = {} if family.extra_folders else {"safety_checker": None, "requires_safety_checker": False}
     try:
         pipe = pipeline.from_single_file(str(base), config=str(base_config), local_files_only=True,
                                          torch_dtype=dtype, **extra)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise BaseModelError(
-            f"{base.name} cannot be loaded as an {'SDXL' if sdxl else 'SD1.5'} checkpoint with the configs in "
+            f"{base.name} cannot be loaded as a {family.label} checkpoint with the configs in "
             f"{base_config} ({_first_line(exc)})."
         ) from None
-    parts = {name: getattr(pipe, name) for name in SD_FOLDERS + (SDXL_FOLDERS if sdxl else ())}
+    parts = {name: getattr(pipe, name) for name in SD_FOLDERS + family.extra_folders}
     parts["scheduler"] = DDPMScheduler.from_config(pipe.scheduler.config)
     return parts
 
 
-def _single_file_is_sdxl(path: Path) -> bool:
+def _single_file_has_second_encoder(path: Path) -> bool:
     """An SDXL single file holds the second text encoder under ``conditioner.embedders.1``."""
     from safetensors import safe_open
 

@@ -10,9 +10,9 @@ the Train node and the concept-file reader all read it.
 from __future__ import annotations
 
 from .base import PLACEHOLDER_TOKEN, Losses, MethodContext, NewTokens, TrainingMethod
-from .classdiffusion import ClassDiffusionMethod
-from .infusion import InfusionMethod
-from .textual_inversion import TextualInversionMethod
+from .classdiffusion.method import ClassDiffusionMethod
+from .infusion.method import InfusionMethod
+from .textual_inversion.method import TextualInversionMethod
 
 #: name → method class; the first is the default.
 METHOD_CLASSES: dict[str, type[TrainingMethod]] = {

@@ -31,7 +31,7 @@ class MethodContext:
 
 @dataclass
 class MemoryNeeds:
-    """What the memory planner (``classdiffusion.memory``) dry-runs for a method: how many values
+    """What the memory planner (the run's ``memory`` module) dry-runs for a method: how many values
     are trained (AdamW keeps two moments of each) and what a step attaches and backpropagates."""
 
     trained_values: int
@@ -174,7 +174,7 @@ class TrainingMethod:
     def validation_contexts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(contexts [P, T, D] of the prompts with the trained text inputs, the empty prompt's [1, T, D]),
         and whatever the attached tensors need to act on them during sampling."""
-        from ..precision import autocast
+        from ..model.precision import autocast
 
         with torch.no_grad(), autocast(self.device, self.config.mixed_precision):
             return (self.host.encode_text(prompts, self.text_vectors()).context,
@@ -241,7 +241,7 @@ class NewTokens:
         """Each token's semantic drift now (cosine to its class phrase, rank among the paper's
         adjective phrases); the phrases without tokens are encoded once."""
         from ..evaluation.drift import DriftProbe
-        from ..precision import autocast
+        from ..model.precision import autocast
 
         context = self.context
 

@@ -28,7 +28,7 @@ def world_words() -> list[str]:
 
 
 def build_world_tokenizer(out_dir: str | Path) -> Path:
-    from ..tiny import build_tokenizer
+    from ..model.tiny import build_tokenizer
 
     return build_tokenizer(out_dir, world_words())
 

@@ -35,7 +35,7 @@ def sample(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = S
            guidance: float = SAMPLING["guidance"]) -> list[list[Image.Image]]:
     """Pictures of each prompt (outer list) at each seed (inner list); seed ``s`` gives every
     prompt the same starting noise, so rows are comparable."""
-    from ..generate import sample_rows
+    from ..concept.generate import sample_rows
 
     return sample_rows(pipe, prompts, seeds, steps=steps, guidance=guidance)
 

@@ -93,8 +93,8 @@ PREFIXES = (
     "a photo of the {}", "a good photo of a {}",
 )
 def _method_templates() -> tuple[str, ...]:
-    from ..methods.infusion import INFUSION_TEMPLATES
-    from ..methods.textual_inversion import TEMPLATES
+    from ..methods.infusion.method import INFUSION_TEMPLATES
+    from ..methods.textual_inversion.method import TEMPLATES
 
     return TEMPLATES + INFUSION_TEMPLATES
 

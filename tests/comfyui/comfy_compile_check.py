@@ -24,7 +24,7 @@ def main(repo: str, out_path: str) -> None:
     from diffusers import UNet2DConditionModel
     from host_parity_step import load_pack
 
-    kv, comfy_host = load_pack(repo, "classdiffusion.kv", "nodes.comfy_host")
+    kv, comfy_host = load_pack(repo, "classdiffusion.model.kv", "nodes.comfy_host")
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
     patcher = comfy.sd.load_diffusion_model_state_dict({k: v.clone() for k, v in unet.state_dict().items()})

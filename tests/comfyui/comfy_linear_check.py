@@ -25,7 +25,7 @@ def main(repo: str, out_path: str) -> None:
     import comfy.ops
     from host_parity_step import load_pack
 
-    comfy_host, kv = load_pack(repo, "nodes.comfy_host", "classdiffusion.kv")
+    comfy_host, kv = load_pack(repo, "nodes.comfy_host", "classdiffusion.model.kv")
     torch.manual_seed(0)
     layer = comfy.ops.manual_cast.Linear(16, 8, bias=True, dtype=torch.float16)
     layer.weight = torch.nn.Parameter(torch.randn(8, 16).half(), requires_grad=False)

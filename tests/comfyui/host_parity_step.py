@@ -64,7 +64,7 @@ def main(repo: str, out_path: str) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     comfy_host, diffusers_host, losses, config = load_pack(
-        repo, "nodes.comfy_host", "classdiffusion.hosts.diffusers_host", "classdiffusion.losses", "classdiffusion.config")
+        repo, "nodes.comfy_host", "classdiffusion.hosts.diffusers_host", "classdiffusion.model.losses", "classdiffusion.config")
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
     clip_config = json.load(open(os.path.join("comfy", "sd1_clip_config.json")))

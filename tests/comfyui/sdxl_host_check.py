@@ -35,7 +35,7 @@ def main(repo: str, checkpoint: str, out_path: str) -> None:
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)[:3]
     report = {"model_class": type(model.model).__name__, "config_class": type(model.model.model_config).__name__,
               "is_sdxl": isinstance(model.model, comfy.model_base.SDXL),
-              "family": comfy_host.model_family(model).name, "clip_family": comfy_glue.clip_family(clip).name}
+              "family": comfy_host.model_family(model).name, "clip_family": comfy_host.clip_family(clip).name}
     patcher = comfy_glue.training_patcher(model)
     host = comfy_host.ComfyHost(patcher, clip, vae, device=torch.device("cpu"), text_dtype=torch.float32)
     host.add_tokens(["<sks>"])

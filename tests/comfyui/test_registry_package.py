@@ -77,7 +77,7 @@ def test_comfy_node_validate_passes():
 def test_the_zip_holds_the_pack_and_nothing_else(packed_zip):
     names = set(zipfile.ZipFile(packed_zip).namelist())
     for required in ("__init__.py", "pyproject.toml", "requirements.txt", "LICENSE", "icon.png",
-                     "nodes/nodes.py", "classdiffusion/train.py", "example_workflows/train_concept.json"):
+                     "nodes/nodes.py", "classdiffusion/run/train.py", "example_workflows/train_concept.json"):
         assert required in names, required
     assert not any(name.startswith(("tests/", "benchmarks/", "tools/", ".ci/")) for name in names)
 

@@ -40,18 +40,18 @@ def run_demo(out: str | Path, *, steps: int = 400, spl_weight: float = 1.0, seed
     ClassDiffusion)."""
     import torch
 
-    from .config import ConceptSpec, TrainConfig
-    from .generate import build_pipeline
-    from .hosts.diffusers_host import load_host
-    from .methods import DEFAULT_METHOD, method_class
-    from .plot import plot_history
-    from .progress import TqdmCallbacks
-    from .summary import drift_line, summary_line
-    from .toyworld.base import WEIGHTS, ToyClip, base_path
-    from .toyworld.checker import Checker
-    from .toyworld.evaluate import instance_pictures, picture_grid, score
-    from .toyworld.world import World
-    from .train import train
+    from ..config import ConceptSpec, TrainConfig
+    from ..concept.generate import build_pipeline
+    from ..hosts.diffusers_host import load_host
+    from ..methods import DEFAULT_METHOD, method_class
+    from ..run.plot import plot_history
+    from ..run.progress import TqdmCallbacks
+    from ..run.summary import drift_line, summary_line
+    from .base import WEIGHTS, ToyClip, base_path
+    from .checker import Checker
+    from .evaluate import instance_pictures, picture_grid, score
+    from .world import World
+    from ..run.train import train
 
     method = method or DEFAULT_METHOD
     out = Path(out)
@@ -73,7 +73,7 @@ def run_demo(out: str | Path, *, steps: int = 400, spl_weight: float = 1.0, seed
     plot_history(result.concept.history, tokens=result.concept.tokens).save(out / "loss.png")
     trained_seconds = time.perf_counter() - started
 
-    from .apply import apply_concept
+    from ..concept.apply import apply_concept
 
     pipe = build_pipeline(base, device="cpu")
     checker = Checker.load(WEIGHTS / "checker.safetensors")  # the judge is always the committed one
@@ -123,17 +123,17 @@ def run_sdxl_demo(out: str | Path, *, steps: int = 10, spl_weight: float = 1.0, 
     """Build a tiny SDXL-shaped random base in ``out``/base (kept for reruns), train ``instance``'s
     pictures on it and write ``out``/{concept.safetensors, concept_embedding.safetensors, loss.png,
     scores.json}; returns the summary."""
-    from .concept import save_embeddings
-    from .config import ConceptSpec, TrainConfig
-    from .hosts.diffusers_host import load_host
-    from .methods import DEFAULT_METHOD, method_class
-    from .plot import plot_history
-    from .progress import TqdmCallbacks
-    from .summary import summary_line
-    from .tiny import build_tiny_sdxl_base
-    from .toyworld.evaluate import instance_pictures
-    from .toyworld.world import World
-    from .train import train
+    from ..concept import save_embeddings
+    from ..config import ConceptSpec, TrainConfig
+    from ..hosts.diffusers_host import load_host
+    from ..methods import DEFAULT_METHOD, method_class
+    from ..run.plot import plot_history
+    from ..run.progress import TqdmCallbacks
+    from ..run.summary import summary_line
+    from ..model.tiny import build_tiny_sdxl_base
+    from .evaluate import instance_pictures
+    from .world import World
+    from ..run.train import train
 
     method = method or DEFAULT_METHOD
     out = Path(out)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 
 def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:

@@ -28,13 +28,13 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .config import TrainConfig
-from .errors import InvalidInputError
-from .precision import precision_dtype
+from ..config import TrainConfig
+from ..errors import InvalidInputError
+from ..model.precision import precision_dtype
 
 logger = logging.getLogger("classdiffusion")
 #: The memory plan's one line goes to this logger: the command line shows it without ``-v``.
-PLAN_LOGGER = "classdiffusion.memory.plan"
+PLAN_LOGGER = "classdiffusion.run.memory.plan"
 
 MIB = 2 ** 20
 #: Share of the free memory a plan may use (the rest: allocator slack, other processes' growth).
@@ -148,8 +148,8 @@ def step_bytes(unet_config: dict, config: TrainConfig, *, train_mode: str | None
     ``train_mode`` (None: none), or Infusion's residuals of ``residual_target``."""
     from diffusers import UNet2DConditionModel
 
-    from .kv import attach_fused_deltas, cross_attention_weights
-    from .residual import ResidualPositions, attach_residuals_with_hooks, residual_modules
+    from ..model.kv import attach_fused_deltas, cross_attention_weights
+    from ..methods.infusion.residual import ResidualPositions, attach_residuals_with_hooks, residual_modules
 
     dtype = precision_dtype(config.mixed_precision)
     meta = torch.device("meta")

@@ -14,10 +14,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import ClassDiffusionError, ConceptFileError
-from .families import FAMILIES
-from .kv import TRAINED_SUFFIXES
-from .methods import DEFAULT_METHOD, METHOD_CLASSES
+from ..errors import ClassDiffusionError, ConceptFileError
+from ..model.families import FAMILIES
+from ..model.kv import TRAINED_SUFFIXES
+from ..methods import DEFAULT_METHOD, METHOD_CLASSES
 
 TRAIN_MODES = tuple(TRAINED_SUFFIXES)
 
@@ -54,7 +54,7 @@ class ConceptMeta:
     compression: dict[str, Any] | None = None
     #: the training method (classdiffusion.methods); files before it existed are ClassDiffusion's
     method: str = DEFAULT_METHOD
-    #: the base's model family (classdiffusion.families); files before SDXL are all SD1.x
+    #: the base's model family (classdiffusion.model.families); files before SDXL are all SD1.x
     family: str = "sd15"
     #: Infusion: module name → [size] of each residual vector
     residual_layers: dict[str, list[int]] | None = None
@@ -170,7 +170,7 @@ class _Checker:
             self.fail(name, "is empty")
         items = [self.string(item, f"{name}[{i}]", allow_empty) for i, item in enumerate(value)]
         if template:
-            from .config import check_prompt_template
+            from ..config import check_prompt_template
 
             for i, item in enumerate(items):
                 try:
@@ -260,7 +260,7 @@ class _Checker:
         return value
 
     def config(self, value, name: str) -> dict:
-        from .config import TrainConfig
+        from ..config import TrainConfig
 
         self.mapping(value, name)
         try:
@@ -270,7 +270,7 @@ class _Checker:
         return value
 
     def concepts(self, value, name: str, tokens: list[str], count: int) -> list[dict]:
-        from .config import ConceptSpec
+        from ..config import ConceptSpec
 
         if not isinstance(value, list) or len(value) != count:
             self.fail(name, f"must be a list of {count} concept description(s) (got {_show(value)})")

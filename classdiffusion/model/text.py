@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 
 @dataclass

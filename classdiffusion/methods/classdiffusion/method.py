@@ -8,10 +8,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..kv import trained_names, zero_deltas
-from ..losses import masked_mse, prior_mse, semantic_preservation_loss
-from ..precision import autocast
-from .base import Losses, MemoryNeeds, NewTokens, TrainingMethod
+from ...model.kv import trained_names, zero_deltas
+from ...model.losses import masked_mse, prior_mse, semantic_preservation_loss
+from ...model.precision import autocast
+from ..base import Losses, MemoryNeeds, NewTokens, TrainingMethod
 
 
 class ClassDiffusionMethod(TrainingMethod):

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import ConceptSpec, TrainConfig
-from .errors import InvalidInputError
+from ..config import ConceptSpec, TrainConfig
+from ..errors import InvalidInputError
 
 logger = logging.getLogger("classdiffusion")
 

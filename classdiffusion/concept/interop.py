@@ -32,11 +32,11 @@ from typing import Mapping, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from .concept import Concept, weights_family
-from .families import SD15, family_named
+from . import Concept, weights_family
+from ..model.families import SD15, family_named
 from .meta import ConceptMeta
-from .errors import ConceptFileError, InvalidInputError
-from .kv import base_fingerprint, trained_names
+from ..errors import ConceptFileError, InvalidInputError
+from ..model.kv import base_fingerprint, trained_names
 
 WEIGHTS_SAFE = "pytorch_custom_diffusion_weights.safetensors"
 WEIGHTS_BIN = "pytorch_custom_diffusion_weights.bin"

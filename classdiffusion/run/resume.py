@@ -7,10 +7,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping, Sequence
 
-from .concept import Concept
-from .config import ConceptSpec, TrainConfig
-from .errors import InvalidInputError
-from .methods import method_class
+from ..concept import Concept
+from ..config import ConceptSpec, TrainConfig
+from ..errors import InvalidInputError
+from ..methods import method_class
 
 logger = logging.getLogger("classdiffusion")
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .concept import Concept
-from .errors import BaseMismatchError, InvalidInputError
-from .families import family_named
-from .kv import BakedPatch, bake_deltas, cross_attention_weights
+from . import Concept
+from ..errors import BaseMismatchError, InvalidInputError
+from ..model.families import family_named
+from ..model.kv import BakedPatch, bake_deltas, cross_attention_weights
 
 
 @dataclass
@@ -74,15 +74,17 @@ def apply_concept(
 
 def apply_concept_to_pipeline(pipe, concept: Concept, **options) -> AppliedConcept:
     """:func:`apply_concept` on a diffusers pipeline's UNet and text encoder(s) (SD1.x or SDXL)."""
-    return apply_concept(pipe.unet, concept, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                         text_encoder_2=getattr(pipe, "text_encoder_2", None),
-                         tokenizer_2=getattr(pipe, "tokenizer_2", None), **options)
+    folders = family_named(concept.family).text_folders
+    extra = {f"{kind}_2": getattr(pipe, name, None)
+             for pair in folders[1:] for kind, name in zip(("tokenizer", "text_encoder"), pair)}
+    return apply_concept(pipe.unet, concept, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, **extra,
+                         **options)
 
 
 def _apply_residuals(unet: nn.Module, concept: Concept, text_encoder, tokenizer, strength: float) -> AppliedConcept:
     """Infusion: hooks that add ``strength × residual`` where the class word stands in a prompt the
     text encoder encoded (prompts without it, and the empty negative prompt, stay the base's)."""
-    from .residual import RegistryPositions, attach_residuals_with_hooks
+    from ..methods.infusion.residual import RegistryPositions, attach_residuals_with_hooks
 
     if text_encoder is None or tokenizer is None:
         raise InvalidInputError("An Infusion concept needs the text encoder and tokenizer too: it acts where the "
@@ -100,7 +102,7 @@ def _apply_residuals(unet: nn.Module, concept: Concept, text_encoder, tokenizer,
 def _shared_registry(text_encoder: nn.Module):
     """One recording hook and registry per text encoder, shared by the Infusion concepts applied
     to it; returns (registry, release) where the last release removes the hook."""
-    from .residual import ConditionRegistry, record_text_encodings
+    from ..methods.infusion.residual import ConditionRegistry, record_text_encodings
 
     state = getattr(text_encoder, "_classdiffusion_registry", None)
     if state is None:

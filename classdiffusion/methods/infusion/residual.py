@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .kv import remover
+from ...model.kv import remover
 
 #: Name ending of the projections Infusion changes, per residual target.
 RESIDUAL_SUFFIXES = {"v": (".attn2.to_v",), "kv": (".attn2.to_k", ".attn2.to_v")}

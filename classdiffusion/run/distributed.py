@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import ClassDiffusionError
+from ..errors import ClassDiffusionError
 
 #: Seconds a collective waits for the other ranks before the run ends with an error (a rank that
 #: died or hangs); ``CLASSDIFFUSION_DIST_TIMEOUT`` overrides it.

@@ -18,11 +18,11 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import InvalidInputError
-from ..losses import infusion_mse
-from ..residual import ResidualPositions, residual_modules, word_positions, zero_residuals
-from ..precision import autocast
-from .base import Losses, MemoryNeeds, TrainingMethod
+from ...errors import InvalidInputError
+from ...model.losses import infusion_mse
+from .residual import ResidualPositions, residual_modules, word_positions, zero_residuals
+from ...model.precision import autocast
+from ..base import Losses, MemoryNeeds, TrainingMethod
 
 #: The prompt templates of Infusion's dataset (infusion/dataset.py), the class word in the {}.
 INFUSION_TEMPLATES = (
@@ -112,7 +112,7 @@ class InfusionMethod(TrainingMethod):
     def validation_contexts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The sampler batches rows its own way, so during validation the residual hooks find the
         class word by content (as at inference), not from a training batch's positions."""
-        from ..residual import ConditionRegistry, RegistryPositions
+        from .residual import ConditionRegistry, RegistryPositions
 
         context, uncond = super().validation_contexts(prompts)
         registry = ConditionRegistry()

@@ -19,17 +19,17 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from . import __version__
-from .concept import Concept, load_concept
-from .config import ConceptSpec, TrainConfig, check_concepts
+from .. import __version__
+from ..concept import Concept, load_concept
+from ..config import ConceptSpec, TrainConfig, check_concepts
 from .data import ConceptData, LatentBank, concept_data, draw_placement
-from .errors import InvalidInputError, TrainingCancelled, TrainingDivergedError
-from .hosts.base import TrainingHost
-from .kv import base_fingerprint
-from .meta import ConceptMeta
+from ..errors import InvalidInputError, TrainingCancelled, TrainingDivergedError
+from ..hosts.base import TrainingHost
+from ..model.kv import base_fingerprint
+from ..concept.meta import ConceptMeta
 from .distributed import SINGLE, Ranks
-from .methods import METHOD_CLASSES, Losses, MethodContext, method_class
-from .methods.base import LossLayout
+from ..methods import METHOD_CLASSES, Losses, MethodContext, method_class
+from ..methods.base import LossLayout
 from .resume import check_resume
 
 logger = logging.getLogger("classdiffusion")
@@ -203,7 +203,7 @@ class TrainingRun:
         self._perms: dict[int, list[int]] = {}
 
     def _plan_memory(self, config: TrainConfig, method_type, images: int) -> TrainConfig:
-        """The memory planner (classdiffusion.memory): log the estimate; with memory="auto" return the
+        """The memory planner (classdiffusion.run.memory): log the estimate; with memory="auto" return the
         settings that fit; refuse (InvalidInputError) what cannot fit, before any image is encoded."""
         from .memory import PLAN_LOGGER, available_bytes, estimate, plan
 

@@ -9,8 +9,8 @@ from typing import Sequence
 import torch
 
 from .apply import apply_concept_to_pipeline
-from .concept import load_concept
-from .hosts.diffusers_host import default_device, load_base_components
+from . import load_concept
+from ..hosts.diffusers_host import default_device, load_base_components
 
 logger = logging.getLogger("classdiffusion")
 
@@ -18,15 +18,17 @@ logger = logging.getLogger("classdiffusion")
 def build_pipeline(base: str | Path, *, base_config=None, device=None, dtype=torch.float32):
     """A StableDiffusionPipeline (StableDiffusionXLPipeline for an SDXL base) over a local base, with
     a DDIM scheduler (the paper samples with DDIM-style eta=1.0, 100 steps, guidance 6.0)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
+    from diffusers import DDIMScheduler
+
+    from ..model.families import family_of_folders
 
     parts = load_base_components(base, base_config=base_config, dtype=dtype)
     parts["scheduler"] = DDIMScheduler.from_config(parts["scheduler"].config)
-    if "text_encoder_2" in parts:
-        pipe = StableDiffusionXLPipeline(**parts)
-    else:
-        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+    family = family_of_folders(parts)
+    extra = {} if family.extra_folders else {"safety_checker": None, "feature_extractor": None,
+                                             "requires_safety_checker": False}
+    pipe = getattr(diffusers, family.pipeline)(**parts, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or default_device())
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .config import ConceptSpec
+from ..config import ConceptSpec
 
 #: The composition probe of the default prompts (the paper's running example).
 COMPOSITION_SUFFIX = " wearing headphones"

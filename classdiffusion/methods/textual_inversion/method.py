@@ -18,9 +18,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..losses import masked_mse
-from ..precision import autocast
-from .base import Losses, MemoryNeeds, NewTokens, TrainingMethod
+from ...model.losses import masked_mse
+from ...model.precision import autocast
+from ..base import Losses, MemoryNeeds, NewTokens, TrainingMethod
 
 #: diffusers' ``imagenet_templates_small`` (examples/textual_inversion/textual_inversion.py).
 TEMPLATES = (

@@ -42,7 +42,7 @@ def cross_attention_weights(unet: nn.Module, train_mode: str, names: Mapping[str
     names = names if names is not None else {name: name for name in params}
     wanted = trained_names(names, train_mode)
     if not wanted:
-        from .errors import BaseModelError
+        from ..errors import BaseModelError
 
         raise BaseModelError("The UNet has no cross-attention (attn2) layers it can map: it is not an SD1.5 UNet.")
     return {name: params[names[name]] for name in wanted}

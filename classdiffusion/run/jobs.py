@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .concept import run_files
-from .config import ConceptSpec, TrainConfig
-from .errors import InvalidInputError
+from ..concept import run_files
+from ..config import ConceptSpec, TrainConfig
+from ..errors import InvalidInputError
 from .train import TrainCallbacks
 
 #: Step checkpoints per job when its settings name none: what a rerun resumes from.
@@ -119,9 +119,9 @@ def run_job(job: Job, default_base: str | None) -> JobResult:
     resumable checkpoint if one exists. Never raises: a failure is a result."""
     started = time.perf_counter()
     try:
-        from .concept import load_concept, read_metadata
-        from .hosts.diffusers_host import load_host
-        from .precision import precision_dtype
+        from ..concept import load_concept, read_metadata
+        from ..hosts.diffusers_host import load_host
+        from ..model.precision import precision_dtype
         from .resume import resume_settings
         from .train import train
 
