@@ -1,14 +1,13 @@
-"""Shared fixtures: a tiny random SD1.5-shaped base on disk, fresh hosts, synthetic images."""
+"""Shared fixtures: a tiny random SD1.5-shaped base on disk, fresh hosts, an image folder (the
+plain helpers the tests import live in ``helpers.py``)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 for path in (REPO, Path(__file__).resolve().parent / "comfyui"):
@@ -17,9 +16,9 @@ for path in (REPO, Path(__file__).resolve().parent / "comfyui"):
 
 pytest_plugins = ["comfy_fixtures"]  # the ComfyUI host's fixtures and its CI rule (tests/comfyui)
 
-from classdiffusion.config import ConceptSpec, TrainConfig  # noqa: E402
 from classdiffusion.hosts.diffusers_host import load_host  # noqa: E402
 from classdiffusion.model.tiny import build_tiny_base  # noqa: E402
+from helpers import make_images  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -40,11 +39,6 @@ def host(tiny_base):
     return load_host(tiny_base, device="cpu")
 
 
-def make_images(count: int = 4, seed: int = 0, size=(72, 88)) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(count)]
-
-
 @pytest.fixture
 def image_dir(tmp_path) -> Path:
     folder = tmp_path / "images"
@@ -52,15 +46,3 @@ def image_dir(tmp_path) -> Path:
     for i, img in enumerate(make_images(4)):
         img.save(folder / f"img{i}.png")
     return folder
-
-
-def small_config(**overrides) -> TrainConfig:
-    settings = dict(steps=4, resolution=64, batch_size=2)
-    settings.update(overrides)
-    return TrainConfig(**settings)
-
-
-def dog(**overrides) -> ConceptSpec:
-    settings = dict(token="<sks>", class_word="dog")
-    settings.update(overrides)
-    return ConceptSpec(**settings)

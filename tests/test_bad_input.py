@@ -38,7 +38,7 @@ from classdiffusion.errors import ConceptFileError
 from classdiffusion.hosts.diffusers_host import cross_attention_weights, load_components
 from classdiffusion.run.train import checkpoint_path, train
 
-from conftest import REPO, dog, make_images, small_config
+from helpers import REPO, dog, make_images, small_config
 
 FUZZ_CASES = 1400
 

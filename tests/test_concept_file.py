@@ -14,7 +14,7 @@ from classdiffusion.concept import Concept, load_concept, read_metadata
 from classdiffusion.errors import BaseMismatchError, ConceptFileError
 from classdiffusion.run.train import train
 
-from conftest import dog, make_images, small_config
+from helpers import dog, make_images, small_config
 
 
 @pytest.fixture

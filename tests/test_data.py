@@ -10,7 +10,7 @@ from classdiffusion.run.data import LatentBank, draw_placement, scale_bins, to_p
 from classdiffusion.model.losses import masked_mse
 from classdiffusion.run.train import train
 
-from conftest import dog, make_images, small_config
+from helpers import dog, make_images, small_config
 
 
 def test_scale_bins_cover_the_official_ranges():

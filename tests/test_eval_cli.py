@@ -16,13 +16,13 @@ from classdiffusion.run.plot import plot_history
 from classdiffusion.run.summary import drift_line, summary_line
 from classdiffusion.model.tiny import build_tiny_clip, build_tiny_dino
 from classdiffusion.run.train import train
-from conftest import dog, small_config
+from helpers import dog, small_config
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_base, tmp_path_factory):
     """A concept trained with drift logged every 2 steps, its images kept for CLIP-I/DINO-I."""
-    from conftest import make_images
+    from helpers import make_images
 
     root = tmp_path_factory.mktemp("eval")
     images = root / "images"

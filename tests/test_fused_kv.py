@@ -19,7 +19,7 @@ from classdiffusion.hosts.diffusers_host import load_host
 from classdiffusion.model.kv import attach_fused_deltas, delta_linear
 from classdiffusion.run.train import TrainingRun
 
-from conftest import dog, make_images, small_config
+from helpers import dog, make_images, small_config
 
 MATMULS = {"mm", "addmm", "bmm", "matmul", "linear", "baddbmm"}
 

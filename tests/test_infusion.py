@@ -21,7 +21,7 @@ from classdiffusion.model.losses import infusion_mse
 from classdiffusion.methods.infusion.method import INFUSION_TEMPLATES
 from classdiffusion.methods.infusion.residual import ConditionRegistry, ResidualPositions, residual_modules, word_positions
 from classdiffusion.run.train import TrainingRun, checkpoint_path, train
-from conftest import make_images
+from helpers import make_images
 
 
 def infusion_config(**overrides) -> TrainConfig:

@@ -17,7 +17,7 @@ from classdiffusion.hosts.diffusers_host import load_host
 from classdiffusion.run.memory import HEADROOM, MIB, estimate
 from classdiffusion.methods import ClassDiffusionMethod, InfusionMethod
 from classdiffusion.run.train import TrainingRun, train
-from conftest import dog, make_images
+from helpers import dog, make_images
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW = os.environ.get("CLASSDIFFUSION_SLOW") == "1"

@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from classdiffusion.run.train import TrainingRun
-from conftest import dog, make_images, small_config
+from helpers import close, dog, make_images, processor_kv_weights, small_config
 
-RTOL = 1e-5
 
 
 class OfficialStep:
@@ -120,23 +119,6 @@ class OfficialStep:
         return {name: w.grad for name, w in self.kv_weights().items()}, self.embedding.grad[self.token_id]
 
 
-def processor_kv_weights(procs) -> dict[str, torch.nn.Parameter]:
-    """Custom Diffusion processors' trained K/V weights by canonical layer name."""
-    kv = {}
-    for name, proc in procs.items():
-        if name.endswith("attn2.processor"):
-            layer = name.removesuffix(".processor")
-            kv[layer + ".to_k.weight"] = proc.to_k_custom_diffusion.weight
-            kv[layer + ".to_v.weight"] = proc.to_v_custom_diffusion.weight
-    return kv
-
-
-def _close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
-    scale = theirs.abs().max().clamp_min(1e-12)
-    error = float((ours - theirs).abs().max() / scale)
-    assert error < RTOL, f"{what}: relative difference {error:.2e}"
-
-
 def _parity(host, tiny_base, *, spl_weight, mask_kind, feature="eos", with_class_images=False):
     config = small_config(spl_weight=spl_weight, spl_feature=feature)
     class_images = [make_images(2, seed=7)] if with_class_images else None
@@ -167,15 +149,15 @@ def _parity(host, tiny_base, *, spl_weight, mask_kind, feature="eos", with_class
     total.backward()
     kv_grads, token_grad = official.grads()
 
-    _close(ours.terms["recon"].detach(), recon.detach(), "recon")
-    _close(ours.terms["spl"].detach(), spl.detach(), "SPL")
-    _close(ours.total.detach(), total.detach(), "total")
+    close(ours.terms["recon"].detach(), recon.detach(), "recon")
+    close(ours.terms["spl"].detach(), spl.detach(), "SPL")
+    close(ours.total.detach(), total.detach(), "total")
     if prior is not None:
-        _close(ours.terms["prior"].detach(), prior.detach(), "prior")
+        close(ours.terms["prior"].detach(), prior.detach(), "prior")
     assert set(kv_grads) == set(run.method.deltas)
     for name, delta in run.method.deltas.items():
-        _close(delta.grad, kv_grads[name], name)
-    _close(run.method.token_vectors.grad[0], token_grad, "token")
+        close(delta.grad, kv_grads[name], name)
+    close(run.method.token_vectors.grad[0], token_grad, "token")
     return ours
 
 

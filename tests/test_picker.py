@@ -20,7 +20,7 @@ from classdiffusion.evaluation.picker import (StepScore, context_agreement, defa
 from classdiffusion.hosts.diffusers_host import load_host
 from classdiffusion.model.tiny import build_tiny_clip, build_tiny_dino
 from classdiffusion.run.train import train
-from conftest import dog, make_images, small_config
+from helpers import dog, make_images, small_config
 
 
 def scores(*rows: tuple[int, float, float]) -> list[StepScore]:

@@ -18,7 +18,7 @@ from classdiffusion.errors import (
 from classdiffusion.hosts.diffusers_host import DiffusersHost, load_host
 from classdiffusion.run.train import TrainCallbacks, TrainingRun, train
 
-from conftest import dog, make_images, small_config
+from helpers import dog, make_images, small_config
 
 
 def test_resume_equals_an_uninterrupted_run(tiny_base, tmp_path):

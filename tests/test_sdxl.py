@@ -26,8 +26,8 @@ from classdiffusion.errors import BaseMismatchError, BaseModelError
 from classdiffusion.hosts.diffusers_host import load_host
 from classdiffusion.model.tiny import build_tiny_sdxl_base
 from classdiffusion.run.train import TrainingRun
-from conftest import dog, make_images, small_config
-from test_official_parity import _close, processor_kv_weights
+from helpers import dog, make_images, small_config
+from helpers import close, processor_kv_weights
 
 
 @pytest.fixture(scope="session")
@@ -158,14 +158,14 @@ def test_sdxl_step_equals_the_official_style_step(sdxl_host, sdxl_base, combine)
     official = OfficialSDXLStep(sdxl_base, run)
     total, recon, spl = official.loss(batch, run.method.spl_prompts[0], run.concepts[0].class_phrase(), 1.0, combine)
     total.backward()
-    _close(ours.terms["recon"].detach(), recon.detach(), "recon")
-    _close(ours.terms["spl"].detach(), spl.detach(), f"SPL ({combine})")
-    _close(ours.total.detach(), total.detach(), "total")
+    close(ours.terms["recon"].detach(), recon.detach(), "recon")
+    close(ours.terms["spl"].detach(), spl.detach(), f"SPL ({combine})")
+    close(ours.total.detach(), total.detach(), "total")
     kv = official.kv_weights()
     assert set(kv) == set(run.method.deltas)
     for name, delta in run.method.deltas.items():
-        _close(delta.grad, kv[name].grad, name)
-    _close(run.method.token_vectors.grad[0], official.token_row("grad"), "token (both encoders)")
+        close(delta.grad, kv[name].grad, name)
+    close(run.method.token_vectors.grad[0], official.token_row("grad"), "token (both encoders)")
 
 
 def test_sdxl_spl_combinations_differ(sdxl_host):

@@ -9,7 +9,7 @@ from classdiffusion.concept import checkpoint_table, load_concept, run_files
 from classdiffusion.hosts.diffusers_host import load_host
 from classdiffusion.run.plot import plot_history
 from classdiffusion.run.train import train
-from conftest import dog, make_images, small_config
+from helpers import dog, make_images, small_config
 
 
 def test_step_files_are_listed_with_loss_and_drift(tiny_base, tmp_path, capsys):

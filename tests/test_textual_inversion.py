@@ -17,7 +17,7 @@ from classdiffusion.hosts.diffusers_host import load_host
 from classdiffusion.methods import TextualInversionMethod
 from classdiffusion.methods.textual_inversion.method import TEMPLATES
 from classdiffusion.run.train import TrainingRun, checkpoint_path, train
-from conftest import dog, make_images
+from helpers import dog, make_images
 
 METHOD_FILE = Path(__file__).resolve().parents[1] / "classdiffusion" / "methods" / "textual_inversion" / "method.py"
 

@@ -13,7 +13,7 @@ from classdiffusion.hosts.diffusers_host import load_host
 from classdiffusion.model.losses import semantic_preservation_loss
 from classdiffusion.run.train import TrainingRun, train
 
-from conftest import dog, make_images, small_config
+from helpers import dog, make_images, small_config
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ from classdiffusion.errors import TrainingCancelled
 from classdiffusion.hosts.diffusers_host import load_host
 from classdiffusion.run.train import TrainCallbacks, train
 from classdiffusion.run.validation import COMPOSITION_SUFFIX, default_prompts
-from conftest import dog, make_images, small_config
+from helpers import dog, make_images, small_config
 
 
 def test_cli_validation_writes_images_and_a_grid_with_its_cost(tiny_base, image_dir, tmp_path, capsys):

@@ -11,10 +11,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from comfy_server import BASE, CLIP_VISION, OTHER, comfyui_commit, error_message, unavailable_reason, was_interrupted
+from node_helpers import (assert_success, image_batch, load_concept_node, loader, pixels, sampler, saved_images,
+                          strengthened_infusion_node, train_node)
 
 _reason = unavailable_reason()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
@@ -24,50 +25,6 @@ def server(shared_server):
     """The session's ComfyUI (tests/comfyui/conftest.py), shared with the workflow tests."""
     print(f"\nComfyUI commit under test: {comfyui_commit()}")
     return shared_server
-
-
-def loader(ckpt=BASE, node="ckpt"):
-    return {node: {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}}
-
-
-def image_batch(first=0, second=1):
-    return {
-        "img_a": {"class_type": "LoadImage", "inputs": {"image": f"concept_{first}.png"}},
-        "img_b": {"class_type": "LoadImage", "inputs": {"image": f"concept_{second}.png"}},
-        "images": {"class_type": "ImageBatch", "inputs": {"image1": ["img_a", 0], "image2": ["img_b", 0]}},
-    }
-
-
-def train_node(save_name, token="<sks>", class_word="dog", steps=3, node="train", **extra):
-    inputs = {
-        "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "images": ["images", 0],
-        "token": token, "class_word": class_word, "prompt_template": "a photo of a {}", "steps": steps,
-        "learning_rate": 1e-5, "spl_weight": 1.0, "batch_size": 2, "seed": 0, "resolution": 64,
-        "mixed_precision": "auto", "initializer": "ktn", "gradient_checkpointing": False, "save_name": save_name,
-    }
-    inputs.update(extra)
-    return {node: {"class_type": "ClassDiffusionTrainConcept", "inputs": inputs}}
-
-
-def sampler(model, clip, text, prefix, vae=("ckpt", 2)):
-    return {
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": list(clip), "text": text}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": list(clip), "text": ""}},
-        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "sample": {"class_type": "KSampler", "inputs": {
-            "model": list(model), "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
-            "seed": 0, "steps": 2, "cfg": 6.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": list(vae)}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}},
-    }
-
-
-def assert_success(entry):
-    assert entry["status"]["status_str"] == "success", error_message(entry)
-
-
-def saved_images(entry, node="save"):
-    return entry["outputs"][node]["images"]
 
 
 @pytest.fixture(scope="module")
@@ -119,11 +76,6 @@ def test_train_then_sample_with_the_token(server, trained):
     assert "warning, embedding:dog_concept does not exist" not in server.log()
 
 
-def _pixels(server, entry):
-    image = saved_images(entry)[0]
-    return np.asarray(Image.open(server.base_dir / "output" / image["subfolder"] / image["filename"]))
-
-
 def test_returned_clip_inserts_the_learned_vector_for_the_token(server, trained):
     """Same model, seed and prompt: the trained CLIP's "<sks>" must condition exactly like
     embedding:NAME on the base CLIP, and unlike the plain text "<sks>" on the base CLIP."""
@@ -133,8 +85,8 @@ def test_returned_clip_inserts_the_learned_vector_for_the_token(server, trained)
     as_text = server.run({**common, **sampler(("train", 0), ("ckpt", 1), "a photo of a <sks> dog", "txt")})
     for entry in (with_token, with_embedding, as_text):
         assert_success(entry)
-    assert np.array_equal(_pixels(server, with_token), _pixels(server, with_embedding))
-    assert not np.array_equal(_pixels(server, with_token), _pixels(server, as_text))
+    assert np.array_equal(pixels(server, with_token), pixels(server, with_embedding))
+    assert not np.array_equal(pixels(server, with_token), pixels(server, as_text))
 
 
 def test_returned_model_differs_from_the_base_only_in_cross_attention_kv(server, trained):
@@ -290,23 +242,6 @@ def infusion_trained(server):
     return entry
 
 
-def strengthened_infusion_node(concept, path, name: str) -> dict:
-    """A Load Concept K/V node for ``concept`` with its residuals × 300, saved as ``name`` beside
-    ``path``: a few training steps move them too little for 2 sampling steps and 8-bit pixels to
-    show, so scaled up, "differs" tests the mechanism rather than rounding."""
-    with torch.no_grad():
-        for residual in concept.residuals.values():
-            residual.mul_(300)
-    concept.save(path.with_name(name))
-    return _load_concept_node(name)
-
-
-def _load_concept_node(name, model=("ckpt", 0), clip=("ckpt", 1), node="load", strength=1.0):
-    return {node: {"class_type": "ClassDiffusionLoadConcept", "inputs": {
-        "model": list(model), "clip": list(clip), "concept_name": name, "strength_model": strength,
-        "strength_clip": 1.0, "allow_other_base": False}}}
-
-
 def test_infusion_concept_changes_only_prompts_with_its_word(server, infusion_trained):
     """Stock CLIPTextEncode + KSampler: with the Infusion concept loaded, a prompt without the class
     word samples bit-identically to the base model; one with it does not (nor does the Train node's
@@ -333,18 +268,18 @@ def test_infusion_concept_changes_only_prompts_with_its_word(server, infusion_tr
     }.items():
         entry = server.run(graph)
         assert_success(entry)
-        runs[label] = _pixels(server, entry)
+        runs[label] = pixels(server, entry)
     assert np.array_equal(runs["tuned_cat"], runs["base_cat"])
     assert not np.array_equal(runs["tuned_dog"], runs["base_dog"])
     # the Train node's own MODEL/CLIP are the saved concept applied by Load Concept K/V
-    entry = server.run({**loader(), **_load_concept_node("dog_infusion.safetensors"),
+    entry = server.run({**loader(), **load_concept_node("dog_infusion.safetensors"),
                         **sampler(("load", 0), ("load", 1), "a photo of a dog on a sofa", "inf_loaded_dog")})
     assert_success(entry)
-    assert np.array_equal(runs["trained_dog"], _pixels(server, entry))
+    assert np.array_equal(runs["trained_dog"], pixels(server, entry))
 
 
 def test_infusion_concept_refuses_lora_export_and_drift(server, infusion_trained):
-    load = _load_concept_node("dog_infusion.safetensors")
+    load = load_concept_node("dog_infusion.safetensors")
     entry = server.run({**loader(), **load, "export": {"class_type": "ClassDiffusionExportDiff", "inputs": {
         "model": ["ckpt", 0], "concept": ["load", 2], "save_name": "inf_lora"}}})
     assert entry["status"]["status_str"] == "error"
@@ -369,17 +304,17 @@ def test_textual_inversion_concept_is_an_embedding_and_loads_like_the_others(ser
     assert torch.equal(embedding["clip_l"][0], concept.token_vectors[0])
     with_embedding = server.run({**loader(), **sampler(("ckpt", 0), ("ckpt", 1), "a photo of a embedding:dog_ti dog",
                                                        "ti_emb")})
-    loaded = server.run({**loader(), **_load_concept_node("dog_ti.safetensors"),
+    loaded = server.run({**loader(), **load_concept_node("dog_ti.safetensors"),
                          **sampler(("load", 0), ("load", 1), "a photo of a <sks> dog", "ti_load")})
     base_text = server.run({**loader(), **sampler(("ckpt", 0), ("ckpt", 1), "a photo of a dog", "ti_base")})
-    untouched = server.run({**loader(), **_load_concept_node("dog_ti.safetensors"),
+    untouched = server.run({**loader(), **load_concept_node("dog_ti.safetensors"),
                             **sampler(("load", 0), ("ckpt", 1), "a photo of a dog", "ti_model")})
     for run in (with_embedding, loaded, base_text, untouched):
         assert_success(run)
-    assert np.array_equal(_pixels(server, entry), _pixels(server, with_embedding))
-    assert np.array_equal(_pixels(server, loaded), _pixels(server, with_embedding))
-    assert np.array_equal(_pixels(server, untouched), _pixels(server, base_text))  # no UNet patch
-    export = server.run({**loader(), **_load_concept_node("dog_ti.safetensors"), "export": {
+    assert np.array_equal(pixels(server, entry), pixels(server, with_embedding))
+    assert np.array_equal(pixels(server, loaded), pixels(server, with_embedding))
+    assert np.array_equal(pixels(server, untouched), pixels(server, base_text))  # no UNet patch
+    export = server.run({**loader(), **load_concept_node("dog_ti.safetensors"), "export": {
         "class_type": "ClassDiffusionExportDiff", "inputs": {"model": ["ckpt", 0], "concept": ["load", 2],
                                                              "save_name": "ti_lora"}}})
     assert export["status"]["status_str"] == "error" and "embedding:NAME" in error_message(export)
@@ -404,7 +339,7 @@ def test_step_checkpoints_are_listed_compared_and_marked(server):
         "save": {"class_type": "SaveImage", "inputs": {"images": ["compare", 0], "filename_prefix": "compare"}}}
     entry = server.run(compare)
     assert_success(entry)
-    grid = _pixels(server, entry)
+    grid = pixels(server, entry)
     assert grid.shape == (64 + 18, 2 * 64, 3)  # step 2 and the final step 4, labelled
 
 
@@ -416,7 +351,7 @@ def test_validation_previews_stream_and_come_out_as_a_grid(server):
                                      validation_prompts="a photo of a <sks> dog\na <sks> dog on the beach"),
                         "save": {"class_type": "SaveImage", "inputs": {"images": ["train", 4], "filename_prefix": "val"}}})
     assert_success(entry)
-    grid = _pixels(server, entry)
+    grid = pixels(server, entry)
     assert grid.shape == (16 + 2 * 192 + 16, 220 + 3 * 192, 3)
     folder = server.base_dir / "output" / "classdiffusion" / "validation"
     assert sorted(p.name for p in folder.glob("validated-step*.png")) == [
@@ -449,10 +384,10 @@ def test_pick_concept_step_scores_every_step_with_clip_vision_and_applies_the_ch
     assert chosen in ("picked-step00002.safetensors", "picked.safetensors")
     assert "step 2: identity" in text and "step 4: identity" in text and "composition (context)" in text
     # the MODEL it returns samples as Load Concept K/V with the chosen file does
-    reference = server.run({**loader(), **_load_concept_node(chosen),
+    reference = server.run({**loader(), **load_concept_node(chosen),
                             **sampler(("load", 0), ("load", 1), "a photo of a <sks> dog on the beach", "reference")})
     assert_success(reference)
-    assert np.array_equal(_pixels(server, entry), _pixels(server, reference))
+    assert np.array_equal(pixels(server, entry), pixels(server, reference))
     prompt_id = server.queue({**loader(), **image_batch(),  # long enough to cancel while it samples
                               **pick_node("picked.safetensors", steps=200, images_per_prompt=16)})
     deadline = time.time() + 120

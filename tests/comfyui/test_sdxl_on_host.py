@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from comfy_server import BASE, COMFYUI_PATH, COMFYUI_PYTHON, REPO, SDXL, error_message, unavailable_reason, was_interrupted
-from test_comfyui_integration import (
-    _load_concept_node, _pixels, assert_success, image_batch, loader, sampler, strengthened_infusion_node, train_node,
+from node_helpers import (
+    assert_success, image_batch, load_concept_node, loader, pixels, sampler, strengthened_infusion_node, train_node,
 )
 
 _reason = unavailable_reason()
@@ -72,15 +72,15 @@ def test_sdxl_train_then_sample_with_the_embedding(server, sdxl_trained):
     with_embedding = server.run({**common, **sampler(("train", 0), ("ckpt", 1), "a photo of a embedding:sdxl_dog dog",
                                                      "sdxl_emb")})
     assert_success(with_embedding)
-    assert np.array_equal(_pixels(server, sdxl_trained), _pixels(server, with_embedding))
+    assert np.array_equal(pixels(server, sdxl_trained), pixels(server, with_embedding))
 
 
 def test_sdxl_load_concept_and_family_mismatch(server, sdxl_trained):
-    loaded = server.run({**loader(SDXL), **_load_concept_node("sdxl_dog.safetensors"),
+    loaded = server.run({**loader(SDXL), **load_concept_node("sdxl_dog.safetensors"),
                          **sampler(("load", 0), ("load", 1), "a photo of a <sks> dog", "sdxl_load")})
     assert_success(loaded)
-    assert np.array_equal(_pixels(server, loaded), _pixels(server, sdxl_trained))
-    wrong = server.run({**loader(BASE), **_load_concept_node("sdxl_dog.safetensors"),
+    assert np.array_equal(pixels(server, loaded), pixels(server, sdxl_trained))
+    wrong = server.run({**loader(BASE), **load_concept_node("sdxl_dog.safetensors"),
                         **sampler(("load", 0), ("load", 1), "a photo of a <sks> dog", "sdxl_on_sd15")})
     assert wrong["status"]["status_str"] == "error"
     message = error_message(wrong)
@@ -126,6 +126,6 @@ def test_sdxl_infusion_changes_only_prompts_with_its_word(server):
     }.items():
         result = server.run(graph)
         assert_success(result)
-        runs[label] = _pixels(server, result)
+        runs[label] = pixels(server, result)
     assert np.array_equal(runs["tuned_cat"], runs["base_cat"])
     assert not np.array_equal(runs["tuned_dog"], runs["base_dog"])
