@@ -154,7 +154,7 @@ def run_one(job: dict) -> dict:
         else:
             fisher = latent_fisher_divergence(host, {n: d.float() for n, d in concept.deltas.items()},
                                               other_captions(cls), tokens=concept.tokens, steps=10, seeds=(0,),
-                                              latent_size=8, residual_concepts=[])
+                                              latent_size=8, concepts=[])
             row["fisher"] = fisher.value
         host.close()
     with torch.no_grad():

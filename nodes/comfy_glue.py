@@ -22,7 +22,8 @@ from ..classdiffusion.concept import save_embeddings as write_embeddings
 from ..classdiffusion.errors import BaseMismatchError
 from ..classdiffusion.model.families import family_named
 from ..classdiffusion.model.kv import trained_names
-from ..classdiffusion.methods.infusion.residual import ConditionRegistry, RegistryPositions, add_residual
+from ..classdiffusion.methods import method_class
+from ..classdiffusion.model.prompt_record import ConditionRegistry, RegistryPositions
 from ..classdiffusion.run.progress import step_postfix
 from ..classdiffusion.run.train import TrainCallbacks
 from .comfy_host import clip_family, diffusers_to_comfy_map
@@ -181,8 +182,8 @@ class ComfyCallbacks(TrainCallbacks):
         logger.info("concept training: saved %s", path)
 
 
-#: Every prompt the CLIPs of Infusion concepts encoded: features → token ids (weakly held).
-INFUSION_REGISTRY = ConditionRegistry()
+#: Every prompt the CLIPs of concepts that act at a word encoded: features → token ids.
+PROMPT_REGISTRY = ConditionRegistry()
 
 
 def word_ids_for(clip, word: str) -> list[int]:
@@ -200,12 +201,12 @@ def _chunk_ids(chunks) -> torch.Tensor:
 
 
 def clip_recording_prompts(clip):
-    """A clone of ``clip`` whose encodings are registered in INFUSION_REGISTRY (an object patch on
+    """A clone of ``clip`` whose encodings are registered in PROMPT_REGISTRY (an object patch on
     its text model's ``encode_token_weights``, so clones made later by other nodes keep it)."""
     out = clip.clone()
     existing = out.patcher.object_patches.get("encode_token_weights")
     if getattr(existing, "classdiffusion_records_prompts", False):
-        return out  # already recording (another Infusion concept is loaded)
+        return out  # already recording (another concept that acts at a word is loaded)
     model = out.cond_stage_model
     original = existing or type(model).encode_token_weights.__get__(model)  # chain on another pack's patch
 
@@ -214,9 +215,9 @@ def clip_recording_prompts(clip):
         chunks = token_weight_pairs.get("l") if isinstance(token_weight_pairs, dict) else None
         if chunks:
             try:
-                INFUSION_REGISTRY.register(result[0], _chunk_ids(chunks))
+                PROMPT_REGISTRY.register(result[0], _chunk_ids(chunks))
             except Exception as exc:  # never break text encoding over the registry
-                logger.warning("Infusion: could not record a prompt's tokens (%s).", exc)
+                logger.warning("Could not record a prompt's tokens (%s); concepts acting at a word skip it.", exc)
         return result
 
     encode_token_weights.classdiffusion_records_prompts = True
@@ -224,16 +225,14 @@ def clip_recording_prompts(clip):
     return out
 
 
-def model_with_residuals(model, residuals: dict[str, torch.Tensor], to_comfy: dict[str, str],
-                         word_ids: list[int], strength: float):
-    """A clone of ``model`` whose value (and key) projections add the residuals where the concept
-    word stands in the prompt (object patches on their ``forward``, stacked over earlier ones).
-    A context row that matches no recorded prompt, or lacks the word, is returned untouched."""
+def model_with_output_patches(model, patches, to_comfy: dict[str, str]):
+    """A clone of ``model`` whose modules pass their outputs through a method's patches (object
+    patches on their ``forward``, stacked over earlier ones; a call whose input is not a [B, T, D]
+    context is left alone)."""
     import comfy.utils
 
     out = model.clone()
-    positions = RegistryPositions(INFUSION_REGISTRY, word_ids)
-    for name, residual in residuals.items():
+    for name, patch in patches:
         module_key = "diffusion_model." + to_comfy[f"{name}.weight"].rpartition(".")[0]
         key = module_key + ".forward"
         previous = out.object_patches.get(key)
@@ -241,31 +240,34 @@ def model_with_residuals(model, residuals: dict[str, torch.Tensor], to_comfy: di
             module = comfy.utils.get_attr(out.model, module_key)
             previous = type(module).forward.__get__(module)
 
-        def forward(x, *args, _previous=previous, _residual=residual.float(), **kwargs):
+        def forward(x, *args, _previous=previous, _patch=patch, **kwargs):
             result = _previous(x, *args, **kwargs)
-            if x.ndim != 3:
-                return result
-            return add_residual(result, positions.for_context(x), _residual.to(result.device), strength)
+            return result if x.ndim != 3 else _patch(result, x)
 
         out.add_object_patch(key, forward)
     return out
 
 
 def apply_concept_to_comfy(model, clip, concept: Concept, strength_model: float, strength_clip: float):
-    """(MODEL, CLIP) with the concept: K/V weight patches and token embeddings (ClassDiffusion), or
-    residuals at the class word plus a CLIP that records its prompts' tokens (Infusion)."""
-    to_comfy = diffusers_to_comfy_map(model)
-    if concept.residuals:
-        out_clip = clip_recording_prompts(clip)
-        out_model = model
-        for word in concept.class_words:
-            out_model = model_with_residuals(out_model, concept.residuals, to_comfy, word_ids_for(clip, word),
-                                             strength_model)
-        return out_model, out_clip
+    """(MODEL, CLIP) with the concept: K/V weight patches and token embeddings, and its method's own
+    tensors as output patches (Infusion's residuals at the class word, with a CLIP that records its
+    prompts' tokens so the patches find the word)."""
+    method = method_class(concept.method)
     if concept.tokens:
         check_clip_family(clip, concept)
+    to_comfy = diffusers_to_comfy_map(model)
     out_model = model_with_deltas(model, concept.deltas, to_comfy, strength_model)
     out_clip = clip_with_tokens(clip, concept.tokens, concept.token_vectors, strength_clip)
+    positions_of = None
+    if method.records_prompts:
+        out_clip = clip_recording_prompts(out_clip)
+
+        def positions_of(word: str) -> RegistryPositions:
+            return RegistryPositions(PROMPT_REGISTRY, word_ids_for(clip, word))
+
+    patches = method.sampling_patches(concept, strength_model, positions_of)
+    if patches:
+        out_model = model_with_output_patches(out_model, patches, to_comfy)
     return out_model, out_clip
 
 

@@ -586,10 +586,9 @@ class ExportDiffNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, concept, save_name) -> io.NodeOutput:
         from ..classdiffusion.errors import InvalidInputError
+        from ..classdiffusion.methods import method_class
 
-        if concept.residuals:
-            raise InvalidInputError(f"A {concept.method_label} concept acts at the class word's positions only, which "
-                                    "a LoRA (whole-weight differences) cannot express; use Load Concept K/V instead.")
+        method_class(concept.method).check_exportable(concept, "a LoRA")
         if not concept.deltas:
             raise InvalidInputError(f"This {concept.method_label} concept changes no UNet weight, so there is no LoRA "
                                     "to export: its token is the embedding file (embedding:NAME in a prompt).")

@@ -19,7 +19,8 @@ from classdiffusion.errors import InvalidInputError
 from classdiffusion.hosts.diffusers_host import load_host
 from classdiffusion.model.losses import infusion_mse
 from classdiffusion.methods.infusion.method import INFUSION_TEMPLATES
-from classdiffusion.methods.infusion.residual import ConditionRegistry, ResidualPositions, residual_modules, word_positions
+from classdiffusion.methods.infusion.residual import ResidualPositions, attach_residuals_with_hooks, residual_modules
+from classdiffusion.model.prompt_record import ConditionRegistry, word_positions
 from classdiffusion.run.train import TrainingRun, checkpoint_path, train
 from helpers import make_images
 
@@ -103,17 +104,17 @@ def test_saves_small_reloads_exactly_and_resumes_exactly(tiny_base, tmp_path):
     loaded = load_concept(out)
     assert loaded.method == "infusion" and loaded.tokens == [] and loaded.class_words == ["dog"]
     assert loaded.deltas == {}
-    for name, residual in full.concept.residuals.items():
-        assert torch.equal(loaded.residuals[name], residual)
+    for name, residual in full.concept.method_tensors.items():
+        assert torch.equal(loaded.method_tensors[name], residual)
         assert residual.abs().sum() > 0
-    values = sum(r.numel() for r in loaded.residuals.values())
+    values = sum(r.numel() for r in loaded.method_tensors.values())
     assert out.stat().st_size < values * 4 + 16_384  # the vectors plus the JSON header
 
     middle = checkpoint_path(out, 2)
     resumed = train(load_host(tiny_base, device="cpu"), [cat()], infusion_config(steps=4, save_every=2),
                     images=images, out=tmp_path / "resumed.safetensors", resume=middle)
-    for name, residual in full.concept.residuals.items():
-        assert torch.equal(resumed.concept.residuals[name], residual), name
+    for name, residual in full.concept.method_tensors.items():
+        assert torch.equal(resumed.concept.method_tensors[name], residual), name
     assert [h["loss"] for h in resumed.concept.history] == [h["loss"] for h in full.concept.history]
 
 
@@ -143,7 +144,7 @@ def test_applied_concept_changes_only_prompts_with_the_word(tiny_base, tmp_path)
     train(load_host(tiny_base, device="cpu"), [cat()], infusion_config(steps=3), images=[make_images(2)], out=out)
     concept = load_concept(out)
     with torch.no_grad():
-        for residual in concept.residuals.values():  # make the effect unmistakable on a 3-step run
+        for residual in concept.method_tensors.values():  # make the effect unmistakable on a 3-step run
             residual.mul_(50)
     pipe = _pipeline(tiny_base)
     without, with_word = "a photo of a cat", "a photo of a dog"
@@ -203,7 +204,7 @@ def test_single_pass_equals_infusions_dual_stream(tiny_base, target):
     t = torch.tensor([10, 500])
     positions = ResidualPositions()
     positions.mask = mask
-    detach = host.attach_residuals(residuals, positions)
+    detach = attach_residuals_with_hooks(host.delta_modules([f"{n}.weight" for n in residuals]), residuals, positions)
     try:
         ours = unet(x, t, encoder_hidden_states=context).sample
     finally:

@@ -31,7 +31,7 @@ def test_old_files_load_with_their_history():
     assert plot_history(classdiffusion.history, tokens=classdiffusion.tokens).size == (768, 512)  # loss + cosine
 
     infusion = load_concept(OLD / "infusion.safetensors")
-    assert infusion.method_label == "Infusion" and infusion.tokens == [] and infusion.residuals
+    assert infusion.method_label == "Infusion" and infusion.tokens == [] and infusion.method_tensors
     assert infusion.history[-1]["spl"] == 0.0 and infusion.history[-1]["cos"] == []  # the old layout
     assert loss_terms(infusion.history) == ["recon"]  # the always-zero SPL of old Infusion files is not shown
     assert plot_history(infusion.history).size == (768, 256)

@@ -434,7 +434,7 @@ def test_other_methods_train_on_sdxl(sdxl_host, method, tmp_path):
     concept = result.concept
     assert concept.family == "sdxl"
     if method == "infusion":
-        assert len(concept.residuals) == 8 and all(r.abs().sum() > 0 for r in concept.residuals.values())
+        assert len(concept.method_tensors) == 8 and all(r.abs().sum() > 0 for r in concept.method_tensors.values())
     else:
         assert concept.deltas == {} and concept.token_vectors.shape == (1, 2048)
 

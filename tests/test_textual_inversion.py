@@ -65,7 +65,7 @@ def test_token_only_concept_reloads_exactly_and_resumes_exactly(tiny_base, tmp_p
     full = train(load_host(tiny_base, device="cpu"), [dog()], ti_config(save_every=2), images=images, out=out)
     loaded = load_concept(out)
     assert loaded.method == "textual-inversion" and loaded.method_label == "Textual Inversion"
-    assert loaded.deltas == {} and loaded.residuals == {} and loaded.tokens == ["<sks>"]
+    assert loaded.deltas == {} and loaded.method_tensors == {} and loaded.tokens == ["<sks>"]
     assert torch.equal(loaded.token_vectors, full.concept.token_vectors)
     start = load_host(tiny_base, device="cpu").word_embedding("ktn")
     assert not torch.allclose(loaded.token_vectors[0], start.float())  # it learned

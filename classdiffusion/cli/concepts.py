@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InvalidInputError
+from ..methods import method_class
 from ..model.families import FAMILIES
 from .common import (CONCEPT_SUFFIXES, Argument, Command, _finite, _image_size,
                      _positive_int, _share, _base_cross_attention, arg,
@@ -54,10 +55,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise InvalidInputError("compress needs --rank R or --energy E (e.g. --energy 0.9), not both")
     check_output_file(args.out, "OUT", CONCEPT_SUFFIXES)
     concept = load_concept(args.file)
-    if concept.residuals:
-        values = sum(r.numel() for r in concept.residuals.values())
-        print(f"{args.file} is an Infusion concept: {values} residual values ({values * 4 / 1024:.0f} KB), one "
-              "vector per layer; there is nothing for a low-rank factorisation to shrink. Nothing written.")
+    try:
+        method_class(concept.method).check_compressible(concept)
+    except InvalidInputError as exc:
+        print(f"{args.file}: {exc} Nothing written.")
         return 0
     compressed, _ = compress_concept(concept, rank=args.rank, energy=args.energy)
     out = compressed.save(args.out)

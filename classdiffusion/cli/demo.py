@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from ..model.families import FAMILIES
+from ..model.families import FAMILIES, SD15, SDXL
 from .common import (Argument, Command, _finite, _positive_int, arg,
                      check_output_folder)
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..toyworld.demo import DISCLAIMER, SDXL_DISCLAIMER, run_demo, run_sdxl_demo
-
     check_output_folder(args.out, "--out")
-    if args.family == "sdxl":
-        print(SDXL_DISCLAIMER)
-        summary = run_sdxl_demo(args.out, steps=args.steps, spl_weight=args.spl_weight, seed=args.seed,
-                                instance=args.instance, method=args.method, progress=not args.quiet)
-        print(f"SDXL: {summary['layers']} cross-attention layers trained, token {summary['token_width']} wide "
-              f"(768 CLIP-L + 1280 bigG); {summary['summary']}; {summary['seconds']:.0f} s")
-        print("wrote " + ", ".join(summary["files"].values()))
-        return 0
+    return DEMOS[args.family](args)
+
+
+def _toy_demo(args: argparse.Namespace) -> int:
+    """SD1.x: the toy base, a held-out instance learned and scored by the checker."""
+    from ..toyworld.demo import DISCLAIMER, run_demo
+
     print(DISCLAIMER)
     summary = run_demo(args.out, steps=args.steps, spl_weight=args.spl_weight, seed=args.seed,
                        instance=args.instance, method=args.method, progress=not args.quiet)
@@ -32,6 +29,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("wrote " + ", ".join(summary["files"].values()))
     print(DISCLAIMER)
     return 0
+
+
+def _sdxl_demo(args: argparse.Namespace) -> int:
+    """SDXL: a tiny random SDXL-shaped base, the SDXL path end to end (no look is learned)."""
+    from ..toyworld.demo import SDXL_DISCLAIMER, run_sdxl_demo
+
+    print(SDXL_DISCLAIMER)
+    summary = run_sdxl_demo(args.out, steps=args.steps, spl_weight=args.spl_weight, seed=args.seed,
+                            instance=args.instance, method=args.method, progress=not args.quiet)
+    print(f"SDXL: {summary['layers']} cross-attention layers trained, token {summary['token_width']} wide "
+          f"(768 CLIP-L + 1280 bigG); {summary['summary']}; {summary['seconds']:.0f} s")
+    print("wrote " + ", ".join(summary["files"].values()))
+    return 0
+
+
+#: The demo of each model family (``--family``).
+DEMOS = {SD15.name: _toy_demo, SDXL.name: _sdxl_demo}
 
 
 def _toy_instances():

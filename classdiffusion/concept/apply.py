@@ -1,6 +1,7 @@
 """Applying a concept to diffusers models: K/V deltas baked into the UNet, tokens into the
-text encoder, and an exact undo. An Infusion concept instead hooks the UNet's value (and key)
-projections, and the text encoder records what it encodes so the hooks find the class word."""
+text encoder, and an exact undo. A method with tensors of its own (Infusion's residuals) hooks
+them in through its ``sampling_patches``; where they act at a word, the text encoder records what
+it encodes so the hooks find the word."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from torch import nn
 from . import Concept
 from ..errors import BaseMismatchError, InvalidInputError
 from ..model.families import family_named
+from ..methods import method_class
 from ..model.kv import BakedPatch, bake_deltas, cross_attention_weights
+from ..model.prompt_record import ConditionRegistry, RegistryPositions, patch_outputs, record_text_encodings
 
 
 @dataclass
@@ -23,7 +26,7 @@ class AppliedConcept:
     #: (text encoder, its embedding before the concept's rows were added), one per encoder changed
     embeddings: list[tuple[nn.Module, nn.Module]] = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)
-    detach: list = field(default_factory=list)  #: hook removers (Infusion)
+    detach: list = field(default_factory=list)  #: hook removers (a method's own tensors)
 
     def remove(self) -> None:
         for detach in self.detach:
@@ -51,10 +54,8 @@ def apply_concept(
     concept's tokens (SDXL: ``text_encoder_2``/``tokenizer_2`` take the bigG part of each vector).
     With ``strict`` a concept from another base is refused; one of another family always is."""
     concept.check_against(cross_attention_weights(unet, concept.train_mode), what="this UNet", strict=strict)
-    if concept.residuals:
-        return _apply_residuals(unet, concept, text_encoder, tokenizer, strength)
     encoders = []
-    if text_encoder is not None and tokenizer is not None:
+    if text_encoder is not None and tokenizer is not None and concept.tokens:
         encoders = [(text_encoder, tokenizer)] + ([(text_encoder_2, tokenizer_2)] if text_encoder_2 is not None else [])
         family = family_named(concept.family)
         if len(encoders) != len(family.text_widths):  # refused before any weight changes
@@ -62,14 +63,36 @@ def apply_concept(
                                     f"encoder(s); {len(encoders)} were given.")
     handle = AppliedConcept(patch=bake_deltas(unet, concept.deltas, strength, concept.exact),
                             tokens=list(concept.tokens))
-    if encoders:
-        try:
-            for (encoder, encoder_tokenizer), vectors in zip(encoders, family.split(concept.token_vectors)):
-                _add_token_rows(encoder, encoder_tokenizer, concept.tokens, vectors, handle)
-        except Exception:
-            handle.remove()
-            raise
+    try:
+        for (encoder, encoder_tokenizer), vectors in zip(encoders, family_named(concept.family).split(
+                concept.token_vectors)):
+            _add_token_rows(encoder, encoder_tokenizer, concept.tokens, vectors, handle)
+        _hook_method_tensors(unet, concept, text_encoder, tokenizer, strength, handle)
+    except Exception:
+        handle.remove()
+        raise
     return handle
+
+
+def _hook_method_tensors(unet: nn.Module, concept: Concept, text_encoder, tokenizer, strength: float,
+                         handle: AppliedConcept) -> None:
+    """The concept's own tensors (Infusion: ``strength × residual`` where the class word stands in a
+    prompt the text encoder encoded; prompts without it, and the empty negative prompt, stay the base's)."""
+    method = method_class(concept.method)
+    positions_of = None
+    if method.records_prompts:
+        if text_encoder is None or tokenizer is None:
+            raise InvalidInputError(f"A {method.label} concept needs the text encoder and tokenizer too: it acts "
+                                    "where its word stands in the prompt.")
+        registry, release = _shared_registry(text_encoder)
+        handle.detach.append(release)
+
+        def positions_of(word: str) -> RegistryPositions:
+            return RegistryPositions(registry, tokenizer(word, add_special_tokens=False).input_ids)
+
+    patches = method.sampling_patches(concept, strength, positions_of)
+    if patches:
+        handle.detach.append(patch_outputs(dict(unet.named_modules()), patches))
 
 
 def apply_concept_to_pipeline(pipe, concept: Concept, **options) -> AppliedConcept:
@@ -81,29 +104,9 @@ def apply_concept_to_pipeline(pipe, concept: Concept, **options) -> AppliedConce
                          **options)
 
 
-def _apply_residuals(unet: nn.Module, concept: Concept, text_encoder, tokenizer, strength: float) -> AppliedConcept:
-    """Infusion: hooks that add ``strength × residual`` where the class word stands in a prompt the
-    text encoder encoded (prompts without it, and the empty negative prompt, stay the base's)."""
-    from ..methods.infusion.residual import RegistryPositions, attach_residuals_with_hooks
-
-    if text_encoder is None or tokenizer is None:
-        raise InvalidInputError("An Infusion concept needs the text encoder and tokenizer too: it acts where the "
-                                "class word stands in the prompt.")
-    registry, release = _shared_registry(text_encoder)
-    handle = AppliedConcept(patch=BakedPatch())
-    handle.detach.append(release)
-    modules = dict(unet.named_modules())
-    for word in concept.class_words:
-        positions = RegistryPositions(registry, tokenizer(word, add_special_tokens=False).input_ids)
-        handle.detach.append(attach_residuals_with_hooks(modules, concept.residuals, positions, strength))
-    return handle
-
-
 def _shared_registry(text_encoder: nn.Module):
-    """One recording hook and registry per text encoder, shared by the Infusion concepts applied
-    to it; returns (registry, release) where the last release removes the hook."""
-    from ..methods.infusion.residual import ConditionRegistry, record_text_encodings
-
+    """One recording hook and registry per text encoder, shared by the concepts applied to it that
+    act at a word; returns (registry, release) where the last release removes the hook."""
     state = getattr(text_encoder, "_classdiffusion_registry", None)
     if state is None:
         registry = ConditionRegistry()

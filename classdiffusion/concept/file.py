@@ -35,7 +35,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import BaseMismatchError
-from ..methods import METHOD_CLASSES, InfusionMethod
+from ..methods import METHOD_CLASSES, method_class, tensor_owner
 from ..model.families import family_named
 from ..model.kv import base_fingerprint, compare_fingerprints, compress_deltas, trained_names
 from .meta import ConceptMeta
@@ -48,7 +48,6 @@ UP_PREFIX = "kv_up."
 DOWN_PREFIX = "kv_down."
 EXACT_INDEX_PREFIX = "kv_exact_index."
 EXACT_VALUE_PREFIX = "kv_exact_value."
-RESIDUAL_PREFIX = "residual."
 TOKEN_KEY = "token.embedding"
 OPTIM_PREFIX = "optim."
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -77,17 +76,24 @@ class Concept:
     #: trained values float32). Applying at strength 1 writes these values, so an imported
     #: concept reproduces the trained weights bit for bit.
     exact: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-    #: Infusion's residual vectors: canonical module name (``…attn2.to_v``) → [out] float32.
-    residuals: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: The tensors only the concept's method trains, by name (Infusion: one residual vector per
+    #: projection, canonical module name ``…attn2.to_v`` → [out] float32); the method's class says
+    #: how the file holds them, how they fit a base and how they apply (``methods.base.TrainingMethod``).
+    method_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.meta, dict):  # a plain mapping (e.g. from a script): validated like a file's
+            owner = method_class(self.meta["method"]) if "method" in self.meta else tensor_owner(self.method_tensors)
             self.meta = ConceptMeta.from_dict(
                 {"tokens": list(self.tokens), "class_words": list(self.class_words),
                  "layers": {name: list(t.shape) for name, t in self.deltas.items()},
-                 **({"residual_layers": {n: list(t.shape) for n, t in self.residuals.items()},
-                     "method": InfusionMethod.name} if self.residuals else {}), **self.meta},
+                 **({owner.tensor_layers_key: self.tensor_layers(), "method": owner.name}
+                    if self.method_tensors else {}), **self.meta},
                 "the concept's metadata")
+
+    def tensor_layers(self) -> dict[str, list[int]]:
+        """The shapes of the method's own tensors, as the metadata lists them."""
+        return {name: list(t.shape) for name, t in self.method_tensors.items()}
 
     @property
     def method(self) -> str:
@@ -105,10 +111,10 @@ class Concept:
         return METHOD_CLASSES[self.meta.method].label
 
     def trained_shapes(self) -> list[tuple[int, ...]]:
-        """Shapes of the trained tensors in the optimizer's order: deltas, residuals (each sorted by
-        name), then the token rows if there are tokens."""
+        """Shapes of the trained tensors in the optimizer's order: deltas, the method's own tensors
+        (each sorted by name), then the token rows if there are tokens."""
         shapes = [tuple(self.deltas[n].shape) for n in sorted(self.deltas)]
-        shapes += [tuple(self.residuals[n].shape) for n in sorted(self.residuals)]
+        shapes += [tuple(self.method_tensors[n].shape) for n in sorted(self.method_tensors)]
         return shapes + ([tuple(self.token_vectors.shape)] if len(self.tokens) else [])
 
     @property
@@ -156,14 +162,7 @@ class Concept:
                     f"{name}: the concept's delta is {tuple(delta.shape)}, {what}'s weight "
                     f"{tuple(base_weights[name].shape)}; the concept belongs to another architecture."
                 )
-        for name, residual in self.residuals.items():
-            weight = base_weights.get(f"{name}.weight")
-            if weight is None or weight.shape[0] != residual.shape[0]:
-                raise BaseMismatchError(
-                    f"{name}: the concept's residual has {residual.shape[0]} values, {what} "
-                    f"{'lacks the layer' if weight is None else f'outputs {weight.shape[0]}'}; the concept "
-                    "belongs to another architecture."
-                )
+        method_class(self.method).check_tensors_fit(self.method_tensors, base_weights, what)
         expected = self.meta.base_fingerprint
         if not strict or not expected:
             return
@@ -186,8 +185,9 @@ class Concept:
         for name, (index, values) in (self.exact or {}).items():
             tensors[EXACT_INDEX_PREFIX + name] = index.detach().to("cpu", torch.int64).contiguous()
             tensors[EXACT_VALUE_PREFIX + name] = values.detach().to("cpu", torch.float32).contiguous()
-        for name, t in self.residuals.items():
-            tensors[RESIDUAL_PREFIX + name] = t.detach().to("cpu", torch.float32).contiguous()
+        prefix = method_class(self.method).tensor_prefix
+        for name, t in self.method_tensors.items():
+            tensors[prefix + name] = t.detach().to("cpu", torch.float32).contiguous()
         tensors[TOKEN_KEY] = self.token_vectors.detach().to("cpu", torch.float32).contiguous()
         for name, t in (self.optimizer_tensors or {}).items():
             tensors[OPTIM_PREFIX + name] = t.detach().to("cpu").contiguous()
@@ -197,14 +197,16 @@ class Concept:
         """Write atomically: a temp file in the same folder, fsync, then rename over ``path``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        method = method_class(self.method)
+        own = {method.tensor_layers_key: self.tensor_layers()} if self.method_tensors else {}
         meta = dataclasses.replace(self.meta, tokens=list(self.tokens), class_words=list(self.class_words),
-                                   layers={name: list(t.shape) for name, t in self.deltas.items()},
-                                   residual_layers={n: list(t.shape) for n, t in self.residuals.items()} or None)
+                                   layers={name: list(t.shape) for name, t in self.deltas.items()}, **own)
         text = meta.to_json()
         ConceptMeta.from_json(text, path.name)  # never write what the loader would refuse
         metadata = {
             "format": FORMAT,
-            "format_version": "4" if self.residuals else "3" if self.exact else "2" if self.factors else "1",
+            "format_version": str(method.tensor_format_version) if self.method_tensors
+            else "3" if self.exact else "2" if self.factors else "1",
             "classdiffusion": text,
         }
         atomic_save_file(self.to_tensors(), path, metadata)
@@ -286,14 +288,7 @@ def compress_concept(concept: Concept, *, rank: int | None = None, energy: float
     """A copy of ``concept`` whose 2-D deltas are truncated-SVD factors (fixed ``rank`` or an
     ``energy`` share); returns it and per-layer {"rank", "relative_error"}. The optimizer state
     is dropped: a compressed concept is not a resumable checkpoint."""
-    if concept.residuals:
-        from ..errors import InvalidInputError
-
-        raise InvalidInputError(
-            f"This is an Infusion concept: {sum(r.numel() for r in concept.residuals.values())} residual values "
-            f"({sum(r.numel() for r in concept.residuals.values()) * 4 / 1024:.0f} KB), one vector per layer, "
-            "nothing a low-rank factorisation could shrink; it is already as small as it gets."
-        )
+    method_class(concept.method).check_compressible(concept)
     factors, stats = compress_deltas(concept.deltas, rank=rank, energy=energy)
     deltas = dict(concept.deltas)
     for name, (up, down) in factors.items():

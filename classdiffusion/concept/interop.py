@@ -36,6 +36,7 @@ from . import Concept, weights_family
 from ..model.families import SD15, family_named
 from .meta import ConceptMeta
 from ..errors import ConceptFileError, InvalidInputError
+from ..methods import method_class
 from ..model.kv import base_fingerprint, trained_names
 
 WEIGHTS_SAFE = "pytorch_custom_diffusion_weights.safetensors"
@@ -246,12 +247,7 @@ def export_custom_diffusion(concept: Concept, base_weights: Mapping[str, torch.T
     """Write ``pytorch_custom_diffusion_weights.safetensors`` and ``.bin`` (base + delta, float32;
     the ``.bin`` is the one diffusers' ``load_attn_procs`` accepts) and one ``<token>.safetensors``
     embedding per token, as diffusers' trainer does."""
-    if concept.residuals:
-        raise InvalidInputError(
-            "This is an Infusion concept (value residuals at the class word's positions): diffusers' Custom "
-            "Diffusion format stores whole K/V weights, which cannot express a change at some token positions "
-            "only. Use the concept file directly (`classdiffusion generate`, or Load Concept K/V in ComfyUI)."
-        )
+    method_class(concept.method).check_exportable(concept, "diffusers' Custom Diffusion format")
     concept.check_against(base_weights, what="the base", strict=strict)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

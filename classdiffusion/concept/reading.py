@@ -13,9 +13,10 @@ import torch
 from safetensors import safe_open
 
 from ..errors import ConceptFileError
+from ..methods import method_class
 from ..model.families import family_named
 from .file import (_FLOAT_DTYPES, _OPTIM_STATES, DOWN_PREFIX, EXACT_INDEX_PREFIX, EXACT_VALUE_PREFIX, FORMAT,
-                   FORMAT_VERSION, KV_PREFIX, MAX_ABS_VALUE, OPTIM_PREFIX, RESIDUAL_PREFIX, TOKEN_KEY, UP_PREFIX,
+                   FORMAT_VERSION, KV_PREFIX, MAX_ABS_VALUE, OPTIM_PREFIX, TOKEN_KEY, UP_PREFIX,
                    Concept)
 from .meta import ConceptMeta
 from .storage import check_regular_file, run_files
@@ -88,47 +89,55 @@ def _parse_meta(path: Path, header: Mapping[str, str]) -> ConceptMeta:
 def load_concept(path: str | Path, *, device: str | torch.device = "cpu") -> Concept:
     """Load and validate a concept file (keys, shapes, dtypes, finite values)."""
     path = Path(path)
-    header = _open_header(path)
-    meta = _parse_meta(path, header)
-    deltas: dict[str, torch.Tensor] = {}
-    optim: dict[str, torch.Tensor] = {}
-    ups: dict[str, torch.Tensor] = {}
-    downs: dict[str, torch.Tensor] = {}
-    exact_index: dict[str, torch.Tensor] = {}
-    exact_value: dict[str, torch.Tensor] = {}
-    residuals: dict[str, torch.Tensor] = {}
-    token_vectors = None
+    meta = _parse_meta(path, _open_header(path))
+    method = method_class(meta.method)
+    parts = _read_tensors(path, device, method.tensor_prefix)
+    deltas = parts[KV_PREFIX]
+    factors = _expand_factors(path, parts[UP_PREFIX], parts[DOWN_PREFIX], deltas)
+    _check_deltas(path, deltas, meta.layers)
+    exact = _check_exact(path, parts[EXACT_INDEX_PREFIX], parts[EXACT_VALUE_PREFIX], deltas)
+    own = parts.get(method.tensor_prefix, {}) if method.tensor_prefix else {}
+    listed = (getattr(meta, method.tensor_layers_key) or {}) if method.tensor_layers_key else {}
+    method.check_tensors(path.name, own, listed, lambda what, tensor: _check_float(path, what, tensor))
+    tokens = list(meta.tokens)
+    token_vectors = parts[TOKEN_KEY].get("")
+    _check_token_vectors(path, token_vectors, tokens, meta.family)
+    shapes = [tuple(deltas[n].shape) for n in sorted(deltas)] + [tuple(own[n].shape) for n in sorted(own)]
+    _check_optimizer(path, parts[OPTIM_PREFIX], shapes + ([tuple(token_vectors.shape)] if tokens else []))
+    return Concept(deltas=deltas, token_vectors=token_vectors, tokens=tokens, class_words=list(meta.class_words),
+                   meta=meta, optimizer_tensors=parts[OPTIM_PREFIX] or None, factors=factors or None,
+                   exact=exact or None, method_tensors=own)
+
+
+#: The kinds of tensor every concept file may hold, by key prefix (``TOKEN_KEY`` is a whole key).
+_SHARED_PREFIXES = (KV_PREFIX, UP_PREFIX, DOWN_PREFIX, EXACT_INDEX_PREFIX, EXACT_VALUE_PREFIX, OPTIM_PREFIX)
+
+
+def _read_tensors(path: Path, device, own_prefix: str | None) -> dict[str, dict[str, torch.Tensor]]:
+    """prefix → {name: tensor} for every tensor of the file (the token embedding under TOKEN_KEY,
+    name ""); a key of no known kind, or of another method's kind, means the file is damaged."""
+    prefixes = _SHARED_PREFIXES + ((own_prefix,) if own_prefix else ())
+    parts: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in (*prefixes, TOKEN_KEY)}
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
             for key in handle.keys():
-                tensor = handle.get_tensor(key)
-                if key.startswith(KV_PREFIX):
-                    deltas[key[len(KV_PREFIX):]] = tensor
-                elif key.startswith(UP_PREFIX):
-                    ups[key[len(UP_PREFIX):]] = tensor
-                elif key.startswith(DOWN_PREFIX):
-                    downs[key[len(DOWN_PREFIX):]] = tensor
-                elif key.startswith(EXACT_INDEX_PREFIX):
-                    exact_index[key[len(EXACT_INDEX_PREFIX):]] = tensor
-                elif key.startswith(EXACT_VALUE_PREFIX):
-                    exact_value[key[len(EXACT_VALUE_PREFIX):]] = tensor
-                elif key.startswith(RESIDUAL_PREFIX):
-                    residuals[key[len(RESIDUAL_PREFIX):]] = tensor
-                elif key == TOKEN_KEY:
-                    token_vectors = tensor
-                elif key.startswith(OPTIM_PREFIX):
-                    optim[key[len(OPTIM_PREFIX):]] = tensor
-                else:
+                if key == TOKEN_KEY:
+                    parts[TOKEN_KEY][""] = handle.get_tensor(key)
+                    continue
+                prefix = next((p for p in prefixes if key.startswith(p)), None)
+                if prefix is None:
                     raise ConceptFileError(f"{path.name}: unexpected tensor {key!r}; the file is damaged.")
+                parts[prefix][key[len(prefix):]] = handle.get_tensor(key)
     except ConceptFileError:
         raise
     except Exception as exc:
         raise ConceptFileError(
             f"{path.name} could not be read ({exc}); it may be truncated. Copy it again or retrain."
         ) from None
+    return parts
 
-    factors = _expand_factors(path, ups, downs, deltas)
-    layers = meta.layers
+
+def _check_deltas(path: Path, deltas: Mapping[str, torch.Tensor], layers: Mapping[str, list]) -> None:
     if set(layers) != set(deltas):
         raise ConceptFileError(
             f"{path.name}: its tensors do not match its layer list "
@@ -140,43 +149,27 @@ def load_concept(path: str | Path, *, device: str | torch.device = "cpu") -> Con
         if tensor.dtype not in _FLOAT_DTYPES:
             raise ConceptFileError(f"{path.name}: {name} has dtype {tensor.dtype}; expected a float tensor.")
         _check_values(path, name, tensor)
-    exact = _check_exact(path, exact_index, exact_value, deltas)
-    listed = meta.residual_layers or {}
-    if set(listed) != set(residuals):
-        raise ConceptFileError(f"{path.name}: its residual vectors do not match its residual layer list "
-                               f"({len(residuals)} tensors, {len(listed)} listed); the file is damaged.")
-    for name, tensor in residuals.items():
-        if list(tensor.shape) != list(listed[name]) or tensor.ndim != 1:
-            raise ConceptFileError(f"{path.name}: the residual of {name} has shape {list(tensor.shape)}, "
-                                   f"listed {listed[name]}.")
-        if tensor.dtype not in _FLOAT_DTYPES:
-            raise ConceptFileError(f"{path.name}: the residual of {name} is not a float tensor.")
-        _check_values(path, f"the residual of {name}", tensor)
-    tokens = list(meta.tokens)
+
+
+def _check_token_vectors(path: Path, token_vectors, tokens: list[str], family: str) -> None:
     if token_vectors is None or token_vectors.ndim != 2 or token_vectors.shape[0] != len(tokens):
         raise ConceptFileError(
             f"{path.name}: the token embedding is missing or does not have one row per token {tokens}."
         )
     if token_vectors.dtype not in _FLOAT_DTYPES:
         raise ConceptFileError(f"{path.name}: the token embedding is not a float tensor.")
-    width = family_named(meta.family).context_dim
+    width = family_named(family).context_dim
     if tokens and token_vectors.shape[1] != width:
         raise ConceptFileError(f"{path.name}: its token vectors are {token_vectors.shape[1]} wide, but a "
-                               f"{meta.family} concept's are {width}; the file is damaged.")
+                               f"{family} concept's are {width}; the file is damaged.")
     _check_values(path, "the token embedding", token_vectors)
-    shapes = [tuple(deltas[n].shape) for n in sorted(deltas)] + [tuple(residuals[n].shape) for n in sorted(residuals)]
-    _check_optimizer(path, optim, shapes + ([tuple(token_vectors.shape)] if tokens else []))
-    return Concept(
-        deltas=deltas,
-        token_vectors=token_vectors,
-        tokens=tokens,
-        class_words=list(meta.class_words),
-        meta=meta,
-        optimizer_tensors=optim or None,
-        factors=factors or None,
-        exact=exact or None,
-        residuals=residuals,
-    )
+
+
+def _check_float(path: Path, name: str, tensor: torch.Tensor) -> None:
+    """A float tensor with finite values of plausible size."""
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise ConceptFileError(f"{path.name}: {name} is not a float tensor.")
+    _check_values(path, name, tensor)
 
 
 def _check_values(path: Path, name: str, tensor: torch.Tensor) -> None:

@@ -66,19 +66,34 @@ class FisherReport:
                 "per_timestep": {str(k): v for k, v in self.per_timestep.items()}, "settings": self.settings}
 
 
+class _FixedPositions:
+    """A word's positions in the one prompt being scored (known, so nothing is looked up)."""
+
+    def __init__(self, mask: torch.Tensor | None):
+        self.mask = mask
+
+    def for_context(self, context: torch.Tensor) -> torch.Tensor | None:
+        return self.mask
+
+
 @torch.no_grad()
-def _attach_residuals(host, concepts, prompt: str) -> list:
-    from ..methods.infusion.residual import ResidualPositions, word_positions
+def _attach_method_tensors(host, concepts, prompt: str) -> list:
+    """The concepts' own tensors (Infusion's residuals) hooked in at their words' positions in ``prompt``."""
+    from ..methods import method_class
+    from ..model.prompt_record import patch_outputs, word_positions
 
     detachers = []
     ids = host.token_ids([prompt]) if concepts else None
+
+    def positions_of(word: str) -> _FixedPositions:
+        mask = word_positions(ids, host.word_ids(word)).to(host.device)
+        return _FixedPositions(mask if bool(mask.any()) else None)
+
     for concept in concepts:
-        for word in concept.class_words:
-            positions = ResidualPositions()
-            mask = word_positions(ids, host.word_ids(word)).to(host.device)
-            positions.mask = mask if bool(mask.any()) else None
-            residuals = {name: r.to(host.device, torch.float32) for name, r in concept.residuals.items()}
-            detachers.append(host.attach_residuals(residuals, positions))
+        patches = method_class(concept.method).sampling_patches(concept, 1.0, positions_of)
+        if patches:
+            modules = host.delta_modules([f"{name}.weight" for name, _ in patches])
+            detachers.append(patch_outputs(modules, patches))
     return detachers
 
 
@@ -92,15 +107,16 @@ def latent_fisher_divergence(
     seeds: Sequence[int] = (0,),
     latent_size: int = 64,
     weighting: str = "eps",
-    residual_concepts: Sequence = (),
+    concepts: Sequence = (),
     progress: Callable[[], None] | None = None,
 ) -> FisherReport:
     """Infusion's concept-agnostic overfitting metric (see the module docstring for the choices).
 
     ``deltas`` are the concept's K/V deltas (what makes the tuned model); ``prompts`` must not
     mention the concept's ``tokens``. ``latent_size`` is the latent side (64 = 512 px for SD1.5).
-    ``residual_concepts``: Infusion concepts of the tuned model, their residuals attached at their
-    class word's positions in each prompt (a prompt without the word gives exactly 0 for them).
+    ``concepts``: the tuned model's concepts whose methods train tensors of their own (Infusion's
+    residuals, attached at their class word's positions in each prompt: a prompt without the word
+    gives exactly 0 for them); the others' deltas are ``deltas``.
     ``progress`` is called after each (prompt, seed, timestep), len(prompts)·len(seeds)·steps times.
     """
     if weighting not in ("eps", "score"):
@@ -129,7 +145,7 @@ def latent_fisher_divergence(
             for index, t in enumerate(timesteps):
                 t_batch = torch.full((1,), t, device=device, dtype=torch.long)
                 eps_base = host.predict_noise(x, t_batch, context).double()
-                detachers = [host.attach_deltas(deltas)] + _attach_residuals(host, residual_concepts, prompt)
+                detachers = [host.attach_deltas(deltas)] + _attach_method_tensors(host, concepts, prompt)
                 try:
                     eps_tuned = host.predict_noise(x, t_batch, context).double()
                 finally:

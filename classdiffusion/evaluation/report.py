@@ -119,7 +119,7 @@ def evaluate(
     all_tokens = [t for c in concepts for t in c.tokens]
     fisher = latent_fisher_divergence(host, _combined_deltas(concepts), fisher_prompts, tokens=all_tokens,
                                       steps=fisher_steps, seeds=(seed,), latent_size=size // 8,
-                                      residual_concepts=[c for c in concepts if c.residuals],
+                                      concepts=concepts,
                                       progress=progress("Latent Fisher divergence", len(fisher_prompts) * fisher_steps))
     report["latent_fisher_divergence"] = fisher.to_dict()
     host.close()

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from ..model.kv import WeightReader, attach_fused_deltas
-from ..methods.infusion.residual import attach_residuals_with_hooks
 from ..model.families import SD15, Family
 from ..model.text import CombinedTextEncoder, TextFeatures, TransformersTextEncoder
 
@@ -115,14 +114,10 @@ class TrainingHost(Protocol):
         """
 
     def word_ids(self, word: str) -> list[int]:
-        """The token ids ``word`` becomes inside a prompt (Infusion finds its positions with them)."""
+        """The token ids ``word`` becomes inside a prompt (a method acting at a word finds it with them)."""
 
     def token_ids(self, prompts: Sequence[str]) -> torch.Tensor:
         """[B, T] token ids of the prompts as ``encode_text`` runs them."""
-
-    def attach_residuals(self, residuals: Mapping[str, torch.Tensor], positions) -> Callable[[], None]:
-        """Add each residual (canonical module name → vector) to its projection's output where
-        ``positions.for_context(context)`` says. Returns the function that removes them."""
 
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """VAE-encode images in [-1, 1], [B, 3, H, W] → (mean, std) of the scaled latent
@@ -140,6 +135,10 @@ class TrainingHost(Protocol):
     def attach_deltas(self, deltas: Mapping[str, torch.Tensor]) -> Callable[[], None]:
         """Make the UNet compute with ``base + delta`` for each named weight, with gradients
         reaching the deltas. Returns a function that detaches them again."""
+
+    def delta_modules(self, names: Sequence[str]) -> dict[str, nn.Module]:
+        """The UNet's modules that hold the named weights, by canonical module name (at least
+        those): generic module access for a method that hooks its own tensors in."""
 
     def sample_images(self, context: torch.Tensor, uncond: torch.Tensor, *, seeds: Sequence[int], steps: int,
                       guidance: float, size: int, mixed_precision: str = "no",
@@ -229,10 +228,6 @@ class HostBase:
     def weight_reader(self) -> WeightReader | None:
         """How this host's Linear layers get their weight for an input (None: the module's own)."""
         return None
-
-    def attach_residuals(self, residuals: Mapping[str, torch.Tensor], positions) -> Callable[[], None]:
-        modules = self.delta_modules([f"{name}.weight" for name in residuals])
-        return attach_residuals_with_hooks(modules, residuals, positions)
 
     # -- memory planning ------------------------------------------------------------------------
     def unet_config(self) -> dict:

@@ -29,6 +29,19 @@ def method_class(name: str) -> type[TrainingMethod]:
     return METHOD_CLASSES[name]
 
 
+def tensor_owner(tensors) -> type[TrainingMethod]:
+    """The method whose own tensors a concept holds (the default method when it holds none): for a
+    concept built without a method name, from its tensors alone."""
+    if not tensors:
+        return METHOD_CLASSES[DEFAULT_METHOD]
+    owners = [cls for cls in METHOD_CLASSES.values() if cls.tensor_prefix]
+    if len(owners) != 1:
+        from ..errors import InvalidInputError
+
+        raise InvalidInputError("Name the concept's method: more than one method trains tensors of its own.")
+    return owners[0]
+
+
 def methods_help() -> str:
     """Each method's name and description (the ``method`` setting's help)."""
     return " ".join(f"{cls.name}: {cls.description}." for cls in METHOD_CLASSES.values())
@@ -36,4 +49,4 @@ def methods_help() -> str:
 
 __all__ = ["TrainingMethod", "MethodContext", "Losses", "NewTokens", "PLACEHOLDER_TOKEN", "ClassDiffusionMethod",
            "InfusionMethod", "TextualInversionMethod", "METHOD_CLASSES", "DEFAULT_METHOD", "method_class",
-           "methods_help"]
+           "methods_help", "tensor_owner"]

@@ -35,10 +35,9 @@ class MemoryNeeds:
     are trained (AdamW keeps two moments of each) and what a step attaches and backpropagates."""
 
     trained_values: int
-    #: the K/V train mode whose deltas are hooked into the UNet (None: no delta)
+    #: the K/V train mode whose deltas are hooked into the UNet (None: no delta; a method with
+    #: tensors of its own attaches them with ``TrainingMethod.memory_attach``)
     kv_mode: str | None = None
-    #: Infusion's residual target whose vectors are hooked in (None: no residual)
-    residual_target: str | None = None
     #: prompts encoded with gradient per step (0: the text encoder runs without gradient)
     text_rows: int = 0
 
@@ -110,6 +109,58 @@ class TrainingMethod:
     supports_class_images: ClassVar[bool] = True
     #: Whether the method adds each concept's token to the text encoder (its file lists them).
     has_tokens: ClassVar[bool] = True
+    #: The tensors only this method trains (``Concept.method_tensors``), as the concept file holds
+    #: them: their key prefix, the metadata entry listing their shapes, and the format version a
+    #: file with them needs. None: the method trains only the file's shared kinds (K/V deltas, tokens).
+    tensor_prefix: ClassVar[str | None] = None
+    tensor_layers_key: ClassVar[str | None] = None
+    tensor_format_version: ClassVar[int] = 1
+    #: Whether sampling with its concepts needs the prompts' token ids recorded as the text encoder
+    #: encodes them (``model.prompt_record``): its tensors act where a word stands.
+    records_prompts: ClassVar[bool] = False
+
+    # -- its tensors in a concept file, and applied for sampling (class level: no run needed) ----------
+    @classmethod
+    def check_tensors(cls, file_name: str, tensors: Mapping[str, torch.Tensor], listed: Mapping[str, list],
+                      check_values: Callable[[str, torch.Tensor], None]) -> None:
+        """Validate the tensors a file holds under ``tensor_prefix`` against the shapes its metadata
+        lists (``listed``); ``check_values(what, tensor)`` refuses a non-float dtype, NaN/inf and
+        implausible sizes. ConceptFileError for a damaged file. A method without tensors of its own
+        accepts none."""
+        from ..errors import ConceptFileError
+
+        if tensors or listed:
+            raise ConceptFileError(f"{file_name}: it holds tensors a {cls.label} concept does not have; "
+                                   "the file is damaged.")
+
+    @classmethod
+    def check_tensors_fit(cls, tensors: Mapping[str, torch.Tensor], base_weights: Mapping[str, torch.Tensor],
+                          what: str) -> None:
+        """BaseMismatchError when the base lacks a layer the tensors act on, or it has another width."""
+
+    @classmethod
+    def sampling_patches(cls, concept: Any, strength: float, positions_of: Callable[[str], Any]) -> list:
+        """(canonical module name, output patch) pairs that apply the concept's own tensors at
+        sampling time (``model.prompt_record.patch_outputs`` installs them on a diffusers UNet, the
+        nodes on ComfyUI's MODEL); ``positions_of(word)`` finds a word in a context by what was
+        recorded. Methods whose tensors are weight deltas and tokens: none."""
+        return []
+
+    @classmethod
+    def check_compressible(cls, concept: Any) -> None:
+        """InvalidInputError when a low-rank factorisation cannot shrink the concept."""
+
+    @classmethod
+    def check_exportable(cls, concept: Any, format_name: str) -> None:
+        """InvalidInputError when whole-weight formats (a LoRA, diffusers' Custom Diffusion) cannot
+        express the concept; ``format_name`` names the format for the message."""
+
+    @classmethod
+    def memory_attach(cls, config: Any, modules: Mapping[str, nn.Module], weight_names: list[str], rows: int,
+                      device: torch.device) -> Callable[[], None] | None:
+        """For the memory planner's dry run on the meta device: attach zero tensors of the method's own
+        kind to ``modules`` (None: the method trains K/V deltas, which the planner attaches itself)."""
+        return None
 
     @classmethod
     def weights_mode(cls, config) -> str:
@@ -208,7 +259,7 @@ class TrainingMethod:
             tensor.copy_(saved[name])
 
     def concept_fields(self) -> dict[str, Any]:
-        """The trained tensors as ``Concept`` fields (deltas, token_vectors, tokens, residuals), on the CPU."""
+        """The trained tensors as ``Concept`` fields (deltas, token_vectors, tokens, method_tensors), on the CPU."""
         raise NotImplementedError
 
 

@@ -237,7 +237,7 @@ def build_tiny_sdxl_base(out_dir: str | Path, seed: int = 0) -> Path:
     for folder in ("text_encoder", "text_encoder_2"):
         portable_text_encoder_keys(out_dir / folder)
     (out_dir / "RANDOM_WEIGHTS.txt").write_text(
-        "This SDXL-shaped base has random weights (ClassDiffusion demo/tests). Nothing it generates means anything.\n"
+        "A tiny SDXL-shaped base with random weights (ClassDiffusion demo/tests). Nothing it generates means anything.\n"
     )
     return out_dir
 

@@ -140,16 +140,16 @@ def latent_bank_bytes(config: TrainConfig, images: int) -> int:
     return images * per_image + canvas
 
 
-def step_bytes(unet_config: dict, config: TrainConfig, *, train_mode: str | None = "kv",
-               residual_target: str | None = None, text_config=None, text_rows: int = 0, class_rows: int = 0) -> int:
+def step_bytes(unet_config: dict, config: TrainConfig, *, train_mode: str | None = "kv", method=None,
+               text_config=None, text_rows: int = 0, class_rows: int = 0) -> int:
     """Peak bytes of one training step beyond what is resident, from a meta-device dry run of the
     UNet (and the text encoder, where gradients flow into it) at the run's batch, resolution,
     dtype and gradient checkpointing, with the method's trained tensors attached: K/V deltas of
-    ``train_mode`` (None: none), or Infusion's residuals of ``residual_target``."""
+    ``train_mode`` (None: none), or what ``method.memory_attach`` attaches (a method class with
+    tensors of its own, e.g. Infusion's residuals)."""
     from diffusers import UNet2DConditionModel
 
     from ..model.kv import attach_fused_deltas, cross_attention_weights
-    from ..methods.infusion.residual import ResidualPositions, attach_residuals_with_hooks, residual_modules
 
     dtype = precision_dtype(config.mixed_precision)
     meta = torch.device("meta")
@@ -160,8 +160,7 @@ def step_bytes(unet_config: dict, config: TrainConfig, *, train_mode: str | None
         unet.train()
     modules = dict(unet.named_modules())
     layer_weights = cross_attention_weights(unet, train_mode or "kv")
-    trained_weights = {} if residual_target or train_mode is None else {n: tuple(w.shape) for n, w in layer_weights.items()}
-    residuals = residual_modules(list(layer_weights), residual_target) if residual_target else []
+    trained_weights = {} if train_mode is None else {n: tuple(w.shape) for n, w in layer_weights.items()}
     texts = []
     if text_config is not None and text_rows:
         from transformers import CLIPTextModel
@@ -174,13 +173,9 @@ def step_bytes(unet_config: dict, config: TrainConfig, *, train_mode: str | None
     with LiveBytes(known=weights) as live:
         start = live.current
         trained = [torch.zeros(shape, device=meta, requires_grad=True) for shape in trained_weights.values()]
-        if residuals:
-            positions = ResidualPositions()
-            positions.mask = torch.zeros(rows, 77, dtype=torch.bool, device=meta)
-            detach = attach_residuals_with_hooks(
-                {m: modules[m] for m in residuals},
-                {m: torch.zeros(modules[m].out_features, device=meta, requires_grad=True) for m in residuals},
-                positions)
+        own = method.memory_attach(config, modules, list(layer_weights), rows, meta) if method is not None else None
+        if own is not None:
+            detach = own
         else:
             detach = attach_fused_deltas(
                 {n.rsplit(".", 1)[0]: modules[n.rsplit(".", 1)[0]] for n in trained_weights},
@@ -313,7 +308,7 @@ def estimate(host, config: TrainConfig, method, *, images: int, class_images: in
         resident=host.resident_bytes(),
         latents=latent_bank_bytes(config, images) + (latent_bank_bytes(prior, class_images) if class_images else 0),
         trained=2 * 4 * needs.trained_values,
-        step=step_bytes(unet_config, config, train_mode=needs.kv_mode, residual_target=needs.residual_target,
+        step=step_bytes(unet_config, config, train_mode=needs.kv_mode, method=method,
                         text_config=[m.config for m in host.text.models] if needs.text_rows else None,
                         text_rows=needs.text_rows,
                         class_rows=class_rows),

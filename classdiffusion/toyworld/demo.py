@@ -158,7 +158,7 @@ def run_sdxl_demo(out: str | Path, *, steps: int = 10, spl_weight: float = 1.0, 
         files[embedding.name] = str(embedding)
     summary = {"family": host.family.name, "method": method, "steps": steps, "spl_weight": spl_weight, "seed": seed,
                "token_width": int(result.concept.token_vectors.shape[-1]) if result.concept.tokens else 0,
-               "layers": len(result.concept.deltas) or len(result.concept.residuals),
+               "layers": len(result.concept.deltas) or len(result.concept.method_tensors),
                "summary": summary_line(result.concept.history), "seconds": round(time.perf_counter() - started, 1),
                "files": files}
     (out / "scores.json").write_text(json.dumps(summary, indent=2) + "\n")

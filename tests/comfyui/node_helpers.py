@@ -63,7 +63,7 @@ def strengthened_infusion_node(concept, path, name: str) -> dict:
     ``path``: a few training steps move them too little for 2 sampling steps and 8-bit pixels to
     show, so scaled up, "differs" tests the mechanism rather than rounding."""
     with torch.no_grad():
-        for residual in concept.residuals.values():
+        for residual in concept.method_tensors.values():
             residual.mul_(300)
     concept.save(path.with_name(name))
     return load_concept_node(name)

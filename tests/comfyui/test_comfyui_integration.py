@@ -251,7 +251,7 @@ def test_infusion_concept_changes_only_prompts_with_its_word(server, infusion_tr
     path = server.base_dir / "models" / "classdiffusion" / "dog_infusion.safetensors"
     concept = load_concept(path)
     assert concept.method == "infusion" and concept.tokens == [] and concept.class_words == ["dog"]
-    assert concept.step == 3 and all(float(r.abs().max()) > 0 for r in concept.residuals.values())
+    assert concept.step == 3 and all(float(r.abs().max()) > 0 for r in concept.method_tensors.values())
     print(f"\nInfusion concept on the host's SD1.5-shaped checkpoint: {path.stat().st_size / 1024:.1f} KB")
     # Three steps move the residuals by ~0.03, which 2 sampling steps and 8-bit pixels may not show:
     # the same concept, scaled up, makes "differs" a test of the mechanism rather than of rounding.

@@ -115,7 +115,7 @@ def test_sdxl_infusion_changes_only_prompts_with_its_word(server):
     assert_success(entry)
     path = server.base_dir / "models" / "classdiffusion" / "sdxl_infusion.safetensors"
     concept = load_concept(path)
-    assert concept.family == "sdxl" and concept.method == "infusion" and len(concept.residuals) == 26
+    assert concept.family == "sdxl" and concept.method == "infusion" and len(concept.method_tensors) == 26
     load = strengthened_infusion_node(concept, path, "sdxl_infusion_strong.safetensors")
     runs = {}
     for label, graph in {

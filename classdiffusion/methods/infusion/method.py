@@ -20,7 +20,9 @@ import torch
 
 from ...errors import InvalidInputError
 from ...model.losses import infusion_mse
-from .residual import ResidualPositions, residual_modules, word_positions, zero_residuals
+from ...model.prompt_record import word_positions
+from .residual import (ResidualPositions, attach_residuals_with_hooks, residual_modules, residual_patch,
+                       zero_residuals)
 from ...model.precision import autocast
 from ..base import Losses, MemoryNeeds, TrainingMethod
 
@@ -43,14 +45,76 @@ class InfusionMethod(TrainingMethod):
     uses_subject_masks = True
     supports_class_images = False
     has_tokens = False
+    #: ``residual.<diffusers module>`` float32 [out] in the file, listed in ``residual_layers``; format 4.
+    tensor_prefix = "residual."
+    tensor_layers_key = "residual_layers"
+    tensor_format_version = 4
+    records_prompts = True
+
+    @classmethod
+    def check_tensors(cls, file_name, tensors, listed, check_values) -> None:
+        from ...errors import ConceptFileError
+
+        if set(listed) != set(tensors):
+            raise ConceptFileError(f"{file_name}: its residual vectors do not match its residual layer list "
+                                   f"({len(tensors)} tensors, {len(listed)} listed); the file is damaged.")
+        for name, tensor in tensors.items():
+            if list(tensor.shape) != list(listed[name]) or tensor.ndim != 1:
+                raise ConceptFileError(f"{file_name}: the residual of {name} has shape {list(tensor.shape)}, "
+                                       f"listed {listed[name]}.")
+            check_values(f"the residual of {name}", tensor)
+
+    @classmethod
+    def check_tensors_fit(cls, tensors, base_weights, what) -> None:
+        from ...errors import BaseMismatchError
+
+        for name, residual in tensors.items():
+            weight = base_weights.get(f"{name}.weight")
+            if weight is None or weight.shape[0] != residual.shape[0]:
+                raise BaseMismatchError(
+                    f"{name}: the concept's residual has {residual.shape[0]} values, {what} "
+                    f"{'lacks the layer' if weight is None else f'outputs {weight.shape[0]}'}; the concept "
+                    "belongs to another architecture."
+                )
+
+    @classmethod
+    def sampling_patches(cls, concept, strength, positions_of) -> list:
+        """Each residual added where each of the concept's class words stands (prompts without it,
+        and the empty negative prompt, stay the base's)."""
+        return [(name, residual_patch(residual.float(), positions_of(word), strength))
+                for word in concept.class_words for name, residual in concept.method_tensors.items()]
+
+    @classmethod
+    def check_compressible(cls, concept) -> None:
+        values = sum(r.numel() for r in concept.method_tensors.values())
+        raise InvalidInputError(
+            f"This is an Infusion concept: {values} residual values ({values * 4 / 1024:.0f} KB), one vector per "
+            "layer, nothing a low-rank factorisation could shrink; it is already as small as it gets.")
+
+    @classmethod
+    def check_exportable(cls, concept, format_name: str) -> None:
+        raise InvalidInputError(
+            f"This is an Infusion concept (value residuals at the class word's positions): {format_name} holds "
+            "whole-weight changes, which cannot express a change at some token positions only. Use the concept file "
+            "directly (`classdiffusion generate`, or Load Concept K/V in ComfyUI).")
+
+    @classmethod
+    def memory_attach(cls, config, modules, weight_names, rows, device):
+        """Zero residuals on the projections ``residual_target`` trains, at every position of a
+        77-token context (what a step backpropagates through)."""
+        names = residual_modules(weight_names, config.residual_target)
+        positions = ResidualPositions()
+        positions.mask = torch.zeros(rows, 77, dtype=torch.bool, device=device)
+        return attach_residuals_with_hooks(
+            {m: modules[m] for m in names},
+            {m: torch.zeros(modules[m].out_features, device=device, requires_grad=True) for m in names}, positions)
 
     @classmethod
     def memory_needs(cls, host, config, concepts: int) -> MemoryNeeds:
         """One vector per changed projection; the text encoder runs without gradient."""
         weights = host.cross_attention_weights(cls.weights_mode(config))
         return MemoryNeeds(trained_values=sum(int(weights[f"{m}.weight"].shape[0])
-                                              for m in residual_modules(list(weights), config.residual_target)),
-                           residual_target=config.residual_target)
+                                              for m in residual_modules(list(weights), config.residual_target)))
 
     def setup(self) -> None:
         if len(self.concepts) != 1:
@@ -86,7 +150,8 @@ class InfusionMethod(TrainingMethod):
         return prefix + template.format(spec.class_word)
 
     def attach(self) -> Callable[[], None]:
-        return self.host.attach_residuals(self.residuals, self.positions)
+        modules = self.host.delta_modules([f"{name}.weight" for name in self.residuals])
+        return attach_residuals_with_hooks(modules, self.residuals, self.positions)
 
     def _context(self, prompts: list[str]) -> torch.Tensor:
         """The frozen text encoder's features, computed once per distinct prompt."""
@@ -112,7 +177,7 @@ class InfusionMethod(TrainingMethod):
     def validation_contexts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The sampler batches rows its own way, so during validation the residual hooks find the
         class word by content (as at inference), not from a training batch's positions."""
-        from .residual import ConditionRegistry, RegistryPositions
+        from ...model.prompt_record import ConditionRegistry, RegistryPositions
 
         context, uncond = super().validation_contexts(prompts)
         registry = ConditionRegistry()
@@ -126,8 +191,8 @@ class InfusionMethod(TrainingMethod):
         self.positions.lookup = None
 
     def load_state(self, checkpoint) -> None:
-        self.copy_saved(self.residuals, checkpoint.residuals, "residual")
+        self.copy_saved(self.residuals, checkpoint.method_tensors, "residual")
 
     def concept_fields(self) -> dict[str, Any]:
         return {"deltas": {}, "token_vectors": torch.zeros(0, self.host.text_dim), "tokens": [],
-                "residuals": {name: p.detach().clone().cpu() for name, p in self.residuals.items()}}
+                "method_tensors": {name: p.detach().clone().cpu() for name, p in self.residuals.items()}}
