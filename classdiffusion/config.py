@@ -10,19 +10,13 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 from .errors import InvalidInputError
-from .methods import DEFAULT_METHOD, METHOD_CLASSES, method_class, methods_help
+from .methods import DEFAULT_METHOD, METHOD_CLASSES, method_class, method_settings, methods_help
+from .settings import setting
 
 logger = logging.getLogger("classdiffusion")
 
 TrainMode = Literal["kv", "crossattn"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
-#: Which text feature SPL compares: "eos" = the end-of-text token (the paper's definition);
-#: "official" = transformers' pooler_output as the official code gets it under SD1.5's legacy
-#: config, i.e. the position of the highest token id — the new token itself in "a photo of a <sks> dog".
-SplFeature = Literal["eos", "official"]
-SplEncoders = Literal["mean", "concat"]
-SPL_FEATURES = ("eos", "official")
-SPL_ENCODERS = ("mean", "concat")
 #: Custom Diffusion's (and the official ClassDiffusion scripts') initializer: a rare token.
 DEFAULT_INITIALIZER = "ktn"
 #: The official ClassDiffusion prompt: "a photo of a <new1> dog".
@@ -190,13 +184,6 @@ class ConceptSpec:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def setting(default: Any, help: str, *, cli: str | None = None, **limits: Any):
-    """A TrainConfig field with its help, range (min/max/step), choices and command-line flag:
-    written once, read by the CLI (``cli.add_setting_arguments``) and the nodes' inputs
-    (peft's ``field(metadata={"help": ...})`` style). ``cli`` "--no-x" turns a True default off."""
-    return field(default=default, metadata={"help": help, "cli": cli, **limits})
-
-
 def setting_info(name: str) -> dict[str, Any]:
     """help, cli, min, max, step, choices and default of a TrainConfig field."""
     for f in dataclasses.fields(TrainConfig):
@@ -205,7 +192,30 @@ def setting_info(name: str) -> dict[str, Any]:
     raise KeyError(name)
 
 
+def with_method_settings(cls):
+    """Each registered method's own settings (``TrainingMethod.settings``, declared in its folder)
+    added to the class after their anchor fields, before ``dataclass`` reads it: TrainConfig stays
+    one flat object (what concept files hold), and a method's settings live with the method."""
+    annotations: dict[str, Any] = {}
+
+    def add(name: str, annotation: Any) -> None:
+        annotations[name] = annotation
+        for own in method_settings():
+            if own.after == name:  # a method's setting may follow another of its own
+                setattr(cls, own.name, own.declared)
+                add(own.name, own.annotation)
+
+    for name, annotation in cls.__annotations__.items():
+        add(name, annotation)
+    missing = [own.name for own in method_settings() if own.name not in annotations]
+    if missing:
+        raise TypeError(f"method settings {missing} follow no TrainConfig field")
+    cls.__annotations__ = annotations
+    return cls
+
+
 @dataclass
+@with_method_settings
 class TrainConfig:
     """Training settings. Defaults are the paper's / official code's (SD1.5, single concept).
 
@@ -222,17 +232,6 @@ class TrainConfig:
                                    "(paper: 1e-5 → 2e-5 at batch 2).", min=1e-7, max=1e-2, step=1e-6, cli="--lr")
     scale_lr: bool = setting(True, "Multiply the learning rate by the batch size (× 2 more with class images), "
                              "as the official --scale_lr does.", cli="--no-scale-lr")
-    spl_weight: float = setting(1.0, "λ of the semantic preservation loss. Higher keeps composition, lower keeps "
-                                "identity; 0 = Custom Diffusion.", min=0.0, max=100.0, step=0.01, cli="--spl-weight")
-    spl_feature: SplFeature = setting(
-        "eos", "Which text feature SPL compares. eos: the end-of-text token (the paper). official: what the official "
-        "code computes (pooler_output under SD1.5's legacy config = the new token's own position, entered without "
-        "its position embedding); only to reproduce its numbers.", choices=SPL_FEATURES, cli="--spl-feature")
-    spl_encoders: SplEncoders = setting(
-        "concat", "How SPL joins the text encoders of a two-encoder base (SDXL: CLIP-L and bigG). concat: 1 − cos of "
-        "their EOS features side by side (bigG's wider features weigh more; measured to keep both encoders' drift "
-        "lowest, docs/sdxl.md); mean: the mean of each encoder's 1 − cos. One-encoder bases (SD1.x): the same "
-        "either way.", choices=SPL_ENCODERS, cli="--spl-encoders")
     prior_weight: float = setting(1.0, "Weight of the prior-preservation loss on class images.", min=0.0,
                                   cli="--prior-weight")
     resolution: int = setting(512, "Training resolution, a multiple of 64 (SD1.5: 512; SDXL: 1024).", min=64, max=1024, step=64,
@@ -250,11 +249,6 @@ class TrainConfig:
     max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 = off).", min=0.0)
     gradient_accumulation: int = setting(1, "Micro-batches of batch_size per optimizer step (Infusion's recipe: "
                                          "4 × batch 4).", min=1, max=64, cli="--gradient-accumulation")
-    residual_lr: float = setting(1e-2, "Infusion: AdamW learning rate of the residual vectors (its code: 0.01, "
-                                 "not scaled by the batch).", min=1e-6, max=1.0, step=1e-4, cli="--residual-lr")
-    residual_target: str = setting("v", "Infusion: v = a residual on the value projection only (the paper: the "
-                                   "original attention maps are kept); kv = also on the key (what its xformers "
-                                   "code path trains).", choices=("v", "kv"), cli="--residual-target")
     mixed_precision: MixedPrecision = setting("no", "Autocast dtype; frozen models are stored in it, trained tensors "
                                               "stay fp32.", choices=("no", "fp16", "bf16"), cli="--mixed-precision")
     gradient_checkpointing: bool = setting(False, "Less memory, slower steps.", cli="--gradient-checkpointing")

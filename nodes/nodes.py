@@ -18,7 +18,7 @@ from comfy_api.latest import ComfyExtension, io, ui
 from ..classdiffusion.concept import atomic_save_file, load_concept, run_files
 from ..classdiffusion.config import ConceptSpec, TrainConfig, setting_info
 from ..classdiffusion.run.data import ConceptData
-from ..classdiffusion.methods import DEFAULT_METHOD, method_class
+from ..classdiffusion.methods import DEFAULT_METHOD, method_class, method_settings
 from ..classdiffusion.evaluation.drift import concept_drifts, summary as drift_summary
 from ..classdiffusion.evaluation.picker import DEFAULT_COMPOSITION, TOLERANCE
 from ..classdiffusion.run.plot import plot_drift_map, plot_history
@@ -60,6 +60,23 @@ def setting_input(kind, name: str, **extra):
     if kind is io.Combo:
         options["options"] = list(info["choices"])
     return kind.Input(name, default=info["default"], tooltip=info["help"], **options, **extra)
+
+
+def method_inputs_after(anchor: str) -> list:
+    """The Train node's inputs for the methods' own settings placed after the input ``anchor``
+    (their declaration's ``node``: "after:", "optional-after:" or "advanced-after:" ANCHOR): the
+    registry decides what the node offers, and each stays where saved workflows expect it."""
+    inputs = []
+    for own in method_settings():
+        place = own.declared.metadata.get("node") or ""
+        kind_of_place, _, after = place.partition("-after:") if "-after:" in place else ("", "", place[len("after:"):])
+        if after != anchor:
+            continue
+        info = setting_info(own.name)
+        kind = io.Combo if "choices" in info else {bool: io.Boolean, int: io.Int, float: io.Float}[type(info["default"])]
+        extra = {} if not kind_of_place else {"optional": True, **(_advanced() if kind_of_place == "advanced" else {})}
+        inputs.append(setting_input(kind, own.name, **extra))
+    return inputs
 
 
 def _mixed_precision(choice: str, model) -> str:
@@ -174,7 +191,7 @@ class TrainConceptNode(io.ComfyNode):
                 io.String.Input("prompt_template", default="a photo of a {}", tooltip="Training prompt; {} becomes '<token> <class word>'."),
                 setting_input(io.Int, "steps"),
                 setting_input(io.Float, "learning_rate"),
-                setting_input(io.Float, "spl_weight"),
+                *method_inputs_after("learning_rate"),
                 setting_input(io.Int, "batch_size"),
                 setting_input(io.Int, "seed", control_after_generate=True),
                 setting_input(io.Int, "resolution"),
@@ -187,7 +204,7 @@ class TrainConceptNode(io.ComfyNode):
                 io.Image.Input("class_images", optional=True, tooltip="Optional class images (e.g. generated 'a photo of a dog') for prior preservation."),
                 ConceptSpecType.Input("concept_2", optional=True, tooltip="A second concept to train jointly."),
                 ConceptSpecType.Input("concept_3", optional=True, tooltip="A third concept to train jointly."),
-                setting_input(io.Combo, "spl_feature", optional=True, **_advanced()),
+                *method_inputs_after("concept_3"),
                 setting_input(io.Boolean, "channels_last", optional=True, **_advanced()),
                 setting_input(io.Boolean, "compile", optional=True, **_advanced()),
                 setting_input(io.Combo, "method", optional=True),
@@ -201,7 +218,7 @@ class TrainConceptNode(io.ComfyNode):
                 setting_input(io.Int, "validation_seed", optional=True),
                 io.Combo.Input("memory", options=list(setting_info("memory")["choices"]), default="auto", optional=True,
                                tooltip=setting_info("memory")["help"] + " The node's default is auto."),
-                setting_input(io.Combo, "spl_encoders", optional=True, **_advanced()),  # new inputs go last
+                *method_inputs_after("memory"),  # new inputs go last
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL"),
@@ -215,11 +232,11 @@ class TrainConceptNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, images, token, class_word, prompt_template, steps, learning_rate,
-                spl_weight, batch_size, seed, resolution, mixed_precision, initializer,
-                gradient_checkpointing, save_name, class_images=None, concept_2=None, concept_3=None,
-                spl_feature="eos", channels_last=False, compile=False, method=DEFAULT_METHOD,
-                masks=None, save_every=0, validation_every=0, validation_prompts="", validation_steps=25,
-                validation_seed=0, memory="auto", spl_encoders="concat") -> io.NodeOutput:
+                batch_size, seed, resolution, mixed_precision, initializer, gradient_checkpointing, save_name,
+                class_images=None, concept_2=None, concept_3=None, channels_last=False, compile=False,
+                method=DEFAULT_METHOD, masks=None, save_every=0, validation_every=0, validation_prompts="",
+                validation_steps=25, validation_seed=0, memory="auto", **method_settings) -> io.NodeOutput:
+        """``method_settings``: the methods' own settings the node offers (``method_inputs_after``)."""
         name = sanitize_name(save_name)
         model_family(model)
         data = [ConceptData(ConceptSpec(token=method_class(method).concept_token(token), class_word=class_word,
@@ -230,14 +247,13 @@ class TrainConceptNode(io.ComfyNode):
                 data.append(dataclasses.replace(extra, spec=dataclasses.replace(extra.spec, prompt=prompt_template)))
         specs = [d.spec for d in data]
         config = TrainConfig.for_method(
-            method, steps=steps, batch_size=batch_size, learning_rate=learning_rate, spl_weight=spl_weight,
-            resolution=resolution, seed=seed, mixed_precision=_mixed_precision(mixed_precision, model),
+            method, steps=steps, batch_size=batch_size, learning_rate=learning_rate, resolution=resolution, seed=seed, mixed_precision=_mixed_precision(mixed_precision, model),
             gradient_checkpointing=gradient_checkpointing, drift_every=max(1, steps // 25),
-            spl_feature=spl_feature, spl_encoders=spl_encoders, channels_last=channels_last, compile=compile,
+            channels_last=channels_last, compile=compile,
             save_every=save_every, checkpoint_optimizer=False,  # step files to compare, not to resume
             validation_every=validation_every, validation_steps=validation_steps, validation_seed=validation_seed,
             validation_prompts=[line.strip() for line in validation_prompts.splitlines() if line.strip()],
-            memory=memory,
+            memory=memory, **method_settings,
         )
         with torch.inference_mode(False), torch.enable_grad():
             patcher = training_patcher(model)
@@ -586,7 +602,6 @@ class ExportDiffNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, concept, save_name) -> io.NodeOutput:
         from ..classdiffusion.errors import InvalidInputError
-        from ..classdiffusion.methods import method_class
 
         method_class(concept.method).check_exportable(concept, "a LoRA")
         if not concept.deltas:

@@ -42,6 +42,11 @@ def tensor_owner(tensors) -> type[TrainingMethod]:
     return owners[0]
 
 
+def method_settings() -> list:
+    """Every registered method's own settings (``settings.MethodSetting``), in registry order."""
+    return [own for cls in METHOD_CLASSES.values() for own in cls.settings]
+
+
 def methods_help() -> str:
     """Each method's name and description (the ``method`` setting's help)."""
     return " ".join(f"{cls.name}: {cls.description}." for cls in METHOD_CLASSES.values())
@@ -49,4 +54,4 @@ def methods_help() -> str:
 
 __all__ = ["TrainingMethod", "MethodContext", "Losses", "NewTokens", "PLACEHOLDER_TOKEN", "ClassDiffusionMethod",
            "InfusionMethod", "TextualInversionMethod", "METHOD_CLASSES", "DEFAULT_METHOD", "method_class",
-           "methods_help", "tensor_owner"]
+           "methods_help", "method_settings", "tensor_owner"]

@@ -27,6 +27,10 @@ class MethodContext:
     with_prior: bool
     #: log a warning that is also saved in the concept file
     warn: Callable[[str], None]
+    #: makes a token's drift probe: (encode, class word, prompt=template) → an object whose
+    #: ``measure(token, vector)`` gives the drift (the loop hands in ``evaluation.drift.DriftProbe``,
+    #: so a method never reaches up into the evaluation)
+    drift_probe: Callable[..., Any] | None = None
 
 
 @dataclass
@@ -101,6 +105,9 @@ class TrainingMethod:
     description: ClassVar[str]
     #: TrainConfig defaults of this method where they differ from the fields' (its paper's recipe).
     recipe: ClassVar[dict[str, Any]] = {}
+    #: The method's own settings (``settings.MethodSetting``, declared in its folder's settings.py):
+    #: TrainConfig fields, CLI flags and Train node inputs are made from them.
+    settings: ClassVar[tuple] = ()
     #: The base weights (train mode) the run reads and fingerprints.
     base_mode: ClassVar[str] = "kv"
     #: Whether subject masks (alpha channel / mask images) weight the loss.
@@ -291,17 +298,19 @@ class NewTokens:
     def drift(self) -> list[dict]:
         """Each token's semantic drift now (cosine to its class phrase, rank among the paper's
         adjective phrases); the phrases without tokens are encoded once."""
-        from ..evaluation.drift import DriftProbe
         from ..model.precision import autocast
 
         context = self.context
+        if context.drift_probe is None:
+            return []
 
         def encode(prompts, vectors, **options):
             with torch.no_grad(), autocast(context.device, context.config.mixed_precision):
                 return context.host.encode_text(prompts, vectors, **options)
 
         if not hasattr(self, "_probes"):
-            self._probes = [DriftProbe(encode, spec.class_word, prompt=spec.prompt) for spec in context.concepts]
+            self._probes = [context.drift_probe(encode, spec.class_word, prompt=spec.prompt)
+                            for spec in context.concepts]
         return [probe.measure(token, self.vectors[k].detach()).to_dict()
                 for k, (probe, token) in enumerate(zip(self._probes, self.tokens))]
 

@@ -21,6 +21,7 @@ import torch
 
 from .. import __version__
 from ..concept import Concept, load_concept
+from ..evaluation.drift import DriftProbe
 from ..config import ConceptSpec, TrainConfig, check_concepts
 from .data import ConceptData, LatentBank, concept_data, draw_placement
 from ..errors import InvalidInputError, TrainingCancelled, TrainingDivergedError
@@ -187,7 +188,8 @@ class TrainingRun:
         self.fingerprint = base_fingerprint(base)
         self.base_weights = base  # read-only views (the official weight decay reads them)
         self.method = method_type(MethodContext(host=host, config=config, concepts=self.concepts, device=self.device,
-                                                base_weights=base, with_prior=self.with_prior, warn=self._warn))
+                                                base_weights=base, with_prior=self.with_prior, warn=self._warn,
+                                                drift_probe=DriftProbe))
         self.method.setup()
         host.configure_training(config)
         self.image_concept = [k for k, imgs in enumerate(per_concept) for _ in imgs]

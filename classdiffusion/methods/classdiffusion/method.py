@@ -11,12 +11,14 @@ import torch
 from ...model.kv import trained_names, zero_deltas
 from ...model.losses import masked_mse, prior_mse, semantic_preservation_loss
 from ...model.precision import autocast
+from .settings import SETTINGS
 from ..base import Losses, MemoryNeeds, NewTokens, TrainingMethod
 
 
 class ClassDiffusionMethod(TrainingMethod):
     name = "classdiffusion"
     label = "ClassDiffusion"
+    settings = SETTINGS
     description = ("a new token + cross-attention K/V deltas with the semantic preservation loss (the default; "
                    "spl_weight 0 = Custom Diffusion)")
 

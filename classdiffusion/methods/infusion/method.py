@@ -24,6 +24,7 @@ from ...model.prompt_record import word_positions
 from .residual import (ResidualPositions, attach_residuals_with_hooks, residual_modules, residual_patch,
                        zero_residuals)
 from ...model.precision import autocast
+from .settings import SETTINGS
 from ..base import Losses, MemoryNeeds, TrainingMethod
 
 #: The prompt templates of Infusion's dataset (infusion/dataset.py), the class word in the {}.
@@ -36,6 +37,7 @@ INFUSION_TEMPLATES = (
 class InfusionMethod(TrainingMethod):
     name = "infusion"
     label = "Infusion"
+    settings = SETTINGS
     description = ("one residual vector per attn2 value projection, added only where the class word stands; a ~50 KB "
                    "concept that leaves every other prompt bit-identical")
     #: Its recipe (arXiv 2404.14007 and configs/infusion_cat.yaml) where it differs from the fields': batch 4
