@@ -94,8 +94,12 @@ def test_methods_never_read_the_run_and_the_shared_code_names_no_method():
         found = re.findall(r"run\._|run\.scaler|\.run\b", path.read_text())
         assert not found, (path.name, found)
     names = [cls.name for cls in methods.METHOD_CLASSES.values()] + ["<unused>"]
-    for relative in ("classdiffusion/run/progress.py", "classdiffusion/run/train.py", *(f"classdiffusion/cli/{m}.py" for m in ("__init__", "common", "training", "concepts", "evaluate", "demo")),
-                     "classdiffusion/config.py", "classdiffusion/concept/meta.py", "nodes/nodes.py", "nodes/comfy_glue.py"):
+    shared = ["classdiffusion/run/progress.py", "classdiffusion/run/train.py", "classdiffusion/config.py",
+              "classdiffusion/concept/meta.py",
+              *(f"classdiffusion/cli/{m}.py" for m in ("__init__", "common", "training", "concepts", "evaluate", "demo")),
+              *(f"nodes/{m}.py" for m in ("nodes", "inputs", "training_nodes", "concept_nodes", "report_nodes",
+                                          "comfy_glue"))]
+    for relative in shared:
         text = re.sub(r'getLogger\("classdiffusion"\)|prog="classdiffusion"|CONCEPT_FOLDER = "classdiffusion"', "",
                       (REPO / relative).read_text())  # the package's own name, not the method's
         quoted = [name for name in names if f'"{name}"' in text or f"'{name}'" in text]

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from ..errors import ClassDiffusionError, ConceptFileError
 from ..model.families import FAMILIES
@@ -82,25 +82,8 @@ class ConceptMeta:
         for key in ("tokens", "class_words", "layers"):
             if key not in raw:
                 raise MetaError(f"{source}: metadata lacks {key!r}; the file is damaged.")
-        method = raw.get("method", DEFAULT_METHOD)
-        if isinstance(method, str) and method not in METHOD_CLASSES and method.strip():
-            raise MetaError(f"{source} was trained with the {method!r} method, which this version of the pack does "
-                            f"not know (it knows {list(METHOD_CLASSES)}); update the pack to use it.")
-        method = check.choice(method, "method", tuple(METHOD_CLASSES))
-        family = raw.get("family", "sd15")
-        if isinstance(family, str) and family not in FAMILIES and family.strip():
-            raise MetaError(f"{source} was trained on a {family!r} base, a model family this version of the pack "
-                            f"does not know (it knows {list(FAMILIES)}); update the pack to use it.")
-        family = check.choice(family, "family", tuple(FAMILIES))
-        has_tokens = METHOD_CLASSES[method].has_tokens
-        tokens = check.strings(raw["tokens"], "tokens", min_length=1 if has_tokens else 0)
-        if not has_tokens and tokens:
-            check.fail("tokens", f"must be empty for the {method} method, which adds no token")
-        for i, token in enumerate(tokens):
-            if any(ch.isspace() for ch in token):
-                check.fail(f"tokens[{i}]", f"must be one word without spaces (got {token!r})")
-        if len(set(tokens)) != len(tokens):
-            check.fail("tokens", f"repeats a token ({tokens})")
+        method, family = _read_method_and_family(raw, check, source)
+        tokens = _read_tokens(raw["tokens"], check, method)
         n = len(tokens)
         class_words = check.strings(raw["class_words"], "class_words", length=n if tokens else None, min_length=1)
         m = len(class_words)  # concepts (= tokens for ClassDiffusion)
@@ -121,7 +104,8 @@ class ConceptMeta:
             "concepts": check.optional(lambda v, f: check.concepts(v, f, tokens, m)),
             "initializers": check.optional(lambda v, f: check.strings(v, f, length=n)),
             "prompts": check.optional(lambda v, f: check.strings(v, f, length=m, template=True)),
-            "residual_layers": check.optional(lambda v, f: check.layers(v, f)),
+            **{cls.tensor_layers_key: check.optional(lambda v, f: check.layers(v, f))  # a method's own tensors
+               for cls in METHOD_CLASSES.values() if cls.tensor_layers_key},
             "eos_cosine_initial": check.optional(lambda v, f: check.numbers(v, f, length=n)),
             "eos_cosine_final": check.optional(lambda v, f: check.numbers(v, f, length=n)),
             "drift_initial": check.optional(lambda v, f: check.drifts(v, f, n)),
@@ -288,3 +272,32 @@ class _Checker:
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _read_method_and_family(raw: Mapping[str, Any], check: "_Checker", source: str) -> tuple[str, str]:
+    """The method and model family a file names (files before them: ClassDiffusion on SD1.x); one
+    this version does not know asks for an update rather than calling the file damaged."""
+    method = raw.get("method", DEFAULT_METHOD)
+    if isinstance(method, str) and method not in METHOD_CLASSES and method.strip():
+        raise MetaError(f"{source} was trained with the {method!r} method, which this version of the pack does "
+                        f"not know (it knows {list(METHOD_CLASSES)}); update the pack to use it.")
+    method = check.choice(method, "method", tuple(METHOD_CLASSES))
+    family = raw.get("family", "sd15")
+    if isinstance(family, str) and family not in FAMILIES and family.strip():
+        raise MetaError(f"{source} was trained on a {family!r} base, a model family this version of the pack "
+                        f"does not know (it knows {list(FAMILIES)}); update the pack to use it.")
+    return method, check.choice(family, "family", tuple(FAMILIES))
+
+
+def _read_tokens(raw_tokens: Any, check: "_Checker", method: str) -> list[str]:
+    """The tokens: one word each, no repeats; none for a method that adds no token."""
+    has_tokens = METHOD_CLASSES[method].has_tokens
+    tokens = check.strings(raw_tokens, "tokens", min_length=1 if has_tokens else 0)
+    if not has_tokens and tokens:
+        check.fail("tokens", f"must be empty for the {method} method, which adds no token")
+    for i, token in enumerate(tokens):
+        if any(ch.isspace() for ch in token):
+            check.fail(f"tokens[{i}]", f"must be one word without spaces (got {token!r})")
+    if len(set(tokens)) != len(tokens):
+        check.fail("tokens", f"repeats a token ({tokens})")
+    return tokens

@@ -142,27 +142,10 @@ def latent_fisher_divergence(
         for seed in seeds:
             gen = torch.Generator(device="cpu").manual_seed(int(seed))
             x = torch.randn((1, 4, latent_size, latent_size), generator=gen).to(device, torch.float32)
-            for index, t in enumerate(timesteps):
-                t_batch = torch.full((1,), t, device=device, dtype=torch.long)
-                eps_base = host.predict_noise(x, t_batch, context).double()
-                detachers = [host.attach_deltas(deltas)] + _attach_method_tensors(host, concepts, prompt)
-                try:
-                    eps_tuned = host.predict_noise(x, t_batch, context).double()
-                finally:
-                    for detach in detachers:
-                        detach()
-                value = float(((eps_base - eps_tuned) ** 2).mean())
-                if weighting == "score":
-                    value /= float(1.0 - alphas[t])
+            attach = lambda: [host.attach_deltas(deltas)] + _attach_method_tensors(host, concepts, prompt)  # noqa: E731
+            for t, value in _base_trajectory(host, x, context, timesteps, alphas, attach, weighting, progress):
                 values.append(value)
                 per_t_sum[t] += value
-                if progress is not None:
-                    progress()
-                # One DDIM (η = 0) step of the *base* model: x_t stays on p_t^base.
-                a_t = alphas[t]
-                a_prev = alphas[timesteps[index + 1]] if index + 1 < len(timesteps) else torch.tensor(1.0, dtype=torch.float64)
-                x0 = (x.double() - (1 - a_t).sqrt() * eps_base) / a_t.sqrt()
-                x = (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps_base).float()
         per_prompt[prompt] = sum(values) / len(values)
     count = len(prompts) * len(seeds)
     per_timestep = {t: s / count for t, s in per_t_sum.items()}
@@ -172,6 +155,32 @@ def latent_fisher_divergence(
         settings={"steps": steps, "seeds": list(seeds), "latent_size": latent_size, "guidance": None,
                   "sampler": "DDIM eta=0 (base model)"},
     )
+
+
+def _base_trajectory(host, x, context, timesteps, alphas, attach, weighting: str, progress):
+    """(t, squared ε difference of the tuned and the base model) along one DDIM (η = 0) trajectory
+    of the *base* model from ``x`` (so x_t stays on p_t^base); ``attach()`` attaches the tuned
+    model's tensors and returns their detach functions."""
+    device = x.device
+    for index, t in enumerate(timesteps):
+        t_batch = torch.full((1,), t, device=device, dtype=torch.long)
+        eps_base = host.predict_noise(x, t_batch, context).double()
+        detachers = attach()
+        try:
+            eps_tuned = host.predict_noise(x, t_batch, context).double()
+        finally:
+            for detach in detachers:
+                detach()
+        value = float(((eps_base - eps_tuned) ** 2).mean())
+        if weighting == "score":
+            value /= float(1.0 - alphas[t])
+        if progress is not None:
+            progress()
+        yield t, value
+        a_t = alphas[t]
+        a_prev = alphas[timesteps[index + 1]] if index + 1 < len(timesteps) else torch.tensor(1.0, dtype=torch.float64)
+        x0 = (x.double() - (1 - a_t).sqrt() * eps_base) / a_t.sqrt()
+        x = (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps_base).float()
 
 
 def _sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:

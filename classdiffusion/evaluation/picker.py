@@ -263,19 +263,7 @@ def pick_on_base(
     if not reference_images:
         raise InvalidInputError("The run's training images are gone: give --references DIR (the concept's photos).")
     device = device or default_device()
-    if clip == "toy" or (clip is None and toy):
-        from ..toyworld.base import ToyClip
-
-        encoder: ImageEncoder = ToyClip(device=str(device))
-    else:
-        from .image_metrics import ClipScorer
-
-        encoder = ClipScorer(clip, device)
-    dino_encoder = None
-    if dino:
-        from .image_metrics import DinoScorer
-
-        dino_encoder = DinoScorer(dino, device)
+    encoder, dino_encoder = _scorers(clip, dino, toy, device)
     if prompts is None and toy:
         from ..toyworld.world import composition_prompts
 
@@ -288,6 +276,24 @@ def pick_on_base(
     if out is not None:
         write_pick(result, keep, out)
     return result
+
+
+def _scorers(clip, dino, toy: bool, device) -> tuple[ImageEncoder, ImageEncoder | None]:
+    """(the identity encoder: the toy CLIP on the toy base or when asked by "toy", else a local
+    CLIP folder; a DINO encoder or None)."""
+    if clip == "toy" or (clip is None and toy):
+        from ..toyworld.base import ToyClip
+
+        encoder: ImageEncoder = ToyClip(device=str(device))
+    else:
+        from .image_metrics import ClipScorer
+
+        encoder = ClipScorer(clip, device)
+    if not dino:
+        return encoder, None
+    from .image_metrics import DinoScorer
+
+    return encoder, DinoScorer(dino, device)
 
 
 def step_files_of(run: str | Path):

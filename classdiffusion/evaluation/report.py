@@ -73,15 +73,45 @@ def evaluate(
     progress: Callable[[str, int], Callable[[], None]] | None = None,
     say: Callable[[str], None] = logger.info,
 ) -> dict:
-    """Evaluate concepts on their base; writes ``report.json``, ``summary.png``, the drift maps
-    and the generated images to ``out_dir`` and returns the report.
-
-    ``steps=None`` picks a count for the model at hand (50 for SD1.5-sized UNets, 10 for small test
-    bases). Before the work starts, ``say`` gets the plan with a time estimate measured on this
-    machine; ``progress(phase, total)`` returns the function to call after each unit of a phase."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Evaluate concepts on their base; writes ``report.json``, ``summary.png``, the drift maps and the
+    generated images to ``out_dir`` and returns the report. ``steps=None`` picks a count for the model
+    at hand (50 for SD1.5-sized UNets, 10 for small test bases). Before the work starts, ``say`` gets
+    the plan with a time estimate measured on this machine; ``progress(phase, total)`` returns the
+    function to call after each unit of a phase."""
     progress = progress or (lambda phase, total: (lambda: None))
+    concepts, device, host = _load(base, concept_paths, base_config, device, num_images, steps)
+    (out_dir := Path(out_dir)).mkdir(parents=True, exist_ok=True)
+    size = size or int(host.unet.config.sample_size) * 8
+    steps = steps or default_sampling_steps(host.unet)
+    fisher_prompts = _read_prompts(fisher_prompts_file) if fisher_prompts_file else list(GENERIC_PROMPTS)
+    say(_plan(host, size, concepts, steps, num_images, len(_tuned_prompts(concepts, prompts_file, subject_kind))
+              if images else 0, len(fisher_prompts), fisher_steps))
+    settings = dict(steps=steps, guidance=guidance, size=size, seed=seed, num_images=num_images, map_method=map_method)
+    report: dict = {"base": str(base), "concepts": [str(p) for p in concept_paths], "drift": [],
+                    "methods": [c.method for c in concepts], "settings": settings}
+    # 1. Semantic drift (text encoder only).
+    maps = _drift_section(host, concepts, out_dir, report, map_method=map_method, strict=strict)
+    # 2. Concept-agnostic overfitting: Latent Fisher divergence on prompts without the concept.
+    fisher = latent_fisher_divergence(host, _combined_deltas(concepts), fisher_prompts,
+                                      tokens=[t for c in concepts for t in c.tokens], steps=fisher_steps,
+                                      seeds=(seed,), latent_size=size // 8, concepts=concepts,
+                                      progress=progress("Latent Fisher divergence", len(fisher_prompts) * fisher_steps))
+    report["latent_fisher_divergence"] = fisher.to_dict()
+    host.close()
+    # 3. Images of the DreamBooth prompts: base with the class word, tuned with the token.
+    if images:
+        report.update(_image_metrics(host.tokenizer, host.text_encoder, host.unet, host.vae, host.scheduler, device,
+                                     concepts, out_dir,
+                                     clip=clip, dino=dino, reference_images=reference_images,
+                                     prompts_file=prompts_file, subject_kind=subject_kind, num_images=num_images,
+                                     steps=steps, guidance=guidance, size=size, seed=seed, progress=progress))
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=_jsonable))
+    summary_image(report, maps).save(out_dir / "summary.png")
+    return report
+
+
+def _load(base, concept_paths, base_config, device, num_images: int, steps: int | None):
+    """(the concepts, the device, a host over the base's components), after the inputs' checks."""
     if num_images < 1 or (steps is not None and steps < 1):
         raise InvalidInputError("num_images and steps must be at least 1.")
     concepts = [load_concept(p) for p in concept_paths]
@@ -89,24 +119,18 @@ def evaluate(
         raise InvalidInputError("Give at least one concept file.")
     device = torch.device(device) if device else default_device()
     tokenizer, text_encoder, unet, vae, scheduler = load_components(base, base_config=base_config)
-    host = DiffusersHost(tokenizer, text_encoder, unet, vae, scheduler, device)
-    size = size or int(unet.config.sample_size) * 8
-    if steps is None:
-        steps = default_sampling_steps(unet)
-    fisher_prompts = _read_prompts(fisher_prompts_file) if fisher_prompts_file else list(GENERIC_PROMPTS)
-    image_prompts = len(_tuned_prompts(concepts, prompts_file, subject_kind)) if images else 0
-    say(_plan(host, size, concepts, steps, num_images, image_prompts, len(fisher_prompts), fisher_steps))
-    report: dict = {"base": str(base), "concepts": [str(p) for p in concept_paths], "drift": [],
-                    "methods": [c.method for c in concepts],
-                    "settings": {"steps": steps, "guidance": guidance, "size": size, "seed": seed,
-                                 "num_images": num_images, "map_method": map_method}}
-    maps: list[Image.Image] = []
+    return concepts, device, DiffusersHost(tokenizer, text_encoder, unet, vae, scheduler, device)
 
-    # 1. Semantic drift (text encoder only).
+
+def _drift_section(host, concepts, out_dir: Path, report: dict, *, map_method: str, strict: bool) -> list:
+    """Each token's semantic drift (text encoder only) into ``report["drift"]``, with its map
+    drawn to ``out_dir``; returns the map pictures."""
+    maps: list[Image.Image] = []
     for concept in concepts:
         concept.check_against(host.cross_attention_weights(concept.train_mode), strict=strict)
         host.add_tokens(concept.tokens)
-        for drift in concept_drifts(host.encode_text, host.word_embedding, concept, method=map_method, device=device):
+        for drift in concept_drifts(host.encode_text, host.word_embedding, concept, method=map_method,
+                                    device=host.device):
             drift_map = drift.pop("map")
             name = f"drift_{len(report['drift'])}.png"
             image = plot_drift_map(drift_map)
@@ -114,25 +138,7 @@ def evaluate(
             maps.append(image)
             drift.update(map=drift_map.to_dict(), map_image=name, summary=drift_summary(drift))
             report["drift"].append(drift)
-
-    # 2. Concept-agnostic overfitting: Latent Fisher divergence on prompts without the concept.
-    all_tokens = [t for c in concepts for t in c.tokens]
-    fisher = latent_fisher_divergence(host, _combined_deltas(concepts), fisher_prompts, tokens=all_tokens,
-                                      steps=fisher_steps, seeds=(seed,), latent_size=size // 8,
-                                      concepts=concepts,
-                                      progress=progress("Latent Fisher divergence", len(fisher_prompts) * fisher_steps))
-    report["latent_fisher_divergence"] = fisher.to_dict()
-    host.close()
-
-    # 3. Images of the DreamBooth prompts: base with the class word, tuned with the token.
-    if images:
-        report.update(_image_metrics(tokenizer, text_encoder, unet, vae, scheduler, device, concepts, out_dir,
-                                     clip=clip, dino=dino, reference_images=reference_images,
-                                     prompts_file=prompts_file, subject_kind=subject_kind, num_images=num_images,
-                                     steps=steps, guidance=guidance, size=size, seed=seed, progress=progress))
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=_jsonable))
-    summary_image(report, maps).save(out_dir / "summary.png")
-    return report
+    return maps
 
 
 def _jsonable(value):
@@ -233,25 +239,35 @@ def _image_metrics(tokenizer, text_encoder, unet, vae, scheduler, device, concep
     result: dict = {"prompts": tuned_prompts, "images": {"count": len(tuned_pictures)}}
     references = _references(concepts, reference_images)
     result["images"]["references"] = len(references)
-    features = ("latents", tuned_latents, base_latents)
-    if clip:
-        scorer = ClipScorer(clip, device)
-        result["images"]["clip_t"] = clip_t(scorer, tuned_pictures, prompts_per_image, tokens)
-        result["images"]["clip_t_base"] = clip_t(scorer, base_pictures, base_prompts_per_image, tokens)
-        if references:
-            result["images"]["clip_i"] = image_similarity(scorer, tuned_pictures, references)
-            result["images"]["clip_i_base"] = image_similarity(scorer, base_pictures, references)
-        features = ("clip", scorer.image_features(tuned_pictures), scorer.image_features(base_pictures))
-    if dino:
-        scorer = DinoScorer(dino, device)
-        if references:
-            result["images"]["dino_i"] = image_similarity(scorer, tuned_pictures, references)
-            result["images"]["dino_i_base"] = image_similarity(scorer, base_pictures, references)
-        features = ("dino", scorer.image_features(tuned_pictures), scorer.image_features(base_pictures))
+    features = _scores(result["images"], clip, dino, device, tokens, references,
+                       (tuned_pictures, prompts_per_image), (base_pictures, base_prompts_per_image))
+    features = features or ("latents", tuned_latents, base_latents)
     if len(tuned_pictures) >= 2:
         result["wasserstein"] = wasserstein_metric(features[1], features[2], features[0]).to_dict()
     result["thumbnails"] = [str(Path("images_tuned") / f"{i:03d}-00.png") for i in range(min(6, len(tuned_prompts)))]
     return result
+
+
+def _scores(scores: dict, clip, dino, device, tokens, references, tuned, base) -> tuple | None:
+    """CLIP-T, CLIP-I and DINO-I of the tuned and the base pictures into ``scores``; returns the
+    features the Wasserstein metric compares (DINO's if given, else CLIP's, else None)."""
+    (tuned_pictures, tuned_prompts), (base_pictures, base_prompts) = tuned, base
+    features = None
+    if clip:
+        scorer = ClipScorer(clip, device)
+        scores["clip_t"] = clip_t(scorer, tuned_pictures, tuned_prompts, tokens)
+        scores["clip_t_base"] = clip_t(scorer, base_pictures, base_prompts, tokens)
+        if references:
+            scores["clip_i"] = image_similarity(scorer, tuned_pictures, references)
+            scores["clip_i_base"] = image_similarity(scorer, base_pictures, references)
+        features = ("clip", scorer.image_features(tuned_pictures), scorer.image_features(base_pictures))
+    if dino:
+        scorer = DinoScorer(dino, device)
+        if references:
+            scores["dino_i"] = image_similarity(scorer, tuned_pictures, references)
+            scores["dino_i_base"] = image_similarity(scorer, base_pictures, references)
+        features = ("dino", scorer.image_features(tuned_pictures), scorer.image_features(base_pictures))
+    return features
 
 
 def _concept_prompts(token: str, class_word: str, kind: str) -> list[str]:

@@ -3,17 +3,16 @@
 One readable loop: cached latents → noise → UNet with the method's trained tensors attached →
 the method's losses → AdamW. The method (``classdiffusion.methods``) decides what is trained:
 ClassDiffusion's K/V deltas and new token rows with the semantic preservation loss (the default),
-Infusion's value residuals at the class word, or Textual Inversion's token rows. Randomness is drawn per step from (seed, step), so a resumed run
-continues exactly like an uninterrupted one.
+Infusion's value residuals at the class word, or Textual Inversion's token rows. Randomness is
+drawn per step from (seed, step), so a resumed run continues exactly like an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -30,129 +29,12 @@ from ..model.kv import base_fingerprint
 from ..concept.meta import ConceptMeta
 from .distributed import SINGLE, Ranks
 from ..methods import METHOD_CLASSES, Losses, MethodContext, method_class
-from ..methods.base import LossLayout
+from .optim import flatten_optimizer, restore_optimizer, gradient_norm
+from .records import (Batch, PendingStep, StepRecord, TrainCallbacks, TrainResult, checkpoint_path,
+                      derive_seed)
 from .resume import check_resume
 
 logger = logging.getLogger("classdiffusion")
-
-
-@dataclass
-class StepRecord:
-    """What one optimisation step measured (also one entry of the saved loss history): the total,
-    the method's named loss terms and diagnostics (ClassDiffusion: recon, spl, prior / cos)."""
-
-    step: int
-    loss: float
-    terms: dict[str, float]
-    lr: float
-    diagnostics: dict[str, list[float]] = field(default_factory=dict)
-    seconds: float = 0.0
-    #: Each concept's drift rank among the adjective phrases (steps where it was measured).
-    drift_rank: list[int] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The history entry: ``{"step", "loss", <terms>, <diagnostics>, "lr"[, "drift_rank"]}``, the
-        layout concept files have always had (e.g. recon, spl, cos)."""
-        out = {"step": self.step, "loss": self.loss, **self.terms, **self.diagnostics, "lr": self.lr}
-        if self.drift_rank is not None:
-            out["drift_rank"] = self.drift_rank
-        return out
-
-
-@dataclass
-class Batch:
-    """One step's inputs; the first ``len(prompts)`` rows are concept images, any further rows
-    class images (prior preservation), whose contexts are the class phrases of ``prior_owners``."""
-
-    noisy: torch.Tensor  #: x_t [B(+P), 4, h, w]
-    noise: torch.Tensor  #: ε, the target
-    timesteps: torch.Tensor  #: t per row
-    mask: torch.Tensor  #: [B, 1, h, w] valid latent cells of the concept rows
-    prompts: list[str]  #: the concept rows' training phrases
-    prior_owners: list[int] = field(default_factory=list)  #: concept index of each class row
-
-
-@dataclass
-class PendingStep:
-    """A step whose loss values are still on the device (``TrainingRun.read_steps`` reads them)."""
-
-    step: int
-    values: torch.Tensor  #: Losses.stacked(), averaged over micro-batches (and ranks)
-    layout: LossLayout
-    lr: float
-    seconds: float
-
-
-def gradient_norm(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """The gradients' total L2 norm as a 0-d device tensor (non-finite when any gradient is);
-    clipped to ``max_norm`` first when it is positive."""
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros((), device=params[0].device if params else None)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-
-
-class TrainCallbacks:
-    """How a host (CLI, ComfyUI) follows and stops training without the loop importing it."""
-
-    def on_step(self, record: StepRecord, total_steps: int) -> None:
-        """Called for every step, in order, when the loop reads the losses back (every
-        ``log_every`` steps or second, and before drift logs, previews and checkpoints): count
-        steps in ``should_stop`` where the exact step matters."""
-
-    def should_stop(self) -> bool:
-        """Return True to cancel; checked before every step. Nothing partial is written."""
-        return False
-
-    def on_checkpoint(self, path: Path) -> None:
-        """Called after an intermediate checkpoint was written."""
-
-    def on_validation(self, step: int, images: list, grid, path: Path | None) -> None:
-        """Called after each validation: the step's images (PIL), the grid so far, its file if saved."""
-
-
-@dataclass
-class TrainResult:
-    concept: Concept
-    path: Path | None = None
-    checkpoints: list[Path] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    #: the validation previews (rows = prompts, columns = steps), when validation was on
-    validation_grid: Any = None
-    validation_seconds: float = 0.0
-    seconds: float = 0.0
-
-
-def derive_seed(seed: int, *parts: Any) -> int:
-    """A stable 63-bit seed for (seed, parts...): per-step randomness without carried RNG state."""
-    digest = hashlib.sha256(repr((int(seed),) + parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def checkpoint_path(out: Path, step: int) -> Path:
-    return out.with_name(f"{out.stem}-step{step:05d}{out.suffix or '.safetensors'}")
-
-
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    flat: dict[str, torch.Tensor] = {}
-    for index, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-            flat[f"{index}.{key}"] = tensor.detach().clone()
-    return flat
-
-
-def _restore_optimizer(optimizer: torch.optim.Optimizer, flat: Mapping[str, torch.Tensor]) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, tensor in flat.items():
-        index, _, name = key.partition(".")
-        state.setdefault(int(index), {})[name] = tensor
-    saved = optimizer.state_dict()
-    if len(state) != sum(len(group["params"]) for group in saved["param_groups"]):
-        raise InvalidInputError("The checkpoint's optimizer state does not match this run's parameters.")
-    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
 class TrainingRun:
@@ -406,7 +288,7 @@ class TrainingRun:
         result equals an uninterrupted run)."""
         checkpoint.check_against(self.base_weights, what="the base model given for resuming")
         self.method.load_state(checkpoint)
-        _restore_optimizer(self.optimizer, checkpoint.optimizer_tensors)
+        restore_optimizer(self.optimizer, checkpoint.optimizer_tensors)
 
     def concept(self, step: int, history: list[dict], meta_extra: dict, with_optimizer: bool) -> Concept:
         extra = dict(meta_extra)
@@ -426,7 +308,7 @@ class TrainingRun:
         )
         return Concept(
             class_words=[spec.class_word for spec in self.concepts], meta=meta,
-            optimizer_tensors=_flatten_optimizer(self.optimizer) if with_optimizer else None,
+            optimizer_tensors=flatten_optimizer(self.optimizer) if with_optimizer else None,
             **fields,
         )
 

@@ -38,18 +38,14 @@ def run_demo(out: str | Path, *, steps: int = 400, spl_weight: float = 1.0, seed
     loss.png, grid.png, scores.json} and returns the scores. ``weights``: another toy-world weights
     folder than the committed one (tests, pretraining runs); ``method``: a registered method (default:
     ClassDiffusion)."""
-    import torch
-
     from ..config import ConceptSpec, TrainConfig
-    from ..concept.generate import build_pipeline
     from ..hosts.diffusers_host import load_host
     from ..methods import DEFAULT_METHOD, method_class
     from ..run.plot import plot_history
     from ..run.progress import TqdmCallbacks
     from ..run.summary import drift_line, summary_line
-    from .base import WEIGHTS, ToyClip, base_path
-    from .checker import Checker
-    from .evaluate import instance_pictures, picture_grid, score
+    from .base import WEIGHTS, base_path
+    from .evaluate import instance_pictures
     from .world import World
     from ..run.train import train
 
@@ -73,28 +69,7 @@ def run_demo(out: str | Path, *, steps: int = 400, spl_weight: float = 1.0, seed
     plot_history(result.concept.history, tokens=result.concept.tokens).save(out / "loss.png")
     trained_seconds = time.perf_counter() - started
 
-    from ..concept.apply import apply_concept
-
-    pipe = build_pipeline(base, device="cpu")
-    checker = Checker.load(WEIGHTS / "checker.safetensors")  # the judge is always the committed one
-    clip = ToyClip(base.parent)
-    base_pictures, concept_pictures = {}, {}
-    with torch.no_grad():
-        # Before: the token as training starts it (its initializer word in its place), the K/V untouched.
-        start_word = cls if spec.initializer == "class" else spec.initializer
-        before = score(pipe, checker, clip, instance, f"{start_word} {cls}", references, DEMO_SEEDS)
-        base_class = score(pipe, checker, clip, instance, cls, references, DEMO_SEEDS, keep=base_pictures)
-        applied = apply_concept(pipe.unet, result.concept, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-        after = score(pipe, checker, clip, instance, f"<sks> {cls}", references, DEMO_SEEDS, keep=concept_pictures)
-        applied.remove()
-
-    shown = 4  # the composition prompt of the grid: another scene with a hat
-    rows = [references[:len(DEMO_SEEDS)], base_pictures["concept"], base_pictures["composition"][shown - 1],
-            concept_pictures["concept"], concept_pictures["composition"][shown - 1]]
-    labels = ["training pictures", f"base: {base_pictures['prompts'][0]}", f"base: {base_pictures['prompts'][shown]}",
-              f"concept: {concept_pictures['prompts'][0]}", f"concept: {concept_pictures['prompts'][shown]}"]
-    picture_grid(rows, labels, scale=3).save(out / "grid.png")
-
+    before, base_class, after = _score_demo(base, result.concept, spec, instance, cls, references, out)
     scores = {
         "instance": instance, "method": method, "steps": steps, "spl_weight": spl_weight, "seed": seed,
         "identity_before": before.identity, "identity_after": after.identity,
@@ -108,6 +83,39 @@ def run_demo(out: str | Path, *, steps: int = 400, spl_weight: float = 1.0, seed
     }
     (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     return scores
+
+
+def _score_demo(base: Path, concept, spec, instance: str, cls: str, references: list, out: Path):
+    """The checker's scores of the token at its start, the base on the class prompt and the trained
+    concept (before, base_class, after), and the demo's grid written to ``out``/grid.png."""
+    import torch
+
+    from ..concept.apply import apply_concept
+    from ..concept.generate import build_pipeline
+    from .base import WEIGHTS, ToyClip
+    from .checker import Checker
+    from .evaluate import picture_grid, score
+
+    pipe = build_pipeline(base, device="cpu")
+    checker = Checker.load(WEIGHTS / "checker.safetensors")  # the judge is always the committed one
+    clip = ToyClip(base.parent)
+    base_pictures, concept_pictures = {}, {}
+    with torch.no_grad():
+        # Before: the token as training starts it (its initializer word in its place), the K/V untouched.
+        start_word = cls if spec.initializer == "class" else spec.initializer
+        before = score(pipe, checker, clip, instance, f"{start_word} {cls}", references, DEMO_SEEDS)
+        base_class = score(pipe, checker, clip, instance, cls, references, DEMO_SEEDS, keep=base_pictures)
+        applied = apply_concept(pipe.unet, concept, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+        after = score(pipe, checker, clip, instance, f"<sks> {cls}", references, DEMO_SEEDS, keep=concept_pictures)
+        applied.remove()
+
+    shown = 4  # the composition prompt of the grid: another scene with a hat
+    rows = [references[:len(DEMO_SEEDS)], base_pictures["concept"], base_pictures["composition"][shown - 1],
+            concept_pictures["concept"], concept_pictures["composition"][shown - 1]]
+    labels = ["training pictures", f"base: {base_pictures['prompts'][0]}", f"base: {base_pictures['prompts'][shown]}",
+              f"concept: {concept_pictures['prompts'][0]}", f"concept: {concept_pictures['prompts'][shown]}"]
+    picture_grid(rows, labels, scale=3).save(out / "grid.png")
+    return before, base_class, after
 
 
 SDXL_DISCLAIMER = (
