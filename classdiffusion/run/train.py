@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -30,6 +29,7 @@ from ..concept.meta import ConceptMeta
 from .distributed import SINGLE, Ranks
 from ..methods import METHOD_CLASSES, Losses, MethodContext, method_class
 from .optim import flatten_optimizer, restore_optimizer, gradient_norm
+from .validation import ValidationRun
 from .records import (Batch, PendingStep, StepRecord, TrainCallbacks, TrainResult, checkpoint_path,
                       derive_seed)
 from .resume import check_resume
@@ -351,7 +351,7 @@ def train(
     history, extra = _start_record(run, checkpoint)
     extra.update({**(meta_extra or {}), **({"ranks": ranks.world} if ranks.world > 1 else {})})
     previews = config.validation_every and ranks.is_main
-    validation = _Validation.start(run, specs, out, validation_dir) if previews else None
+    validation = ValidationRun.start(run, specs, out, validation_dir) if previews else None
     detach = run.method.attach()
     try:
         start = checkpoint.step if checkpoint is not None else 0
@@ -385,43 +385,13 @@ def _start_record(run: TrainingRun, checkpoint: Concept | None) -> tuple[list[di
     return list(checkpoint.history), extra
 
 
-@dataclass
-class _Validation:
-    log: Any  # validation.ValidationLog
-    folder: Path | None
-    stem: str
-
-    @classmethod
-    def start(cls, run: "TrainingRun", specs: Sequence[ConceptSpec], out: Path | None,
-              validation_dir: str | Path | None) -> "_Validation":
-        from .validation import ValidationLog, default_prompts
-
-        prompts = list(run.config.validation_prompts) or default_prompts(specs, run.method.has_tokens)
-        folder = Path(validation_dir) if validation_dir is not None else (out.parent / "validation" if out else None)
-        return cls(ValidationLog(prompts), folder, out.stem if out is not None else "concept")
-
-    def summary(self, run_seconds: float) -> dict[str, Any]:
-        share = self.log.seconds / max(run_seconds, 1e-9)
-        logger.info("validation: %.0f %% of the run time (%.1f s of %.1f s)", 100 * share, self.log.seconds,
-                    run_seconds)
-        return {"prompts": self.log.prompts, "steps": [c[0] for c in self.log.columns],
-                "seconds": round(self.log.seconds, 3), "share_of_run": round(share, 4)}
-
-    def run(self, run: "TrainingRun", step: int, callbacks: TrainCallbacks) -> None:
-        from .validation import save_column, validate
-
-        images = validate(run, step, self.log, should_stop=callbacks.should_stop)
-        path = save_column(self.folder, self.stem, step, images, self.log) if self.folder is not None else None
-        callbacks.on_validation(step, images, self.log.grid(), path)
-
-
 #: Seconds after which the loss values are read even before ``log_every`` steps have run, so
 #: progress bars keep moving on slow devices (a read a second costs a fast GPU nothing).
 READ_INTERVAL_S = 1.0
 
 
 def _run_steps(run: TrainingRun, start: int, history: list[dict], extra: dict, out: Path | None,
-               callbacks: TrainCallbacks, validation: "_Validation | None" = None
+               callbacks: TrainCallbacks, validation: "ValidationRun | None" = None
                ) -> tuple[list[Path], list[dict] | None]:
     """Steps ``start``..``config.steps``: cancel check, step, and — every ``log_every`` steps (or
     READ_INTERVAL_S seconds), at the end and before any drift log, validation or checkpoint — one

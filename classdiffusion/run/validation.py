@@ -4,17 +4,20 @@ drift rank under each column), as the official ClassDiffusion script validates e
 
 from __future__ import annotations
 
+import logging
 import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..config import ConceptSpec
+
+logger = logging.getLogger("classdiffusion")
 
 #: The composition probe of the default prompts (the paper's running example).
 COMPOSITION_SUFFIX = " wearing headphones"
@@ -98,3 +101,33 @@ def save_column(folder: Path, stem: str, step: int, images: list[Image.Image], l
     path = folder / f"{stem}-grid.png"
     log.grid().save(path)
     return path
+
+
+@dataclass
+class ValidationRun:
+    """A run's validation: its prompts' log, where the columns are saved, and one validation
+    (``run`` is the loop's TrainingRun, ``callbacks`` its TrainCallbacks: handed in, not imported,
+    since the loop imports this module)."""
+
+    log: Any  # validation.ValidationLog
+    folder: Path | None
+    stem: str
+
+    @classmethod
+    def start(cls, run: Any, specs: Sequence[ConceptSpec], out: Path | None,
+              validation_dir: str | Path | None) -> "ValidationRun":
+        prompts = list(run.config.validation_prompts) or default_prompts(specs, run.method.has_tokens)
+        folder = Path(validation_dir) if validation_dir is not None else (out.parent / "validation" if out else None)
+        return cls(ValidationLog(prompts), folder, out.stem if out is not None else "concept")
+
+    def summary(self, run_seconds: float) -> dict[str, Any]:
+        share = self.log.seconds / max(run_seconds, 1e-9)
+        logger.info("validation: %.0f %% of the run time (%.1f s of %.1f s)", 100 * share, self.log.seconds,
+                    run_seconds)
+        return {"prompts": self.log.prompts, "steps": [c[0] for c in self.log.columns],
+                "seconds": round(self.log.seconds, 3), "share_of_run": round(share, 4)}
+
+    def run(self, run: Any, step: int, callbacks: Any) -> None:
+        images = validate(run, step, self.log, should_stop=callbacks.should_stop)
+        path = save_column(self.folder, self.stem, step, images, self.log) if self.folder is not None else None
+        callbacks.on_validation(step, images, self.log.grid(), path)
