@@ -17,7 +17,7 @@ from classdiffusion.concept import load_concept
 from classdiffusion.config import ConceptSpec, TrainConfig
 from classdiffusion.errors import InvalidInputError
 from classdiffusion.hosts.diffusers_host import load_host
-from classdiffusion.model.losses import infusion_mse
+from classdiffusion.model.losses import subject_masked_mse
 from classdiffusion.methods.infusion.method import INFUSION_TEMPLATES
 from classdiffusion.methods.infusion.residual import ResidualPositions, attach_residuals_with_hooks, residual_modules
 from classdiffusion.model.prompt_record import ConditionRegistry, word_positions
@@ -233,8 +233,8 @@ def test_infusion_loss_is_its_masked_mean():
     pred, target = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
     mask = torch.rand(2, 1, 3, 3)
     expected = ((pred * mask - target * mask) ** 2).mean()
-    assert torch.allclose(infusion_mse(pred, target, mask), expected)
-    assert torch.allclose(infusion_mse(pred, target, torch.ones(2, 1, 3, 3)), F.mse_loss(pred, target))
+    assert torch.allclose(subject_masked_mse(pred, target, mask), expected)
+    assert torch.allclose(subject_masked_mse(pred, target, torch.ones(2, 1, 3, 3)), F.mse_loss(pred, target))
 
 
 def test_subject_masks_weight_the_loss(tiny_base, tmp_path):

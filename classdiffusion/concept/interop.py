@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import Concept, weights_family
-from ..model.families import SD15, family_named
+from ..model.families import FAMILIES, SD15, family_named
 from .meta import ConceptMeta
 from ..errors import ConceptFileError, InvalidInputError
 from ..methods import method_class
@@ -129,13 +129,21 @@ def read_custom_diffusion(folder: str | Path) -> tuple[dict[str, torch.Tensor], 
         if path in weights_files or path.name in (WEIGHTS_SAFE, WEIGHTS_BIN) or path.suffix not in (".safetensors", ".bin"):
             continue
         content = _read(path)
-        if set(content) == {"clip_l", "clip_g"}:  # an SDXL token: both encoders' rows, named by the file
-            embeddings[path.stem] = torch.cat([_row(content["clip_l"]), _row(content["clip_g"])])
+        family = _embedding_family(content)
+        if family is not None:  # e.g. an SDXL token: each encoder's row, named by the file
+            embeddings[path.stem] = torch.cat([_row(content[key]) for key in family.embedding_keys])
             continue
         for token, vector in content.items():
             if isinstance(vector, torch.Tensor) and (vector.dim() == 1 or (vector.dim() == 2 and vector.shape[0] == 1)):
                 embeddings[token] = vector.reshape(-1).float()
     return weights, embeddings
+
+
+def _embedding_family(content: dict):
+    """The several-encoder family whose embedding keys a file holds exactly ({"clip_l", "clip_g"}:
+    SDXL), or None (a diffusers token file: token → vector)."""
+    return next((f for f in FAMILIES.values() if len(f.embedding_keys) > 1 and set(content) == set(f.embedding_keys)),
+                None)
 
 
 def _row(vector) -> torch.Tensor:

@@ -57,20 +57,6 @@ def persistent_compile_cache() -> str:
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
-def pack_pooled(context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-    """SDXL's conditioning as one tensor: the context [B, L, D] with the pooled embedding [B, P]
-    as one more row (zero-padded to D). The loop and the methods slice, concatenate and expand a
-    context along the batch without knowing the family; the host's ``predict_noise`` splits it
-    again with :func:`split_pooled`."""
-    pad = pooled.new_zeros(pooled.shape[0], context.shape[-1] - pooled.shape[-1])
-    return torch.cat([context, torch.cat([pooled.to(context.dtype), pad.to(context.dtype)], -1)[:, None]], dim=1)
-
-
-def split_pooled(conditioning: torch.Tensor, pooled_width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(context [B, L, D], pooled [B, P]) of a tensor made by :func:`pack_pooled`."""
-    return conditioning[:, :-1], conditioning[:, -1, :pooled_width]
-
-
 @runtime_checkable
 class TrainingHost(Protocol):
     """What a base model must offer to be trained by :func:`classdiffusion.run.train.train`."""
@@ -201,7 +187,7 @@ class HostBase:
         if len(unique) < len(prompts):
             features = features.rows(self._row_index(tuple(prompts), unique))
         if features.pooled is not None:
-            features.context = pack_pooled(features.context, features.pooled)
+            features.context = self.family.pack(features.context, features.pooled)
         return features
 
     def _row_index(self, prompts: tuple[str, ...], unique: list[str]) -> torch.Tensor:

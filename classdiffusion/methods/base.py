@@ -105,6 +105,9 @@ class TrainingMethod:
     description: ClassVar[str]
     #: TrainConfig defaults of this method where they differ from the fields' (its paper's recipe).
     recipe: ClassVar[dict[str, Any]] = {}
+    #: The prompt templates it draws training prompts from (its source's list; none: the spec's own
+    #: template). The toy world captions with every method's, so no method prompts an unseen form.
+    prompt_templates: ClassVar[tuple[str, ...]] = ()
     #: The method's own settings (``settings.MethodSetting``, declared in its folder's settings.py):
     #: TrainConfig fields, CLI flags and Train node inputs are made from them.
     settings: ClassVar[tuple] = ()

@@ -62,10 +62,19 @@ class Family:
         parts = [TransformersTextEncoder(t, e, device, **options) for t, e in zip(tokenizers, encoders)]
         return parts[0] if len(parts) == 1 else CombinedTextEncoder(parts)
 
+    def pack(self, context, pooled):
+        """The conditioning as one tensor: the context [B, L, D] with the pooled embedding [B, P] as
+        one more row (zero-padded to D). The loop and the methods slice, concatenate and expand a
+        context along the batch without knowing the family; ``unet_inputs`` splits it again."""
+        import torch
+
+        pad = pooled.new_zeros(pooled.shape[0], context.shape[-1] - pooled.shape[-1])
+        return torch.cat([context, torch.cat([pooled.to(context.dtype), pad.to(context.dtype)], -1)[:, None]], dim=1)
+
     def unet_inputs(self, conditioning, pooled_width: int | None = None) -> tuple[Any, Any]:
         """(context, the pooled embedding or None) from the loop's conditioning tensor: a family
-        with a pooled input carries it as the last row (``hosts.base.pack_pooled``), ``pooled_width``
-        wide (default: the last encoder's width)."""
+        with a pooled input carries it as the last row (``pack``), ``pooled_width`` wide (default:
+        the last encoder's width)."""
         if not self.pooled:
             return conditioning, None
         return conditioning[:, :-1], conditioning[:, -1, :pooled_width or self.text_widths[-1]]

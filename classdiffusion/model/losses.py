@@ -66,7 +66,7 @@ def semantic_preservation_loss(
     return loss, cosines
 
 
-def infusion_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def subject_masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Infusion's reconstruction loss (its ``p_losses``): prediction and target both multiplied
     by the soft subject mask [B, 1, h, w], then the plain mean over every element — so a cell of
     mask m weighs m², and the loss is not renormalised by the mask's area."""

@@ -92,11 +92,14 @@ PREFIXES = (
     "a photo of a {}", "a rendering of a {}", "a picture of a {}", "a close-up photo of a {}", "an image of a {}",
     "a photo of the {}", "a good photo of a {}",
 )
-def _method_templates() -> tuple[str, ...]:
-    from ..methods.infusion.method import INFUSION_TEMPLATES
-    from ..methods.textual_inversion.method import TEMPLATES
 
-    return TEMPLATES + INFUSION_TEMPLATES
+
+def _method_templates() -> tuple[str, ...]:
+    """Every registered method's prompt templates, the last registered first (the order the
+    committed base was captioned with)."""
+    from ..methods import METHOD_CLASSES
+
+    return tuple(t for cls in reversed(list(METHOD_CLASSES.values())) for t in cls.prompt_templates)
 
 
 CAPTION_FORMS = tuple(dict.fromkeys(PREFIXES + _method_templates()))

@@ -52,7 +52,7 @@ def main(repo: str, checkpoint: str, out_path: str) -> None:
                 ("token", "a photo of a <sks> dog", {"<sks>": vector},
                  comfy_glue.clip_with_tokens(clip, ["<sks>"], vector[None]))):
             ours = host.encode_text([prompt], tokens)
-            context, pooled = hosts_base.split_pooled(ours.context, 1280)
+            context, pooled = host.family.unet_inputs(ours.context, 1280)
             theirs_context, theirs_pooled = comfy_encode(a_clip, prompt)
             report[f"context_{name}"] = relative(context, theirs_context)
             report[f"pooled_{name}"] = relative(pooled, theirs_pooled)

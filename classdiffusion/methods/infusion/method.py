@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from ...errors import InvalidInputError
-from ...model.losses import infusion_mse
+from ...model.losses import subject_masked_mse
 from ...model.prompt_record import word_positions
 from .residual import (ResidualPositions, attach_residuals_with_hooks, residual_modules, residual_patch,
                        zero_residuals)
@@ -37,6 +37,7 @@ INFUSION_TEMPLATES = (
 class InfusionMethod(TrainingMethod):
     name = "infusion"
     label = "Infusion"
+    prompt_templates = INFUSION_TEMPLATES
     settings = SETTINGS
     description = ("one residual vector per attn2 value projection, added only where the class word stands; a ~50 KB "
                    "concept that leaves every other prompt bit-identical")
@@ -173,7 +174,7 @@ class InfusionMethod(TrainingMethod):
         self.positions.mask = mask
         with autocast(self.device, self.config.mixed_precision):
             pred = self.host.predict_noise(batch.noisy, batch.timesteps, self._context(batch.prompts))
-        recon = infusion_mse(pred, batch.noise, batch.mask)
+        recon = subject_masked_mse(pred, batch.noise, batch.mask)
         return Losses(total=recon, terms={"recon": recon})
 
     def validation_contexts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,6 +37,7 @@ TEMPLATES = (
 class TextualInversionMethod(TrainingMethod):
     name = "textual-inversion"
     label = "Textual Inversion"
+    prompt_templates = TEMPLATES
     description = ("only a new token's embedding (the papers' baseline); the concept is a ComfyUI embedding, "
                    "the UNet is untouched")
     recipe = {"steps": 3000, "batch_size": 1, "gradient_accumulation": 4, "learning_rate": 2e-3,
