@@ -57,8 +57,9 @@ def setting_input(kind, name: str, **extra):
 
 def method_inputs_after(anchor: str) -> list:
     """The Train node's inputs for the methods' own settings placed after the input ``anchor``
-    (their declaration's ``node``: "after:", "optional-after:" or "advanced-after:" ANCHOR): the
-    registry decides what the node offers, and each stays where saved workflows expect it."""
+    (their declaration's ``node``: "after:", "optional-after:" or "advanced-after:" ANCHOR), and
+    after each of those the ones placed after it: the registry decides what the node offers, and
+    each stays where saved workflows expect it."""
     inputs = []
     for own in method_settings():
         place = own.declared.metadata.get("node") or ""
@@ -68,7 +69,7 @@ def method_inputs_after(anchor: str) -> list:
         info = setting_info(own.name)
         kind = io.Combo if "choices" in info else {bool: io.Boolean, int: io.Int, float: io.Float}[type(info["default"])]
         extra = {} if not kind_of_place else {"optional": True, **(advanced_option() if kind_of_place == "advanced" else {})}
-        inputs.append(setting_input(kind, own.name, **extra))
+        inputs += [setting_input(kind, own.name, **extra), *method_inputs_after(own.name)]
     return inputs
 
 

@@ -31,6 +31,7 @@ torch.manual_seed(0)
 from classdiffusion.config import ConceptSpec, TrainConfig
 from classdiffusion.run.train import TrainingRun
 model, resolution, base, method = sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+extra = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
 if model == "tiny":
     from classdiffusion.hosts.diffusers_host import load_host
     host = load_host(base, device="cpu")
@@ -44,7 +45,7 @@ from PIL import Image
 import numpy as np
 rng = np.random.default_rng(0)
 images = [Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)) for _ in range(3)]
-config = TrainConfig.for_method(method, steps=3, resolution=resolution, batch_size=2, gradient_accumulation=1)
+config = TrainConfig.for_method(method, steps=3, resolution=resolution, batch_size=2, gradient_accumulation=1, **extra)
 run = TrainingRun(host, [ConceptSpec(token="<sks>", class_word="dog")], config, images=[images])
 from classdiffusion.run.memory import LiveBytes
 detach = run.method.attach()
@@ -64,8 +65,9 @@ print("RESULT " + json.dumps({"estimate": run.memory_plan.estimate.total, "measu
 """
 
 
-def _measure(model: str, resolution: int, base: Path, method: str = "classdiffusion") -> dict:
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(REPO), model, str(resolution), str(base), method],
+def _measure(model: str, resolution: int, base: Path, method: str = "classdiffusion", **settings) -> dict:
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(REPO), model, str(resolution), str(base), method,
+                          json.dumps(settings)],
                          capture_output=True, text=True, timeout=900)
     line = next((line for line in out.stdout.splitlines() if line.startswith("RESULT ")), None)
     assert line, out.stderr[-3000:]
@@ -92,6 +94,15 @@ def test_estimate_for_the_other_methods_is_within_15_percent(tiny_base, method):
     """Each method says what a step trains and attaches (``memory_needs``); the planner dry-runs
     that, e.g. no K/V hooks for Textual Inversion (with them its estimate was 16 % high)."""
     result = _measure("tiny", 256, tiny_base, method)
+    assert abs(result["estimate"] - result["measured"]) / result["measured"] <= 0.15
+
+
+def test_estimate_for_output_preservation_is_within_15_percent(tiny_base):
+    """Output preservation's class-prompt rows join the step's UNet batch (``MemoryNeeds.unet_rows``),
+    and its teacher's forward runs without gradient: the planner dry-runs the bigger batch."""
+    result = _measure("tiny", 256, tiny_base, preservation="output")
+    plain = _measure("tiny", 256, tiny_base)
+    assert result["measured"] > plain["measured"] and result["estimate"] > plain["estimate"]
     assert abs(result["estimate"] - result["measured"]) / result["measured"] <= 0.15
 
 

@@ -20,7 +20,6 @@ from classdiffusion.run.train import TrainingRun
 from helpers import close, dog, make_images, processor_kv_weights, small_config
 
 
-
 class OfficialStep:
     """The official code's models and loss, holding the same trained tensors as a ``TrainingRun``."""
 
@@ -228,3 +227,60 @@ def test_optimizer_step_equals_the_official_adamw_step(host, tiny_base):
         assert torch.allclose(ours, kv_after[name].double(), atol=1e-7, rtol=0), name
     assert torch.allclose(run.method.token_vectors[0].double(), official.embedding[official.token_id].double(),
                           atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("weight", [10.0, 100.0])
+def test_output_preservation_equals_an_independent_teacher_student_step(host, tiny_base, weight):
+    """preservation = output (kohya-ss's Differential Output Preservation, without class images):
+    L = L_recon + w·mean((ε_tuned − ε_base)²) on the class prompt — the training prompt without the
+    token — at the batch's noisy latents and timesteps, the teacher a separately loaded base UNet.
+    SPL is reported, not optimized; the token's gradient comes from L_recon alone."""
+    from diffusers import UNet2DConditionModel
+
+    config = small_config(preservation="output", output_weight=weight)
+    run = TrainingRun(host, [dog()], config, [make_images()])
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for delta in run.method.deltas.values():
+            delta.normal_(0.0, 0.02)
+        run.method.token_vectors.add_(torch.randn_like(run.method.token_vectors) * 0.05)
+    batch = run.sample_batch(1)
+    detach = host.attach_deltas(run.method.deltas)
+    try:
+        ours = run.losses(batch)
+        ours.total.backward()
+    finally:
+        detach()
+
+    official = OfficialStep(tiny_base, run)
+    teacher = UNet2DConditionModel.from_pretrained(tiny_base / "unet").requires_grad_(False)
+    n = len(batch.prompts)
+    class_prompts = [p.replace("<sks> ", "") for p in batch.prompts]
+    assert all("<sks>" not in p and p.endswith("dog") for p in class_prompts)
+    context = official.text_encoder(official.ids(batch.prompts)).last_hidden_state
+    pred = official.unet(batch.noisy, batch.timesteps, context).sample
+    recon = (((pred.float() - batch.noise.float()) ** 2 * batch.mask).sum([1, 2, 3]) / batch.mask.sum([1, 2, 3])).mean()
+    class_context = official.text_encoder(official.ids(class_prompts)).last_hidden_state
+    student = official.unet(batch.noisy[:n], batch.timesteps[:n], class_context).sample
+    with torch.no_grad():
+        target = teacher(batch.noisy[:n], batch.timesteps[:n], class_context).sample
+    output = F.mse_loss(student.float(), target.float())
+    total = recon + weight * output
+    total.backward()
+    kv_grads, token_grad = official.grads()
+
+    close(ours.terms["recon"].detach(), recon.detach(), "recon")
+    close(ours.terms["output"].detach(), output.detach(), "output preservation")
+    close(ours.total.detach(), total.detach(), "total")
+    assert float(ours.terms["spl"].detach()) > 0  # reported, not in the total
+    for name, delta in run.method.deltas.items():
+        close(delta.grad, kv_grads[name], name)
+    close(run.method.token_vectors.grad[0], token_grad, "token")
+
+
+def test_preservation_none_is_the_reconstruction_alone(host):
+    run = TrainingRun(host, [dog()], small_config(preservation="none", spl_weight=1.0), [make_images()])
+    with torch.no_grad():
+        run.method.token_vectors.add_(0.05)
+    losses = run.losses(run.sample_batch(0))
+    assert float(losses.terms["spl"]) > 0 and torch.equal(losses.total, losses.terms["recon"])

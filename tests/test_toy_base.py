@@ -170,3 +170,24 @@ def test_validity_gate_vae_and_the_prompt_forms_the_base_passes(gate):
     assert min(result["vae_instance_scores"].values()) >= 0.8 and result["vae_passed"]
     for form in ("class", "class_scene", "held_out"):
         assert min(result["forms"][form]["accuracy"].values()) >= 0.8, (form, result["forms"][form])
+
+
+def test_output_preservation_trains_on_the_toy_base_and_inspect_names_it(tmp_path, capsys):
+    """`classdiffusion train … --preservation output` on the demo's base; `inspect` names the
+    preservation and its weight, and the history logs the output-preservation term."""
+    from classdiffusion.cli import main
+
+    instance = INSTANCES[0]
+    images = tmp_path / "images"
+    images.mkdir()
+    for k, picture in enumerate(instance_pictures(instance.name)[:2]):
+        picture.save(images / f"{k}.png")
+    out = tmp_path / "out.safetensors"
+    assert main(["train", "--base", str(base_path()), "--images", str(images), "--token", "<sks>", "--class-word",
+                 instance.cls, "--out", str(out), "--steps", "2", "--resolution", "64", "--batch-size", "1",
+                 "--preservation", "output", "--output-weight", "50", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--history"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["config"]["preservation"] == "output" and meta["config"]["output_weight"] == 50.0
+    assert all("output" in step and step["output"] >= 0 for step in meta["history"])

@@ -205,6 +205,13 @@ def _finite(text: str) -> float:
     return value
 
 
+def _unit(text: str) -> float:
+    value = _finite(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (got {value})")
+    return value
+
+
 def _share(text: str) -> float:
     value = _finite(text)
     if not 0 < value <= 1:

@@ -12,7 +12,7 @@ from ..errors import InvalidInputError
 from ..methods import method_class
 from ..model.families import FAMILIES
 from .common import (CONCEPT_SUFFIXES, Argument, Command, _finite, _image_size,
-                     _positive_int, _share, _base_cross_attention, arg,
+                     _positive_int, _share, _unit, _base_cross_attention, arg,
                      check_output_file, check_output_folder)
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -23,7 +23,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     paths = generate(args.base, args.concept, args.prompt, args.out, steps=args.steps, guidance=args.guidance,
                      eta=args.eta, seed=args.seed, num_images=args.num_images, size=args.size,
                      strength=args.strength, strict=not args.force, base_config=args.base_config,
-                     negative_prompt=args.negative_prompt, progress=not args.quiet)
+                     negative_prompt=args.negative_prompt, progress=not args.quiet, tea=args.tea,
+                     tea_alpha=args.tea_alpha)
     for path in paths:
         print(path)
     return 0
@@ -112,6 +113,12 @@ def _generate_arguments() -> list[Argument]:
         arg("--num-images", type=_positive_int, default=1, help="images for the prompt"),
         arg("--size", type=_image_size, help="image size, a multiple of 8 (default: the model's)"),
         arg("--strength", type=_finite, default=1.0, help="K/V delta (Infusion: residual) strength"),
+        arg("--tea", type=_unit, default=0.0, metavar="RHO",
+            help="TEA (test-time embedding adjustment, ICLR 2026): turn the prompt's text embedding RHO of the way "
+                 "towards the class prompt's (the prompt without the token) at sampling time; 0 = off, the "
+                 "source's default 0.2. Nothing in the concept file changes"),
+        arg("--tea-alpha", type=_unit, default=0.5, metavar="ALPHA",
+            help="with --tea: how far the embedding's norm moves to the class prompt's (the source: 0.5)"),
         arg("--force", action="store_true", help="apply a concept trained on another base"),
         arg("-q", "--quiet", action="store_true", help="no progress bar"),
     ]

@@ -8,9 +8,11 @@ from typing import Sequence
 
 import torch
 
-from .apply import apply_concept_to_pipeline
-from . import load_concept
 from ..hosts.diffusers_host import default_device, load_base_components
+from ..model.embedding_adjustment import DEFAULT_ALPHA, adjust_towards_class
+from ..model.text import replace_token
+from . import load_concept
+from .apply import apply_concept_to_pipeline
 
 logger = logging.getLogger("classdiffusion")
 
@@ -86,20 +88,29 @@ def generate(
     base_config=None,
     negative_prompt: str | None = None,
     progress: bool = False,
+    tea: float = 0.0,
+    tea_alpha: float = DEFAULT_ALPHA,
 ) -> list[Path]:
     """Generate ``num_images`` images for ``prompt`` with the concepts applied; returns the files.
-    ``progress``: a bar over the sampling steps (stderr)."""
+    ``progress``: a bar over the sampling steps (stderr). ``tea``: TEA's rho (0 = off), the prompt's
+    embedding turned towards the class prompt's at sampling time (``model.embedding_adjustment``)."""
     pipe = build_pipeline(base, base_config=base_config)
     pipe.set_progress_bar_config(disable=not progress, desc=f"sampling {num_images} image(s)")
+    tokens = []
     for path in concept_paths:
         concept = load_concept(path)
         apply_concept_to_pipeline(pipe, concept, strength=strength, strict=strict)
+        tokens += concept.tokens
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device=pipe.device).manual_seed(seed)
     size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    prompts = {"prompt": prompt, "negative_prompt": negative_prompt}
+    class_prompt = replace_token(prompt, tokens)
+    if tea and class_prompt != prompt:  # a prompt without the token is the class prompt already: as it is
+        prompts = tea_prompt_embeds(pipe, prompt, class_prompt, negative_prompt, tea, tea_alpha)
     images = pipe(
-        prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+        **prompts, num_inference_steps=steps, guidance_scale=guidance,
         eta=eta, generator=generator, num_images_per_prompt=num_images, height=size, width=size,
     ).images
     paths = []
@@ -108,3 +119,23 @@ def generate(
         image.save(path)
         paths.append(path)
     return paths
+
+
+@torch.no_grad()
+def tea_prompt_embeds(pipe, prompt: str, class_prompt: str, negative_prompt: str | None, rho: float,
+                      alpha: float) -> dict:
+    """The pipeline's prompt arguments with TEA applied: ``prompt``'s embeddings (and, on SDXL, its
+    pooled embedding, as the source's SDXL-family pipelines do) turned towards ``class_prompt``'s;
+    the negative prompt's are left as they are."""
+    def encode(text: str):
+        out = pipe.encode_prompt(prompt=text, device=pipe.device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=True, negative_prompt=negative_prompt)
+        return out if len(out) == 4 else (*out, None, None)  # SD1.x: (prompt, negative); SDXL adds pooled
+
+    embeds, negative, pooled, negative_pooled = encode(prompt)
+    class_embeds, _, class_pooled, _ = encode(class_prompt)
+    out = {"prompt_embeds": adjust_towards_class(embeds, class_embeds, rho, alpha), "negative_prompt_embeds": negative}
+    if pooled is not None:
+        out["pooled_prompt_embeds"] = adjust_towards_class(pooled, class_pooled, rho, alpha)
+        out["negative_pooled_prompt_embeds"] = negative_pooled
+    return out

@@ -14,7 +14,6 @@ local folders in Hugging Face layout (e.g. ``openai/clip-vit-large-patch14``,
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import InvalidInputError
+from ..model.text import replace_token
 
 #: DreamBooth benchmark (Ruiz et al. 2023, dataset/prompts_and_classes.txt): 25 prompts for objects
 #: and 25 for live subjects; {0} is the unique token, {1} the class word.
@@ -67,13 +67,6 @@ def dreambooth_prompts(token: str, class_word: str, kind: str = "auto") -> list[
         raise InvalidInputError("The prompt set must be 'live', 'object' or 'auto'.")
     templates = LIVE_PROMPTS if kind == "live" else OBJECT_PROMPTS
     return [t.format(token, class_word) for t in templates]
-
-
-def replace_token(prompt: str, tokens: Sequence[str]) -> str:
-    """Drop the concept tokens ("a <sks> dog" → "a dog"), as CLIP-T prescribes."""
-    for token in tokens:
-        prompt = re.sub(r"\s*" + re.escape(token) + r"\s*", " ", prompt)
-    return re.sub(r"\s+", " ", prompt).strip()
 
 
 def _check_folder(path: str | Path, what: str) -> Path:

@@ -44,6 +44,8 @@ class MemoryNeeds:
     kv_mode: str | None = None
     #: prompts encoded with gradient per step (0: the text encoder runs without gradient)
     text_rows: int = 0
+    #: rows the method adds to each step's UNet batch (output preservation's class-prompt rows)
+    unet_rows: int = 0
 
 
 @dataclass

@@ -29,6 +29,14 @@ def prior_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(pred.float(), target.float())
 
 
+def output_preservation_mse(tuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Output preservation (kohya-ss/sd-scripts #1710's Differential Output Preservation): the
+    plain per-element mean of (ε_tuned − ε_base)² on the class prompt, the frozen base's prediction
+    as the target; kohya-ss replaces a regularization sample's target with it, so its reduction is
+    that sample's MSE."""
+    return F.mse_loss(tuned.float(), base.detach().float())
+
+
 def eos_cosine(token_eos: torch.Tensor, class_eos: torch.Tensor) -> torch.Tensor:
     """cos(E(P_tp), E(P_cp)) per row, in float32."""
     return F.cosine_similarity(token_eos.float(), class_eos.float(), dim=-1)

@@ -6,6 +6,7 @@ so the rest of the vocabulary stays bit-identical and gradients reach only those
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -312,3 +313,11 @@ class CombinedTextEncoder:
     def close(self) -> None:
         for encoder in self.encoders:
             encoder.close()
+
+
+def replace_token(prompt: str, tokens: Sequence[str]) -> str:
+    """Drop the concept tokens ("a <sks> dog" → "a dog"): the class prompt CLIP-T scores, output
+    preservation trains on and TEA steers towards."""
+    for token in tokens:
+        prompt = re.sub(r"\s*" + re.escape(token) + r"\s*", " ", prompt)
+    return re.sub(r"\s+", " ", prompt).strip()

@@ -311,6 +311,6 @@ def estimate(host, config: TrainConfig, method, *, images: int, class_images: in
         step=step_bytes(unet_config, config, train_mode=needs.kv_mode, method=method,
                         text_config=[m.config for m in host.text.models] if needs.text_rows else None,
                         text_rows=needs.text_rows,
-                        class_rows=class_rows),
+                        class_rows=class_rows + needs.unet_rows),
     )
 

@@ -11,6 +11,11 @@ from ...settings import MethodSetting, setting
 SPL_FEATURES = ("eos", "official")
 #: How SPL joins two text encoders' features (SDXL).
 SPL_ENCODERS = ("mean", "concat")
+#: What keeps the concept composable: spl = the semantic preservation loss (the paper); output =
+#: output preservation, the base model as teacher on the class prompt (kohya-ss/sd-scripts #1710's
+#: Differential Output Preservation, OneTrainer #505's prior model preservation, without class
+#: images); none = neither (Custom Diffusion).
+PRESERVATIONS = ("spl", "output", "none")
 
 SETTINGS = (
     MethodSetting("spl_weight", "float", setting(
@@ -28,4 +33,15 @@ SETTINGS = (
         "lowest, docs/sdxl.md); mean: the mean of each encoder's 1 − cos. One-encoder bases (SD1.x): the same "
         "either way.", choices=SPL_ENCODERS, cli="--spl-encoders", node="advanced-after:memory"),
         after="spl_feature"),
+    MethodSetting("preservation", "str", setting(
+        "spl", "What keeps the concept composable. spl: the semantic preservation loss, λ = spl_weight (the paper). "
+        "output: output preservation — on the class prompt (the training prompt without the token) the tuned model "
+        "is pulled towards the frozen base's prediction on the same noisy latents, weight output_weight; no class "
+        "images, one extra frozen UNet forward per step (kohya-ss's Differential Output Preservation). none: "
+        "neither (Custom Diffusion).", choices=PRESERVATIONS, cli="--preservation",
+        node="advanced-after:spl_encoders"), after="spl_encoders"),
+    MethodSetting("output_weight", "float", setting(
+        10.0, "Weight of output preservation (preservation = output): kohya-ss recommends 10–1000 for its per-"
+        "element MSE; 10 is the low end.", min=0.0, max=10000.0, step=0.1, cli="--output-weight",
+        node="advanced-after:preservation"), after="preservation"),
 )
