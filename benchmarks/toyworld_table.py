@@ -7,7 +7,12 @@ pictures in one plain scene (a table), with each seed, by each method:
 
 * Custom Diffusion = ClassDiffusion's parameters with λ = 0; ClassDiffusion with λ = 1 and the
   sweep λ ∈ {0.1, 10}; Infusion (its own recipe: batch 4 × 4 accumulation, so it gets an eighth of
-  the steps, the same number of pictures). Textual Inversion joins when the method plug-in lands.
+  the steps, the same number of pictures); Textual Inversion (diffusers' recipe);
+* the preservation alternatives (issue #36): output preservation (the base as teacher on the
+  class prompt, weight 10 and 100) instead of SPL, and TEA at sampling time (ρ = 0.2 and 0.5) on
+  the Custom Diffusion concept. ``--variants Output TEA --merge docs/toyworld_table.json`` adds
+  them to the committed table's rows (training is deterministic: a rerun of a committed row gives
+  the same numbers).
 
 Per run, on the toy base with the concept applied (25 DDIM steps, guidance 5, sampling seeds 0–3):
 
@@ -51,14 +56,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-#: (row label, method, λ); λ is None for methods without SPL.
+#: (row label, method, the K/V recipe's settings — None for a method trained on its own recipe —,
+#: TEA's rho at sampling time). The preservation alternatives (issue #36) are ClassDiffusion's
+#: settings; TEA samples the Custom Diffusion concept.
 VARIANTS = (
-    ("Custom Diffusion (λ=0)", "classdiffusion", 0.0),
-    ("ClassDiffusion (λ=0.1)", "classdiffusion", 0.1),
-    ("ClassDiffusion (λ=1)", "classdiffusion", 1.0),
-    ("ClassDiffusion (λ=10)", "classdiffusion", 10.0),
-    ("Infusion", "infusion", None),
-    ("Textual Inversion", "textual-inversion", None),
+    ("Custom Diffusion (λ=0)", "classdiffusion", {"spl_weight": 0.0}, 0.0),
+    ("ClassDiffusion (λ=0.1)", "classdiffusion", {"spl_weight": 0.1}, 0.0),
+    ("ClassDiffusion (λ=1)", "classdiffusion", {"spl_weight": 1.0}, 0.0),
+    ("ClassDiffusion (λ=10)", "classdiffusion", {"spl_weight": 10.0}, 0.0),
+    ("Infusion", "infusion", None, 0.0),
+    ("Textual Inversion", "textual-inversion", None, 0.0),
+    ("Output preservation (w=10)", "classdiffusion", {"preservation": "output", "output_weight": 10.0}, 0.0),
+    ("Output preservation (w=100)", "classdiffusion", {"preservation": "output", "output_weight": 100.0}, 0.0),
+    ("Custom Diffusion + TEA (ρ=0.2)", "classdiffusion", {"spl_weight": 0.0}, 0.2),
+    ("Custom Diffusion + TEA (ρ=0.5)", "classdiffusion", {"spl_weight": 0.0}, 0.5),
 )
 METRICS = ("identity", "composition_joint", "clip_i", "composition", "composition_identity", "clip_t",
            "drift_rank", "fisher", "wasserstein")
@@ -97,8 +108,9 @@ def every_picture(kept: dict) -> list:
 _BASE_SCORES: dict = {}  # per worker process: (instance, seed, weights) → the base's scores and features
 
 
-def run_one(job: dict) -> dict:
-    """Train one (instance, seed, variant) and measure it; runs in a worker process."""
+def run_one(job: dict) -> list[dict]:
+    """Train one (instance, seed, variant) and measure it, once per sampling (TEA) of the trained
+    concept; runs in a worker process."""
     import tempfile
 
     import torch
@@ -120,7 +132,7 @@ def run_one(job: dict) -> dict:
     started = time.perf_counter()
     weights = Path(job["weights"])
     base = base_path(weights)
-    instance, seed, (label, method, spl_weight) = job["instance"], job["seed"], job["variant"]
+    instance, seed, (label, method, settings, tea) = job["instance"], job["seed"], job["variant"]
     cls = World().instance(instance).cls
     references = instance_pictures(instance, seed=seed)
     checker, clip = Checker.load(WEIGHTS / "checker.safetensors"), ToyClip(weights)
@@ -129,7 +141,7 @@ def run_one(job: dict) -> dict:
         for k, picture in enumerate(references):
             picture.save(Path(tmp) / f"{k}.png")
         host = load_host(base, device="cpu")
-        if spl_weight is None:  # Infusion, Textual Inversion: their own recipes, the same number of pictures seen
+        if settings is None:  # Infusion, Textual Inversion: their own recipes, the same number of pictures seen
             recipe = TrainConfig.for_method(method)
             pictures = job["steps"] * TrainConfig().batch_size  # what the K/V variants see
             steps = max(1, pictures // (recipe.batch_size * recipe.gradient_accumulation))
@@ -137,7 +149,7 @@ def run_one(job: dict) -> dict:
                                             augment=False)
         else:
             steps = job["steps"]
-            config = TrainConfig(method=method, steps=steps, seed=seed, spl_weight=spl_weight, **TOY_RECIPE)
+            config = TrainConfig(method=method, steps=steps, seed=seed, **settings, **TOY_RECIPE)
         # Textual Inversion starts from the class word, as diffusers' recipe asks for an initializer word
         initializer = "class" if method == "textual-inversion" else ConceptSpec.initializer
         concept = train(host, [ConceptSpec(token="<sks>", class_word=cls, images=[tmp], initializer=initializer)], config,
@@ -165,16 +177,22 @@ def run_one(job: dict) -> dict:
             _BASE_SCORES[key] = (base_scores, clip.image_features(every_picture(base_pictures)))
         base_scores, base_features = _BASE_SCORES[key]
         applied = apply_concept(pipe.unet, concept, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-        concept_pictures: dict = {}
         # Infusion is triggered by the class word; Textual Inversion's token stands for the object alone
         phrase = cls if not concept.tokens else "<sks>" if method == "textual-inversion" else f"<sks> {cls}"
-        row.update(score(pipe, checker, clip, instance, phrase, references, SAMPLING_SEEDS,
-                         keep=concept_pictures).to_dict())
+        rows = []
+        for sampled_label, sampled_tea in job.get("samplings", [(label, tea)]):  # one training, each sampling
+            concept_pictures: dict = {}
+            mine = dict(row, variant=sampled_label)
+            mine.update(score(pipe, checker, clip, instance, phrase, references, SAMPLING_SEEDS,
+                              keep=concept_pictures, tea=sampled_tea).to_dict())
+            mine["wasserstein"] = wasserstein_metric(clip.image_features(every_picture(concept_pictures)),
+                                                     base_features).value
+            rows.append(mine)
         applied.remove()
-        row["wasserstein"] = wasserstein_metric(clip.image_features(every_picture(concept_pictures)), base_features).value
-    row["base"] = base_scores.to_dict()
-    row["train_seconds"], row["seconds"] = round(train_seconds, 1), round(time.perf_counter() - started, 1)
-    return row
+    for mine in rows:
+        mine["base"] = base_scores.to_dict()
+        mine["train_seconds"], mine["seconds"] = round(train_seconds, 1), round(time.perf_counter() - started, 1)
+    return rows
 
 
 def clustered(values_by_instance: dict[str, list[float]]) -> list | None:
@@ -200,7 +218,7 @@ def summarize(rows: list[dict]) -> dict:
     """Per variant, mean ± instance-clustered SE of every metric; the base row from the base's
     scores on the class prompts (one per instance and seed)."""
     table = {}
-    for label, _, _ in VARIANTS:
+    for label, *_ in VARIANTS:
         mine = [r for r in rows if r["variant"] == label]
         if mine:
             table[label] = {m: clustered(_by_instance(mine, m)) for m in METRICS}
@@ -221,7 +239,7 @@ def paired(rows: list[dict], reference: str = "Custom Diffusion (λ=0)") -> dict
     instance-clustered SE, and how many pairs went up and down."""
     ref = {(r["instance"], r["seed"]): r for r in rows if r["variant"] == reference}
     out = {}
-    for label, _, _ in VARIANTS:
+    for label, *_ in VARIANTS:
         if label == reference:
             continue
         pairs = [(r, ref[(r["instance"], r["seed"])]) for r in rows
@@ -406,8 +424,13 @@ def main() -> int:
     steps = args.steps or inspect.signature(run_demo).parameters["steps"].default
     instances, seeds = (2, 1) if args.quick else (args.instances, args.seeds)
     variants = [v for v in VARIANTS if not args.variants or any(part in v[0] for part in args.variants)]
-    jobs = [{"instance": inst.name, "seed": seed, "variant": variant, "steps": steps, "threads": 1, "weights": weights}
-            for inst in INSTANCES[:instances] for seed in TABLE_SEEDS[:seeds] for variant in variants]
+    trainings: dict = {}  # variants that differ only in how they are sampled (TEA) share one training
+    for variant in variants:
+        trainings.setdefault((variant[1], json.dumps(variant[2], sort_keys=True)), []).append(variant)
+    jobs = [{"instance": inst.name, "seed": seed, "variant": group[0], "samplings": [(v[0], v[3]) for v in group],
+             "steps": steps, "threads": 1, "weights": weights}
+            for inst in INSTANCES[:instances] for seed in TABLE_SEEDS[:seeds] for group in trainings.values()]
+    runs = sum(len(job["samplings"]) for job in jobs)
     rows = []
     merged = []
     if args.merge:
@@ -416,18 +439,20 @@ def main() -> int:
             parser.error(f"{args.merge} was run with other settings ({earlier['settings']})")
         merged = [r for r in earlier["rows"] if r["variant"] not in {v[0] for v in variants}]
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-        for row in pool.imap_unordered(run_one, jobs):
-            rows.append(row)
-            print(f"[{len(rows)}/{len(jobs)}] {row['variant']:24s} {row['instance']:18s} seed {row['seed']}: "
-                  f"identity {row['identity']:.2f}, joint composition {row['composition_joint']:.2f} "
-                  f"({row['seconds']:.0f} s)", flush=True)
+        for part in pool.imap_unordered(run_one, jobs):
+            for row in part:
+                rows.append(row)
+                print(f"[{len(rows)}/{runs}] {row['variant']:24s} {row['instance']:18s} seed {row['seed']}: "
+                      f"identity {row['identity']:.2f}, joint composition {row['composition_joint']:.2f} "
+                      f"({row['seconds']:.0f} s)", flush=True)
     seconds = time.perf_counter() - started
     table = summarize(rows + merged)
     diffs = paired(rows + merged)
     print(markdown(table))
     print()
     print(paired_markdown(diffs))
-    print(f"{len(jobs)} runs in {seconds / 60:.1f} min ({instances} instances × {seeds} seeds, {steps} steps)")
+    print(f"{runs} rows from {len(jobs)} trainings in {seconds / 60:.1f} min ({instances} instances × {seeds} seeds, "
+          f"{steps} steps)")
     result = {"table": table, "paired": diffs, "rows": rows + merged, "seconds": round(seconds, 1),
               "settings": {"instances": [i.name for i in INSTANCES[:instances]], "seeds": seeds,
                            "training_seeds": list(TABLE_SEEDS[:seeds]), "steps": steps,

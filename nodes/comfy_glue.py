@@ -23,6 +23,7 @@ from ..classdiffusion.errors import BaseMismatchError
 from ..classdiffusion.model.families import family_named
 from ..classdiffusion.model.kv import trained_names
 from ..classdiffusion.methods import method_class
+from ..classdiffusion.model.embedding_adjustment import DEFAULT_ALPHA, adjust_towards_class
 from ..classdiffusion.model.prompt_record import ConditionRegistry, RegistryPositions
 from ..classdiffusion.run.progress import step_postfix
 from ..classdiffusion.run.train import TrainCallbacks
@@ -130,6 +131,50 @@ def _teach_tokens(inner, tokens: list[str], vectors: torch.Tensor, strength: flo
 
     inner.tokenize_with_weights = types.MethodType(tokenize_with_weights, inner)
     inner._try_get_embedding = types.MethodType(_try_get_embedding, inner)
+
+
+def clip_with_tea(clip, rho: float, alpha: float = DEFAULT_ALPHA):
+    """A clone of ``clip`` that applies TEA (``classdiffusion.model.embedding_adjustment``) to every
+    prompt holding one of its concept tokens: the prompt is also encoded without them (the class
+    prompt: each chunk with the concept's vectors taken out and padded again) and its conditioning
+    — and pooled output, SDXL's — is turned ``rho`` of the way towards that one. Prompts without a
+    concept token encode as before. An object patch on ``encode_token_weights``, stacked on earlier ones."""
+    out = clip.clone()
+    existing = out.patcher.object_patches.get("encode_token_weights")
+    model = out.cond_stage_model
+    original = existing or type(model).encode_token_weights.__get__(model)
+    vectors = [v for key in clip_family(clip).embedding_keys
+               for v in getattr(getattr(out.tokenizer, key), "_classdiffusion_vectors", {}).values()]
+
+    def is_concept(token) -> bool:
+        return isinstance(token, torch.Tensor) and any(token.shape == v.shape and torch.equal(token, v) for v in vectors)
+
+    def without_concepts(pairs):
+        stripped, found = {}, False
+        for key, chunks in pairs.items():
+            stripped[key] = []
+            for chunk in chunks:
+                kept = [item for item in chunk if not is_concept(item[0])]
+                found = found or len(kept) < len(chunk)
+                stripped[key].append(kept + [chunk[-1]] * (len(chunk) - len(kept)))  # padded as before
+        return stripped, found
+
+    def encode_token_weights(token_weight_pairs):
+        result = original(token_weight_pairs)
+        if not isinstance(token_weight_pairs, dict):
+            return result
+        class_pairs, found = without_concepts(token_weight_pairs)
+        if not found:
+            return result
+        towards = original(class_pairs)
+        cond = adjust_towards_class(result[0], towards[0].to(result[0]), rho, alpha)
+        pooled = result[1]
+        if pooled is not None and towards[1] is not None:
+            pooled = adjust_towards_class(pooled[:, None], towards[1][:, None].to(pooled), rho, alpha)[:, 0]
+        return (cond, pooled, *result[2:])
+
+    out.patcher.add_object_patch("encode_token_weights", encode_token_weights)
+    return out
 
 
 #: Seconds between two redraws of the Train node's loss-plot preview.

@@ -15,12 +15,13 @@ from ..classdiffusion.concept import atomic_save_file, load_concept, run_files
 from ..classdiffusion.methods import method_class
 from ..classdiffusion.evaluation.picker import DEFAULT_COMPOSITION, TOLERANCE
 from .comfy_glue import (
-    CONCEPT_FOLDER, apply_concept_to_comfy, loras_dir,
+    CONCEPT_FOLDER, apply_concept_to_comfy, clip_with_tea, loras_dir,
     model_base_weights,
 )
 from .comfy_host import diffusers_to_comfy_map, model_family
 from .glue import diff_file_tensors, sanitize_name
-from .inputs import ConceptType, CATEGORY, image_tensor, concept_file_inputs, sampling_inputs, label_picture
+from .inputs import (ConceptType, CATEGORY, advanced_option, image_tensor, concept_file_inputs, sampling_inputs,
+                     label_picture)
 
 logger = logging.getLogger("classdiffusion")
 
@@ -43,13 +44,21 @@ class LoadConceptNode(io.ComfyNode):
                 io.Float.Input("strength_model", default=1.0, min=-2.0, max=2.0, step=0.01, tooltip="Strength of the K/V patches."),
                 io.Float.Input("strength_clip", default=1.0, min=-2.0, max=2.0, step=0.01, tooltip="Scale of the token embedding(s)."),
                 io.Boolean.Input("allow_other_base", default=False, tooltip="Apply even if the concept was trained on another checkpoint (results may be poor)."),
+                io.Float.Input("tea", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="TEA (test-time embedding adjustment, ICLR 2026; 0 = off, its source: 0.2): a prompt "
+                                       "with the token is turned this far towards the same prompt without it, at "
+                                       "encoding time. Nothing in the concept file changes."),
+                io.Float.Input("tea_alpha", default=0.5, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="With TEA: how far the embedding's norm moves to the class prompt's (its source: 0.5).",
+                               **advanced_option()),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP"),
                      ConceptType.Output(display_name="concept")],
         )
 
     @classmethod
-    def execute(cls, model, clip, concept_name, strength_model, strength_clip, allow_other_base) -> io.NodeOutput:
+    def execute(cls, model, clip, concept_name, strength_model, strength_clip, allow_other_base, tea=0.0,
+                tea_alpha=0.5) -> io.NodeOutput:
         path = folder_paths.get_full_path(CONCEPT_FOLDER, concept_name)
         if path is None:
             from ..classdiffusion.errors import ConceptFileError
@@ -60,6 +69,8 @@ class LoadConceptNode(io.ComfyNode):
         concept.check_against(model_base_weights(model, concept.train_mode), what="this MODEL",
                               strict=not allow_other_base)
         out_model, out_clip = apply_concept_to_comfy(model, clip, concept, strength_model, strength_clip)
+        if tea > 0 and concept.tokens:
+            out_clip = clip_with_tea(out_clip, tea, tea_alpha)
         return io.NodeOutput(out_model, out_clip, concept)
 
 

@@ -36,7 +36,8 @@ def build_pipeline(base: str | Path, *, base_config=None, device=None, dtype=tor
 
 
 def sample_rows(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float,
-                size: int | None = None) -> list[list]:
+                size: int | None = None, tea: float = 0.0, tea_alpha: float = DEFAULT_ALPHA,
+                tokens: Sequence[str] = ()) -> list[list]:
     """Pictures of each prompt (outer list) at each seed (inner list); seed ``s`` gives every prompt
     the same starting noise (drawn on the CPU, so a seed means the same noise on every device), so
     the pictures of one column differ only by their prompt."""
@@ -46,7 +47,11 @@ def sample_rows(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: in
     for seed in seeds:
         latents = torch.randn((1, channels, side, side), generator=torch.Generator().manual_seed(int(seed)))
         latents = latents.expand(len(prompts), -1, -1, -1).clone().to(pipe.device, pipe.unet.dtype)
-        images = pipe(list(prompts), latents=latents, num_inference_steps=steps, guidance_scale=guidance,
+        text = {"prompt": list(prompts)}
+        if tea:  # TEA: the prompts with ``tokens`` turned towards their class prompts
+            text = tea_prompt_embeds(pipe, list(prompts), [replace_token(p, tokens) for p in prompts], None, tea,
+                                     tea_alpha)
+        images = pipe(**text, latents=latents, num_inference_steps=steps, guidance_scale=guidance,
                       height=size, width=size).images
         for row, image in zip(rows, images):
             row.append(image)
@@ -122,20 +127,30 @@ def generate(
 
 
 @torch.no_grad()
-def tea_prompt_embeds(pipe, prompt: str, class_prompt: str, negative_prompt: str | None, rho: float,
-                      alpha: float) -> dict:
-    """The pipeline's prompt arguments with TEA applied: ``prompt``'s embeddings (and, on SDXL, its
-    pooled embedding, as the source's SDXL-family pipelines do) turned towards ``class_prompt``'s;
-    the negative prompt's are left as they are."""
-    def encode(text: str):
-        out = pipe.encode_prompt(prompt=text, device=pipe.device, num_images_per_prompt=1,
-                                 do_classifier_free_guidance=True, negative_prompt=negative_prompt)
+def tea_prompt_embeds(pipe, prompt: str | Sequence[str], class_prompt: str | Sequence[str],
+                      negative_prompt: str | None, rho: float, alpha: float) -> dict:
+    """The pipeline's prompt arguments with TEA applied: each prompt's embeddings (and, on SDXL, its
+    pooled embedding, as the source's SDXL-family pipelines do) turned towards its class prompt's; a
+    prompt that is its own class prompt (no token in it) and the negative prompt stay as they are."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    classes = [class_prompt] if isinstance(class_prompt, str) else list(class_prompt)
+
+    def encode(texts: list[str]):
+        out = pipe.encode_prompt(prompt=texts, device=pipe.device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=True,
+                                 negative_prompt=None if negative_prompt is None else [negative_prompt] * len(texts))
         return out if len(out) == 4 else (*out, None, None)  # SD1.x: (prompt, negative); SDXL adds pooled
 
-    embeds, negative, pooled, negative_pooled = encode(prompt)
-    class_embeds, _, class_pooled, _ = encode(class_prompt)
-    out = {"prompt_embeds": adjust_towards_class(embeds, class_embeds, rho, alpha), "negative_prompt_embeds": negative}
+    embeds, negative, pooled, negative_pooled = encode(prompts)
+    class_embeds, _, class_pooled, _ = encode(classes)
+    changed = torch.tensor([p != c for p, c in zip(prompts, classes)], device=embeds.device)
+
+    def adjusted(own, towards):
+        keep = changed.reshape(-1, *([1] * (own.ndim - 1)))
+        return torch.where(keep, adjust_towards_class(own, towards, rho, alpha), own)
+
+    out = {"prompt_embeds": adjusted(embeds, class_embeds), "negative_prompt_embeds": negative}
     if pooled is not None:
-        out["pooled_prompt_embeds"] = adjust_towards_class(pooled, class_pooled, rho, alpha)
+        out["pooled_prompt_embeds"] = adjusted(pooled, class_pooled)
         out["negative_pooled_prompt_embeds"] = negative_pooled
     return out

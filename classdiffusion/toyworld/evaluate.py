@@ -32,12 +32,13 @@ def instance_pictures(name: str, count: int = 5, seed: int = 0,
 
 
 def sample(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = SAMPLING["steps"],
-           guidance: float = SAMPLING["guidance"]) -> list[list[Image.Image]]:
+           guidance: float = SAMPLING["guidance"], tea: float = 0.0, tokens: Sequence[str] = ()
+           ) -> list[list[Image.Image]]:
     """Pictures of each prompt (outer list) at each seed (inner list); seed ``s`` gives every
-    prompt the same starting noise, so rows are comparable."""
+    prompt the same starting noise, so rows are comparable. ``tea``: TEA's rho on ``tokens``."""
     from ..concept.generate import sample_rows
 
-    return sample_rows(pipe, prompts, seeds, steps=steps, guidance=guidance)
+    return sample_rows(pipe, prompts, seeds, steps=steps, guidance=guidance, tea=tea, tokens=tokens)
 
 
 @dataclass
@@ -57,15 +58,16 @@ class ConceptScores:
 
 
 def score(pipe, checker, clip, instance: str, phrase: str, references: Sequence[Image.Image],
-          seeds: Sequence[int], *, keep: dict | None = None) -> ConceptScores:
+          seeds: Sequence[int], *, keep: dict | None = None, tea: float = 0.0) -> ConceptScores:
     """Scores of ``phrase`` (e.g. "<sks> star", or "star" for the base) standing for ``instance``;
-    ``keep`` receives the pictures ({"concept": [...], "composition": [...]}) when given."""
+    ``keep`` receives the pictures ({"concept": [...], "composition": [...]}) when given; ``tea``:
+    sampled with TEA (the phrase's token turned towards the class, rho = tea)."""
     from ..evaluation.image_metrics import clip_t, image_similarity
 
     cls = World().instance(instance).cls
     composition = composition_prompts(cls)
     prompts = [f"a photo of a {phrase}"] + [template.format(phrase) for template, _ in composition]
-    rows = sample(pipe, prompts, seeds)
+    rows = sample(pipe, prompts, seeds, tea=tea, tokens=phrase.split()[:-1])
     own, others = rows[0], rows[1:]
     readings = [checker.read(row) for row in others]
     composed = [all(reading.get(name) == value for name, value in expected.items())

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from comfy_server import BASE, CLIP_VISION, OTHER, comfyui_commit, error_message, unavailable_reason, was_interrupted
-from node_helpers import (assert_success, image_batch, load_concept_node, loader, pixels, sampler, saved_images,
+from api_graphs import (assert_success, image_batch, load_concept_node, loader, pixels, sampler, saved_images,
                           strengthened_infusion_node, train_node)
 
 _reason = unavailable_reason()
@@ -53,7 +53,7 @@ def test_nodes_are_registered_with_their_inputs(server):
     assert list(train["optional"]) == ["class_images", "concept_2", "concept_3", "spl_feature", "channels_last",
                                       "compile", "method", "masks", "save_every", "validation_every",
                                       "validation_prompts", "validation_steps", "validation_seed",
-                                      "memory", "spl_encoders"]  # new ones last
+                                      "memory", "spl_encoders", "preservation", "output_weight"]  # new ones last
     spl_feature = train["optional"]["spl_feature"]
     assert spl_feature[1]["default"] == "eos" and spl_feature[1].get("advanced") is True
     outputs = info["ClassDiffusionTrainConcept"]["output"]
@@ -143,6 +143,20 @@ def test_load_concept_and_stack_two(server, trained):
     entry = server.run(prompt)
     assert_success(entry)
     assert len(saved_images(entry)) == 1
+
+
+def test_tea_on_load_concept_turns_only_prompts_with_the_token(server, trained):
+    """Load Concept K/V's tea input: a prompt with the token samples differently at tea 0.5 than at
+    0 (its conditioning turned towards "a photo of a dog"); a prompt without it is pixel-identical."""
+    def picture(prompt: str, tea: float, prefix: str):
+        entry = server.run({**loader(), **load_concept_node("dog_concept.safetensors", tea=tea),
+                            **sampler(("load", 0), ("load", 1), prompt, prefix)})
+        assert_success(entry)
+        return pixels(server, entry)
+
+    plain, turned = picture("a photo of a <sks> dog", 0.0, "tea_off"), picture("a photo of a <sks> dog", 0.5, "tea_on")
+    assert not np.array_equal(plain, turned)
+    assert np.array_equal(picture("a photo of a cat", 0.0, "cat_off"), picture("a photo of a cat", 0.5, "cat_on"))
 
 
 def test_multi_concept_training_and_lora_export(server):

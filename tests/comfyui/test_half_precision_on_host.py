@@ -13,7 +13,7 @@ import math
 import pytest
 
 from comfy_server import error_message, start_server, unavailable_reason
-from node_helpers import image_batch, loader, sampler, train_node
+from api_graphs import image_batch, loader, sampler, train_node
 
 _reason = unavailable_reason()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from comfy_server import BASE, COMFYUI_PATH, COMFYUI_PYTHON, REPO, SDXL, error_message, unavailable_reason, was_interrupted
-from node_helpers import (
+from api_graphs import (
     assert_success, image_batch, load_concept_node, loader, pixels, sampler, strengthened_infusion_node, train_node,
 )
 

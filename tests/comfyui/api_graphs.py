@@ -1,4 +1,5 @@
-"""API-format graph pieces and checks the host tests share (``from node_helpers import …``)."""
+"""API-format graph pieces and checks the host tests share (``from api_graphs import …``; not
+``node_helpers``, which is a module of ComfyUI itself)."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def strengthened_infusion_node(concept, path, name: str) -> dict:
     return load_concept_node(name)
 
 
-def load_concept_node(name, model=("ckpt", 0), clip=("ckpt", 1), node="load", strength=1.0):
+def load_concept_node(name, model=("ckpt", 0), clip=("ckpt", 1), node="load", strength=1.0, **extra):
     return {node: {"class_type": "ClassDiffusionLoadConcept", "inputs": {
         "model": list(model), "clip": list(clip), "concept_name": name, "strength_model": strength,
-        "strength_clip": 1.0, "allow_other_base": False}}}
+        "strength_clip": 1.0, "allow_other_base": False, **extra}}}
