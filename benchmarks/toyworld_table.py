@@ -195,6 +195,17 @@ def run_one(job: dict) -> list[dict]:
     return rows
 
 
+def training_jobs(variants, instances, seeds, steps: int, weights: str) -> list[dict]:
+    """One job per (instance, seed, training): variants that differ only in how the concept is
+    sampled (TEA's ρ) share the training, each scored on its own."""
+    trainings: dict = {}
+    for variant in variants:
+        trainings.setdefault((variant[1], json.dumps(variant[2], sort_keys=True)), []).append(variant)
+    return [{"instance": instance, "seed": seed, "variant": group[0], "samplings": [(v[0], v[3]) for v in group],
+             "steps": steps, "threads": 1, "weights": weights}
+            for instance in instances for seed in seeds for group in trainings.values()]
+
+
 def clustered(values_by_instance: dict[str, list[float]]) -> list | None:
     """Mean and standard error of values grouped by instance: the SE of the per-instance means
     (a cluster-robust SE with equal cluster sizes), so seeds of one instance count once."""
@@ -424,18 +435,13 @@ def main() -> int:
     steps = args.steps or inspect.signature(run_demo).parameters["steps"].default
     instances, seeds = (2, 1) if args.quick else (args.instances, args.seeds)
     variants = [v for v in VARIANTS if not args.variants or any(part in v[0] for part in args.variants)]
-    trainings: dict = {}  # variants that differ only in how they are sampled (TEA) share one training
-    for variant in variants:
-        trainings.setdefault((variant[1], json.dumps(variant[2], sort_keys=True)), []).append(variant)
-    jobs = [{"instance": inst.name, "seed": seed, "variant": group[0], "samplings": [(v[0], v[3]) for v in group],
-             "steps": steps, "threads": 1, "weights": weights}
-            for inst in INSTANCES[:instances] for seed in TABLE_SEEDS[:seeds] for group in trainings.values()]
+    jobs = training_jobs(variants, [inst.name for inst in INSTANCES[:instances]], TABLE_SEEDS[:seeds], steps, weights)
     runs = sum(len(job["samplings"]) for job in jobs)
     rows = []
     merged = []
     if args.merge:
         earlier = json.loads(args.merge.read_text())
-        if earlier["settings"]["steps"] != steps or earlier["settings"]["seeds"] != seeds:
+        if earlier["settings"]["steps"] != steps or not set(TABLE_SEEDS[:seeds]) <= set(earlier["settings"]["training_seeds"]):
             parser.error(f"{args.merge} was run with other settings ({earlier['settings']})")
         merged = [r for r in earlier["rows"] if r["variant"] not in {v[0] for v in variants}]
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
@@ -453,10 +459,13 @@ def main() -> int:
     print(paired_markdown(diffs))
     print(f"{runs} rows from {len(jobs)} trainings in {seconds / 60:.1f} min ({instances} instances × {seeds} seeds, "
           f"{steps} steps)")
+    settings = {"instances": [i.name for i in INSTANCES[:instances]], "seeds": seeds,
+                "training_seeds": list(TABLE_SEEDS[:seeds]), "steps": steps, "sampling_seeds": list(SAMPLING_SEEDS),
+                "workers": args.workers}
+    if merged:  # the earlier rows' settings stay the file's; the rows run now are listed beside them
+        settings = dict(earlier["settings"], added={"variants": [v[0] for v in variants], **settings})
     result = {"table": table, "paired": diffs, "rows": rows + merged, "seconds": round(seconds, 1),
-              "settings": {"instances": [i.name for i in INSTANCES[:instances]], "seeds": seeds,
-                           "training_seeds": list(TABLE_SEEDS[:seeds]), "steps": steps,
-                           "sampling_seeds": list(SAMPLING_SEEDS), "workers": args.workers}}
+              "settings": settings}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if args.plot:

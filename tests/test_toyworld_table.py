@@ -98,3 +98,15 @@ def test_picker_validation_rank_correlation():
     assert validation._ranks([5.0, 1.0, 5.0]) == [2.5, 1.0, 2.5]
     # ties: scipy.stats.spearmanr([1, 2, 2, 3], [1, 3, 2, 4]) = 0.9486832980505138
     assert validation.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(0.9486832980505138)
+
+
+def test_tea_rows_share_the_custom_diffusion_training():
+    """TEA changes sampling only: its rows are scored on the λ = 0 concept of the same job, and every
+    other variant is trained once per instance and seed."""
+    jobs = table.training_jobs(table.VARIANTS, ["a", "b"], (1, 2), 400, "w")
+    samplings = [label for job in jobs for label, _ in job["samplings"]]
+    assert sorted(samplings) == sorted(v[0] for v in table.VARIANTS for _ in range(4))
+    tea_jobs = [job for job in jobs if any("TEA" in label for label, _ in job["samplings"])]
+    assert len(tea_jobs) == 4 and all(job["variant"][0] == "Custom Diffusion (λ=0)" for job in tea_jobs)
+    assert [rho for _, rho in tea_jobs[0]["samplings"]] == [0.0, 0.2, 0.5]
+    assert len(jobs) == 4 * (len(table.VARIANTS) - 2)
