@@ -118,15 +118,20 @@ class OfficialStep:
         return {name: w.grad for name, w in self.kv_weights().items()}, self.embedding.grad[self.token_id]
 
 
-def _parity(host, tiny_base, *, spl_weight, mask_kind, feature="eos", with_class_images=False):
-    config = small_config(spl_weight=spl_weight, spl_feature=feature)
-    class_images = [make_images(2, seed=7)] if with_class_images else None
-    run = TrainingRun(host, [dog()], config, [make_images()], class_images)
-    torch.manual_seed(1)
-    with torch.no_grad():  # trained state mid-run, not the zero start: every term is non-trivial
+def _mid_run(run: TrainingRun, seed: int) -> TrainingRun:
+    """``run`` with a trained state mid-run, not the zero start, so every term is non-trivial."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
         for delta in run.method.deltas.values():
             delta.normal_(0.0, 0.02)
         run.method.token_vectors.add_(torch.randn_like(run.method.token_vectors) * 0.05)
+    return run
+
+
+def _parity(host, tiny_base, *, spl_weight, mask_kind, feature="eos", with_class_images=False):
+    config = small_config(spl_weight=spl_weight, spl_feature=feature)
+    class_images = [make_images(2, seed=7)] if with_class_images else None
+    run = _mid_run(TrainingRun(host, [dog()], config, [make_images()], class_images), seed=1)
     batch = run.sample_batch(3)
     if mask_kind == "full":
         batch.mask = torch.ones_like(batch.mask)
@@ -238,12 +243,7 @@ def test_output_preservation_equals_an_independent_teacher_student_step(host, ti
     from diffusers import UNet2DConditionModel
 
     config = small_config(preservation="output", output_weight=weight)
-    run = TrainingRun(host, [dog()], config, [make_images()])
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for delta in run.method.deltas.values():
-            delta.normal_(0.0, 0.02)
-        run.method.token_vectors.add_(torch.randn_like(run.method.token_vectors) * 0.05)
+    run = _mid_run(TrainingRun(host, [dog()], config, [make_images()]), seed=2)
     batch = run.sample_batch(1)
     detach = host.attach_deltas(run.method.deltas)
     try:
