@@ -1,6 +1,6 @@
 """`classdiffusion train | queue | generate | inspect | eval | pick | compress | import-diffusers |
-export-diffusers | demo` — the trainer outside ComfyUI. One module per group of subcommands, each
-with its argument tables (``COMMANDS``); this module builds the parser from them and runs one."""
+export-diffusers | demo` — the trainer outside ComfyUI. One module per subcommand, each with its
+argument table (``COMMAND``); this module builds the parser from them and runs one."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import sys
 from typing import Sequence
 
 from ..errors import ClassDiffusionError, TrainingCancelled
-from . import concepts, demo, evaluate, training
+from . import (compress, demo, evaluate, export_diffusers, generate, import_diffusers, inspect, pick, queue,
+               train)
 from .common import _DefaultsHelp, add_setting_arguments, configure_output, setting_overrides
 
 #: Every subcommand, in the order ``--help`` lists them.
-COMMANDS = [*training.COMMANDS, *concepts.COMMANDS[:2], *evaluate.COMMANDS, *concepts.COMMANDS[2:], *demo.COMMANDS]
+COMMANDS = [module.COMMAND for module in (train, queue, generate, inspect, evaluate, pick, compress, import_diffusers,
+                                           export_diffusers, demo)]
 
 
 def build_parser() -> argparse.ArgumentParser:

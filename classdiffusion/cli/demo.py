@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..model.families import FAMILIES, SD15, SDXL
-from .common import (Argument, Command, _finite, _positive_int, arg,
-                     check_output_folder)
+from .common import Argument, Command, arg, check_output_folder, _finite, _positive_int
+
 
 def cmd_demo(args: argparse.Namespace) -> int:
     check_output_folder(args.out, "--out")
@@ -72,7 +72,9 @@ def _demo_arguments() -> list[Argument]:
     ]
 
 
-
-COMMANDS = [
-    Command('demo', "learn a held-out toy-world concept on the committed toy base and score it (no downloads)", _demo_arguments, cmd_demo),
-]
+COMMAND = Command(
+    'demo',
+    "learn a held-out toy-world concept on the committed toy base and score it (no downloads)",
+    _demo_arguments,
+    cmd_demo,
+)

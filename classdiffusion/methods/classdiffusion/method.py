@@ -30,13 +30,15 @@ class ClassDiffusionMethod(TrainingMethod):
     @classmethod
     def memory_needs(cls, host, config, concepts: int) -> MemoryNeeds:
         """The deltas and token rows; the batch's prompts and the SPL phrases (twice with the
-        official feature's own pass) go through the text encoder with gradient."""
+        official feature's own pass) go through the text encoder with gradient, and with output
+        preservation the class prompts too, whose rows also join the UNet batch."""
         mode = cls.weights_mode(config)
         weights = host.cross_attention_weights(mode)
         output = config.preservation == "output"  # the class-prompt rows join the batch's UNet pass
         return MemoryNeeds(trained_values=sum(weights[n].numel() for n in trained_names(weights, mode))
                            + concepts * host.text_dim, kv_mode=mode,
-                           text_rows=config.batch_size + concepts * (2 if config.spl_feature == "official" else 1),
+                           text_rows=config.batch_size * (2 if output else 1)
+                           + concepts * (2 if config.spl_feature == "official" else 1),
                            unet_rows=config.batch_size if output else 0)
 
     def setup(self) -> None:

@@ -1,4 +1,4 @@
-"""`classdiffusion train` and `queue`: a run, or a list of runs, from the command line."""
+"""`classdiffusion train`: one run from the command line (images or a concepts file, the settings' flags, resume)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from pathlib import Path
 
 from ..errors import InvalidInputError
 from ..methods import METHOD_CLASSES
-from .common import (IMAGE_SUFFIXES, CONCEPT_SUFFIXES, Argument, Command, _positive_int, arg,
-                     check_device, check_output_file, setting_arguments, setting_overrides)
+from .common import (Argument, Command, CONCEPT_SUFFIXES, IMAGE_SUFFIXES, arg, check_device, check_output_file,
+                     setting_arguments, setting_overrides)
 
 logger = logging.getLogger("classdiffusion")
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..run.data import load_images
@@ -105,34 +106,6 @@ def _report_training(args: argparse.Namespace, result) -> None:
               f"{Path(args.out).parent / 'validation'}")
 
 
-def cmd_queue(args: argparse.Namespace) -> int:
-    """Every job of JOBS.json, one per device at a time; a summary table at the end. Exit 1 if a
-    job failed (the others still ran)."""
-    import torch
-
-    from ..run.jobs import load_jobs, run_queue, summary_table
-
-    jobs = load_jobs(args.jobs)
-    if args.devices:
-        devices = [d.strip() for d in args.devices.split(",") if d.strip()]
-        for device in devices:
-            check_device(device)
-    elif torch.cuda.is_available():
-        devices = [f"cuda:{k}" for k in range(torch.cuda.device_count())]
-    else:
-        devices = ["cpu"]
-    if args.workers:
-        if devices != ["cpu"]:
-            raise InvalidInputError("--workers is for the CPU; with GPUs give --devices (one job per device).")
-        devices = ["cpu"] * args.workers
-    print(f"{len(jobs)} job(s) on {len(devices)} worker(s): {', '.join(devices)}", flush=True)
-    results = run_queue(jobs, devices, base=args.base,
-                        on_result=lambda r: print(f"{r.name}: {r.status}{': ' + r.message if r.message else ''}",
-                                                  flush=True))
-    print(summary_table(results))
-    return 1 if any(r.status == "failed" for r in results) else 0
-
-
 def _train_arguments() -> list[Argument]:
     return [
         arg("--base", required=True, help="SD1.5 diffusers folder or single-file .safetensors"),
@@ -158,21 +131,9 @@ def _train_arguments() -> list[Argument]:
     ]
 
 
-def _queue_arguments() -> list[Argument]:
-    return [
-        arg("jobs", help="JOBS.json: a list of --concepts entries, each with \"out\" and optional "
-            "\"settings\" and \"base\" (docs/cli.md)"),
-        arg("--devices", help="comma-separated devices, e.g. cuda:0,cuda:1 (default: every GPU, else "
-            "the CPU)"),
-        arg("--workers", type=_positive_int, default=None,
-            help="CPU worker processes (the CPU's cores are shared among them); default 1"),
-        arg("--base", help="the base of jobs that name none"),
-    ]
-
-
-
-COMMANDS = [
-    Command('train', "train a concept: " + ", ".join(f"{m.label} (--method {m.name})" for m in METHOD_CLASSES.values()), _train_arguments, cmd_train),
-    Command('queue', "train a list of concepts, one job per device at a time; a rerun skips finished jobs and resumes "
-             "interrupted ones", _queue_arguments, cmd_queue),
-]
+COMMAND = Command(
+    'train',
+    "train a concept: " + ", ".join(f"{m.label} (--method {m.name})" for m in METHOD_CLASSES.values()),
+    _train_arguments,
+    cmd_train,
+)
