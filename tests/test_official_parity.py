@@ -128,6 +128,17 @@ def _mid_run(run: TrainingRun, seed: int) -> TrainingRun:
     return run
 
 
+def _our_step(host, run: TrainingRun, batch):
+    """This trainer's losses on ``batch`` with the trained deltas attached, backpropagated."""
+    detach = host.attach_deltas(run.method.deltas)
+    try:
+        ours = run.losses(batch)
+        ours.total.backward()
+    finally:
+        detach()
+    return ours
+
+
 def _parity(host, tiny_base, *, spl_weight, mask_kind, feature="eos", with_class_images=False):
     config = small_config(spl_weight=spl_weight, spl_feature=feature)
     class_images = [make_images(2, seed=7)] if with_class_images else None
@@ -140,12 +151,7 @@ def _parity(host, tiny_base, *, spl_weight, mask_kind, feature="eos", with_class
         batch.mask[0, :, 1:6, 2:7] = 1.0
         batch.mask[1, :, 0:8, 0:3] = 1.0
 
-    detach = host.attach_deltas(run.method.deltas)
-    try:
-        ours = run.losses(batch)
-        ours.total.backward()
-    finally:
-        detach()
+    ours = _our_step(host, run, batch)
 
     official = OfficialStep(tiny_base, run)
     total, recon, spl, prior = official.loss(batch, run.method.spl_prompts[0], run.concepts[0].class_phrase(),
@@ -245,12 +251,7 @@ def test_output_preservation_equals_an_independent_teacher_student_step(host, ti
     config = small_config(preservation="output", output_weight=weight)
     run = _mid_run(TrainingRun(host, [dog()], config, [make_images()]), seed=2)
     batch = run.sample_batch(1)
-    detach = host.attach_deltas(run.method.deltas)
-    try:
-        ours = run.losses(batch)
-        ours.total.backward()
-    finally:
-        detach()
+    ours = _our_step(host, run, batch)
 
     official = OfficialStep(tiny_base, run)
     teacher = UNet2DConditionModel.from_pretrained(tiny_base / "unet").requires_grad_(False)
