@@ -42,6 +42,7 @@ def main() -> int:
                         help="crossattn: all of attn2 (more capacity: does K/V limit identity?)")
     parser.add_argument("--grid", type=Path, default=None,
                         help="a folder: each run's pictures per scored step (identity prompt | grass with a hat)")
+    parser.add_argument("--weights", type=Path, default=None, help="another toy-world weights folder")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -53,7 +54,7 @@ def main() -> int:
 
     steps = tuple(sorted(args.steps))
     jobs = [{"instance": name, "seed": TUNING_SEED, "spl_weight": args.spl_weight, "steps": steps, "threads": 1,
-             "weights": str(WEIGHTS), "recipe": {"learning_rate": rate, "train_mode": args.train_mode},
+             "weights": str(args.weights or WEIGHTS), "recipe": {"learning_rate": rate, "train_mode": args.train_mode},
              "scenes": args.scenes, "grid": str(args.grid / f"{name}-lr{rate:g}.png") if args.grid else None}
             for rate in args.rates for name in args.instances]
     started, rows = time.perf_counter(), []

@@ -206,6 +206,14 @@ def training_jobs(variants, instances, seeds, steps: int, weights: str) -> list[
             for instance in instances for seed in seeds for group in trainings.values()]
 
 
+def rows_not_rerun(earlier: list[dict], jobs: list[dict]) -> list[dict]:
+    """The rows of an earlier run that this run's ``jobs`` do not measure again: a row is
+    replaced only by a run of the same variant, instance and training seed, so seeds can be added
+    to a variant's rows in parts."""
+    rerun = {(label, job["instance"], job["seed"]) for job in jobs for label, _ in job["samplings"]}
+    return [r for r in earlier if (r["variant"], r["instance"], r["seed"]) not in rerun]
+
+
 def clustered(values_by_instance: dict[str, list[float]]) -> list | None:
     """Mean and standard error of values grouped by instance: the SE of the per-instance means
     (a cluster-robust SE with equal cluster sizes), so seeds of one instance count once."""
@@ -390,6 +398,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2 instances × 1 seed (a smoke run, ≤ 10 min)")
     parser.add_argument("--instances", type=int, default=10, help="held-out instances (of 10)")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds, from TABLE_SEEDS (1, 2, 3)")
+    parser.add_argument("--training-seeds", type=int, nargs="+", choices=TABLE_SEEDS, default=None,
+                        help="exactly these training seeds instead (e.g. 2 3, to add seeds to a --merge file)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--weights", type=Path, default=None, help="another toy-world weights folder")
@@ -434,16 +444,18 @@ def main() -> int:
 
     steps = args.steps or inspect.signature(run_demo).parameters["steps"].default
     instances, seeds = (2, 1) if args.quick else (args.instances, args.seeds)
+    training_seeds = list(TABLE_SEEDS[:seeds]) if args.quick or not args.training_seeds else sorted(set(args.training_seeds))
+    seeds = len(training_seeds)
     variants = [v for v in VARIANTS if not args.variants or any(part in v[0] for part in args.variants)]
-    jobs = training_jobs(variants, [inst.name for inst in INSTANCES[:instances]], TABLE_SEEDS[:seeds], steps, weights)
+    jobs = training_jobs(variants, [inst.name for inst in INSTANCES[:instances]], training_seeds, steps, weights)
     runs = sum(len(job["samplings"]) for job in jobs)
     rows = []
     merged = []
     if args.merge:
         earlier = json.loads(args.merge.read_text())
-        if earlier["settings"]["steps"] != steps or not set(TABLE_SEEDS[:seeds]) <= set(earlier["settings"]["training_seeds"]):
+        if earlier["settings"]["steps"] != steps or not set(training_seeds) <= set(earlier["settings"]["training_seeds"]):
             parser.error(f"{args.merge} was run with other settings ({earlier['settings']})")
-        merged = [r for r in earlier["rows"] if r["variant"] not in {v[0] for v in variants}]
+        merged = rows_not_rerun(earlier["rows"], jobs)
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         for part in pool.imap_unordered(run_one, jobs):
             for row in part:
@@ -460,7 +472,7 @@ def main() -> int:
     print(f"{runs} rows from {len(jobs)} trainings in {seconds / 60:.1f} min ({instances} instances × {seeds} seeds, "
           f"{steps} steps)")
     settings = {"instances": [i.name for i in INSTANCES[:instances]], "seeds": seeds,
-                "training_seeds": list(TABLE_SEEDS[:seeds]), "steps": steps, "sampling_seeds": list(SAMPLING_SEEDS),
+                "training_seeds": training_seeds, "steps": steps, "sampling_seeds": list(SAMPLING_SEEDS),
                 "workers": args.workers}
     if merged:  # the earlier rows' settings stay the file's; the rows run now are listed beside them
         settings = dict(earlier["settings"], added={"variants": [v[0] for v in variants], **settings})

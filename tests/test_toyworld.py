@@ -39,7 +39,12 @@ def test_captions_are_written_from_the_attributes_they_name():
     assert replace(scene, named=("addon",), form="A {} shown in a photo ").caption() == \
         "a star shown in a photo wearing a hat"
     # Two-half looks have no name: the caption says the class only.
-    assert Scene("cup", "red", "half", "big", "left", "beach", second="blue").caption() == "a photo of a cup on the beach"
+    halves = Scene("cup", "red", "half", "big", "left", "beach", second="blue")
+    assert halves.caption() == "a photo of a cup on the beach"
+    # Unless the pretraining names them (tools/pretrain_toyworld.py unet --name-halves): both
+    # colours, left first, when the caption names a colour at all.
+    assert halves.caption(name_halves=True) == "a photo of a red blue cup on the beach"
+    assert replace(halves, named=("scene",)).caption(name_halves=True) == "a photo of a cup on the beach"
     instance = World().instance_scene(INSTANCES[0].name, np.random.default_rng(0), scene="beach", addon="hat")
     assert instance.caption("<sks>") == "a photo of a <sks> star on the beach wearing a hat"
 
@@ -73,7 +78,7 @@ def test_every_method_prompt_is_made_of_whole_world_words(tmp_path):
     tokenizer = CLIPTokenizer.from_pretrained(str(build_world_tokenizer(tmp_path)))
     prompts = [t.format("star") for t in TEMPLATES + INFUSION_TEMPLATES + CAPTION_FORMS]
     prompts += [t.format("star") for t, _ in composition_prompts("star")]
-    prompts += [s.caption() for _, s in World(seed=1).pretraining_batch(0, 500)]
+    prompts += [s.caption(name_halves=halves) for _, s in World(seed=1).pretraining_batch(0, 500) for halves in (False, True)]
     vocabulary = {w + "</w>" for w in world_words()}
     for prompt in prompts:
         pieces = tokenizer.tokenize(prompt)
@@ -115,8 +120,12 @@ def test_pretraining_never_shows_a_held_out_combination_or_an_instance_look():
     two = [s for s in scenes if s.pattern == "half"]
     looks = {(i.cls, i.pair) for i in INSTANCES}
     assert not [s for s in two if (s.cls, frozenset((s.colour, s.second))) in looks]
-    captions = {s.caption() for s in scenes}
+    captions = {s.caption(name_halves=halves) for s in scenes for halves in (False, True)}
     assert not any(inst.name in caption for inst in INSTANCES for caption in captions)
+    # Named halves never name an instance's own pair on its class (the look is never drawn).
+    named = {s.caption(name_halves=True) for s in two}
+    assert not any(f"{i.first} {i.second} {i.cls}" in c or f"{i.second} {i.first} {i.cls}" in c
+                   for i in INSTANCES for c in named)
 
 
 def test_two_colour_looks_are_drawn_anywhere_but_never_named():

@@ -110,3 +110,51 @@ def test_tea_rows_share_the_custom_diffusion_training():
     assert len(tea_jobs) == 4 and all(job["variant"][0] == "Custom Diffusion (λ=0)" for job in tea_jobs)
     assert [rho for _, rho in tea_jobs[0]["samplings"]] == [0.0, 0.2, 0.5]
     assert len(jobs) == 4 * (len(table.VARIANTS) - 2)
+
+
+def test_a_merge_replaces_only_the_rows_it_measures_again():
+    """Adding training seeds 2 and 3 to variants measured at seed 1 keeps their seed-1 rows and
+    every other variant's rows; a row is replaced only by a rerun of the same variant, instance and seed."""
+    variants = [v for v in table.VARIANTS if "TEA" in v[0] or "Output" in v[0]]
+    earlier = [{"variant": v[0], "instance": name, "seed": seed}
+               for v in table.VARIANTS for name in ("a", "b") for seed in (1, 2, 3)
+               if seed == 1 or v in table.VARIANTS and v not in variants]
+    earlier.append({"variant": variants[0][0], "instance": "a", "seed": 2})  # measured before: replaced
+    jobs = table.training_jobs(variants, ["a", "b"], (2, 3), 400, "w")
+    kept = table.rows_not_rerun(earlier, jobs)
+    assert len(kept) == len(earlier) - 1
+    assert {"variant": variants[0][0], "instance": "a", "seed": 2} not in kept
+    assert all(r in kept for r in earlier if r["seed"] == 1)
+    rerun = {(label, job["instance"], job["seed"]) for job in jobs for label, _ in job["samplings"]}
+    assert len(rerun) == len(variants) * 2 * 2
+
+
+def test_the_ceiling_trains_every_unet_weight_and_nothing_else():
+    """benchmarks/toyworld_ceiling.py: every UNet weight moves, the text encoder (but for the added
+    token's row, set once from the rare initializer) and the VAE do not; the loss is finite."""
+    import torch
+
+    import toyworld_ceiling as ceiling
+    from classdiffusion.concept.generate import build_pipeline
+    from classdiffusion.toyworld.base import base_path
+    from classdiffusion.toyworld.evaluate import instance_pictures
+
+    pipe = build_pipeline(base_path(), device="cpu")
+    before = {name: {k: v.clone() for k, v in part.state_dict().items()}
+              for name, part in (("unet", pipe.unet), ("text", pipe.text_encoder), ("vae", pipe.vae))}
+    losses = ceiling.train_whole_unet(pipe, instance_pictures("yellow_purple_ball", count=2), "ball", steps=2,
+                                      learning_rate=1e-4, seed=0)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    after_unet = pipe.unet.state_dict()
+    # Adam's first step moves every weight with a gradient by about the learning rate (weight
+    # decay alone moves it a millionth of that): every UNet tensor took a gradient step.
+    still = [k for k, v in before["unet"].items() if (after_unet[k] - v).abs().max() < 0.5e-4]
+    assert not still, still
+    for key, value in pipe.vae.state_dict().items():
+        assert torch.equal(value, before["vae"][key]), key
+    embeddings = "embeddings.token_embedding.weight"
+    for key, value in pipe.text_encoder.state_dict().items():
+        if key.endswith(embeddings):
+            assert torch.equal(value[:-1], before["text"][key]) and value.shape[0] == before["text"][key].shape[0] + 1
+        else:
+            assert torch.equal(value, before["text"][key]), key

@@ -128,15 +128,16 @@ def optimize(name: str, params, steps: int, lr: float, loss_at, *, weight_decay:
     return earlier + time.perf_counter() - started
 
 
-def _pictures(world, start: int, count: int, size: int):
-    """Pretraining pictures ``start``..``start+count`` as [-1, 1] tensors, with their captions."""
+def _pictures(world, start: int, count: int, size: int, name_halves: bool = False):
+    """Pretraining pictures ``start``..``start+count`` as [-1, 1] tensors, with their captions
+    (``name_halves``: two-half looks named by their colours when the caption names a colour)."""
     import numpy as np
     import torch
 
     images, captions = [], []
     for image, scene in world.pretraining_batch(start, count):
         images.append(np.asarray(image, dtype=np.float32))
-        captions.append(scene.caption())
+        captions.append(scene.caption(name_halves=name_halves))
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1
     return pixels, captions
 
@@ -278,7 +279,7 @@ def stage_unet(args) -> None:
     with torch.no_grad():  # the pictures' latent distributions and captions, once
         means, stds, captions = [], [], []
         for start in range(0, pool, 256):
-            pixels, caps = _pictures(world, start, 256, RESOLUTION)
+            pixels, caps = _pictures(world, start, 256, RESOLUTION, name_halves=args.name_halves)
             dist = vae.encode(pixels.to(DEVICE)).latent_dist
             means.append(dist.mean.half())
             stds.append(dist.std.half())
@@ -325,7 +326,8 @@ def stage_unet(args) -> None:
     files = sorted(p for p in (OUT / "base").rglob("*") if p.is_file()) + [OUT / CLIP_EXTRA_FILE, OUT / CLIP_CONFIG_FILE]
     record("unet", OUT / "base" / "unet" / "diffusion_pytorch_model.safetensors", seconds,
            {"steps": steps, "batch": batch, "seed": 3, "pool": pool,
-            **({"init_from": str(args.init_from)} if args.init_from else {})},
+            **({"init_from": str(args.init_from)} if args.init_from else {}),
+            **({"name_halves": True} if args.name_halves else {})},
            files={p.relative_to(OUT).as_posix(): sha256(p) for p in files})
     print(f"wrote {OUT / 'base'} in {seconds:.0f} s")
 
@@ -407,6 +409,8 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=32_768, help="unet: pretraining pictures encoded once")
     parser.add_argument("--init-from", type=Path, help="unet: start from this base folder's UNet (a longer run in "
                         "parts, e.g. the committed base: --init-from classdiffusion/toyworld/weights/base --out elsewhere)")
+    parser.add_argument("--name-halves", action="store_true",
+                        help="unet: captions name a two-half look's two colours when they name a colour")
     parser.add_argument("--device", default="cpu", help="where the models train: cpu (the committed runs) or cuda; "
                         "the random draws stay on the CPU, so the data are the same on either")
     args = parser.parse_args()

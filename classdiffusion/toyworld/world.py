@@ -127,10 +127,11 @@ class Scene:
     named: tuple = ("colour", "pattern", "size", "scene", "addon")
     form: str = "a photo of a {}"
 
-    def caption(self, token: str | None = None) -> str:
+    def caption(self, token: str | None = None, *, name_halves: bool = False) -> str:
         """The caption written from the attributes it names; with ``token``, the instance's
         personalization phrase ("a photo of a <sks> star on the beach"). Two-half looks have no
-        name: their captions say the class only."""
+        name (their captions say the class only) unless ``name_halves``: then, when the colour is
+        named, both halves' colours are, left first ("a photo of a red blue star")."""
         if self.instance is not None:
             subject = f"{token} {self.cls}" if token else self.cls
         else:
@@ -138,6 +139,8 @@ class Scene:
             if self.pattern != "half":
                 words += [self.pattern] if self.pattern != "plain" and "pattern" in self.named else []
                 words += [self.colour] if "colour" in self.named else []
+            elif name_halves and "colour" in self.named:
+                words += [self.colour, self.second]
             subject = " ".join(words + [self.cls])
         text = self.form.format(subject).strip().lower()
         if "scene" in self.named:
