@@ -112,6 +112,31 @@ def summarize(rows: list[dict]) -> dict:
     return {metric: clustered(values) for metric, values in by_instance.items()}
 
 
+def paired_with(rows: list[dict], reference: dict[tuple, dict]) -> dict:
+    """The paired difference ceiling − reference (same instance and training seed) of identity and
+    joint composition: mean ± instance-clustered SE, with how many pairs went up and down."""
+    out = {"pairs": 0}
+    for metric in ("identity", "composition_joint", "composition"):
+        diffs: dict[str, list[float]] = {}
+        for row in rows:
+            theirs = reference.get((row["instance"], row["seed"]))
+            if theirs is not None:
+                diffs.setdefault(row["instance"], []).append(row[metric] - theirs[metric])
+        flat = [d for ds in diffs.values() for d in ds]
+        out["pairs"] = len(flat)
+        out[metric] = clustered(diffs) + [sum(d > 0 for d in flat), sum(d < 0 for d in flat)] if flat else None
+    return out
+
+
+def against_table(rows: list[dict], table_json: Path) -> dict:
+    """The ceiling paired with ``toyworld_table.py``'s Custom Diffusion (λ = 0) rows and with the
+    base on the class prompt, for the same instances and training seeds."""
+    earlier = json.loads(table_json.read_text())["rows"]
+    custom = {(r["instance"], r["seed"]): r for r in earlier if r["variant"] == "Custom Diffusion (λ=0)"}
+    base = {(r["instance"], r["seed"]): r["base"] for r in earlier}
+    return {"vs Custom Diffusion (λ=0)": paired_with(rows, custom), "vs base (class prompt)": paired_with(rows, base)}
+
+
 def main() -> int:
     from classdiffusion.toyworld.base import WEIGHTS
     from classdiffusion.toyworld.world import INSTANCES
@@ -123,6 +148,8 @@ def main() -> int:
     parser.add_argument("--learning-rate", type=float, default=2e-5)
     parser.add_argument("--weights", type=Path, default=None, help="another toy-world weights folder")
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
+    parser.add_argument("--table", type=Path, default=None,
+                        help="a toyworld_table.py --json of the same settings: pair the ceiling with its rows")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.instances < 1 or args.steps < 1 or args.learning_rate <= 0:
@@ -142,10 +169,15 @@ def main() -> int:
     for metric, cell in summary.items():
         print(f"{metric}: {cell[0]:.3f} ± {cell[1]:.3f}")
     print(f"{len(rows)} runs in {minutes:.1f} min")
+    comparison = against_table(rows, args.table) if args.table else None
+    for label, cells in (comparison or {}).items():
+        print(label + ": " + ", ".join(f"Δ {m} {c[0]:+.3f} ± {c[1]:.3f} ({c[2]}↑ {c[3]}↓)"
+                                       for m, c in cells.items() if m != "pairs" and c) + f" ({cells['pairs']} pairs)")
     if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "rows": sorted(rows, key=lambda r: (r["instance"], r["seed"])),
+        args.json.write_text(json.dumps({"summary": summary, "paired": comparison, "rows": sorted(rows, key=lambda r: (r["instance"], r["seed"])),
                                          "minutes": round(minutes, 1), "settings": vars(args) | {
-                                             "json": str(args.json), "weights": str(args.weights or WEIGHTS)}},
+                                             "json": str(args.json), "table": str(args.table) if args.table else None,
+                                             "weights": str(args.weights or WEIGHTS)}},
                                         indent=1) + "\n")
     return 0
 

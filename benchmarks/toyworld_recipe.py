@@ -72,7 +72,9 @@ def main() -> int:
     seconds = time.perf_counter() - started
     print(f"{len(jobs)} runs in {seconds / 60:.1f} min")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "seconds": round(seconds, 1), "seed": TUNING_SEED}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"rows": rows, "seconds": round(seconds, 1), "seed": TUNING_SEED,
+                                         "spl_weight": args.spl_weight, "weights": str(args.weights or WEIGHTS)},
+                                        indent=2) + "\n")
     return 0
 
 

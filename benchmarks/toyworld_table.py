@@ -475,7 +475,9 @@ def main() -> int:
                 "training_seeds": training_seeds, "steps": steps, "sampling_seeds": list(SAMPLING_SEEDS),
                 "workers": args.workers}
     if merged:  # the earlier rows' settings stay the file's; the rows run now are listed beside them
-        settings = dict(earlier["settings"], added={"variants": [v[0] for v in variants], **settings})
+        added = earlier["settings"].get("added", [])  # each merged run's settings, in order
+        added = added if isinstance(added, list) else [added]
+        settings = dict(earlier["settings"], added=added + [{"variants": [v[0] for v in variants], **settings}])
     result = {"table": table, "paired": diffs, "rows": rows + merged, "seconds": round(seconds, 1),
               "settings": settings}
     if args.json:

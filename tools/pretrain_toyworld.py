@@ -8,6 +8,10 @@
 Every stage is resumable: it saves to OUT/resume/STAGE.pt every --save-every steps and a rerun
 continues there (docs/toyworld.md).
 
+``unet --name-halves`` captions two-half looks by their two colours ("a red blue star") when a
+caption names a colour (an experiment, not the committed base: docs/toyworld.md, "What limits the
+concept here").
+
 ``--device cuda`` trains a stage's model on a GPU (a larger base: ``--steps``/``--batch`` with ``--out``
 elsewhere); every random draw stays on the CPU, so the pictures, noise and timesteps are the same on
 either device, and what is written is the same CPU fp16 folder. The committed weights were built on
