@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from toyworld_table import SAMPLING_SEEDS, TABLE_SEEDS, clustered  # noqa: E402
+from toyworld_table import SAMPLING_SEEDS, TABLE_SEEDS, by_instance, clustered, paired_cell  # noqa: E402
 
 METRICS = ("identity", "composition_joint", "composition", "composition_identity", "composition_class", "clip_i",
            "clip_t")
@@ -105,27 +105,17 @@ def run_one(job: dict) -> dict:
 
 def summarize(rows: list[dict]) -> dict:
     """Mean ± instance-clustered SE of each metric (as the table's cells)."""
-    by_instance = {m: {} for m in METRICS}
-    for row in rows:
-        for metric in METRICS:
-            by_instance[metric].setdefault(row["instance"], []).append(row[metric])
-    return {metric: clustered(values) for metric, values in by_instance.items()}
+    return {metric: clustered(by_instance(rows, metric)) for metric in METRICS}
 
 
 def paired_with(rows: list[dict], reference: dict[tuple, dict]) -> dict:
-    """The paired difference ceiling − reference (same instance and training seed) of identity and
-    joint composition: mean ± instance-clustered SE, with how many pairs went up and down."""
-    out = {"pairs": 0}
-    for metric in ("identity", "composition_joint", "composition"):
-        diffs: dict[str, list[float]] = {}
-        for row in rows:
-            theirs = reference.get((row["instance"], row["seed"]))
-            if theirs is not None:
-                diffs.setdefault(row["instance"], []).append(row[metric] - theirs[metric])
-        flat = [d for ds in diffs.values() for d in ds]
-        out["pairs"] = len(flat)
-        out[metric] = clustered(diffs) + [sum(d > 0 for d in flat), sum(d < 0 for d in flat)] if flat else None
-    return out
+    """The paired difference ceiling − reference (same instance and training seed) of identity,
+    joint and scene-and-add-on composition: mean ± instance-clustered SE, pairs up and down."""
+    pairs = [(row, reference[(row["instance"], row["seed"])]) for row in rows
+             if (row["instance"], row["seed"]) in reference]
+    return {"pairs": len(pairs),
+            **{metric: paired_cell(pairs, metric) if pairs else None
+               for metric in ("identity", "composition_joint", "composition")}}
 
 
 def against_table(rows: list[dict], table_json: Path) -> dict:

@@ -225,7 +225,7 @@ def clustered(values_by_instance: dict[str, list[float]]) -> list | None:
     return [mean, se]
 
 
-def _by_instance(rows: list[dict], metric: str) -> dict[str, list[float]]:
+def by_instance(rows: list[dict], metric: str) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     for r in rows:
         if r.get(metric) is not None:
@@ -240,11 +240,11 @@ def summarize(rows: list[dict]) -> dict:
     for label, *_ in VARIANTS:
         mine = [r for r in rows if r["variant"] == label]
         if mine:
-            table[label] = {m: clustered(_by_instance(mine, m)) for m in METRICS}
+            table[label] = {m: clustered(by_instance(mine, m)) for m in METRICS}
             table[label]["runs"] = len(mine)
             table[label]["instances"] = len({r["instance"] for r in mine})
     bases = list({(r["instance"], r["seed"]): dict(r["base"], instance=r["instance"]) for r in rows}.values())
-    table["base (class prompt)"] = {m: clustered(_by_instance(bases, m)) for m in METRICS}
+    table["base (class prompt)"] = {m: clustered(by_instance(bases, m)) for m in METRICS}
     table["base (class prompt)"]["runs"] = len(bases)
     table["base (class prompt)"]["instances"] = len({b["instance"] for b in bases})
     return table
@@ -267,12 +267,18 @@ def paired(rows: list[dict], reference: str = "Custom Diffusion (λ=0)") -> dict
             continue
         out[label] = {"pairs": len(pairs)}
         for metric in PAIRED_METRICS:
-            diffs: dict[str, list[float]] = {}
-            for mine, theirs in pairs:
-                diffs.setdefault(mine["instance"], []).append(mine[metric] - theirs[metric])
-            flat = [d for ds in diffs.values() for d in ds]
-            out[label][metric] = clustered(diffs) + [sum(d > 0 for d in flat), sum(d < 0 for d in flat)]
+            out[label][metric] = paired_cell(pairs, metric)
     return out
+
+
+def paired_cell(pairs: list[tuple[dict, dict]], metric: str) -> list:
+    """Mine − theirs of ``metric`` over (mine, theirs) row pairs of the same instance and seed:
+    mean, instance-clustered SE, pairs up, pairs down."""
+    diffs: dict[str, list[float]] = {}
+    for mine, theirs in pairs:
+        diffs.setdefault(mine["instance"], []).append(mine[metric] - theirs[metric])
+    flat = [d for ds in diffs.values() for d in ds]
+    return clustered(diffs) + [sum(d > 0 for d in flat), sum(d < 0 for d in flat)]
 
 
 def _cell(metric: str, value) -> str:
@@ -377,7 +383,7 @@ def curve_summary(rows: list[dict]) -> dict:
     out: dict = {}
     for weight in sorted({r["spl_weight"] for r in rows}):
         out[f"λ={weight:g}"] = {
-            str(step): {m: clustered(_by_instance([r for r in rows if r["spl_weight"] == weight and r["step"] == step], m))
+            str(step): {m: clustered(by_instance([r for r in rows if r["spl_weight"] == weight and r["step"] == step], m))
                         for m in ("identity", "composition_joint", "composition")}
             for step in sorted({r["step"] for r in rows})}
     return out
