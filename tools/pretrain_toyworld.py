@@ -2,15 +2,15 @@
 
     python tools/pretrain_toyworld.py checker      # the independent checker (3,000 steps)
     python tools/pretrain_toyworld.py calibrate    # seconds per step of every stage, nothing written
-    python tools/pretrain_toyworld.py vae          # then clip, then unet: the toy base (v2: 118 min of
+    python tools/pretrain_toyworld.py vae          # then clip, then unet: the toy base (v2.1: 132 min of
                                                    # wall time on 2 cores, stages side by side)
 
 Every stage is resumable: it saves to OUT/resume/STAGE.pt every --save-every steps and a rerun
 continues there (docs/toyworld.md).
 
-``unet --name-halves`` captions two-half looks by their two colours ("a red blue star") when a
-caption names a colour (an experiment, not the committed base: docs/toyworld.md, "What limits the
-concept here").
+The unet stage captions two-half looks by their two colours ("a red blue star") when a caption
+names a colour (``--no-name-halves``: by class only, as the v2.0 base was; docs/toyworld.md, "What
+limits the concept here"); an instance's own pair is never drawn on its class, so never named.
 
 ``--device cuda`` trains a stage's model on a GPU (a larger base: ``--steps``/``--batch`` with ``--out``
 elsewhere); every random draw stays on the CPU, so the pictures, noise and timesteps are the same on
@@ -264,7 +264,7 @@ def stage_unet(args) -> None:
     from classdiffusion.toyworld.base import CLIP_CONFIG_FILE, CLIP_EXTRA_FILE, RESOLUTION, make_components, split_clip, text_tower
     from classdiffusion.toyworld.world import World
 
-    steps, batch, pool = args.steps or 8_000, args.batch or 32, args.pool
+    steps, batch, pool = args.steps or 13_000, args.batch or 32, args.pool
     tokenizer = CLIPTokenizer.from_pretrained(str(OUT / "clip"))
     _, text_encoder, unet, _, scheduler = make_components(OUT / "tokenizer", seed=3)
     if args.init_from:  # continue an earlier base's UNet (a new schedule over --steps) instead of a fresh one
@@ -331,7 +331,7 @@ def stage_unet(args) -> None:
     record("unet", OUT / "base" / "unet" / "diffusion_pytorch_model.safetensors", seconds,
            {"steps": steps, "batch": batch, "seed": 3, "pool": pool,
             **({"init_from": str(args.init_from)} if args.init_from else {}),
-            **({"name_halves": True} if args.name_halves else {})},
+            "name_halves": args.name_halves},
            files={p.relative_to(OUT).as_posix(): sha256(p) for p in files})
     print(f"wrote {OUT / 'base'} in {seconds:.0f} s")
 
@@ -413,8 +413,9 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=32_768, help="unet: pretraining pictures encoded once")
     parser.add_argument("--init-from", type=Path, help="unet: start from this base folder's UNet (a longer run in "
                         "parts, e.g. the committed base: --init-from classdiffusion/toyworld/weights/base --out elsewhere)")
-    parser.add_argument("--name-halves", action="store_true",
-                        help="unet: captions name a two-half look's two colours when they name a colour")
+    parser.add_argument("--name-halves", action=argparse.BooleanOptionalAction, default=True,
+                        help="unet: captions name a two-half look's two colours when they name a colour "
+                        "(--no-name-halves: by class only, the v2.0 base)")
     parser.add_argument("--device", default="cpu", help="where the models train: cpu (the committed runs) or cuda; "
                         "the random draws stay on the CPU, so the data are the same on either")
     args = parser.parse_args()
