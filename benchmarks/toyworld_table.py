@@ -40,8 +40,10 @@ TOY_RECIPE) was chosen on seed 0 only, which the table never uses.
 
     python benchmarks/toyworld_table.py --curve [--json F]
 
-is the **overfitting curve**: λ = 0 and λ = 1 trained to 1,600 steps on three instances, each
-step checkpoint (100, 200, 400, 800, 1,600) scored for identity and joint composition.
+is the **overfitting curve**: λ = 0 and λ = 1 trained to 1,600 steps on three instances
+(``--curve-instances all``: the ten), each step checkpoint (100, 200, 400, 800, 1,600) scored for
+identity and joint composition, with λ = 1 minus λ = 0 paired per step and on the fall from the
+first to the last step (does SPL change the slope?).
 """
 
 from __future__ import annotations
@@ -389,13 +391,44 @@ def curve_summary(rows: list[dict]) -> dict:
     return out
 
 
+def curve_paired(rows: list[dict]) -> dict:
+    """λ = 1 minus λ = 0 on the same instance and seed, per scored step, and the same for the
+    *fall* from the first to the last scored step (does SPL change the slope?): mean,
+    instance-clustered SE, pairs up, pairs down."""
+    metrics = ("identity", "composition_joint", "composition")
+    steps = sorted({r["step"] for r in rows})
+    runs: dict[tuple, dict[int, dict]] = {}
+    for r in rows:
+        runs.setdefault((r["instance"], r["seed"], r["spl_weight"]), {})[r["step"]] = r
+    keys = [(inst, seed) for inst, seed, weight in runs if weight == 0.0 and (inst, seed, 1.0) in runs]
+    out: dict = {str(step): {m: paired_cell([(runs[(*k, 1.0)][step], runs[(*k, 0.0)][step]) for k in keys], m)
+                             for m in metrics} for step in steps}
+
+    def fall(run: dict[int, dict]) -> dict:
+        return {"instance": run[steps[0]]["instance"],
+                **{m: run[steps[-1]][m] - run[steps[0]][m] for m in metrics}}
+
+    out[f"fall {steps[0]}→{steps[-1]}"] = {
+        m: paired_cell([(fall(runs[(*k, 1.0)]), fall(runs[(*k, 0.0)])) for k in keys], m) for m in metrics}
+    return out
+
+
 def curve_markdown(summary: dict) -> str:
     steps = list(next(iter(summary.values())))
     lines = ["| λ | metric | " + " | ".join(f"{s} steps" for s in steps) + " |", "|---" * (len(steps) + 2) + "|"]
     for label, per_step in summary.items():
-        for metric in ("identity", "composition_joint"):
+        for metric in ("composition", "composition_joint", "identity"):
             cells = [f"{per_step[s][metric][0]:.3f} ± {per_step[s][metric][1]:.3f}" for s in steps]
             lines.append(f"| {label} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def curve_paired_markdown(diffs: dict) -> str:
+    columns = list(diffs)
+    lines = ["| λ=1 − λ=0, paired | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for metric in ("composition", "composition_joint", "identity"):
+        cells = [f"{c[0]:+.3f} ± {c[1]:.3f} ({c[2]}↑ {c[3]}↓)" for c in (diffs[col][metric] for col in columns)]
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -415,6 +448,8 @@ def main() -> int:
                         help="an earlier --json of the same settings: its rows of the variants not run now join the table")
     parser.add_argument("--curve", action="store_true",
                         help="the overfitting curve instead: λ = 0 and 1 to 1,600 steps on three instances")
+    parser.add_argument("--curve-instances", nargs="+", default=list(CURVE_INSTANCES), metavar="NAME",
+                        help="the curve's instances (names, or 'all' for the 10); default: one star, one box, one tree")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
@@ -429,8 +464,12 @@ def main() -> int:
     weights = str(args.weights or WEIGHTS)
     started = time.perf_counter()
     if args.curve:
+        curve_instances = [inst.name for inst in INSTANCES] if args.curve_instances == ["all"] else args.curve_instances
+        unknown = sorted(set(curve_instances) - {inst.name for inst in INSTANCES})
+        if unknown:
+            parser.error(f"--curve-instances: unknown {unknown}; choose from {[inst.name for inst in INSTANCES]} or 'all'")
         jobs = [{"instance": name, "seed": TABLE_SEEDS[0], "spl_weight": weight, "steps": CURVE_STEPS, "threads": 1,
-                 "weights": weights} for name in CURVE_INSTANCES for weight in (0.0, 1.0)]
+                 "weights": weights} for name in curve_instances for weight in (0.0, 1.0)]
         rows = []
         with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
             for part in pool.imap_unordered(run_curve, jobs):
@@ -438,13 +477,14 @@ def main() -> int:
                 print(f"[{len(rows) // len(CURVE_STEPS)}/{len(jobs)}] {part[0]['instance']} λ={part[0]['spl_weight']:g}: "
                       + ", ".join(f"{r['step']}: {r['identity']:.2f}/{r['composition_joint']:.2f}" for r in part),
                       flush=True)
-        summary = curve_summary(rows)
+        summary, diffs = curve_summary(rows), curve_paired(rows)
         print(curve_markdown(summary))
+        print(curve_paired_markdown(diffs))
         seconds = time.perf_counter() - started
         print(f"{len(jobs)} runs in {seconds / 60:.1f} min")
         if args.json:
-            args.json.write_text(json.dumps({"curve": summary, "rows": rows, "seconds": round(seconds, 1),
-                                             "settings": {"instances": list(CURVE_INSTANCES), "steps": list(CURVE_STEPS),
+            args.json.write_text(json.dumps({"curve": summary, "paired": diffs, "rows": rows, "seconds": round(seconds, 1),
+                                             "settings": {"instances": curve_instances, "steps": list(CURVE_STEPS),
                                                           "seed": TABLE_SEEDS[0]}}, indent=2) + "\n")
         return 0
 

@@ -158,3 +158,25 @@ def test_the_ceiling_trains_every_unet_weight_and_nothing_else():
             assert torch.equal(value[:-1], before["text"][key]) and value.shape[0] == before["text"][key].shape[0] + 1
         else:
             assert torch.equal(value, before["text"][key]), key
+
+
+def test_curve_pairs_lambda_one_against_zero_per_step_and_on_the_fall():
+    """The curve's question — does SPL change how composition falls with steps? — is answered on
+    pairs of the same instance and seed: per step, and on the fall from the first to the last step."""
+    def curve_row(instance: str, weight: float, step: int, composition: float) -> dict:
+        return {"instance": instance, "seed": 1, "spl_weight": weight, "step": step,
+                "composition": composition, "composition_joint": 0.1, "identity": 0.3}
+
+    rows = []
+    for instance, end_without, end_with in (("a", 0.6, 0.8), ("b", 0.7, 0.7), ("c", 0.5, 0.9)):
+        for weight, end in ((0.0, end_without), (1.0, end_with)):
+            rows += [curve_row(instance, weight, 100, 1.0), curve_row(instance, weight, 1600, end)]
+    diffs = table.curve_paired(rows)
+    assert diffs["100"]["composition"] == [0.0, 0.0, 0, 0]
+    per_instance = [0.2, 0.0, 0.4]
+    mean, se, up, down = diffs["fall 100→1600"]["composition"]
+    assert mean == pytest.approx(statistics.fmean(per_instance))
+    assert se == pytest.approx(statistics.stdev(per_instance) / 3 ** 0.5)
+    assert (up, down) == (2, 0)
+    assert diffs["1600"]["composition"][:2] == pytest.approx([mean, se])
+    assert "fall 100→1600" in table.curve_paired_markdown(diffs)
