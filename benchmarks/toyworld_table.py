@@ -82,6 +82,7 @@ TABLE_SEEDS = (1, 2, 3)
 #: The overfitting curve: the steps scored, and its instances (one star, one box, one tree).
 CURVE_STEPS = (100, 200, 400, 800, 1600)
 CURVE_INSTANCES = ("red_blue_star", "pink_blue_box", "blue_yellow_tree")
+CURVE_METRICS = ("composition", "composition_joint", "identity")
 #: Methods whose Latent Fisher divergence on other classes' captions is zero by construction.
 NO_FISHER = ("infusion", "textual-inversion")
 
@@ -386,7 +387,7 @@ def curve_summary(rows: list[dict]) -> dict:
     for weight in sorted({r["spl_weight"] for r in rows}):
         out[f"λ={weight:g}"] = {
             str(step): {m: clustered(by_instance([r for r in rows if r["spl_weight"] == weight and r["step"] == step], m))
-                        for m in ("identity", "composition_joint", "composition")}
+                        for m in CURVE_METRICS}
             for step in sorted({r["step"] for r in rows})}
     return out
 
@@ -395,7 +396,7 @@ def curve_paired(rows: list[dict]) -> dict:
     """λ = 1 minus λ = 0 on the same instance and seed, per scored step, and the same for the
     *fall* from the first to the last scored step (does SPL change the slope?): mean,
     instance-clustered SE, pairs up, pairs down."""
-    metrics = ("identity", "composition_joint", "composition")
+    metrics = CURVE_METRICS
     steps = sorted({r["step"] for r in rows})
     runs: dict[tuple, dict[int, dict]] = {}
     for r in rows:
@@ -417,7 +418,7 @@ def curve_markdown(summary: dict) -> str:
     steps = list(next(iter(summary.values())))
     lines = ["| λ | metric | " + " | ".join(f"{s} steps" for s in steps) + " |", "|---" * (len(steps) + 2) + "|"]
     for label, per_step in summary.items():
-        for metric in ("composition", "composition_joint", "identity"):
+        for metric in CURVE_METRICS:
             cells = [f"{per_step[s][metric][0]:.3f} ± {per_step[s][metric][1]:.3f}" for s in steps]
             lines.append(f"| {label} | {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -426,7 +427,7 @@ def curve_markdown(summary: dict) -> str:
 def curve_paired_markdown(diffs: dict) -> str:
     columns = list(diffs)
     lines = ["| λ=1 − λ=0, paired | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for metric in ("composition", "composition_joint", "identity"):
+    for metric in CURVE_METRICS:
         cells = [f"{c[0]:+.3f} ± {c[1]:.3f} ({c[2]}↑ {c[3]}↓)" for c in (diffs[col][metric] for col in columns)]
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
