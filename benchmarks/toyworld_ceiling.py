@@ -11,6 +11,14 @@ star's look) on the table's training pictures (``instance_pictures(name, seed=se
 scored exactly as ``toyworld_table.py`` scores a concept (the same prompts, sampling seeds and
 checker), so its rows compare with the table's Custom Diffusion rows of the same instances and
 seeds. Not a method of the product: a full-UNet concept is the base's size (3.4 GB on SD1.5).
+
+``--named`` measures the other bound, the text path's: nothing trains; the base is prompted with
+the instance's halves *named* ("a photo of a red blue star on the beach", left half first, as the
+v2.1 captions name two-half looks) where a concept's prompt has "<sks> star" — what a concept
+whose token meant exactly the instance's colour words would draw. The instance's own pair is never
+named in pretraining, so this is the base composing a held-out look from its words. Sampling does
+not depend on the training seed: one row per instance, repeated for each ``--seeds`` so that
+``--table`` pairs it with the same Custom Diffusion rows as the ceiling.
 """
 from __future__ import annotations
 
@@ -103,6 +111,38 @@ def run_one(job: dict) -> dict:
             **scores.to_dict(), "seconds": round(time.perf_counter() - started, 1)}
 
 
+def named_phrase(instance: str) -> str:
+    """The instance's look in words, as v2.1's captions name a two-half look: "red blue star"."""
+    from classdiffusion.toyworld.world import World
+
+    look = World().instance(instance)
+    return f"{look.first} {look.second} {look.cls}"
+
+
+def run_named(job: dict) -> dict:
+    """Score the base on the instance's named halves ("red blue star") in the concept's place."""
+    import torch
+
+    from classdiffusion.concept.generate import build_pipeline
+    from classdiffusion.toyworld.base import WEIGHTS, ToyClip, base_path
+    from classdiffusion.toyworld.checker import Checker
+    from classdiffusion.toyworld.evaluate import instance_pictures, score
+    from classdiffusion.toyworld.world import World
+
+    torch.set_num_threads(job["threads"])
+    started = time.perf_counter()
+    weights = Path(job["weights"])
+    look = World().instance(job["instance"])
+    references = instance_pictures(look.name, seed=job["seed"])
+    pipe = build_pipeline(base_path(weights), device="cpu")
+    checker, clip = Checker.load(WEIGHTS / "checker.safetensors"), ToyClip(weights)
+    phrase = named_phrase(look.name)
+    with torch.no_grad():
+        scores = score(pipe, checker, clip, look.name, phrase, references, SAMPLING_SEEDS)
+    return {"variant": "named halves (base, no training)", "instance": look.name, "seed": job["seed"],
+            "phrase": phrase, **scores.to_dict(), "seconds": round(time.perf_counter() - started, 1)}
+
+
 def summarize(rows: list[dict]) -> dict:
     """Mean ± instance-clustered SE of each metric (as the table's cells)."""
     return {metric: clustered(by_instance(rows, metric)) for metric in METRICS}
@@ -140,6 +180,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--table", type=Path, default=None,
                         help="a toyworld_table.py --json of the same settings: pair the ceiling with its rows")
+    parser.add_argument("--named", action="store_true",
+                        help="no training: score the base on the instance's halves named (the text path's bound)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.instances < 1 or args.steps < 1 or args.learning_rate <= 0:
@@ -147,11 +189,12 @@ def main() -> int:
 
     jobs = [{"instance": inst.name, "seed": seed, "steps": args.steps, "learning_rate": args.learning_rate,
              "threads": 1, "weights": str(args.weights or WEIGHTS)}
-            for inst in INSTANCES[:args.instances] for seed in args.seeds]
+            for inst in INSTANCES[:args.instances] for seed in (args.seeds[:1] if args.named else args.seeds)]
     started, rows = time.perf_counter(), []
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-        for row in pool.imap_unordered(run_one, jobs):
-            rows.append(row)
+        for row in pool.imap_unordered(run_named if args.named else run_one, jobs):
+            # the named rows do not depend on the training seed: one per seed, for pairing
+            rows += [row | {"seed": seed} for seed in args.seeds] if args.named else [row]
             print(f"{row['instance']} seed {row['seed']}: identity {row['identity']:.2f}, "
                   f"joint composition {row['composition_joint']:.2f} ({row['seconds']:.0f} s)", flush=True)
     summary = summarize(rows)

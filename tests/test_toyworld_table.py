@@ -129,6 +129,23 @@ def test_a_merge_replaces_only_the_rows_it_measures_again():
     assert len(rerun) == len(variants) * 2 * 2
 
 
+def test_the_named_bound_prompts_each_instance_look_in_whole_world_words():
+    """toyworld_ceiling.py --named: the instance's halves named left first, as v2.1's captions
+    name a two-half look ("red blue star"), each word one token of the world's tokenizer (no word
+    split into characters, which would measure an untrained spelling, not the look's name)."""
+    import toyworld_ceiling as ceiling
+    from classdiffusion.toyworld.base import base_path
+    from classdiffusion.toyworld.world import INSTANCES
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(base_path() / "tokenizer")
+    assert ceiling.named_phrase("red_blue_star") == "red blue star"
+    for look in INSTANCES:
+        phrase = ceiling.named_phrase(look.name)
+        assert phrase.split() == [look.first, look.second, look.cls]
+        assert len(tokenizer(phrase, add_special_tokens=False).input_ids) == 3, phrase
+
+
 def test_the_ceiling_trains_every_unet_weight_and_nothing_else():
     """benchmarks/toyworld_ceiling.py: every UNet weight moves, the text encoder (but for the added
     token's row, set once from the rare initializer) and the VAE do not; the loss is finite."""
