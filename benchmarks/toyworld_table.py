@@ -324,6 +324,39 @@ def plot(table: dict, path: Path) -> None:
                   title="Toy world v2: identity vs joint composition (mean ± clustered SE)").save(path)
 
 
+#: A trained Custom Diffusion / ClassDiffusion concept taken apart (toyworld_recipe.py --parts): both
+#: parts as trained; only the token (the K/V deltas zeroed); only the K/V deltas (the token back at
+#: the vector it started from) — which part costs the class in the composed pictures?
+CONCEPT_PARTS = ("both", "token", "kv")
+
+
+def initial_token_vector(pipe, word: str):
+    """The vector a concept's token starts from: the mean embedding of ``word``'s pieces (as
+    training initializes it)."""
+    import torch
+
+    pieces = pipe.tokenizer(word, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        return pipe.text_encoder.get_input_embeddings().weight[pieces].float().mean(0)
+
+
+def concept_part(concept, part: str, start_vector):
+    """``concept`` with only ``part`` of what it learned (CONCEPT_PARTS); the file is not changed."""
+    import dataclasses
+
+    import torch
+
+    if part not in CONCEPT_PARTS:
+        raise ValueError(f"part must be one of {CONCEPT_PARTS}, not {part!r}")
+    if part == "token":
+        return dataclasses.replace(concept, deltas={k: torch.zeros_like(v) for k, v in concept.deltas.items()},
+                                   factors=None, exact=None)
+    if part == "kv":
+        vectors = start_vector.to(concept.token_vectors.dtype).expand_as(concept.token_vectors).clone()
+        return dataclasses.replace(concept, token_vectors=vectors)
+    return concept
+
+
 def run_curve(job: dict) -> list[dict]:
     """Train one (instance, λ) to the last of ``CURVE_STEPS`` with step checkpoints and score each
     scored step's checkpoint; runs in a worker process."""
@@ -361,21 +394,27 @@ def run_curve(job: dict) -> list[dict]:
         config = TrainConfig(method="classdiffusion", steps=max(steps), seed=seed, spl_weight=spl_weight,
                              save_every=gap, checkpoint_optimizer=False, **recipe)
         out = Path(tmp) / "concept.safetensors"
-        train(host, [ConceptSpec(token="<sks>", class_word=cls, images=[tmp])], config, out=out)
+        initializer = job.get("initializer") or ConceptSpec.initializer  # the search may start from the class word
+        train(host, [ConceptSpec(token="<sks>", class_word=cls, images=[tmp], initializer=initializer)], config, out=out)
         host.close()
         grid_rows, grid_labels = [], []
+        start_vector = initial_token_vector(pipe, cls if initializer == "class" else initializer)
         for step in steps:
-            concept = load_concept(out if step == max(steps) else checkpoint_path(out, step))
-            pictures: dict = {}
-            with torch.no_grad():
-                applied = apply_concept(pipe.unet, concept, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-                scores = score(pipe, checker, clip, instance, f"<sks> {cls}", references, SAMPLING_SEEDS, keep=pictures)
-                applied.remove()
-            if job.get("grid"):  # the identity prompt's pictures, then those of "… on the grass wearing a hat"
-                grid_rows.append(list(pictures["concept"]) + list(pictures["composition"][GRID_COMPOSITION]))
-                grid_labels.append(f"step {step}: {pictures['prompts'][0]} | {pictures['prompts'][GRID_COMPOSITION + 1]}")
-            rows.append({"instance": instance, "seed": seed, "spl_weight": spl_weight, "step": step,
-                         "learning_rate": recipe["learning_rate"], **scores.to_dict()})
+            trained = load_concept(out if step == max(steps) else checkpoint_path(out, step))
+            for part in job.get("parts") or ("both",):
+                concept = concept_part(trained, part, start_vector)
+                pictures: dict = {}
+                with torch.no_grad():
+                    applied = apply_concept(pipe.unet, concept, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+                    scores = score(pipe, checker, clip, instance, f"<sks> {cls}", references, SAMPLING_SEEDS,
+                                   keep=pictures)
+                    applied.remove()
+                if job.get("grid") and part == "both":  # the identity prompt's pictures, then "… on the grass wearing a hat"
+                    grid_rows.append(list(pictures["concept"]) + list(pictures["composition"][GRID_COMPOSITION]))
+                    grid_labels.append(f"step {step}: {pictures['prompts'][0]} | {pictures['prompts'][GRID_COMPOSITION + 1]}")
+                rows.append({"instance": instance, "seed": seed, "spl_weight": spl_weight, "step": step,
+                             "learning_rate": recipe["learning_rate"], "initializer": initializer,
+                             **({"part": part} if job.get("parts") else {}), **scores.to_dict()})
     if job.get("grid"):
         picture_grid(grid_rows, grid_labels).save(job["grid"])
     return rows

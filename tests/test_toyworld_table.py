@@ -197,3 +197,46 @@ def test_curve_pairs_lambda_one_against_zero_per_step_and_on_the_fall():
     assert (up, down) == (2, 0)
     assert diffs["1600"]["composition"][:2] == pytest.approx([mean, se])
     assert "fall 100→1600" in table.curve_paired_markdown(diffs)
+
+
+def test_a_concept_taken_apart_keeps_only_the_part_asked_for():
+    """toyworld_recipe.py --parts: "token" applies the learned token with the K/V untouched; "kv"
+    applies the K/V deltas with the token back at its initializer's vector; "both" is the concept
+    as trained — measured on the UNet and text encoder the concept is applied to."""
+    import torch
+
+    from classdiffusion.concept.apply import apply_concept
+    from classdiffusion.concept.file import Concept
+    from classdiffusion.concept.generate import build_pipeline
+    from classdiffusion.model.kv import base_fingerprint, cross_attention_weights
+    from classdiffusion.toyworld.base import base_path
+
+    pipe = build_pipeline(base_path(), device="cpu")
+    weights = {k: v.detach().clone() for k, v in cross_attention_weights(pipe.unet, "kv").items()}
+    gen = torch.Generator().manual_seed(0)
+    deltas = {k: 0.01 * torch.randn(v.shape, generator=gen) for k, v in weights.items()}
+    learned = torch.randn(1, pipe.text_encoder.get_input_embeddings().weight.shape[1], generator=gen)
+    concept = Concept(deltas=deltas, token_vectors=learned, tokens=["<sks>"], class_words=["star"],
+                      meta={"train_mode": "kv", "base_fingerprint": base_fingerprint(weights)})
+    start = table.initial_token_vector(pipe, "ktn")
+    pieces = pipe.tokenizer("ktn", add_special_tokens=False).input_ids
+    assert torch.allclose(start, pipe.text_encoder.get_input_embeddings().weight[pieces].float().mean(0))
+
+    def applied(part):
+        handle = apply_concept(pipe.unet, table.concept_part(concept, part, start), text_encoder=pipe.text_encoder,
+                               tokenizer=pipe.tokenizer)
+        row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("<sks>")]
+        moved = {k: (v.detach() - weights[k]).abs().max().item() for k, v in cross_attention_weights(pipe.unet, "kv").items()}
+        row = row.detach().float().clone()
+        handle.remove()
+        return row, moved
+
+    row, moved = applied("token")
+    assert torch.allclose(row, learned[0].to(row.dtype), atol=1e-3) and max(moved.values()) == 0
+    row, moved = applied("kv")
+    assert torch.allclose(row, start, atol=1e-3) and min(moved.values()) > 1e-3
+    row, moved = applied("both")
+    assert torch.allclose(row, learned[0].to(row.dtype), atol=1e-3) and min(moved.values()) > 1e-3
+    assert table.concept_part(concept, "both", start) is concept and concept.deltas is deltas  # nothing changed
+    with pytest.raises(ValueError, match="part must be"):
+        table.concept_part(concept, "everything", start)
