@@ -48,6 +48,9 @@ def main() -> int:
     parser.add_argument("--parts", action="store_true",
                         help="also score each checkpoint with only its token and with only its K/V deltas "
                              "(which part costs the class in composition?)")
+    parser.add_argument("--class-images", type=int, default=0,
+                        help="prior preservation (Custom Diffusion's own): N pictures of 'a photo of a CLASS' drawn "
+                             "by the base, as class images (the learning rate ×2, as the official code does)")
     parser.add_argument("--grid", type=Path, default=None,
                         help="a folder: each run's pictures per scored step (identity prompt | grass with a hat)")
     parser.add_argument("--weights", type=Path, default=None, help="another toy-world weights folder")
@@ -64,7 +67,7 @@ def main() -> int:
     jobs = [{"instance": name, "seed": TUNING_SEED, "spl_weight": args.spl_weight, "steps": steps, "threads": 1,
              "weights": str(args.weights or WEIGHTS), "recipe": {"learning_rate": rate, "train_mode": args.train_mode},
              "scenes": args.scenes, "initializer": args.initializer,
-             "parts": list(CONCEPT_PARTS) if args.parts else None,
+             "parts": list(CONCEPT_PARTS) if args.parts else None, "class_images": args.class_images,
              "grid": str(args.grid / f"{name}-lr{rate:g}.png") if args.grid else None}
             for rate in args.rates for name in args.instances]
     started, rows = time.perf_counter(), []
@@ -89,6 +92,7 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "seconds": round(seconds, 1), "seed": TUNING_SEED,
                                          "spl_weight": args.spl_weight, "initializer": args.initializer,
+                                         "class_images": args.class_images,
                                          "train_mode": args.train_mode, "weights": str(args.weights or WEIGHTS)},
                                         indent=2) + "\n")
     return 0

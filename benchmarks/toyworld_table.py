@@ -328,6 +328,9 @@ def plot(table: dict, path: Path) -> None:
 #: parts as trained; only the token (the K/V deltas zeroed); only the K/V deltas (the token back at
 #: the vector it started from) — which part costs the class in the composed pictures?
 CONCEPT_PARTS = ("both", "token", "kv")
+#: Sampling seeds of the base's class pictures for prior preservation (toyworld_recipe.py
+#: --class-images): far from the scoring seeds (SAMPLING_SEEDS), so no scored picture is a class image.
+CLASS_IMAGE_SEEDS = tuple(range(1000, 1400))
 
 
 def initial_token_vector(pipe, word: str):
@@ -372,7 +375,7 @@ def run_curve(job: dict) -> list[dict]:
     from classdiffusion.hosts.diffusers_host import load_host
     from classdiffusion.toyworld.base import WEIGHTS, ToyClip, base_path
     from classdiffusion.toyworld.checker import Checker
-    from classdiffusion.toyworld.evaluate import instance_pictures, picture_grid, score
+    from classdiffusion.toyworld.evaluate import instance_pictures, picture_grid, sample, score
     from classdiffusion.toyworld.world import World
     from classdiffusion.run.train import checkpoint_path, train
 
@@ -395,7 +398,16 @@ def run_curve(job: dict) -> list[dict]:
                              save_every=gap, checkpoint_optimizer=False, **recipe)
         out = Path(tmp) / "concept.safetensors"
         initializer = job.get("initializer") or ConceptSpec.initializer  # the search may start from the class word
-        train(host, [ConceptSpec(token="<sks>", class_word=cls, images=[tmp], initializer=initializer)], config, out=out)
+        class_images = []
+        if job.get("class_images"):  # prior preservation on the base's own "a photo of a CLASS" pictures
+            class_images = [Path(tmp) / "class"]
+            class_images[0].mkdir()
+            with torch.no_grad():
+                drawn = sample(pipe, [f"a photo of a {cls}"], CLASS_IMAGE_SEEDS[:job["class_images"]])[0]
+            for k, picture in enumerate(drawn):
+                picture.save(class_images[0] / f"{k}.png")
+        train(host, [ConceptSpec(token="<sks>", class_word=cls, images=[tmp], initializer=initializer,
+                                 class_images=[str(c) for c in class_images])], config, out=out)
         host.close()
         grid_rows, grid_labels = [], []
         start_vector = initial_token_vector(pipe, cls if initializer == "class" else initializer)
@@ -414,6 +426,9 @@ def run_curve(job: dict) -> list[dict]:
                     grid_labels.append(f"step {step}: {pictures['prompts'][0]} | {pictures['prompts'][GRID_COMPOSITION + 1]}")
                 rows.append({"instance": instance, "seed": seed, "spl_weight": spl_weight, "step": step,
                              "learning_rate": recipe["learning_rate"], "initializer": initializer,
+                             **({"class_images": job["class_images"],  # the prior term's mean over the run: it trained
+                                 "prior_loss": round(statistics.fmean(h["prior"] for h in trained.history if "prior" in h), 4)}
+                                if job.get("class_images") else {}),
                              **({"part": part} if job.get("parts") else {}), **scores.to_dict()})
     if job.get("grid"):
         picture_grid(grid_rows, grid_labels).save(job["grid"])
