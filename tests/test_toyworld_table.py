@@ -240,3 +240,15 @@ def test_a_concept_taken_apart_keeps_only_the_part_asked_for():
     assert table.concept_part(concept, "both", start) is concept and concept.deltas is deltas  # nothing changed
     with pytest.raises(ValueError, match="part must be"):
         table.concept_part(concept, "everything", start)
+
+
+@pytest.mark.slow
+def test_the_recipe_search_with_class_images_trains_the_prior_term():
+    """toyworld_recipe.py --class-images: the base's own class pictures reach the trainer as prior
+    preservation (the row records the prior term the run trained with)."""
+    from classdiffusion.toyworld.base import WEIGHTS
+
+    rows = table.run_curve({"instance": "yellow_purple_ball", "seed": 0, "spl_weight": 1.0, "steps": (1,),
+                            "threads": 2, "weights": str(WEIGHTS), "recipe": {}, "class_images": 2})
+    assert len(rows) == 1 and rows[0]["class_images"] == 2
+    assert 0 < rows[0]["prior_loss"] < 10
