@@ -44,6 +44,13 @@ is the **overfitting curve**: λ = 0 and λ = 1 trained to 1,600 steps on three 
 (``--curve-instances all``: the ten), each step checkpoint (100, 200, 400, 800, 1,600) scored for
 identity and joint composition, with λ = 1 minus λ = 0 paired per step and on the fall from the
 first to the last step (does SPL change the slope?).
+
+    python benchmarks/toyworld_table.py --parts [--json F]
+
+takes the concepts apart: Custom Diffusion and ClassDiffusion (λ = 1) at the table's recipe,
+instances and seeds, each scored as trained, with only its token (the K/V deltas zeroed) and with
+only its K/V deltas (the token back at its initializer), beside the base on the class prompt —
+which part carries the look, and which costs the class that SPL is meant to keep?
 """
 
 from __future__ import annotations
@@ -430,6 +437,11 @@ def run_curve(job: dict) -> list[dict]:
                                  "prior_loss": round(statistics.fmean(h["prior"] for h in trained.history if "prior" in h), 4)}
                                 if job.get("class_images") else {}),
                              **({"part": part} if job.get("parts") else {}), **scores.to_dict()})
+    if job.get("score_base"):  # the base on the class prompt, for "token only − base" (--parts)
+        with torch.no_grad():
+            base_scores = score(pipe, checker, clip, instance, cls, references, SAMPLING_SEEDS)
+        rows.append({"instance": instance, "seed": seed, "spl_weight": None, "step": 0, "part": "base",
+                     **base_scores.to_dict()})
     if job.get("grid"):
         picture_grid(grid_rows, grid_labels).save(job["grid"])
     return rows
@@ -487,6 +499,52 @@ def curve_paired_markdown(diffs: dict) -> str:
     return "\n".join(lines)
 
 
+PARTS_METRICS = ("identity", "composition_joint", "composition_class", "composition_identity", "composition")
+
+
+def parts_summary(rows: list[dict]) -> dict:
+    """--parts: per λ and part (as trained, token only, K/V only; and the base), mean ±
+    instance-clustered SE; then the paired differences that say which part costs the class: token
+    only − base and K/V only − as trained at each λ, and λ = 1 − λ = 0 of each part."""
+    def pick(weight, part):
+        return {(r["instance"], r["seed"]): r for r in rows if r.get("part") == part
+                and (part == "base" or r["spl_weight"] == weight)}
+
+    cells = {"base (class prompt)": {m: clustered(by_instance(list(pick(None, "base").values()), m)) for m in PARTS_METRICS}}
+    diffs: dict = {}
+    weights = sorted({r["spl_weight"] for r in rows if r.get("part") != "base"})
+    base = pick(None, "base")
+    for weight in weights:
+        for part in CONCEPT_PARTS:
+            cells[f"λ={weight:g}, {PART_LABELS[part]}"] = {
+                m: clustered(by_instance(list(pick(weight, part).values()), m)) for m in PARTS_METRICS}
+        both, token, kv = (pick(weight, part) for part in CONCEPT_PARTS)
+        diffs[f"λ={weight:g}: token only − base"] = {
+            m: paired_cell([(token[k], base[k]) for k in token if k in base], m) for m in PARTS_METRICS}
+        diffs[f"λ={weight:g}: K/V only − as trained"] = {
+            m: paired_cell([(kv[k], both[k]) for k in kv if k in both], m) for m in PARTS_METRICS}
+    if len(weights) == 2:
+        for part in CONCEPT_PARTS:
+            high, low = pick(weights[1], part), pick(weights[0], part)
+            diffs[f"{PART_LABELS[part]}: λ={weights[1]:g} − λ={weights[0]:g}"] = {
+                m: paired_cell([(high[k], low[k]) for k in high if k in low], m) for m in PARTS_METRICS}
+    return {"cells": cells, "paired": diffs}
+
+
+PART_LABELS = {"both": "as trained", "token": "token only", "kv": "K/V only"}
+
+
+def parts_markdown(summary: dict) -> str:
+    lines = ["| concept | " + " | ".join(PARTS_METRICS) + " |", "|---" * (len(PARTS_METRICS) + 1) + "|"]
+    for label, cell in summary["cells"].items():
+        lines.append(f"| {label} | " + " | ".join(_cell(m, cell[m]) for m in PARTS_METRICS) + " |")
+    lines.append("| **paired** | | | | | |")
+    for label, cell in summary["paired"].items():
+        lines.append(f"| {label} | " + " | ".join(
+            f"{c[0]:+.3f} ± {c[1]:.3f} ({c[2]}↑ {c[3]}↓)" if c else "–" for c in (cell[m] for m in PARTS_METRICS)) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 instances × 1 seed (a smoke run, ≤ 10 min)")
@@ -505,6 +563,9 @@ def main() -> int:
                         help="the overfitting curve instead: λ = 0 and 1 to 1,600 steps on three instances")
     parser.add_argument("--curve-instances", nargs="+", default=list(CURVE_INSTANCES), metavar="NAME",
                         help="the curve's instances (names, or 'all' for the 10); default: one star, one box, one tree")
+    parser.add_argument("--parts", action="store_true",
+                        help="Custom Diffusion and ClassDiffusion (λ = 1) at the table's recipe and seeds, each "
+                             "scored as trained, with only its token and with only its K/V deltas")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
@@ -546,6 +607,26 @@ def main() -> int:
     steps = args.steps or inspect.signature(run_demo).parameters["steps"].default
     instances, seeds = (2, 1) if args.quick else (args.instances, args.seeds)
     training_seeds = list(TABLE_SEEDS[:seeds]) if args.quick or not args.training_seeds else sorted(set(args.training_seeds))
+    if args.parts:
+        jobs = [{"instance": inst.name, "seed": seed, "spl_weight": weight, "steps": (steps,), "threads": 1,
+                 "weights": weights, "parts": list(CONCEPT_PARTS), "score_base": weight == 0.0}
+                for inst in INSTANCES[:instances] for seed in training_seeds for weight in (0.0, 1.0)]
+        rows = []
+        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+            for done, part in enumerate(pool.imap_unordered(run_curve, jobs), 1):
+                rows += part
+                print(f"[{done}/{len(jobs)}] {part[0]['instance']} seed {part[0]['seed']} λ={part[0]['spl_weight']:g}: "
+                      + ", ".join(f"{r['part']} {r['identity']:.2f}/{r['composition_joint']:.2f}/"
+                                  f"{r['composition_class']:.2f}" for r in part), flush=True)
+        summary = parts_summary(rows)
+        print(parts_markdown(summary))
+        seconds = time.perf_counter() - started
+        print(f"{len(jobs)} runs in {seconds / 60:.1f} min")
+        if args.json:
+            args.json.write_text(json.dumps({**summary, "rows": rows, "seconds": round(seconds, 1), "settings": {
+                "instances": [inst.name for inst in INSTANCES[:instances]], "training_seeds": training_seeds,
+                "steps": steps, "weights": weights}}, indent=1) + "\n")
+        return 0
     seeds = len(training_seeds)
     variants = [v for v in VARIANTS if not args.variants or any(part in v[0] for part in args.variants)]
     jobs = training_jobs(variants, [inst.name for inst in INSTANCES[:instances]], training_seeds, steps, weights)

@@ -252,3 +252,29 @@ def test_the_recipe_search_with_class_images_trains_the_prior_term():
                             "threads": 2, "weights": str(WEIGHTS), "recipe": {}, "class_images": 2})
     assert len(rows) == 1 and rows[0]["class_images"] == 2
     assert 0 < rows[0]["prior_loss"] < 10
+
+
+def test_the_parts_summary_pairs_each_part_with_its_own_reference():
+    """toyworld_table.py --parts: token only pairs with the base of the same instance and seed,
+    K/V only with the concept as trained, and each part at λ = 1 with the same part at λ = 0."""
+    rows = []
+    for k, instance in enumerate("abcd"):
+        for seed in (1, 2):
+            base = 0.1 * k + 0.01 * seed
+            rows.append({"instance": instance, "seed": seed, "spl_weight": None, "part": "base",
+                         **{m: base for m in table.PARTS_METRICS}})
+            for weight in (0.0, 1.0):
+                offsets = {"both": 0.3, "token": 0.0 if weight else -0.2, "kv": 0.3 + (0.05 if not weight else 0.0)}
+                for part in table.CONCEPT_PARTS:
+                    rows.append({"instance": instance, "seed": seed, "spl_weight": weight, "part": part,
+                                 **{m: base + offsets[part] for m in table.PARTS_METRICS}})
+    summary = table.parts_summary(rows)
+    paired = summary["paired"]
+    assert paired["λ=1: token only − base"]["composition_class"] == [0.0, 0.0, 0, 0]
+    assert paired["λ=0: token only − base"]["composition_class"][:2] == pytest.approx([-0.2, 0.0])
+    assert paired["λ=0: token only − base"]["composition_class"][2:] == [0, 8]
+    assert paired["λ=0: K/V only − as trained"]["identity"][:3] == pytest.approx([0.05, 0.0, 8])
+    assert paired["token only: λ=1 − λ=0"]["composition_joint"][:2] == pytest.approx([0.2, 0.0])
+    assert summary["cells"]["base (class prompt)"]["identity"][0] == pytest.approx(statistics.fmean(
+        r["identity"] for r in rows if r["part"] == "base"))
+    assert "| λ=1, token only |" in table.parts_markdown(summary)
