@@ -80,6 +80,14 @@ VARIANTS = (
     ("Custom Diffusion + TEA (ρ=0.2)", "classdiffusion", {"spl_weight": 0.0}, 0.2),
     ("Custom Diffusion + TEA (ρ=0.5)", "classdiffusion", {"spl_weight": 0.0}, 0.5),
 )
+#: Opt-in rows (run only when ``--variants`` names them): Custom Diffusion's own prior preservation —
+#: the official recipe's class images, here 200 pictures of "a photo of a CLASS" drawn by the base
+#: (sampling seeds ``CLASS_IMAGE_SEEDS``), the learning rate ×2 as the official code does.
+PRIOR_VARIANTS = (
+    ("Custom Diffusion + prior (200 class images)", "classdiffusion", {"spl_weight": 0.0, "class_images": 200}, 0.0),
+    ("ClassDiffusion (λ=1) + prior (200 class images)", "classdiffusion", {"spl_weight": 1.0, "class_images": 200}, 0.0),
+)
+ALL_VARIANTS = VARIANTS + PRIOR_VARIANTS
 METRICS = ("identity", "composition_joint", "clip_i", "composition", "composition_identity", "clip_t",
            "drift_rank", "fisher", "wasserstein")
 SAMPLING_SEEDS = (0, 1, 2, 3)
@@ -159,10 +167,17 @@ def run_one(job: dict) -> list[dict]:
                                             augment=False)
         else:
             steps = job["steps"]
+            settings = dict(settings)
+            count = settings.pop("class_images", 0)
             config = TrainConfig(method=method, steps=steps, seed=seed, **settings, **TOY_RECIPE)
+        class_images = []
+        if settings and count:  # drawn once per class by main() (draw_class_pictures), or here
+            drawn = job.get("class_folders", {}).get(f"{cls}-{count}")
+            class_images = [drawn or str(class_pictures(pipe, cls, count, Path(tmp) / "class"))]
         # Textual Inversion starts from the class word, as diffusers' recipe asks for an initializer word
         initializer = "class" if method == "textual-inversion" else ConceptSpec.initializer
-        concept = train(host, [ConceptSpec(token="<sks>", class_word=cls, images=[tmp], initializer=initializer)], config,
+        concept = train(host, [ConceptSpec(token="<sks>", class_word=cls, images=[tmp], initializer=initializer,
+                                           class_images=class_images)], config,
                         out=Path(tmp) / "concept.safetensors").concept
         train_seconds = time.perf_counter() - started
         row = {"variant": label, "instance": instance, "seed": seed, "steps": steps}
@@ -247,7 +262,7 @@ def summarize(rows: list[dict]) -> dict:
     """Per variant, mean ± instance-clustered SE of every metric; the base row from the base's
     scores on the class prompts (one per instance and seed)."""
     table = {}
-    for label, *_ in VARIANTS:
+    for label, *_ in ALL_VARIANTS:
         mine = [r for r in rows if r["variant"] == label]
         if mine:
             table[label] = {m: clustered(by_instance(mine, m)) for m in METRICS}
@@ -268,7 +283,7 @@ def paired(rows: list[dict], reference: str = "Custom Diffusion (λ=0)") -> dict
     instance-clustered SE, and how many pairs went up and down."""
     ref = {(r["instance"], r["seed"]): r for r in rows if r["variant"] == reference}
     out = {}
-    for label, *_ in VARIANTS:
+    for label, *_ in ALL_VARIANTS:
         if label == reference:
             continue
         pairs = [(r, ref[(r["instance"], r["seed"])]) for r in rows
@@ -312,8 +327,8 @@ def markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
-def paired_markdown(diffs: dict) -> str:
-    lines = ["| vs Custom Diffusion (λ=0) | " + " | ".join(f"Δ {m}" for m in PAIRED_METRICS) + " | pairs |",
+def paired_markdown(diffs: dict, reference: str = "Custom Diffusion (λ=0)") -> str:
+    lines = [f"| vs {reference} | " + " | ".join(f"Δ {m}" for m in PAIRED_METRICS) + " | pairs |",
              "|---" * (len(PAIRED_METRICS) + 2) + "|"]
     for label, row in diffs.items():
         cells = [f"{row[m][0]:+.3f} ± {row[m][1]:.3f} ({row[m][2]}↑ {row[m][3]}↓)" for m in PAIRED_METRICS]
@@ -338,6 +353,37 @@ CONCEPT_PARTS = ("both", "token", "kv")
 #: Sampling seeds of the base's class pictures for prior preservation (toyworld_recipe.py
 #: --class-images): far from the scoring seeds (SAMPLING_SEEDS), so no scored picture is a class image.
 CLASS_IMAGE_SEEDS = tuple(range(1000, 1400))
+
+
+def class_pictures(pipe, cls: str, count: int, folder: Path) -> Path:
+    """``count`` pictures of "a photo of a CLASS" drawn by the base (``pipe`` with no concept
+    applied) into ``folder``: prior preservation's class images, as Custom Diffusion's and
+    DreamBooth's recipes generate them. The sampling seeds are ``CLASS_IMAGE_SEEDS``, never a
+    scoring seed."""
+    import torch
+
+    from classdiffusion.toyworld.evaluate import sample
+
+    if count > len(CLASS_IMAGE_SEEDS):
+        raise ValueError(f"at most {len(CLASS_IMAGE_SEEDS)} class images, not {count}")
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        drawn = sample(pipe, [f"a photo of a {cls}"], CLASS_IMAGE_SEEDS[:count])[0]
+    for k, picture in enumerate(drawn):
+        picture.save(folder / f"{k}.png")
+    return folder
+
+
+def draw_class_pictures(job: dict) -> str:
+    """class_pictures in a worker process, on a fresh pipeline of the base."""
+    import torch
+
+    from classdiffusion.concept.generate import build_pipeline
+    from classdiffusion.toyworld.base import base_path
+
+    torch.set_num_threads(1)
+    pipe = build_pipeline(base_path(Path(job["weights"])), device="cpu")
+    return str(class_pictures(pipe, job["cls"], job["count"], Path(job["folder"])))
 
 
 def initial_token_vector(pipe, word: str):
@@ -382,7 +428,7 @@ def run_curve(job: dict) -> list[dict]:
     from classdiffusion.hosts.diffusers_host import load_host
     from classdiffusion.toyworld.base import WEIGHTS, ToyClip, base_path
     from classdiffusion.toyworld.checker import Checker
-    from classdiffusion.toyworld.evaluate import instance_pictures, picture_grid, sample, score
+    from classdiffusion.toyworld.evaluate import instance_pictures, picture_grid, score
     from classdiffusion.toyworld.world import World
     from classdiffusion.run.train import checkpoint_path, train
 
@@ -405,16 +451,11 @@ def run_curve(job: dict) -> list[dict]:
                              save_every=gap, checkpoint_optimizer=False, **recipe)
         out = Path(tmp) / "concept.safetensors"
         initializer = job.get("initializer") or ConceptSpec.initializer  # the search may start from the class word
-        class_images = []
-        if job.get("class_images"):  # prior preservation on the base's own "a photo of a CLASS" pictures
-            class_images = [Path(tmp) / "class"]
-            class_images[0].mkdir()
-            with torch.no_grad():
-                drawn = sample(pipe, [f"a photo of a {cls}"], CLASS_IMAGE_SEEDS[:job["class_images"]])[0]
-            for k, picture in enumerate(drawn):
-                picture.save(class_images[0] / f"{k}.png")
+        # prior preservation on the base's own "a photo of a CLASS" pictures
+        class_images = [str(class_pictures(pipe, cls, job["class_images"], Path(tmp) / "class"))] \
+            if job.get("class_images") else []
         train(host, [ConceptSpec(token="<sks>", class_word=cls, images=[tmp], initializer=initializer,
-                                 class_images=[str(c) for c in class_images])], config, out=out)
+                                 class_images=class_images)], config, out=out)
         host.close()
         grid_rows, grid_labels = [], []
         start_vector = initial_token_vector(pipe, cls if initializer == "class" else initializer)
@@ -556,7 +597,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--weights", type=Path, default=None, help="another toy-world weights folder")
     parser.add_argument("--variants", nargs="+", default=None, metavar="LABEL",
-                        help="run only the variants whose label contains one of these (e.g. 'Textual')")
+                        help="run only the variants whose label contains one of these (e.g. 'Textual'); the "
+                             "prior-preservation rows run only when named ('prior')")
     parser.add_argument("--merge", type=Path, default=None,
                         help="an earlier --json of the same settings: its rows of the variants not run now join the table")
     parser.add_argument("--curve", action="store_true",
@@ -575,7 +617,7 @@ def main() -> int:
 
     from classdiffusion.toyworld.demo import run_demo
     from classdiffusion.toyworld.base import WEIGHTS
-    from classdiffusion.toyworld.world import INSTANCES
+    from classdiffusion.toyworld.world import INSTANCES, World
 
     weights = str(args.weights or WEIGHTS)
     started = time.perf_counter()
@@ -628,7 +670,8 @@ def main() -> int:
                 "steps": steps, "weights": weights}}, indent=1) + "\n")
         return 0
     seeds = len(training_seeds)
-    variants = [v for v in VARIANTS if not args.variants or any(part in v[0] for part in args.variants)]
+    # the prior-preservation rows are opt-in: only when --variants names them
+    variants = [v for v in ALL_VARIANTS if any(part in v[0] for part in args.variants)] if args.variants else list(VARIANTS)
     jobs = training_jobs(variants, [inst.name for inst in INSTANCES[:instances]], training_seeds, steps, weights)
     runs = sum(len(job["samplings"]) for job in jobs)
     rows = []
@@ -638,7 +681,17 @@ def main() -> int:
         if earlier["settings"]["steps"] != steps or not set(training_seeds) <= set(earlier["settings"]["training_seeds"]):
             parser.error(f"{args.merge} was run with other settings ({earlier['settings']})")
         merged = rows_not_rerun(earlier["rows"], jobs)
+    import tempfile
+
+    class_root = tempfile.TemporaryDirectory()  # the prior rows' class images, drawn once per class
+    counts = {v[2].get("class_images", 0) for v in variants if v[2]} - {0}
+    wanted = [(cls, count) for count in counts for cls in sorted({World().instance(j["instance"]).cls for j in jobs})]
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+        folders = dict(zip(wanted, pool.map(draw_class_pictures, [
+            {"cls": cls, "count": count, "weights": weights, "folder": f"{class_root.name}/{cls}-{count}"}
+            for cls, count in wanted])))
+        for job in jobs:
+            job["class_folders"] = {f"{cls}-{count}": folder for (cls, count), folder in folders.items()}
         for part in pool.imap_unordered(run_one, jobs):
             for row in part:
                 rows.append(row)
@@ -651,6 +704,11 @@ def main() -> int:
     print(markdown(table))
     print()
     print(paired_markdown(diffs))
+    with_prior = {label: cells for label, cells in paired(rows + merged, reference=PRIOR_VARIANTS[0][0]).items()
+                  if label in {v[0] for v in PRIOR_VARIANTS}}  # λ = 1 against λ = 0, both with prior
+    if with_prior:
+        print()
+        print(paired_markdown(with_prior, reference=PRIOR_VARIANTS[0][0]))
     print(f"{runs} rows from {len(jobs)} trainings in {seconds / 60:.1f} min ({instances} instances × {seeds} seeds, "
           f"{steps} steps)")
     settings = {"instances": [i.name for i in INSTANCES[:instances]], "seeds": seeds,
@@ -661,7 +719,7 @@ def main() -> int:
         added = added if isinstance(added, list) else [added]
         settings = dict(earlier["settings"], added=added + [{"variants": [v[0] for v in variants], **settings}])
     result = {"table": table, "paired": diffs, "rows": rows + merged, "seconds": round(seconds, 1),
-              "settings": settings}
+              "settings": settings, **({"paired_with_prior": with_prior} if with_prior else {})}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if args.plot:
