@@ -386,16 +386,6 @@ def draw_class_pictures(job: dict) -> str:
     return str(class_pictures(pipe, job["cls"], job["count"], Path(job["folder"])))
 
 
-def initial_token_vector(pipe, word: str):
-    """The vector a concept's token starts from: the mean embedding of ``word``'s pieces (as
-    training initializes it)."""
-    import torch
-
-    pieces = pipe.tokenizer(word, add_special_tokens=False).input_ids
-    with torch.no_grad():
-        return pipe.text_encoder.get_input_embeddings().weight[pieces].float().mean(0)
-
-
 def concept_part(concept, part: str, start_vector):
     """``concept`` with only ``part`` of what it learned (CONCEPT_PARTS); the file is not changed."""
     import dataclasses
@@ -454,11 +444,12 @@ def run_curve(job: dict) -> list[dict]:
         # prior preservation on the base's own "a photo of a CLASS" pictures
         class_images = [str(class_pictures(pipe, cls, job["class_images"], Path(tmp) / "class"))] \
             if job.get("class_images") else []
-        train(host, [ConceptSpec(token="<sks>", class_word=cls, images=[tmp], initializer=initializer,
-                                 class_images=class_images)], config, out=out)
+        spec = ConceptSpec(token="<sks>", class_word=cls, images=[tmp], initializer=initializer,
+                           class_images=class_images)
+        train(host, [spec], config, out=out)
+        start_vector = host.word_embedding(spec.initializer_word)  # the token's start, as training set it
         host.close()
         grid_rows, grid_labels = [], []
-        start_vector = initial_token_vector(pipe, cls if initializer == "class" else initializer)
         for step in steps:
             trained = load_concept(out if step == max(steps) else checkpoint_path(out, step))
             for part in job.get("parts") or ("both",):
